@@ -1,0 +1,32 @@
+"""clat: Criticality-Leveraged Adversarial Training for PyTorch.
+
+Typical use::
+
+    import clat
+    model = clat.create_model("resnet18")          # or any nn.Module on [0, 1] images
+    layers = clat.find_layers(model)
+    crit = clat.compute_criticality(model, layers, x, y)
+    print([l.name for l in crit.top_k(1)])
+    cfg = clat.load_config(overrides=["data.dataset=bundled", "pretrain.epochs=2", "finetune.epochs=2"])
+    clat.train(cfg, "runs/example", model=model)
+    print(clat.evaluate(model, x_test, y_test))
+"""
+
+from clat.attacks import fgsm_rs, perturb, pgd
+from clat.config import Config, load_config
+from clat.criticality import CriticalityResult, compute_criticality, select_random
+from clat.errors import CheckpointError, ClatError, ConfigError, DataError
+from clat.evaluate import evaluate
+from clat.layers import FeatureExtractor, Layer, find_layers, freeze_all_but, resolve_layers
+from clat.methods import CLAT, Method, create_method, list_methods
+from clat.models import create_model, list_models
+from clat.train import Splits, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLAT", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError",
+    "FeatureExtractor", "Layer", "Method", "Splits", "compute_criticality", "create_method", "create_model",
+    "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "list_methods", "list_models", "load_config",
+    "perturb", "pgd", "resolve_layers", "select_random", "train",
+]

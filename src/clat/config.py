@@ -1,0 +1,305 @@
+"""Configuration: dataclasses, YAML files and ``a.b=value`` overrides.
+
+A run's config is a tree of small dataclasses (nanoGPT's idea, typed). YAML
+files hold only what differs from the defaults; ``key=value`` overrides on the
+command line go last. Unknown keys, wrong types and out-of-range values fail
+with a message that names the key and the fix. Numbers may be written as
+fractions (``eps: 8/255``). The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
+
+import yaml
+
+from clat.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # see `clat models`
+    num_classes: int | None = None  # None: from the data set
+    normalize: bool = True  # normalization inside the model (inputs are [0, 1] pixels)
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["bundled", "cifar10", "cifar100"] = "cifar10"  # bundled: the CIFAR-10 subset shipped in the package
+    root: str = "data"  # folder holding cifar-10-batches-py / cifar-100-python
+    download: bool = False  # fetch the official archive (checksum verified) if missing
+    verify: bool = True  # check official MD5s; false accepts a local copy that differs, with a warning
+    train_size: int | None = None  # use only the first N training images (CPU studies)
+    test_size: int | None = None  # use only the first N test images
+    val_size: int = 1000  # held out from the training images for per-epoch metrics and choices
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    augment: bool = True  # random crop (4-pixel padding) + horizontal flip, on tensors
+
+
+@dataclass
+class AttackConfig:
+    """The training threat model (and the default evaluation one)."""
+
+    eps: float = 8 / 255
+    alpha: float = 2 / 255  # step size
+    steps: int = 10
+    norm: Literal["linf", "l2"] = "linf"
+
+
+@dataclass
+class StageConfig:
+    """One training phase: a method for some epochs with its own optimizer and schedule."""
+
+    method: str = "pgd_at"  # see `clat methods`
+    epochs: int = 0
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: Literal["cosine", "constant"] = "cosine"  # per-step cosine decay over the whole stage
+
+
+@dataclass
+class CriticalityConfig:
+    batch_size: int = 100  # fresh random training images per (re)selection
+    denominator: Literal["input", "previous"] = "input"
+    scaling: Literal["n", "sqrt_n", "none"] = "n"  # 1/N_i (paper), 1/sqrt(N_i) or none
+    point: Literal["post_bn", "pre_bn"] = "post_bn"
+    include_classifier: bool = False
+    steps: int = 10  # PGD steps of the criticality perturbation (eps/alpha from `attack`)
+
+
+@dataclass
+class ClatConfig:
+    k: int | None = None  # number of critical layers; None: the model's paper default
+    lam: float = 0.01  # λ of Eq. 9 (when lam_mode is fixed)
+    lam_mode: Literal["fixed", "auto"] = "fixed"  # auto: λ = rho * CE / L_C measured at each (re)selection
+    rho: float = 1.0
+    selection: Literal["critical", "random"] = "critical"
+    dynamic: bool = True  # re-select every `reselect_every` epochs (Algorithm 1); false: select once
+    reselect_every: int = 10
+    layers: list[str] = field(default_factory=list)  # pin these layers (names or indices) instead of selecting
+    exclude: list[str] = field(default_factory=list)  # never select these
+    ce_on: Literal["clean", "adv", "base"] = "clean"  # CE term of Eq. 9: clean input, x+δ*, or the base method's loss
+    base: str | None = None  # base method for ce_on=base (default: the pretrain method)
+    inner: Literal["pgd", "fast"] = "pgd"  # inner maximisation: PGD or one FGSM-RS step ("CLAT (Fast)")
+    distance_scaling: Literal["none", "n", "sqrt_n"] = "none"  # Eq. 8 has no 1/N_i
+    freeze_bn_stats: bool = False  # also keep the selected layers' BN running statistics fixed
+    criticality: CriticalityConfig = field(default_factory=CriticalityConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Per-epoch metrics on the held-out split."""
+
+    n_examples: int = 1000  # held-out images evaluated each epoch (<= val_size)
+    steps: int = 10
+    restarts: int = 1
+    every: int = 1  # evaluate every N epochs (and always at the last)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    pretrain: StageConfig = field(default_factory=lambda: StageConfig(method="pgd_at", epochs=50))
+    finetune: StageConfig = field(default_factory=lambda: StageConfig(method="clat", epochs=50))
+    clat: ClatConfig = field(default_factory=ClatConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    init: str | None = None  # checkpoint to start from (ours, a state_dict file)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    keep_checkpoints: int = 2  # epoch checkpoints kept in the run folder
+    progress: bool = True  # progress bars
+
+
+_FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is list:
+        (item,) = get_args(tp)
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value] if value != "" else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            m = _FRACTION.match(value)
+            if m:
+                return float(m.group(1)) / float(m.group(2))
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number (fractions like 8/255 are fine), got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
+    obj = base if base is not None else cls()
+    if data is None:
+        return obj
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}")
+    hints = get_type_hints(cls)
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in hints:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(hints)}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            setattr(obj, k, _build(tp, v, key, getattr(obj, k)))
+        else:
+            setattr(obj, k, _coerce(v, tp, key))
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``["clat.k=2", "data.dataset=bundled"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not of the form key=value (for example clat.k=2)")
+        key, raw = ov.split("=", 1)
+        key = key.strip()
+        if not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(f"override {ov!r}: {key!r} is not a dotted key like clat.k")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: the value is not valid YAML ({e.__class__.__name__})") from None
+        _set_path(tree, key, value)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, validated."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; see configs/ for examples")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not a text file") from None
+        cfg = _build(Config, data or {}, "", cfg)
+    cfg = _build(Config, parse_overrides(overrides), "", cfg)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "", Config())
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    a = cfg.attack
+    need(a.eps > 0, f"attack.eps must be > 0, got {a.eps} (the paper uses 8/255)")
+    need(a.alpha > 0, f"attack.alpha must be > 0, got {a.alpha} (the paper uses 2/255)")
+    need(a.steps >= 1, f"attack.steps must be >= 1, got {a.steps}")
+    d = cfg.data
+    need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    need(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {d.eval_batch_size}")
+    need(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
+    need(d.train_size is None or d.train_size > d.val_size, f"data.train_size ({d.train_size}) must exceed data.val_size ({d.val_size})")
+    need(d.test_size is None or d.test_size >= 1, f"data.test_size must be >= 1, got {d.test_size}")
+    for name in ("pretrain", "finetune"):
+        s: StageConfig = getattr(cfg, name)
+        need(s.epochs >= 0, f"{name}.epochs must be >= 0, got {s.epochs}")
+        need(s.lr > 0, f"{name}.lr must be > 0, got {s.lr}")
+        need(0 <= s.momentum < 1, f"{name}.momentum must be in [0, 1), got {s.momentum}")
+        need(s.weight_decay >= 0, f"{name}.weight_decay must be >= 0, got {s.weight_decay}")
+    need(cfg.pretrain.epochs + cfg.finetune.epochs >= 1, "pretrain.epochs + finetune.epochs is 0: nothing to train")
+    c = cfg.clat
+    need(c.k is None or c.k >= 1, f"clat.k must be >= 1, got {c.k}")
+    need(c.lam >= 0, f"clat.lam must be >= 0, got {c.lam}")
+    need(c.rho > 0, f"clat.rho must be > 0, got {c.rho}")
+    need(c.reselect_every >= 1, f"clat.reselect_every must be >= 1, got {c.reselect_every}")
+    need(c.criticality.batch_size >= 1, f"clat.criticality.batch_size must be >= 1, got {c.criticality.batch_size}")
+    need(c.criticality.steps >= 1, f"clat.criticality.steps must be >= 1, got {c.criticality.steps}")
+    e = cfg.eval
+    need(e.n_examples >= 0, f"eval.n_examples must be >= 0, got {e.n_examples}")
+    need(e.steps >= 1 and e.restarts >= 1 and e.every >= 1, "eval.steps, eval.restarts and eval.every must be >= 1")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device) is not None, f"device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,58 @@
+"""The one interface every training method implements.
+
+A method is a loss (TRADES' lesson) plus a few hooks the training loop calls:
+which BatchNorm layers train, what happens when an epoch starts (CLAT's
+re-selection), and a JSON-able state for resuming. A method never touches the
+optimizer, the schedule or the device; the loop derives the trainable set from
+``requires_grad``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from clat.config import AttackConfig
+
+
+@dataclass
+class EpochContext:
+    epoch: int  # 0-based epoch of the whole run
+    stage_epoch: int  # 0-based epoch within the current stage
+    sample_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # n fresh random training images (no augmentation)
+    generator: torch.Generator  # seeded per epoch: random choices stay reproducible on resume
+
+
+class Method:
+    """Base class: full-model training with the loss of a subclass."""
+
+    name = "base"
+
+    def __init__(self, attack: AttackConfig) -> None:
+        self.attack = attack
+
+    def trainable_bns(self) -> list[str] | None:
+        """BatchNorm modules whose running statistics update; None: all of them."""
+        return None
+
+    def on_epoch_start(self, model: nn.Module, ctx: EpochContext) -> dict:
+        """Called before each epoch; returns events to log (JSON-able)."""
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return {}
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(1) == y).float().mean().detach()

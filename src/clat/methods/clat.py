@@ -1,0 +1,178 @@
+"""CLAT: fine-tune only the most critical layers against a feature-space attack (Eq. 8-9).
+
+Criticality-Leveraged Adversarial Training (Gopal et al.), Algorithm 1.
+
+At the start of epochs 1, 11, 21, … of its stage (every ``reselect_every``),
+CLAT measures the criticality of every layer on a fresh random training batch,
+keeps the top-k trainable and freezes everything else (parameters and
+BatchNorm statistics). Each step then minimises
+
+    CE(F(x), y) + λ · mean_x Σ_{i∈S} ‖F_i(x+δ*) − F_i(x)‖₂
+
+with δ* maximising the same feature distance by PGD (or one FGSM-RS step,
+"CLAT (Fast)"). The clean features are computed once per batch and reused as
+the attack's target and in the loss; the attack and the adversarial forward
+run the network only up to the deepest critical layer. CLAT composes with a
+base method: ``ce_on="base"`` replaces the CE term by the base method's loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clat.attacks import feature_distance, perturb
+from clat.config import AttackConfig, ClatConfig
+from clat.criticality import compute_criticality, eligible_mask, select_random
+from clat.errors import ConfigError
+from clat.layers import FeatureExtractor, Layer, freeze_all_but, frozen_bn_statistics, resolve_layers
+from clat.methods.base import EpochContext, Method, accuracy
+
+
+class CLAT(Method):
+    name = "clat"
+
+    def __init__(self, attack: AttackConfig, cfg: ClatConfig, layers: list[Layer], *, default_k: int, base: Method | None = None) -> None:
+        super().__init__(attack)
+        self.cfg = cfg
+        self.layers = layers
+        self.k = cfg.k if cfg.k is not None else default_k
+        self.eligible = eligible_mask(layers, include_classifier=cfg.criticality.include_classifier, exclude=cfg.exclude)
+        n_ok = sum(self.eligible)
+        if cfg.layers:
+            self.pinned = resolve_layers(layers, cfg.layers)
+        else:
+            self.pinned = []
+            if not 1 <= self.k <= n_ok:
+                raise ConfigError(f"clat.k={self.k} but the model has {n_ok} layers eligible for selection (of {len(layers)}); choose k between 1 and {n_ok}")
+        if cfg.ce_on == "base" and base is None:
+            raise ConfigError("clat.ce_on=base needs a base method (clat.base or a pretrain method)")
+        self.base = base
+        self.lam = cfg.lam
+        self.selected: list[Layer] = []
+        self.history: list[dict] = []
+        self._extractor: FeatureExtractor | None = None
+        self._scale: dict[str, float] | None = None
+
+    # -- selection ---------------------------------------------------------------------
+    def _due(self, stage_epoch: int) -> bool:
+        if not self.selected:
+            return True
+        return self.cfg.dynamic and not self.pinned and stage_epoch % self.cfg.reselect_every == 0
+
+    def on_epoch_start(self, model: nn.Module, ctx: EpochContext) -> dict:
+        if not self._due(ctx.stage_epoch):
+            self._freeze(model)
+            return {}
+        cc = self.cfg.criticality
+        x, y = ctx.sample_batch(cc.batch_size)
+        result = compute_criticality(
+            model, self.layers, x, y, eps=self.attack.eps, alpha=self.attack.alpha, steps=cc.steps,
+            denominator=cc.denominator, scaling=cc.scaling, point=cc.point,
+            include_classifier=cc.include_classifier, exclude=self.cfg.exclude,
+        )
+        if self.pinned:
+            chosen = self.pinned
+        elif self.cfg.selection == "random":
+            chosen = select_random(self.layers, self.eligible, self.k, ctx.generator)
+        else:
+            chosen = result.top_k(self.k)
+        self._set_selection(chosen)
+        trainable = self._freeze(model)
+        if self.cfg.lam_mode == "auto":
+            self.lam = self._auto_lambda(model, x, y)
+        event = {
+            "epoch": ctx.epoch,
+            "stage_epoch": ctx.stage_epoch,
+            "selected": [l.name for l in chosen],
+            "selected_index": [l.index for l in chosen],
+            "criticality": result.criticality,
+            "weakness": result.weakness,
+            "trainable_params": trainable,
+            "lam": self.lam,
+        }
+        self.history.append(event)
+        return {"selection": event}
+
+    def _set_selection(self, chosen: list[Layer]) -> None:
+        self.selected = sorted(chosen, key=lambda l: l.index)
+        self._extractor = None
+
+    def _freeze(self, model: nn.Module) -> int:
+        return freeze_all_but(model, self.selected)
+
+    def trainable_bns(self) -> list[str] | None:
+        if self.cfg.freeze_bn_stats:
+            return []
+        return [l.bn_name for l in self.selected if l.bn_name is not None]
+
+    def extractor(self, model: nn.Module) -> FeatureExtractor:
+        if self._extractor is None or self._extractor.model is not model:
+            self._extractor = FeatureExtractor(model, self.selected, point=self.cfg.criticality.point)
+            s = self.cfg.distance_scaling
+            self._scale = None if s == "none" else {l.name: (1.0 / l.numel if s == "n" else l.numel ** -0.5) for l in self.selected}
+        return self._extractor
+
+    # -- the objective ------------------------------------------------------------------
+    def attack_features(self, model: nn.Module, x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tensor:
+        """δ* of Eq. 8: maximise the feature distance to the (fixed) clean features."""
+        ext = self.extractor(model)
+        a = self.attack
+        steps, alpha = (1, 1.25 * a.eps) if self.cfg.inner == "fast" else (a.steps, a.alpha)
+        with frozen_bn_statistics(model):
+            return perturb(lambda xa: feature_distance(ext(xa).outputs, target, self._scale), x, eps=a.eps, alpha=alpha, steps=steps, norm=a.norm)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not self.selected:
+            raise RuntimeError("CLAT.loss called before any layer was selected (on_epoch_start)")
+        ext = self.extractor(model)
+        ce_on = self.cfg.ce_on
+        clean = ext(x, stop_early=ce_on != "clean")  # clean features once per batch
+        target = {n: f.detach() for n, f in clean.outputs.items()}
+        x_adv = self.attack_features(model, x, target)
+        metrics: dict[str, torch.Tensor] = {}
+        if ce_on == "adv":
+            adv = ext(x_adv, stop_early=False)
+            ce = F.cross_entropy(adv.logits, y)
+            metrics["adv_acc"] = accuracy(adv.logits, y)
+        else:
+            with frozen_bn_statistics(model):  # running statistics follow the clean data
+                adv = ext(x_adv, stop_early=True)
+            if ce_on == "clean":
+                ce = F.cross_entropy(clean.logits, y)
+                metrics["acc"] = accuracy(clean.logits, y)
+            else:
+                assert self.base is not None
+                ce, base_metrics = self.base.loss(model, x, y)
+                metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
+        lc = feature_distance(adv.outputs, clean.outputs, self._scale).mean()
+        loss = ce + self.lam * lc
+        metrics.update({"loss": loss.detach(), "ce": ce.detach(), "feature_dist": lc.detach()})
+        return loss, metrics
+
+    def _auto_lambda(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """λ = ρ · CE / L_C on the selection batch, so both terms start at a known ratio."""
+        was = model.training
+        model.eval()
+        try:
+            ext = self.extractor(model)
+            with torch.no_grad():
+                clean = ext(x, stop_early=False)
+            x_adv = self.attack_features(model, x, clean.outputs)
+            with torch.no_grad():
+                adv = ext(x_adv, stop_early=True)
+                lc = feature_distance(adv.outputs, clean.outputs, self._scale).mean().item()
+                ce = F.cross_entropy(clean.logits, y).item()
+        finally:
+            model.train(was)
+        return self.cfg.rho * ce / lc if lc > 0 else self.cfg.lam
+
+    # -- resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"selected": [l.name for l in self.selected], "history": self.history, "lam": self.lam}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._set_selection(resolve_layers(self.layers, state.get("selected", [])))
+        self.history = list(state.get("history", []))
+        self.lam = float(state.get("lam", self.cfg.lam))

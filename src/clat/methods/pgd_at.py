@@ -1,0 +1,32 @@
+"""PGD adversarial training: cross-entropy on PGD examples (Madry et al. 2018).
+
+"Towards deep learning models resistant to adversarial attacks".
+
+The attack runs with the model in its training mode (batch statistics, as in
+the training forward) while BatchNorm running statistics stay frozen, so only
+the training forward updates them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clat.attacks import pgd
+from clat.layers import frozen_bn_statistics
+from clat.methods.base import Method, accuracy
+
+
+class PGDAT(Method):
+    name = "pgd_at"
+
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = self.attack
+        with frozen_bn_statistics(model):
+            return pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(self.adversarial(model, x, y))
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.detach(), "adv_acc": accuracy(logits, y)}

@@ -1,0 +1,18 @@
+"""Clean (standard) training: cross-entropy on the clean input."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clat.methods.base import Method, accuracy
+
+
+class Standard(Method):
+    name = "standard"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}

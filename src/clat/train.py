@@ -1,0 +1,426 @@
+"""THE training loop: every method, every stage, checkpoints and resume.
+
+A run is one or two stages, ``pretrain`` (a baseline such as PGD-AT) then
+``finetune`` (CLAT, or any method), each with its own SGD optimizer and cosine
+schedule over the stage's steps. The loop knows nothing of any method: it asks
+the method for its loss and calls its epoch hook; the trainable set is whatever
+has ``requires_grad`` after that hook. When CLAT re-selects layers the
+optimizer and schedule carry on; only the optimizer state (momentum) of
+parameters that became frozen is dropped.
+
+Run folder::
+
+    config.yaml          resolved config
+    metrics.jsonl        one JSON line per epoch
+    checkpoints/epoch_NNNN/{model.safetensors, state.pt, meta.json}
+    model.safetensors    final weights (with model metadata)
+    summary.json         final metrics, selection history
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clat import data as data_mod
+from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_state, save_weights, sha256
+from clat.config import Config, StageConfig, config_from_dict, dump_yaml, to_dict
+from clat.errors import CheckpointError, ClatError, ConfigError
+from clat.evaluate import evaluate
+from clat.layers import Layer, find_layers, set_bn_train_mode
+from clat.methods import EpochContext, Method, create_method
+from clat.models import create_model, model_info
+
+log = logging.getLogger("clat")
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model.safetensors", "summary.json")
+
+
+class TrainingDiverged(ClatError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use device=cpu or device=auto")
+    return dev
+
+
+@dataclass
+class Splits:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    name: str
+
+
+def prepare_data(cfg: Config) -> Splits:
+    """Load the data set, cut it to size and carve the validation split from training data."""
+    d = cfg.data
+    if d.dataset == "bundled":
+        x_tr, y_tr, x_te, y_te = data_mod.load_bundled()
+        num_classes, name = 10, "CIFAR-10 subset (JPEG-recovered, bundled)"
+    else:
+        x_tr, y_tr = data_mod.load_cifar(d.dataset, d.root, True, download=d.download, verify=d.verify)
+        x_te, y_te = data_mod.load_cifar(d.dataset, d.root, False, download=False, verify=d.verify)
+        num_classes, name = data_mod.NUM_CLASSES[d.dataset], d.dataset
+    if d.train_size is not None:
+        x_tr, y_tr = x_tr[: d.train_size], y_tr[: d.train_size]
+    if d.test_size is not None:
+        x_te, y_te = x_te[: d.test_size], y_te[: d.test_size]
+    if d.val_size >= len(x_tr):
+        raise ConfigError(f"data.val_size={d.val_size} leaves no training images out of {len(x_tr)}; lower it")
+    tr_idx, va_idx = data_mod.train_val_split(len(x_tr), d.val_size, cfg.seed)
+    return Splits(x_tr[tr_idx], y_tr[tr_idx], x_tr[va_idx], y_tr[va_idx], x_te, y_te, num_classes, name)
+
+
+def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set has {num_classes} classes; drop the override")
+    model = create_model(cfg.model.name, num_classes, normalize=cfg.model.normalize)
+    if cfg.init:
+        load_into(model, read_state_dict(cfg.init), source=f"init checkpoint {cfg.init}")
+    return model.to(device)
+
+
+def model_meta(cfg: Config, num_classes: int) -> dict:
+    return {"model": cfg.model.name, "num_classes": num_classes, "normalize": cfg.model.normalize}
+
+
+def cosine_lambda(total_steps: int, schedule: str):
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+def _stages(cfg: Config) -> list[tuple[str, StageConfig, int]]:
+    """(name, config, first global epoch) of the stages with epochs > 0."""
+    out, start = [], 0
+    for name in ("pretrain", "finetune"):
+        s: StageConfig = getattr(cfg, name)
+        if s.epochs > 0:
+            out.append((name, s, start))
+            start += s.epochs
+    return out
+
+
+def _drop_frozen_state(optimizer: torch.optim.Optimizer) -> None:
+    """Frozen parameters keep no optimizer state (momentum) and get no update."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                optimizer.state.pop(p, None)
+                p.grad = None
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+
+
+class Checkpoints:
+    """Epoch checkpoints in ``run_dir/checkpoints``; ``meta.json`` (written last) holds
+    the other files' SHA-256, so a partial or corrupted checkpoint is recognised."""
+
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.root = run_dir / "checkpoints"
+        self.keep = keep
+
+    def save(self, epoch: int, model: nn.Module, state: dict, meta: dict) -> Path:
+        d = self.root / f"epoch_{epoch:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        save_weights(d / "model.safetensors", model, meta)
+        save_state(d / "state.pt", state)
+        files = {n: sha256(d / n) for n in ("model.safetensors", "state.pt")}
+        atomic_write_text(d / "meta.json", json.dumps({"epoch": epoch, "sha256": files, **meta}))
+        for old in self.list()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return d
+
+    def list(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("epoch_*") if p.is_dir()) if self.root.is_dir() else []
+
+    def latest_valid(self) -> Path | None:
+        for d in reversed(self.list()):
+            try:
+                meta = json.loads((d / "meta.json").read_text())
+                if all(sha256(d / n) == h for n, h in meta["sha256"].items()):
+                    return d
+                problem = "checksum mismatch"
+            except (OSError, ValueError, KeyError) as e:
+                problem = type(e).__name__
+            warnings.warn(f"checkpoint {d} is incomplete or corrupted ({problem}); falling back to the previous one", stacklevel=2)
+        return None
+
+
+def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
+        return
+    if run_dir.exists() and any((run_dir / f).exists() for f in RUN_FILES):
+        if not force:
+            state = "a finished run" if (run_dir / "summary.json").exists() else "an unfinished run (continue it with --resume)"
+            raise ConfigError(f"run folder {run_dir} already holds {state}; choose another --run-dir or pass --force to overwrite it")
+        for f in RUN_FILES:
+            p = run_dir / f
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def train(
+    cfg: Config | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    model: nn.Module | None = None,
+    data: Splits | None = None,
+) -> dict:
+    """Run (or resume) the training described by ``cfg`` in ``run_dir``; returns the summary.
+
+    With ``resume=True`` the config saved in ``run_dir`` is used and training continues
+    from the latest valid checkpoint. ``model`` (any ``nn.Module`` taking [0, 1] images)
+    and ``data`` replace the ones the config names; the model is trained in place.
+    """
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir, resume, force)
+    if resume:
+        import yaml
+
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert cfg is not None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    if model is None:
+        model_info(cfg.model.name)  # unknown names fail before any data is read
+    splits = data if data is not None else prepare_data(cfg)
+    if model is None:
+        model = build_model(cfg, splits.num_classes, device)
+        meta = model_meta(cfg, splits.num_classes)
+        default_k = model_info(cfg.model.name).default_k
+    else:
+        model = model.to(device)
+        if cfg.init:
+            load_into(model, read_state_dict(cfg.init), source=f"init checkpoint {cfg.init}")
+        meta = {"model": type(model).__name__, "num_classes": splits.num_classes, "custom": True}
+    layers = find_layers(model, splits.x_train[:2].to(device).float().div(255))
+    if meta.get("custom"):
+        default_k = max(1, round(0.05 * len(layers)))  # the paper's "about 5% of the layers"
+    stages = _stages(cfg)
+    for _, scfg, _ in stages:  # fail on a bad method setting now, not after hours of pretraining
+        create_method(scfg.method, cfg, layers, default_k=default_k)
+    total_epochs = sum(s.epochs for _, s, _ in stages)
+
+    loader = data_mod.Loader(
+        splits.x_train, splits.y_train, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
+        drop_last=len(splits.x_train) >= 2 * cfg.data.batch_size, seed=cfg.seed, device=device,
+    )
+    n_val = min(cfg.eval.n_examples, len(splits.x_val))
+    ckpts = Checkpoints(run_dir, cfg.keep_checkpoints)
+    metrics_path = run_dir / "metrics.jsonl"
+
+    start_epoch, resumed_state = 0, None
+    if resume:
+        d = ckpts.latest_valid()
+        if d is None:
+            log.warning("no valid checkpoint in %s: starting from the beginning", run_dir)
+        else:
+            load_into(model, read_state_dict(d / "model.safetensors"), source=str(d))
+            resumed_state = load_state(d / "state.pt")
+            start_epoch = int(resumed_state["epoch"]) + 1
+            log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    _truncate_metrics(metrics_path, start_epoch)
+    if resume and start_epoch >= total_epochs and (run_dir / "summary.json").is_file():
+        log.info("%s has already finished: nothing to resume", run_dir)
+        return json.loads((run_dir / "summary.json").read_text())
+
+    method: Method | None = None
+    optimizer = scheduler = None
+    stage_name = None
+    t_run = time.time()
+    last_eval: dict = {}
+    for epoch in range(start_epoch, total_epochs):
+        name, scfg, first = next((n, s, f) for n, s, f in stages if f <= epoch < f + s.epochs)
+        if name != stage_name:  # entering a stage (or resuming inside one)
+            stage_name = name
+            method = create_method(scfg.method, cfg, layers, default_k=default_k)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            optimizer = torch.optim.SGD(model.parameters(), lr=scfg.lr, momentum=scfg.momentum, weight_decay=scfg.weight_decay, nesterov=scfg.nesterov)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(scfg.epochs * len(loader), scfg.schedule))
+            if resumed_state is not None and resumed_state["stage"] == name:
+                method.load_state_dict(resumed_state["method"])  # the epoch hook below re-applies it
+                optimizer.load_state_dict(resumed_state["optimizer"])
+                scheduler.load_state_dict(resumed_state["scheduler"])
+            if resumed_state is not None:
+                _set_rng(resumed_state["rng"])
+                resumed_state = None
+        assert method is not None and optimizer is not None and scheduler is not None
+        stage_epoch = epoch - first
+
+        t0 = time.time()
+        ctx = EpochContext(epoch, stage_epoch, _sampler(splits, cfg.seed, epoch, device), _gen(cfg.seed, epoch, 1))
+        events = method.on_epoch_start(model, ctx)
+        _drop_frozen_state(optimizer)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        set_bn_train_mode(model, method.trainable_bns())
+        loader.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        batches = loader
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs} {scfg.method}", leave=False)
+        for x, y in batches:
+            loss, m = method.loss(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0) + v
+            steps += 1
+        train_metrics = {k: (v / max(steps, 1)).item() for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in train_metrics.values()):
+            raise TrainingDiverged(
+                f"the training loss became {train_metrics.get('loss')} in epoch {epoch + 1}; the last good checkpoint is kept in {ckpts.root}. "
+                "Lower the learning rate (or clat.lam) and resume or restart"
+            )
+        train_time = time.time() - t0
+        row = {
+            "epoch": epoch + 1,
+            "stage": name,
+            "method": scfg.method,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train": train_metrics,
+            "trainable_params": trainable,
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+            "epoch_time_s": train_time,
+        }
+        if "selection" in events:
+            row["selection"] = events["selection"]
+        if hasattr(method, "selected"):
+            row["selected"] = [l.name for l in method.selected]
+        if n_val and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == total_epochs):
+            a = cfg.attack
+            last_eval = evaluate(
+                model, splits.x_val[:n_val], splits.y_val[:n_val], eps=a.eps, alpha=a.alpha, steps=cfg.eval.steps,
+                restarts=cfg.eval.restarts, norm=a.norm, batch_size=cfg.data.eval_batch_size, progress=cfg.progress, desc="val",
+            )
+            row["val"] = {"clean_acc": last_eval["clean_acc"], "pgd_acc": last_eval["pgd_acc"], "n": n_val}
+        row["time_s"] = time.time() - t0
+        log.info(_format_row(row))
+        _append_jsonl(metrics_path, row)
+        state = {
+            "epoch": epoch,
+            "stage": name,
+            "method": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _get_rng(),
+        }
+        ckpts.save(epoch, model, state, {**meta, "stage": name, "method": scfg.method})
+
+    save_weights(run_dir / "model.safetensors", model, meta)
+    rows = _read_jsonl(metrics_path)
+    summary = {
+        "run_dir": str(run_dir),
+        "data": splits.name,
+        "model": meta,
+        "epochs": total_epochs,
+        "final_val": rows[-1].get("val") if rows else None,
+        "selection_history": [r["selection"] for r in rows if "selection" in r],
+        "trainable_params_last": rows[-1]["trainable_params"] if rows else None,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "layers": len(layers),
+        "wall_time_s_this_session": time.time() - t_run,
+        "train_time_s": sum(r["time_s"] for r in rows),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']:3d} {row['method']:<8s}", f"loss {row['train'].get('loss', float('nan')):.4f}"]
+    if "val" in row:
+        parts.append(f"val clean {row['val']['clean_acc']:.3f} pgd {row['val']['pgd_acc']:.3f}")
+    parts.append(f"trainable {row['trainable_params']:,}")
+    if row.get("selected"):
+        parts.append(f"layers {','.join(row['selected'])}")
+    parts.append(f"{row['time_s']:.1f}s")
+    return " | ".join(parts)
+
+
+def _gen(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + epoch * 7919 + stream)
+    return g
+
+
+def _sampler(splits: Splits, seed: int, epoch: int, device: torch.device):
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(len(splits.x_train), generator=_gen(seed, epoch, 2))[:n]
+        return splits.x_train[idx].to(device).float().div_(255), splits.y_train[idx].to(device)
+
+    return sample
+
+
+def _get_rng() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash: everything after it is not trusted
+    return rows
+
+
+def _truncate_metrics(path: Path, start_epoch: int) -> None:
+    """Keep only the rows of epochs that have a checkpoint (resume rewrites the rest)."""
+    rows = [r for r in _read_jsonl(path) if r["epoch"] <= start_epoch]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clat.attacks import Threat, feature_distance, fgsm_rs, perturb, pgd
+from clat.errors import ConfigError
+from clat.layers import FeatureExtractor, find_layers
+from clat.models import create_model
+
+EPS = 8 / 255
+
+
+def _model():
+    return create_model("tiny_cnn").eval()
+
+
+def _feature_attack(model, x, y, steps=5, norm="linf"):
+    layers = find_layers(model)
+    ext = FeatureExtractor(model, [layers[2]])
+    target = {k: v.detach() for k, v in ext(x).outputs.items()}
+    return perturb(lambda xa: feature_distance(ext(xa).outputs, target), x, eps=EPS, alpha=2 / 255, steps=steps, norm=norm)
+
+
+ATTACKS = {
+    "pgd": lambda m, x, y: pgd(m, x, y, eps=EPS, steps=3),
+    "pgd_l2": lambda m, x, y: pgd(m, x, y, eps=0.5, alpha=0.2, steps=3, norm="l2"),
+    "fgsm_rs": lambda m, x, y: fgsm_rs(m, x, y, eps=EPS),
+    "feature": lambda m, x, y: _feature_attack(m, x, y, steps=3),
+}
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_attack_stays_in_threat_model_and_box(name):
+    model = _model()
+    x = torch.rand(6, 3, 32, 32)
+    x[0] = 0.0
+    x[1] = 1.0  # pixels at the box edges
+    y = torch.randint(0, 10, (6,))
+    x_adv = ATTACKS[name](model, x, y)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    if name == "pgd_l2":
+        assert (x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+    else:
+        assert (x_adv - x).abs().max() <= EPS + 1e-7
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradients accumulated
+
+
+def test_pgd_increases_loss():
+    model = _model()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        clean = ce(model(x), y)
+        adv = ce(model(pgd(model, x, y, steps=5)), y)
+    assert adv > clean
+
+
+def test_feature_attack_increases_feature_distance():
+    model = _model()
+    layers = find_layers(model)
+    ext = FeatureExtractor(model, [layers[2]])
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    clean = {k: v.detach() for k, v in ext(x).outputs.items()}
+    noise = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1)
+    x_adv = _feature_attack(model, x, y, steps=10)
+    with torch.no_grad():
+        d_noise = feature_distance(ext(noise).outputs, clean).mean()
+        d_one = feature_distance(ext(_feature_attack(model, x, y, steps=1)).outputs, clean).mean()
+        d_adv = feature_distance(ext(x_adv).outputs, clean).mean()
+    assert d_adv > d_one > d_noise
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    eps=st.floats(1e-3, 0.5),
+    scale=st.floats(0.0, 5.0),
+    norm=st.sampled_from(["linf", "l2"]),
+    seed=st.integers(0, 2**16),
+)
+def test_projection_property(eps, scale, norm, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 2, 4, 4, generator=g)
+    delta = (torch.rand(3, 2, 4, 4, generator=g) * 2 - 1) * scale
+    t = Threat(eps, norm)
+    d = t.project(x, delta)
+    xa = x + d
+    assert xa.min() >= -1e-7 and xa.max() <= 1 + 1e-7
+    if norm == "linf":
+        assert d.abs().max() <= eps + 1e-6
+    else:
+        assert d.flatten(1).norm(dim=1).max() <= eps + 1e-5
+    # projecting twice changes nothing
+    assert torch.allclose(t.project(x, d), d, atol=1e-6)
+
+
+def test_bad_attack_parameters():
+    with pytest.raises(ConfigError, match="eps"):
+        Threat(0.0)
+    with pytest.raises(ConfigError, match="steps"):
+        pgd(_model(), torch.rand(1, 3, 32, 32), torch.tensor([0]), steps=0)
