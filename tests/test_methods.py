@@ -24,11 +24,12 @@ def _ctx(x, y, epoch=0):
 
 
 def _setup(name, overrides):
-    cfg = load_config(None, ["attack.steps=2", "clat.criticality.steps=2", "clat.criticality.batch_size=8"] + overrides)
+    cfg = load_config(None, ["attack.steps=2", "clat.criticality.steps=2", "clat.criticality.batch_size=8", "rift.batch_size=8", "rift.steps=1"] + overrides)
     model = create_model("tiny_cnn")
     layers = find_layers(model)
     method = create_method(name, cfg, layers, default_k=1)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    method.setup(model)
     method.on_epoch_start(model, _ctx(x, y))
     set_bn_train_mode(model, method.trainable_bns())
     return cfg, model, method, x, y
@@ -44,7 +45,9 @@ def test_method_loss_is_finite_and_grads_only_on_trained_params(name, overrides)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad <= trained and with_grad
-    if isinstance(method, CLAT):
+    if name == "lora":
+        assert trained and all("lora_" in n for n in trained)
+    elif hasattr(method, "selected"):  # CLAT, RiFT: only the selected layers train
         expected = {f"{m}.{s}" for l in method.selected for m in l.module_names for s in ("weight", "bias")}
         assert trained == {n for n, _ in model.named_parameters() if n in expected}
         if cfg.clat.layers:

@@ -77,6 +77,7 @@ def perturb(
     steps: int,
     norm: Norm = "linf",
     random_start: bool = True,
+    delta0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Maximise ``objective(x + δ).sum()`` over the threat model by projected
     gradient ascent; returns ``x + δ`` (detached).
@@ -84,6 +85,9 @@ def perturb(
     The per-sample losses are summed, so each sample's step is independent of the
     batch size. Only the gradient with respect to the input is computed: no
     parameter gradients are accumulated and the caller's graph is untouched.
+    ``delta0`` replaces the random start (it is projected first): TRADES' small
+    Gaussian start, or per-example seeded starts that make results independent of
+    batching.
     """
     if steps < 1:
         raise ConfigError(f"attack steps must be >= 1, got {steps}")
@@ -91,7 +95,10 @@ def perturb(
         raise ConfigError(f"attack step size alpha must be > 0, got {alpha}")
     threat = Threat(eps, norm)
     x = x.detach()
-    delta = threat.random_init(x) if random_start else torch.zeros_like(x)
+    if delta0 is not None:
+        delta = threat.project(x, delta0.detach().to(x))
+    else:
+        delta = threat.random_init(x) if random_start else torch.zeros_like(x)
     for _ in range(steps):
         delta.requires_grad_(True)
         with torch.enable_grad():

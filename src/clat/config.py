@@ -96,6 +96,44 @@ class ClatConfig:
 
 
 @dataclass
+class TradesConfig:
+    beta: float = 6.0  # weight of the robust (KL) term
+
+
+@dataclass
+class MartConfig:
+    beta: float = 6.0  # weight of the misclassification-weighted KL term
+
+
+@dataclass
+class ScoreConfig:
+    beta: float = 6.0  # weight of the squared-error robust term
+
+
+@dataclass
+class AwpConfig:
+    base: Literal["pgd_at", "trades"] = "pgd_at"  # the method AWP wraps
+    gamma: float = 5e-3  # relative size of the weight perturbation
+    warmup: int = 0  # epochs of the stage before AWP starts
+
+
+@dataclass
+class RiftConfig:
+    weight_eps: float = 0.1  # MRC: weight perturbation bound, relative to the layer's weight norm
+    steps: int = 5  # MRC: gradient-ascent steps on the weight perturbation
+    batch_size: int = 256  # training images used for MRC
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    tolerance: float = 0.005  # allowed drop of validation PGD accuracy when choosing α
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0  # peft's lora_alpha: the adapter's output is scaled by alpha / rank
+    layers: list[str] = field(default_factory=list)  # layers to adapt (names or indices); empty: every conv layer
+
+
+@dataclass
 class EvalConfig:
     """Per-epoch metrics on the held-out split."""
 
@@ -113,6 +151,12 @@ class Config:
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(method="pgd_at", epochs=50))
     finetune: StageConfig = field(default_factory=lambda: StageConfig(method="clat", epochs=50))
     clat: ClatConfig = field(default_factory=ClatConfig)
+    trades: TradesConfig = field(default_factory=TradesConfig)
+    mart: MartConfig = field(default_factory=MartConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    awp: AwpConfig = field(default_factory=AwpConfig)
+    rift: RiftConfig = field(default_factory=RiftConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     init: str | None = None  # checkpoint to start from (ours, a state_dict file)
     seed: int = 0
@@ -294,6 +338,14 @@ def validate(cfg: Config) -> None:
     need(c.reselect_every >= 1, f"clat.reselect_every must be >= 1, got {c.reselect_every}")
     need(c.criticality.batch_size >= 1, f"clat.criticality.batch_size must be >= 1, got {c.criticality.batch_size}")
     need(c.criticality.steps >= 1, f"clat.criticality.steps must be >= 1, got {c.criticality.steps}")
+    for name in ("trades", "mart", "score"):
+        need(getattr(cfg, name).beta >= 0, f"{name}.beta must be >= 0, got {getattr(cfg, name).beta}")
+    need(cfg.awp.gamma >= 0, f"awp.gamma must be >= 0, got {cfg.awp.gamma}")
+    need(cfg.awp.warmup >= 0, f"awp.warmup must be >= 0, got {cfg.awp.warmup}")
+    r = cfg.rift
+    need(r.weight_eps > 0 and r.steps >= 1 and r.batch_size >= 1, "rift.weight_eps must be > 0, rift.steps and rift.batch_size >= 1")
+    need(bool(r.alphas) and all(0 <= a <= 1 for a in r.alphas), f"rift.alphas must be a non-empty list of values in [0, 1], got {r.alphas}")
+    need(cfg.lora.rank >= 1 and cfg.lora.alpha > 0, f"lora.rank must be >= 1 and lora.alpha > 0, got {cfg.lora.rank}, {cfg.lora.alpha}")
     e = cfg.eval
     need(e.n_examples >= 0, f"eval.n_examples must be >= 0, got {e.n_examples}")
     need(e.steps >= 1 and e.restarts >= 1 and e.every >= 1, "eval.steps, eval.restarts and eval.every must be >= 1")

@@ -241,14 +241,15 @@ def train(
     ckpts = Checkpoints(run_dir, cfg.keep_checkpoints)
     metrics_path = run_dir / "metrics.jsonl"
 
-    start_epoch, resumed_state = 0, None
+    start_epoch, resumed_state, resumed_weights, resumed_source = 0, None, None, ""
     if resume:
         d = ckpts.latest_valid()
         if d is None:
             log.warning("no valid checkpoint in %s: starting from the beginning", run_dir)
         else:
-            load_into(model, read_state_dict(d / "model.safetensors"), source=str(d))
+            resumed_weights = read_state_dict(d / "model.safetensors")
             resumed_state = load_state(d / "state.pt")
+            resumed_source = str(d)
             start_epoch = int(resumed_state["epoch"]) + 1
             log.info("resuming %s after epoch %d", run_dir, start_epoch)
     _truncate_metrics(metrics_path, start_epoch)
@@ -268,6 +269,14 @@ def train(
             method = create_method(scfg.method, cfg, layers, default_k=default_k)
             for p in model.parameters():
                 p.requires_grad_(True)
+            # a checkpoint from inside this stage holds the method's structure (LoRA adapters): set up first
+            mid_stage = resumed_state is not None and resumed_state["stage"] == name
+            if resumed_weights is not None and not mid_stage:
+                load_into(model, resumed_weights, source=resumed_source)
+            method.setup(model)
+            if resumed_weights is not None and mid_stage:
+                load_into(model, resumed_weights, source=resumed_source)
+            resumed_weights = None
             optimizer = torch.optim.SGD(model.parameters(), lr=scfg.lr, momentum=scfg.momentum, weight_decay=scfg.weight_decay, nesterov=scfg.nesterov)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(scfg.epochs * len(loader), scfg.schedule))
             if resumed_state is not None and resumed_state["stage"] == name:
@@ -298,6 +307,7 @@ def train(
             loss, m = method.loss(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            method.after_backward(model)
             optimizer.step()
             scheduler.step()
             for k, v in m.items():
@@ -310,6 +320,8 @@ def train(
                 "Lower the learning rate (or clat.lam) and resume or restart"
             )
         train_time = time.time() - t0
+        if stage_epoch == scfg.epochs - 1:
+            events.update(method.on_stage_end(model, lambda m: _validate(m, cfg, splits, n_val)))
         row = {
             "epoch": epoch + 1,
             "stage": name,
@@ -323,6 +335,8 @@ def train(
         }
         if "selection" in events:
             row["selection"] = events["selection"]
+        if "interpolation" in events:
+            row["interpolation"] = events["interpolation"]
         if hasattr(method, "selected"):
             row["selected"] = [l.name for l in method.selected]
         if n_val and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == total_epochs):
@@ -345,6 +359,8 @@ def train(
         }
         ckpts.save(epoch, model, state, {**meta, "stage": name, "method": scfg.method})
 
+    if resumed_weights is not None:  # resumed after the last epoch's checkpoint, before the final files
+        load_into(model, resumed_weights, source=resumed_source)
     save_weights(run_dir / "model.safetensors", model, meta)
     rows = _read_jsonl(metrics_path)
     summary = {
@@ -373,6 +389,15 @@ def _format_row(row: dict) -> str:
         parts.append(f"layers {','.join(row['selected'])}")
     parts.append(f"{row['time_s']:.1f}s")
     return " | ".join(parts)
+
+
+def _validate(model: nn.Module, cfg: Config, splits: Splits, n_val: int) -> dict:
+    if n_val == 0:
+        raise ConfigError("this method chooses on the validation split, but it is empty: set data.val_size and eval.n_examples > 0")
+    a = cfg.attack
+    r = evaluate(model, splits.x_val[:n_val], splits.y_val[:n_val], eps=a.eps, alpha=a.alpha, steps=cfg.eval.steps,
+                 restarts=cfg.eval.restarts, norm=a.norm, batch_size=cfg.data.eval_batch_size)
+    return {"clean_acc": r["clean_acc"], "pgd_acc": r["pgd_acc"]}
 
 
 def _gen(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -2,43 +2,72 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
-from torch import nn
-
 from clat.config import Config
 from clat.errors import ConfigError
 from clat.layers import Layer
-from clat.methods.base import EpochContext, Method
+from clat.methods.awp import AWP
+from clat.methods.base import AdversarialMethod, EpochContext, Method
 from clat.methods.clat import CLAT
 from clat.methods.fast_at import FastAT
+from clat.methods.lora import LoRA
+from clat.methods.mart import MART
 from clat.methods.pgd_at import PGDAT
+from clat.methods.rift import RiFT
+from clat.methods.score import SCORE
 from clat.methods.standard import Standard
+from clat.methods.trades import TRADES
 
 # Baselines: full-model methods usable alone or as the "X" of "X + CLAT".
-BASE_METHODS: dict[str, type[Method]] = {"standard": Standard, "pgd_at": PGDAT, "fast_at": FastAT}
-METHODS: list[str] = [*BASE_METHODS, "clat"]
+BASE_METHODS: dict[str, type[Method]] = {
+    "standard": Standard, "pgd_at": PGDAT, "trades": TRADES, "mart": MART, "awp": AWP, "fast_at": FastAT, "score": SCORE,
+}
+# Fine-tuning methods that need the model's layers.
+METHODS: list[str] = [*BASE_METHODS, "clat", "rift", "lora"]
 
 
 def list_methods() -> list[str]:
     return list(METHODS)
 
 
+def _base(name: str, cfg: Config) -> Method:
+    if name == "trades":
+        return TRADES(cfg.attack, cfg.trades.beta)
+    if name == "mart":
+        return MART(cfg.attack, cfg.mart.beta)
+    if name == "score":
+        return SCORE(cfg.attack, cfg.score.beta)
+    if name == "awp":
+        inner = _base(cfg.awp.base, cfg)
+        assert isinstance(inner, AdversarialMethod)
+        return AWP(cfg.attack, inner, cfg.awp.gamma, cfg.awp.warmup)
+    return BASE_METHODS[name](cfg.attack)
+
+
 def create_method(name: str, cfg: Config, layers: list[Layer] | None = None, *, default_k: int = 1) -> Method:
     """Build a method by name from the run config. CLAT needs the model's ``layers``."""
     if name in BASE_METHODS:
-        return BASE_METHODS[name](cfg.attack)
+        return _base(name, cfg)
     if name == "clat":
         if layers is None:
             raise ValueError("CLAT needs the model's layers")
-        base_name = cfg.clat.base or (cfg.pretrain.method if cfg.pretrain.method != "clat" else None)
         base = None
         if cfg.clat.ce_on == "base":
-            if base_name not in BASE_METHODS:
-                raise ConfigError(f"clat.base must be one of {', '.join(BASE_METHODS)}, got {base_name!r}")
-            base = BASE_METHODS[base_name](cfg.attack)
+            base_name = cfg.clat.base or cfg.pretrain.method
+            if base_name not in BASE_METHODS or base_name == "standard":
+                raise ConfigError(f"clat.ce_on=base needs clat.base (or pretrain.method) to be an adversarial baseline: "
+                                  f"{', '.join(b for b in BASE_METHODS if b != 'standard')}; got {base_name!r}")
+            base = _base(base_name, cfg)
         return CLAT(cfg.attack, cfg.clat, layers, default_k=default_k, base=base)
+    if name == "lora":
+        if layers is None:
+            raise ValueError("LoRA needs the model's layers")
+        return LoRA(cfg.attack, cfg.lora, layers)
+    if name == "rift":
+        if layers is None:
+            raise ValueError("RiFT needs the model's layers")
+        return RiFT(cfg.attack, cfg.rift, layers)
     raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
 
 
-__all__ = ["CLAT", "EpochContext", "FastAT", "Method", "PGDAT", "Standard", "create_method", "list_methods", "METHODS", "BASE_METHODS"]
+__all__ = ["AWP", "AdversarialMethod", "CLAT", "EpochContext", "FastAT", "LoRA", "MART", "Method", "PGDAT", "RiFT", "SCORE", "Standard",
+           "TRADES", "create_method", "list_methods", "METHODS", "BASE_METHODS"]

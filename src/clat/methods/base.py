@@ -34,6 +34,9 @@ class Method:
     def __init__(self, attack: AttackConfig) -> None:
         self.attack = attack
 
+    def setup(self, model: nn.Module) -> None:
+        """Called once when the stage starts, before the optimizer is built (LoRA adds its adapters here)."""
+
     def trainable_bns(self) -> list[str] | None:
         """BatchNorm modules whose running statistics update; None: all of them."""
         return None
@@ -47,6 +50,14 @@ class Method:
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def after_backward(self, model: nn.Module) -> None:
+        """Called between ``loss.backward()`` and ``optimizer.step()`` (AWP restores weights here)."""
+
+    def on_stage_end(self, model: nn.Module, validate: Callable[[nn.Module], dict]) -> dict:
+        """Called once after the stage's last training epoch, before its evaluation and
+        checkpoint; ``validate(model)`` gives clean and PGD accuracy on the validation split."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
@@ -56,3 +67,21 @@ class Method:
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).float().mean().detach()
+
+
+class AdversarialMethod(Method):
+    """A method whose loss is ``objective(model, x, adversarial(model, x, y), y)``.
+
+    Splitting the two lets wrappers reuse them: AWP perturbs the weights between
+    crafting the example and computing the objective; CLAT can use the objective
+    as its CE term (``ce_on=base``).
+    """
+
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.objective(model, x, self.adversarial(model, x, y), y)

@@ -151,6 +151,10 @@ class CLAT(Method):
         metrics.update({"loss": loss.detach(), "ce": ce.detach(), "feature_dist": lc.detach()})
         return loss, metrics
 
+    def after_backward(self, model: nn.Module) -> None:
+        if self.base is not None:
+            self.base.after_backward(model)
+
     def _auto_lambda(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         """λ = ρ · CE / L_C on the selection batch, so both terms start at a known ratio."""
         was = model.training

@@ -15,10 +15,10 @@ from torch import nn
 
 from clat.attacks import pgd
 from clat.layers import frozen_bn_statistics
-from clat.methods.base import Method, accuracy
+from clat.methods.base import AdversarialMethod, accuracy
 
 
-class PGDAT(Method):
+class PGDAT(AdversarialMethod):
     name = "pgd_at"
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ class PGDAT(Method):
         with frozen_bn_statistics(model):
             return pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(self.adversarial(model, x, y))
+    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "adv_acc": accuracy(logits, y)}

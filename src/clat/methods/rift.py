@@ -1,0 +1,130 @@
+"""RiFT: robust critical fine-tuning (Zhu et al. 2023), a parameter-efficient peer of CLAT.
+
+"Improving generalization of adversarial training via robust critical fine-tuning":
+
+1. *Module robust criticality* (MRC) of each layer: the largest increase of the
+   adversarial loss when only that layer's weight moves within
+   ``‖Δw‖ ≤ ε·‖w‖`` (found by projected gradient ascent on the weight, adversarial
+   examples fixed). The layer with the *lowest* MRC is "non-robust-critical".
+2. Fine-tune only that layer on clean inputs (cross-entropy).
+3. Interpolate ``θ(α) = (1 − α)·θ_AT + α·θ_FT`` and keep the α with the best clean
+   accuracy on the validation split (carved from the training data, never the
+   test set) whose PGD accuracy is not more than ``tolerance`` below θ_AT's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clat.attacks import pgd
+from clat.config import AttackConfig, RiftConfig
+from clat.criticality import eligible_mask
+from clat.layers import Layer, freeze_all_but
+from clat.methods.base import EpochContext, Method, accuracy
+
+
+def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 − α)·start + α·end`` per tensor; exactly ``start`` at α = 0 and ``end`` at α = 1."""
+    out = {}
+    for k, a in start.items():
+        b = end[k]
+        out[k] = torch.lerp(a, b, alpha) if a.is_floating_point() else (a if alpha < 0.5 else b)
+    return out
+
+
+@torch.no_grad()
+def _adv_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return F.cross_entropy(model(x), y).item()
+
+
+def module_robust_criticality(model: nn.Module, layers: list[Layer], x_adv: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int) -> list[float]:
+    """MRC of every layer (module-weight perturbation bounded by ``eps·‖w‖``); model in eval mode."""
+    modules = dict(model.named_modules())
+    base = _adv_loss(model, x_adv, y)
+    out = []
+    for layer in layers:
+        w = modules[layer.name].weight
+        w0 = w.detach().clone()
+        radius = eps * w0.norm()
+        delta = torch.zeros_like(w0)
+        for _ in range(steps):
+            with torch.no_grad():
+                w.copy_(w0 + delta)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), w)
+            delta = delta + (radius / steps) * g / (g.norm() + 1e-20)
+            delta = delta * (radius / delta.norm().clamp_min(radius))  # project onto the ball
+        with torch.no_grad():
+            w.copy_(w0 + delta)
+        out.append(_adv_loss(model, x_adv, y) - base)
+        with torch.no_grad():
+            w.copy_(w0)
+    return out
+
+
+class RiFT(Method):
+    name = "rift"
+
+    def __init__(self, attack: AttackConfig, cfg: RiftConfig, layers: list[Layer]) -> None:
+        super().__init__(attack)
+        self.cfg = cfg
+        self.layers = layers
+        self.eligible = eligible_mask(layers, include_classifier=False)
+        self.selected: list[Layer] = []
+        self.history: list[dict] = []
+        self.start_state: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_start(self, model: nn.Module, ctx: EpochContext) -> dict:
+        if self.selected:
+            freeze_all_but(model, self.selected)
+            return {}
+        self.start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        x, y = ctx.sample_batch(self.cfg.batch_size)
+        was = model.training
+        model.eval()
+        try:
+            a = self.attack
+            x_adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm)
+            mrc = module_robust_criticality(model, self.layers, x_adv, y, eps=self.cfg.weight_eps, steps=self.cfg.steps)
+        finally:
+            model.train(was)
+        idx = min((i for i, ok in enumerate(self.eligible) if ok), key=lambda i: mrc[i])
+        self.selected = [self.layers[idx]]
+        trainable = freeze_all_but(model, self.selected)
+        event = {"epoch": ctx.epoch, "stage_epoch": ctx.stage_epoch, "selected": [self.layers[idx].name], "selected_index": [idx],
+                 "criticality": mrc, "trainable_params": trainable, "lam": None, "measure": "module robust criticality (lowest is chosen)"}
+        self.history.append(event)
+        return {"selection": event}
+
+    def trainable_bns(self) -> list[str] | None:
+        return [l.bn_name for l in self.selected if l.bn_name is not None]
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}
+
+    def on_stage_end(self, model: nn.Module, validate) -> dict:
+        """Choose α on the validation split and leave the model at θ(α)."""
+        assert self.start_state is not None
+        end = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        results = []
+        for alpha in self.cfg.alphas:
+            model.load_state_dict(interpolate(self.start_state, end, alpha))
+            results.append({"alpha": alpha, **validate(model)})
+        ref = next((r for r in results if r["alpha"] == 0.0), None) or results[0]
+        ok = [r for r in results if r["pgd_acc"] >= ref["pgd_acc"] - self.cfg.tolerance]
+        best = max(ok, key=lambda r: (r["clean_acc"], r["pgd_acc"]))
+        model.load_state_dict(interpolate(self.start_state, end, best["alpha"]))
+        return {"interpolation": {"chosen_alpha": best["alpha"], "candidates": results, "tolerance": self.cfg.tolerance}}
+
+    def state_dict(self) -> dict:
+        return {"selected": [l.name for l in self.selected], "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        from clat.layers import resolve_layers
+
+        self.selected = resolve_layers(self.layers, state.get("selected", []))
+        self.history = list(state.get("history", []))

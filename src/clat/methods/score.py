@@ -1,0 +1,24 @@
+"""SCORE-style training: TRADES with squared errors instead of CE and KL (Pang et al. 2022).
+
+"Robustness and accuracy could be reconcilable by (proper) definition": the
+local-equivalence view replaces the KL divergence by a distance on the output
+probabilities. Here: natural term ‖softmax(f(x)) − onehot(y)‖², robust term
+β·‖softmax(f(x')) − softmax(f(x))‖², and the attack maximises the robust term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clat.methods.trades import TRADES
+
+
+class SCORE(TRADES):
+    name = "score"
+
+    def divergence(self, logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Tensor:
+        return (F.softmax(logits_adv, dim=1) - probs_clean).pow(2).sum(1)
+
+    def natural(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (F.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits)).pow(2).sum(1).mean()
