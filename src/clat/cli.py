@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from clat.errors import ClatError
 
@@ -43,10 +43,33 @@ def _float(s: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _float_list(s: str) -> list[float]:
+    return [_float(v.strip()) for v in s.split(",") if v.strip()]
+
+
+def _attack_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("attack and images")
+    g.add_argument("--n-examples", type=int, help="evaluate a random subset of this size (fixed --seed); default: all")
+    g.add_argument("--eps", type=_float, default=8 / 255, help="default 8/255")
+    g.add_argument("--alpha", type=_float, default=2 / 255, help="PGD step, default 2/255")
+    g.add_argument("--steps", type=int, default=10)
+    g.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    g.add_argument("--batch-size", type=int, default=256, help="results do not depend on it (per-example seeded random starts)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump), like every other clat error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"clat: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clat", description="Criticality-Leveraged Adversarial Training")
+    p = _Parser(prog="clat", description="Criticality-Leveraged Adversarial Training")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train from a YAML config (pretrain stage, then CLAT fine-tuning)")
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
@@ -70,23 +93,54 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", help="output folder for criticality.json / .png (default: the run folder or .)")
 
-    e = sub.add_parser("eval", help="clean and PGD accuracy of a checkpoint")
+    e = sub.add_parser("eval", help="clean, PGD, AutoAttack, ε sweep and gradient-masking checks of a checkpoint -> JSON")
     e.add_argument("checkpoint", help="run folder, .safetensors or state-dict file")
     _model_args(e)
     _data_args(e)
     e.add_argument("--split", choices=["test", "val"], default="test")
-    e.add_argument("--n-examples", type=int, help="evaluate a random subset of this size (fixed --seed); default: all")
-    e.add_argument("--eps", type=_float, default=8 / 255, help="default 8/255")
-    e.add_argument("--alpha", type=_float, default=2 / 255, help="default 2/255")
-    e.add_argument("--steps", type=int, default=10)
-    e.add_argument("--restarts", type=int, default=1)
-    e.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--seed", type=int, default=0)
+    _attack_args(e)
+    e.add_argument("--restarts", type=int, default=1, help="PGD runs; accuracy of each, the lowest, and the per-example worst case (paper: >= 10)")
+    e.add_argument("--no-pgd", action="store_true", help="skip clat's own PGD (clean accuracy is still measured)")
+    e.add_argument("--autoattack", action="store_true", help="standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from pyautoattack")
+    e.add_argument("--autoattack-version", choices=["standard", "plus", "rand"], default="standard")
+    e.add_argument("--apgd-ce", action="store_true", help="APGD-CE alone from pyautoattack, 1 restart (paper Table 8)")
+    e.add_argument("--eps-sweep", type=_float_list, metavar="LIST", help="PGD accuracy at each ε, e.g. 0,2/255,4/255,8/255,16/255 (Figure 4)")
+    e.add_argument("--sanity", action="store_true", help="checks against gradient masking (flags are printed and stored)")
+    e.add_argument("--surrogate", action="append", default=[], metavar="CKPT", help="transfer source for the black-box sanity check (repeatable)")
+    e.add_argument("--square-queries", type=int, default=1000, help="queries of the Square black-box sanity check (0: skip; default 1000)")
     e.add_argument("--out", help="JSON file to write (default: <run folder>/eval.json or ./eval.json)")
 
-    r = sub.add_parser("report", help="render report.md and plots of run folders from their JSON")
+    tr = sub.add_parser("transfer", help="black-box transfer matrix: PGD examples crafted on each checkpoint, evaluated on all (Table 2)")
+    tr.add_argument("checkpoints", nargs="+", help="run folders or weights files (the first one's run config gives the data set)")
+    _model_args(tr)
+    _data_args(tr)
+    tr.add_argument("--split", choices=["test", "val"], default="test")
+    _attack_args(tr)
+    tr.add_argument("--restarts", type=int, default=1)
+    tr.add_argument("--names", help="comma-separated names for the checkpoints (default: their folder names)")
+    tr.add_argument("--out", default="transfer.json", help="JSON file (default ./transfer.json); a heat map is written beside it")
+
+    st = sub.add_parser("stability", help="stability of the top-k critical layers over random batches of 10..100 images (Table 7)")
+    st.add_argument("checkpoint", help="run folder, .safetensors or state-dict file")
+    _model_args(st)
+    _data_args(st)
+    st.add_argument("--batch-sizes", default="10,30,50,100", help="comma-separated (default 10,30,50,100)")
+    st.add_argument("--repeats", type=int, default=5, help="random batches per size (default 5)")
+    st.add_argument("--reference-size", type=int, default=500, help="images of the reference ranking (default 500)")
+    st.add_argument("--k", type=int, default=5, help="top-k compared (default 5, as in Table 7)")
+    st.add_argument("--eps", type=_float, default=8 / 255)
+    st.add_argument("--alpha", type=_float, default=2 / 255)
+    st.add_argument("--steps", type=int, default=10)
+    st.add_argument("--epoch-time", type=float, help="seconds of one PGD-AT epoch (default: the run's metrics, else measured)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    st.add_argument("--out", help="JSON file (default: <run folder>/stability.json or ./stability.json)")
+
+    r = sub.add_parser("report", help="render report.md and plots of run folders from their JSON (several: a comparison too)")
     r.add_argument("run_dirs", nargs="+")
+    r.add_argument("--out", help="folder of the comparison of several runs (default: <common parent>/comparison)")
+    r.add_argument("--names", help="comma-separated method names for the comparison (default: from each run's stages)")
+    r.add_argument("--transfer", help="transfer JSON (from `clat transfer`) to include in the comparison")
 
     d = sub.add_parser("demo", help="the whole story in ~2 minutes on a CPU, offline, on bundled real data")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -230,16 +284,26 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _pick_device(name: str):
     import torch
 
-    from clat.evaluate import evaluate
-    from clat.train import prepare_data
+    if name == "auto":
+        return _device()
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ClatError("--device cuda requested but CUDA is not available here; use --device cpu")
+    return torch.device(name)
 
-    run_cfg = _run_config(args.checkpoint)
-    cfg = _resolve_data(args, run_cfg)
-    model, meta = _load(args)
-    splits = prepare_data(cfg)
+
+def _load_checkpoint(path: str, args: argparse.Namespace, device):
+    from clat.checkpoint import load_model
+
+    return load_model(path, model_name=args.model, num_classes=args.num_classes, normalize=False if args.no_normalize else None, device=device)
+
+
+def _eval_images(args: argparse.Namespace, splits):
+    """The test (or val) images, or a random subset of ``--n-examples`` drawn with ``--seed``."""
+    import torch
+
     x, y = (splits.x_test, splits.y_test) if args.split == "test" else (splits.x_val, splits.y_val)
     if args.n_examples is not None:
         if args.n_examples < 1:
@@ -248,25 +312,184 @@ def cmd_eval(args: argparse.Namespace) -> int:
         x, y = x[idx], y[idx]
     if args.steps < 1 or args.batch_size < 1:
         raise ClatError("--steps and --batch-size must be >= 1")
-    torch.manual_seed(args.seed)
-    res = evaluate(
-        model, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps, restarts=args.restarts, norm=args.norm,
-        batch_size=args.batch_size, progress=not args.quiet, desc=f"PGD-{args.steps}",
-    )
-    res.update({"checkpoint": meta["path"], "model": meta["model"], "split": args.split, "data": splits.name, "seed": args.seed})
+    return x, y
+
+
+def _warn(msg: str) -> None:
+    """Flags are printed even with -q: hiding them would defeat their purpose."""
+    print(f"WARNING: {msg}", flush=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from clat.evaluate import autoattack, eps_sweep, evaluate
+    from clat.sanity import BANNER, autoattack_check, sanity_checks
+    from clat.train import prepare_data
+
+    if args.restarts < 1:
+        raise ClatError(f"--restarts must be >= 1, got {args.restarts}")
+    run_cfg = _run_config(args.checkpoint)
+    cfg = _resolve_data(args, run_cfg)
+    device = _pick_device(args.device)
+    model, meta = _load_checkpoint(args.checkpoint, args, device)
+    splits = prepare_data(cfg)
+    x, y = _eval_images(args, splits)
+    progress = not args.quiet
+    common = dict(norm=args.norm, batch_size=args.batch_size, progress=progress)
+    res = evaluate(model, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps, restarts=args.restarts, attack=not args.no_pgd,
+                   seed=args.seed, desc=f"PGD-{args.steps}", **common)
+    res.update({"checkpoint": meta["path"], "model": meta["model"], "split": args.split, "data": splits.name, "seed": args.seed,
+                "subset": args.n_examples is not None})
+    flags: list[str] = []
+    lines = [f"clean {100 * res['clean_acc']:.2f}%"]
+    if not args.no_pgd:
+        lines.append(f"PGD-{args.steps} {100 * res['pgd_acc']:.2f}% (worst case of {args.restarts} run(s); lowest run "
+                     f"{100 * res['pgd_acc_lowest_run']:.2f}%, {res['time_s']:.0f} s)")
+    for key, version, on in (("apgd_ce", "apgd-ce", args.apgd_ce), ("autoattack", args.autoattack_version, args.autoattack)):
+        if not on:
+            continue
+        aa = autoattack(model, x, y, eps=args.eps, norm=args.norm, version=version, batch_size=args.batch_size, seed=args.seed,
+                        device=device, progress=progress)
+        res[key] = aa
+        name = "APGD-CE" if key == "apgd_ce" else f"AutoAttack ({version})"
+        lines.append(f"{name} {100 * aa['robust_acc']:.2f}% ({aa['time_s']:.0f} s)")
+        flags += [f"{name} (pyautoattack's own check): {w}" for w in aa["warnings"]]
+        if not aa["within_eps"]:
+            flags.append(f"{name} returned perturbations of size {aa['max_perturbation']:.4g} > ε = {args.eps:.4g}")
+        if not args.no_pgd:
+            chk = autoattack_check(res["pgd_acc"], aa["robust_acc"], res["n"], name=name)
+            res.setdefault("checks", []).append(chk)
+            if chk["flag"]:
+                flags.append(f"{chk['title']}: {chk['message']}")
+    if args.eps_sweep:
+        if args.eps <= 0:
+            raise ClatError("--eps must be > 0 (the sweep uses the step size ratio --alpha / --eps)")
+        sw = eps_sweep(model, x, y, args.eps_sweep, alpha_ratio=args.alpha / args.eps, steps=args.steps, seed=args.seed, **common)
+        res["eps_sweep"] = sw
+        lines.append("ε sweep: " + "  ".join(f"{p['eps'] * (255 if args.norm == 'linf' else 1):.3g}: {100 * p['acc']:.1f}%" for p in sw["points"])
+                     + (" (ε in 1/255)" if args.norm == "linf" else ""))
+    if args.sanity:
+        surrogates = {}
+        for i, sp in enumerate(args.surrogate):
+            sur, smeta = _load_checkpoint(sp, argparse.Namespace(model=None, num_classes=None, no_normalize=False), device)
+            surrogates[Path(sp).name if Path(sp).name not in surrogates else f"{Path(sp).name}#{i}"] = sur
+        if args.square_queries < 0:
+            raise ClatError(f"--square-queries must be >= 0, got {args.square_queries}")
+        san = sanity_checks(model, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps, surrogates=surrogates,
+                            square_queries=args.square_queries, seed=args.seed, **common)
+        res["sanity"] = san
+        flags = [f"{BANNER}: {f}" for f in san["flags"]] + flags
+        san["flags"] = [f"{BANNER}: {f}" for f in san["flags"]]
+        lines.append(f"sanity checks: {len(san['checks']) - len(san['flags'])}/{len(san['checks'])} passed ({san['time_s']:.0f} s)")
+    res["flags"] = flags
     default_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(".")
     out = Path(args.out) if args.out else default_dir / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
-    print(f"clean {100 * res['clean_acc']:.2f}%  PGD-{args.steps} {100 * res['pgd_acc']:.2f}%  (n={res['n']}, {args.restarts} restart(s)) -> {out}")
+    print("  ".join(lines[:2]) + f"  (n={res['n']})")
+    for line in lines[2:]:
+        print(line)
+    for f in flags:
+        _warn(f)
+    print(f"-> {out}")
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from clat.evaluate import transfer_matrix
+    from clat.report import plot_transfer, text_table, transfer_rows
+    from clat.train import prepare_data
+
+    if args.restarts < 1:
+        raise ClatError(f"--restarts must be >= 1, got {args.restarts}")
+    names = [n.strip() for n in args.names.split(",")] if args.names else [Path(c).stem if Path(c).is_file() else Path(c).name for c in args.checkpoints]
+    if len(names) != len(args.checkpoints):
+        raise ClatError(f"--names gives {len(names)} names for {len(args.checkpoints)} checkpoints")
+    if len(set(names)) != len(names):
+        names = [f"{n} ({i})" for i, n in enumerate(names)]
+    cfg = _resolve_data(args, _run_config(args.checkpoints[0]))
+    device = _pick_device(args.device)
+    models = {}
+    for n, c in zip(names, args.checkpoints):
+        models[n], _ = _load_checkpoint(c, args, device)
+    splits = prepare_data(cfg)
+    x, y = _eval_images(args, splits)
+    res = transfer_matrix(models, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps, restarts=args.restarts, norm=args.norm,
+                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    res.update({"checkpoints": list(args.checkpoints), "data": splits.name, "split": args.split})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    png = plot_transfer(res, out.with_suffix(".png"))
+    h, rows = transfer_rows(res)
+    print(text_table(h, rows))
+    print(f"rows attack, columns are attacked; diagonal = white-box PGD-{args.steps} (n={res['n']}, {res['time_s']:.0f} s) -> {out}, {png}")
+    return 0
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    from clat.evaluate import criticality_stability, measure_pgd_at_epoch_time
+    from clat.report import read_run
+    from clat.train import prepare_data
+
+    try:
+        sizes = [int(v) for v in args.batch_sizes.split(",") if v.strip()]
+    except ValueError:
+        raise ClatError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
+    run_cfg = _run_config(args.checkpoint)
+    cfg = _resolve_data(args, run_cfg)
+    device = _pick_device(args.device)
+    model, meta = _load_checkpoint(args.checkpoint, args, device)
+    splits = prepare_data(cfg)
+    epoch_time, source = args.epoch_time, "given with --epoch-time"
+    run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else None
+    if epoch_time is None and run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        rows = [r for r in read_run(run_dir)["rows"] if r.get("method") == "pgd_at" and "epoch_time_s" in r]
+        if rows:
+            epoch_time = sum(r["epoch_time_s"] for r in rows) / len(rows)
+            source = f"mean epoch_time_s of the run's {len(rows)} PGD-AT epochs in metrics.jsonl"
+    if epoch_time is None:
+        a = cfg.attack
+        epoch_time = measure_pgd_at_epoch_time(model, splits.x_train, splits.y_train, batch_size=cfg.data.batch_size, eps=a.eps, alpha=a.alpha, steps=a.steps)
+        source = f"measured: PGD-AT (PGD-{a.steps}) steps of batch {cfg.data.batch_size}, extrapolated to {len(splits.x_train)} images"
+    res = criticality_stability(model, splits.x_train, splits.y_train, batch_sizes=sizes, repeats=args.repeats, reference_size=args.reference_size,
+                                k=args.k, eps=args.eps, alpha=args.alpha, steps=args.steps, seed=args.seed, epoch_time_s=epoch_time,
+                                progress=not args.quiet)
+    res.update({"epoch_time_source": source, "checkpoint": meta["path"], "model": meta["model"], "data": splits.name})
+    out = Path(args.out) if args.out else (run_dir or Path(".")) / "stability.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    from clat.report import text_table
+
+    print(f"reference top-{res['k']} ({res['reference']['size']} images): {res['reference']['top_k']}  ({', '.join(res['reference']['names'])})")
+    print(text_table(["batch", "overlap", "same set", "top-1", "time (s)", "% of epoch"],
+                     [[r["batch_size"], f"{100 * r['overlap_mean']:.0f}%", f"{100 * r['same_set']:.0f}%", f"{100 * r['top1_agrees']:.0f}%",
+                       f"{r['time_s_mean']:.3f}", f"{100 * r['fraction_of_epoch']:.2f}%"] for r in res["rows"]]))
+    print(f"one PGD-AT epoch: {epoch_time:.1f} s ({source}) -> {out}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from clat.report import run_report
+    import os
+
+    from clat.report import comparison_report, run_report
 
     for d in args.run_dirs:
         print(run_report(d))
+    if len(args.run_dirs) > 1 or args.transfer:
+        transfer = None
+        if args.transfer:
+            try:
+                transfer = json.loads(Path(args.transfer).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ClatError(f"could not read the transfer JSON {args.transfer}: {e}") from None
+        if args.out:
+            out = Path(args.out)
+        elif len(args.run_dirs) > 1:
+            out = Path(os.path.commonpath([str(Path(d).resolve()) for d in args.run_dirs])) / "comparison"
+        else:
+            out = Path(args.run_dirs[0]) / "comparison"
+        names = [n.strip() for n in args.names.split(",")] if args.names else None
+        print(comparison_report(args.run_dirs, out, names=names, transfer=transfer))
     return 0
 
 
@@ -302,14 +525,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "train": cmd_train, "criticality": cmd_criticality, "eval": cmd_eval, "report": cmd_report,
+    "train": cmd_train, "criticality": cmd_criticality, "eval": cmd_eval, "transfer": cmd_transfer, "stability": cmd_stability, "report": cmd_report,
     "demo": cmd_demo, "models": cmd_models, "methods": cmd_methods,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed in one line
+        return int(e.code or 0)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"clat: warning: {msg}\n"
@@ -317,6 +543,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ClatError as e:
         print(f"clat: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file system problem outside clat's own checks
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"clat: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clat: interrupted (a run continues with `clat train --resume RUN_DIR`)", file=sys.stderr)

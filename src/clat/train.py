@@ -207,9 +207,6 @@ def train(
 
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert cfg is not None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -232,6 +229,10 @@ def train(
     for _, scfg, _ in stages:  # fail on a bad method setting now, not after hours of pretraining
         create_method(scfg.method, cfg, layers, default_k=default_k)
     total_epochs = sum(s.epochs for _, s, _ in stages)
+    # everything is validated: only now does the run folder get its first file
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     loader = data_mod.Loader(
         splits.x_train, splits.y_train, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,

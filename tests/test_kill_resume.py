@@ -1,0 +1,97 @@
+"""Kill a real `clat train` process with SIGKILL at many moments, resume, and compare
+the final weights bit for bit with an uninterrupted run."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clat.checkpoint import read_state_dict
+
+OVERRIDES = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=600", "data.val_size=100", "data.test_size=50",
+             "data.batch_size=100", "attack.steps=1", "clat.criticality.steps=1", "clat.criticality.batch_size=20",
+             "eval.n_examples=50", "eval.steps=1", "pretrain.epochs=3", "finetune.epochs=4", "clat.reselect_every=2",
+             "finetune.lr=0.02", "keep_checkpoints=2"]
+
+# Fault injection lives here, not in the library: the child patches a function to SIGKILL itself.
+CHILD = textwrap.dedent(
+    """
+    import importlib, os, signal, sys
+    T = importlib.import_module("clat.train")  # (the package attribute clat.train is the function)
+    M = importlib.import_module("clat.methods.clat")
+    mode, n = sys.argv[1], int(sys.argv[2])
+    calls = [0]
+    def die_on(fn):
+        def wrapper(*a, **k):
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*a, **k)
+        return wrapper
+    if mode == "checkpoint":  # die after the weights are written, before state.pt / meta.json
+        real = T.save_state
+        T.save_state = die_on(real)
+    elif mode == "reselect":  # die inside a re-selection
+        M.compute_criticality = die_on(M.compute_criticality)
+    from clat.cli import main
+    sys.exit(main(sys.argv[3:]))
+    """
+)
+
+
+def _run(args, mode="none", n=0, kill_after=None, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    p = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(n), "-q", *args], env=env, cwd=cwd,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGKILL)
+        out, err = p.communicate()
+    return p.returncode, err.decode()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
+    ref = tmp_path / "ref"
+    t0 = time.time()
+    rc, err = _run(["train", *OVERRIDES, "--run-dir", str(ref)])
+    assert rc == 0, err
+    duration = time.time() - t0
+    expected = read_state_dict(ref / "model.safetensors")
+
+    run = tmp_path / "killed"
+    rng = random.Random(0)
+    plan = [("checkpoint", 2), ("time", None), ("reselect", 1), ("time", None), ("checkpoint", 1), ("time", None), ("time", None)]
+    kills, started, finished = 0, False, False
+    for mode, n in plan:
+        args = ["train", "--resume", str(run)] if started else ["train", *OVERRIDES, "--run-dir", str(run)]
+        if mode == "time":  # a random moment within roughly the next third of the run
+            rc, err = _run(args, kill_after=rng.uniform(1.0, max(1.5, duration / 3)))
+        else:
+            rc, err = _run(args, mode, n)
+        started = True
+        if rc == 0:
+            finished = True
+            break
+        assert rc == -signal.SIGKILL, err
+        kills += 1
+    while not finished:  # finish the run
+        rc, err = _run(["train", "--resume", str(run)])
+        finished = rc == 0
+        assert finished, err
+    assert kills >= 4
+    got = read_state_dict(run / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    ref_rows = (ref / "metrics.jsonl").read_text().splitlines()
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == len(ref_rows) == 7
