@@ -131,3 +131,23 @@ def test_short_run_on_real_cifar_subset_beats_chance(tmp_path, shared_cifar):
         s = train(load_config(None, over), tmp_path / "r")
     assert s["final_val"]["clean_acc"] > 0.25  # chance is 0.10
     assert s["selection_history"]
+
+
+def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from clat.checkpoint import load_state, save_state
+    from clat.train import _get_rng, _set_rng
+
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    save_state(tmp_path / "s.pt", {"rng": _get_rng()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    _set_rng(load_state(tmp_path / "s.pt")["rng"])  # weights_only=True load
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -416,14 +416,35 @@ def _sampler(splits: Splits, seed: int, epoch: int, device: torch.device):
 
 
 def _get_rng() -> dict:
-    state = {"torch": torch.get_rng_state()}
+    """Every RNG a training step may touch (clat itself draws only from torch's), in
+    containers that load with ``weights_only=True``."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+
     torch.set_rng_state(state["torch"])
+    if "python" in state:
+        v, internal, gauss = state["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
