@@ -23,8 +23,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
 def test_config_is_valid(path):
+    from clat.methods import list_methods
+    from clat.models import model_info
+
     cfg = load_config(path)
     assert cfg.pretrain.epochs + cfg.finetune.epochs > 0
+    model_info(cfg.model.name)  # a registered model
+    assert {cfg.pretrain.method, cfg.finetune.method} <= set(list_methods())
 
 
 CPU_CONFIGS = [p for p in CONFIGS if p.parent.name == "cpu"]
@@ -35,5 +40,8 @@ CPU_CONFIGS = [p for p in CONFIGS if p.parent.name == "cpu"]
 def test_cpu_config_runs_one_epoch_each_stage(path, tmp_path, shared_cifar):
     over = ["pretrain.epochs=1", "finetune.epochs=1", "data.train_size=1200", "data.val_size=200", "eval.n_examples=100",
             "eval.steps=2", "progress=false", f"data.root={shared_cifar}"]
-    s = train(load_config(path, over), tmp_path / "run")
-    assert s["selection_history"] and s["final_val"]["n"] == 100
+    cfg = load_config(path, over)
+    s = train(cfg, tmp_path / "run")
+    assert s["final_val"]["n"] == 100
+    if cfg.finetune.method in ("clat", "rift"):
+        assert s["selection_history"]
