@@ -200,3 +200,27 @@ def test_lora_run_saves_a_plain_checkpoint(tmp_path):
     train(load_config(None, FAST + ["pretrain.epochs=0", "finetune.method=lora", "finetune.epochs=1"]), tmp_path / "r", data=tiny_splits())
     model, meta = load_model(tmp_path / "r")
     assert meta["model"] == "tiny_cnn"
+
+
+def test_rift_resumed_mid_stage_still_interpolates(tmp_path, monkeypatch):
+    from clat.checkpoint import read_state_dict
+    from clat.train import Checkpoints, train
+    from tests.test_train import FAST, tiny_splits
+
+    over = FAST + ["pretrain.epochs=0", "finetune.method=rift", "finetune.epochs=3", "rift.batch_size=16", "rift.steps=1", "rift.alphas=[0, 1]"]
+    train(load_config(None, over), tmp_path / "a", data=tiny_splits())
+    real = Checkpoints.save
+
+    def crash(self, epoch, *a, **k):
+        out = real(self, epoch, *a, **k)
+        if epoch == 0:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Checkpoints, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, over), tmp_path / "b", data=tiny_splits())
+    monkeypatch.setattr(Checkpoints, "save", real)
+    train(None, tmp_path / "b", resume=True, data=tiny_splits())
+    a, b = read_state_dict(tmp_path / "a" / "model.safetensors"), read_state_dict(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -121,10 +121,12 @@ class RiFT(Method):
         return {"interpolation": {"chosen_alpha": best["alpha"], "candidates": results, "tolerance": self.cfg.tolerance}}
 
     def state_dict(self) -> dict:
-        return {"selected": [l.name for l in self.selected], "history": self.history}
+        # θ_AT (the interpolation's start) travels with the checkpoint so a resumed stage can still interpolate
+        return {"selected": [l.name for l in self.selected], "history": self.history, "start_state": self.start_state}
 
     def load_state_dict(self, state: dict) -> None:
         from clat.layers import resolve_layers
 
         self.selected = resolve_layers(self.layers, state.get("selected", []))
         self.history = list(state.get("history", []))
+        self.start_state = state.get("start_state")
