@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--alpha", type=_float, default=2 / 255)
     st.add_argument("--steps", type=int, default=10)
     st.add_argument("--epoch-time", type=float, help="seconds of one PGD-AT epoch (default: the run's metrics, else measured)")
+    st.add_argument("--measure-epoch", action="store_true", help="time PGD-AT steps now, beside the criticality timings (same machine load)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     st.add_argument("--out", help="JSON file (default: <run folder>/stability.json or ./stability.json)")
@@ -322,6 +323,7 @@ def _warn(msg: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from clat.evaluate import autoattack, eps_sweep, evaluate
+    from clat.report import _eps_str
     from clat.sanity import BANNER, autoattack_check, sanity_checks
     from clat.train import prepare_data
 
@@ -365,8 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ClatError("--eps must be > 0 (the sweep uses the step size ratio --alpha / --eps)")
         sw = eps_sweep(model, x, y, args.eps_sweep, alpha_ratio=args.alpha / args.eps, steps=args.steps, seed=args.seed, **common)
         res["eps_sweep"] = sw
-        lines.append("ε sweep: " + "  ".join(f"{p['eps'] * (255 if args.norm == 'linf' else 1):.3g}: {100 * p['acc']:.1f}%" for p in sw["points"])
-                     + (" (ε in 1/255)" if args.norm == "linf" else ""))
+        lines.append("ε sweep: " + "  ".join(f"{_eps_str(p['eps'], args.norm) if p['eps'] else 0}: {100 * p['acc']:.1f}%" for p in sw["points"]))
     if args.sanity:
         surrogates = {}
         for i, sp in enumerate(args.surrogate):
@@ -442,7 +443,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
     splits = prepare_data(cfg)
     epoch_time, source = args.epoch_time, "given with --epoch-time"
     run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else None
-    if epoch_time is None and run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+    if epoch_time is None and not args.measure_epoch and run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         rows = [r for r in read_run(run_dir)["rows"] if r.get("method") == "pgd_at" and "epoch_time_s" in r]
         if rows:
             epoch_time = sum(r["epoch_time_s"] for r in rows) / len(rows)
@@ -461,9 +462,10 @@ def cmd_stability(args: argparse.Namespace) -> int:
     from clat.report import text_table
 
     print(f"reference top-{res['k']} ({res['reference']['size']} images): {res['reference']['top_k']}  ({', '.join(res['reference']['names'])})")
-    print(text_table(["batch", "overlap", "same set", "top-1", "time (s)", "% of epoch"],
-                     [[r["batch_size"], f"{100 * r['overlap_mean']:.0f}%", f"{100 * r['same_set']:.0f}%", f"{100 * r['top1_agrees']:.0f}%",
-                       f"{r['time_s_mean']:.3f}", f"{100 * r['fraction_of_epoch']:.2f}%"] for r in res["rows"]]))
+    print(text_table(["batch", "overlap", "same set", "same order", "top-1", "Spearman", "time (s)", "% of epoch"],
+                     [[r["batch_size"], f"{100 * r['overlap_mean']:.0f}%", f"{100 * r['same_set']:.0f}%", f"{100 * r['same_order']:.0f}%",
+                       f"{100 * r['top1_agrees']:.0f}%", f"{r['spearman_mean']:.2f}", f"{r['time_s_mean']:.3f}",
+                       f"{100 * r['fraction_of_epoch']:.2f}%"] for r in res["rows"]]))
     print(f"one PGD-AT epoch: {epoch_time:.1f} s ({source}) -> {out}")
     return 0
 
@@ -506,9 +508,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from clat.models import create_model, list_models, model_info
     from clat.report import text_table
 
+    import torch
+
     rows = []
     for name in list_models():
-        m = create_model(name)
+        with torch.device("meta"):  # counting only: no memory for WRN-70-16's 267M parameters
+            m = create_model(name)
         rows.append([name, f"{sum(p.numel() for p in m.parameters()):,}", len(find_layers(m)), model_info(name).default_k, model_info(name).description])
     print(text_table(["name", "params (10 classes)", "layers", "default k", "description"], rows))
     return 0
