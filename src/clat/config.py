@@ -79,7 +79,7 @@ class CriticalityConfig:
 @dataclass
 class ClatConfig:
     k: int | None = None  # number of critical layers; None: the model's paper default
-    lam: float = 0.01  # λ of Eq. 9 (when lam_mode is fixed)
+    lam: float = 0.1  # λ of Eq. 9 (when lam_mode is fixed); chosen by the sweep in docs/lambda_sweep.md
     lam_mode: Literal["fixed", "auto"] = "fixed"  # auto: λ = rho * CE / L_C measured at each (re)selection
     rho: float = 1.0
     selection: Literal["critical", "random"] = "critical"
