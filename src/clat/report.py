@@ -1,5 +1,13 @@
 """Results (JSON) -> markdown tables and PNG plots. Nothing here trains or attacks.
 
+A run folder's report is rendered from the files ``clat train`` and the evaluation
+commands wrote into it: ``metrics.jsonl`` and ``summary.json`` (training),
+``eval*.json`` (``clat eval``: PGD, AutoAttack, ε sweep, sanity checks),
+``criticality.json``, ``stability.json`` (``clat stability``) and ``transfer*.json``
+(``clat transfer``). Several run folders also give a comparison in the paper's
+layout (Table 1: method rows, clean / PGD / AutoAttack columns per data set;
+Table 6: parameters; Figure 4: accuracy over ε; Table 2: the transfer matrix).
+
 Plots use matplotlib's object API with the Agg canvas (no pyplot global state,
 no display needed).
 """
@@ -7,10 +15,18 @@ no display needed).
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from clat.errors import ClatError
+
+METHOD_NAMES = {
+    "standard": "Standard", "pgd_at": "PGD-AT", "trades": "TRADES", "mart": "MART", "awp": "AWP", "fast_at": "Fast-AT",
+    "score": "SCORE", "clat": "CLAT", "rift": "RiFT", "lora": "LoRA",
+}
+SELECTED, ELIGIBLE, EXCLUDED = "#d62728", "#1f77b4", "#bbbbbb"
 
 
 def _figure(w: float, h: float):
@@ -22,11 +38,18 @@ def _figure(w: float, h: float):
     return fig
 
 
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
-        return str(v)
+        return str(v).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
@@ -41,6 +64,27 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _eps_str(eps: float, norm: str = "linf") -> str:
+    if norm == "linf" and eps > 0 and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:.4g}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# -- criticality -------------------------------------------------------------------------
 def criticality_rows(crit: dict) -> tuple[list[str], list[list[Any]]]:
     headers = ["idx", "layer", "output", "params", "weakness W", "criticality C", "rank", "selected"]
     rows = []
@@ -66,7 +110,7 @@ def plot_criticality(crit: dict, path: str | Path, title: str = "Layer criticali
     ax = fig.add_subplot(1, 1, 1)
     xs = [l["index"] for l in layers]
     cs = [max(l["criticality"], 1e-12) for l in layers]
-    colors = ["#d62728" if l["selected"] else ("#bbbbbb" if not l["eligible"] else "#1f77b4") for l in layers]
+    colors = [SELECTED if l["selected"] else (EXCLUDED if not l["eligible"] else ELIGIBLE) for l in layers]
     ax.bar(xs, cs, color=colors)
     ax.set_yscale("log")
     ax.set_xlabel("layer index (execution order)")
@@ -77,50 +121,150 @@ def plot_criticality(crit: dict, path: str | Path, title: str = "Layer criticali
     from matplotlib.patches import Patch
 
     ax.legend(
-        handles=[Patch(color="#d62728", label="selected (top-k)"), Patch(color="#1f77b4", label="eligible"), Patch(color="#bbbbbb", label="excluded")],
-        fontsize=8,
-        loc="upper left",
+        handles=[Patch(color=SELECTED, label="selected (top-k)"), Patch(color=ELIGIBLE, label="eligible"), Patch(color=EXCLUDED, label="excluded")],
+        fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
     )
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
+def plot_selection_history(history: list[dict], path: str | Path, layer_names: Sequence[str] | None = None, title: str = "Critical layers over time") -> Path:
+    """Criticality of every layer (columns) at each re-selection (rows), log colour
+    scale; the selected layers are boxed."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    c = np.array([[max(v, 1e-12) if math.isfinite(v) else np.nan for v in h["criticality"]] for h in history], dtype=float)
+    n_layers = c.shape[1]
+    fig = _figure(max(6.0, 0.35 * n_layers + 2.5), 1.4 + 0.42 * len(history))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(c, aspect="auto", cmap="viridis", norm=LogNorm(vmin=np.nanmin(c), vmax=np.nanmax(c)), interpolation="nearest")
+    for r, h in enumerate(history):
+        for i in h["selected_index"]:
+            ax.add_patch(Rectangle((i - 0.5, r - 0.5), 1, 1, fill=False, edgecolor=SELECTED, lw=2.2))
+        if n_layers <= 30:
+            for i, v in enumerate(h["criticality"]):
+                ax.text(i, r, f"{v:.2g}", ha="center", va="center", fontsize=6.5, color="white" if im.norm(max(v, 1e-12)) < 0.5 else "black")
+    ax.set_xticks(range(n_layers))
+    ax.set_xticklabels([str(i) for i in range(n_layers)], fontsize=7)
+    ax.set_yticks(range(len(history)))
+    ax.set_yticklabels([f"epoch {h['epoch'] + 1}" for h in history], fontsize=8)
+    ax.set_xlabel("layer index (execution order); red box = selected")
+    ax.set_title(title)
+    cb = fig.colorbar(im, ax=ax, pad=0.02)
+    cb.set_label("criticality C (log)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# -- training curves -------------------------------------------------------------------------
 def plot_curves(rows: list[dict], path: str | Path, title: str = "Training curves") -> Path:
-    """Held-out clean and PGD accuracy per epoch; re-selection epochs and stages marked."""
-    fig = _figure(7.5, 5.2)
-    ax, ax2 = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    """Held-out clean and PGD accuracy per epoch (top) and each epoch's training loss
+    (bottom; every method's own objective, so values are comparable only within a
+    stage); stage boundaries and CLAT's re-selection epochs marked. Legends sit
+    outside the axes so they never hide a curve."""
+    fig = _figure(9.0, 5.6)
+    ax, ax2 = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2, sharex=None)
     ev = [r for r in rows if "val" in r]
     if ev:
-        ax.plot([r["epoch"] for r in ev], [100 * r["val"]["clean_acc"] for r in ev], "o-", label="clean (held-out)")
-        ax.plot([r["epoch"] for r in ev], [100 * r["val"]["pgd_acc"] for r in ev], "s-", label="PGD (held-out)")
-    stages: dict[str, list[int]] = {}
+        ax.plot([r["epoch"] for r in ev], [100 * r["val"]["clean_acc"] for r in ev], "o-", color="#1f77b4", label="clean (held-out)")
+        ax.plot([r["epoch"] for r in ev], [100 * r["val"]["pgd_acc"] for r in ev], "s-", color="#ff7f0e", label="PGD (held-out)")
+    stages: dict[str, list[dict]] = {}
     for r in rows:
-        stages.setdefault(r["stage"], []).append(r["epoch"])
-    for i, (name, eps) in enumerate(stages.items()):
+        stages.setdefault(r["stage"], []).append(r)
+    for i, (name, srows) in enumerate(stages.items()):
+        first = min(r["epoch"] for r in srows)
         if i > 0:
             for a in (ax, ax2):
-                a.axvline(min(eps) - 0.5, color="k", lw=1)
-            ax.text(min(eps) - 0.4, 0.98, f"{name}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+                a.axvline(first - 0.5, color="#444444", lw=2.0, alpha=0.6, zorder=1)
+        ax.text(first - 0.4, 1.02, f"{name}: {METHOD_NAMES.get(srows[0]['method'], srows[0]['method'])}", transform=ax.get_xaxis_transform(),
+                va="bottom", fontsize=8)
+        ax2.plot([r["epoch"] for r in srows], [r["train"].get("loss", float("nan")) for r in srows], "o-",
+                 color=f"C{i + 2}", label=f"{METHOD_NAMES.get(srows[0]['method'], srows[0]['method'])} objective")
     sel = [r["epoch"] for r in rows if "selection" in r]
     for j, e in enumerate(sel):
         for a in (ax, ax2):
-            a.axvline(e - 0.5, color="#d62728", ls="--", lw=0.8, label="layer re-selection" if (j == 0 and a is ax) else None)
+            a.axvline(e - 0.5, color=SELECTED, ls="--", lw=1.0, zorder=3, label="layer (re-)selection" if j == 0 else None)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, pad=16)
     ax.grid(alpha=0.3)
-    ax2.plot([r["epoch"] for r in rows], [r["train"].get("loss", float("nan")) for r in rows], "o-", color="#555555")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("training loss")
+    ax2.set_ylabel("training loss\n(each method's own objective)")
     ax2.grid(alpha=0.3)
+    epochs = [r["epoch"] for r in rows]
+    if epochs:
+        for a in (ax, ax2):
+            a.set_xlim(min(epochs) - 0.7, max(epochs) + 0.7)
+            if len(epochs) <= 30:
+                a.set_xticks(epochs)
+    for a in (ax, ax2):
+        a.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
+
+
+# -- evaluation plots ------------------------------------------------------------------------
+def plot_eps_sweep(sweeps: Mapping[str, dict], path: str | Path, title: str = "Accuracy under PGD over ε", train_eps: float | None = 8 / 255) -> Path:
+    """Accuracy (%) against the attack radius for one or more models (paper Figure 4)."""
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    norm = next(iter(sweeps.values()))["norm"] if sweeps else "linf"
+    scale = 255 if norm == "linf" else 1
+    for i, (name, s) in enumerate(sweeps.items()):
+        pts = s["points"]
+        ax.plot([p["eps"] * scale for p in pts], [100 * p["acc"] for p in pts], "o-", color=f"C{i}", label=f"{name} (n={s['n']})")
+    if train_eps and norm == "linf":
+        ax.axvline(train_eps * scale, color="#777777", ls=":", lw=1, label=f"training ε = {_eps_str(train_eps)}")
+    ax.set_xlabel("attack radius ε (ℓ∞, in 1/255)" if norm == "linf" else "attack radius ε (ℓ2)")
+    steps = {s["steps"] for s in sweeps.values()}
+    ax.set_ylabel(f"accuracy under PGD-{'/'.join(map(str, sorted(steps)))} (%)")
+    top = max((100 * p["acc"] for s in sweeps.values() for p in s["points"]), default=100)
+    ax.set_ylim(-2, min(102, 1.15 * top + 5))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_transfer(transfer: dict, path: str | Path, title: str = "Black-box transfer: accuracy of the victim (%)") -> Path:
+    """The transfer matrix as a heat map: rows attack, columns are attacked; the
+    diagonal (framed) is white-box accuracy."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    names = transfer["names"]
+    m = 100 * np.array(transfer["matrix"], dtype=float)
+    k = len(names)
+    fig = _figure(2.2 + 1.25 * k, 1.6 + 1.0 * k)
+    ax = fig.add_subplot(1, 1, 1)
+    top = 100 * max([*transfer.get("clean_acc", {}).values(), *[v for row in transfer["matrix"] for v in row]])
+    im = ax.imshow(m, cmap="RdYlGn", vmin=0, vmax=max(top, 1e-6))  # colour scale up to the best clean accuracy
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=10, color="black")
+        ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5))
+    ax.set_xticks(range(k))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=9)
+    ax.set_yticks(range(k))
+    ax.set_yticklabels(names, fontsize=9)
+    ax.set_xlabel("victim (evaluated model)")
+    ax.set_ylabel("attacker (PGD examples crafted on)")
+    a = transfer["attack"]
+    ax.set_title(f"{title}\nPGD-{a['steps']}, ε = {_eps_str(a['eps'], a['norm'])}, n = {transfer['n']}; diagonal = white-box", fontsize=10)
+    cb = fig.colorbar(im, ax=ax, pad=0.03, fraction=0.05)
+    cb.set_label("accuracy (%)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# -- reading runs ------------------------------------------------------------------------------
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ClatError(f"could not read {p}: {e}") from None
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -133,23 +277,213 @@ def read_run(run_dir: str | Path) -> dict:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
-    evals = {p.stem: json.loads(p.read_text()) for p in sorted(run_dir.glob("eval*.json"))}
-    crit = json.loads((run_dir / "criticality.json").read_text()) if (run_dir / "criticality.json").is_file() else None
-    return {"rows": rows, "summary": summary, "evals": evals, "criticality": crit}
+    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
+    evals = {p.stem: _read_json(p) for p in sorted(run_dir.glob("eval*.json"))}
+    crit = _read_json(run_dir / "criticality.json") if (run_dir / "criticality.json").is_file() else None
+    stability = _read_json(run_dir / "stability.json") if (run_dir / "stability.json").is_file() else None
+    transfers = {p.stem: _read_json(p) for p in sorted(run_dir.glob("transfer*.json"))}
+    config = None
+    if (run_dir / "config.yaml").is_file():
+        import yaml
+
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return {"rows": rows, "summary": summary, "evals": evals, "criticality": crit, "stability": stability, "transfers": transfers, "config": config}
 
 
+def method_label(rows: list[dict]) -> str:
+    """"PGD-AT + CLAT" from the methods of a run's stages (a continued method counts once)."""
+    out: list[str] = []
+    for r in rows:
+        name = METHOD_NAMES.get(r["method"], r["method"])
+        if not out or out[-1] != name:
+            out.append(name)
+    return " + ".join(out) or "?"
+
+
+def main_eval(evals: Mapping[str, dict]) -> dict | None:
+    """The evaluation a summary shows: the most complete one (AutoAttack > APGD-CE >
+    PGD only), then the one on most images, then ``eval.json``."""
+    if not evals:
+        return None
+
+    def score(item: tuple[str, dict]) -> tuple:
+        k, e = item
+        return ("autoattack" in e, "apgd_ce" in e, "pgd_acc" in e, e.get("n", 0), k == "eval")
+
+    return max(evals.items(), key=score)[1]
+
+
+def eval_section(evals: Mapping[str, dict], key: str) -> dict | None:
+    """``key`` ("eps_sweep", "sanity", ...) of the main evaluation, else of any other
+    evaluation file of the run that has it."""
+    main = main_eval(evals)
+    if main is not None and key in main:
+        return main[key]
+    return next((e[key] for e in evals.values() if key in e), None)
+
+
+def parameter_efficiency(rows: list[dict]) -> dict:
+    """Trainable vs total parameters and optimizer-state bytes per stage (paper Table 6),
+    from a run's ``metrics.jsonl`` rows."""
+    stages: dict[str, list[dict]] = {}
+    for r in rows:
+        stages.setdefault(r["stage"], []).append(r)
+    out = []
+    full_bytes = None
+    for name, srows in stages.items():
+        tr = [r["trainable_params"] for r in srows]
+        total = srows[-1]["total_params"]
+        ob = [r.get("optimizer_state_bytes") for r in srows if r.get("optimizer_state_bytes") is not None]
+        times = [r["epoch_time_s"] for r in srows if "epoch_time_s" in r]
+        st = {
+            "stage": name,
+            "method": srows[0]["method"],
+            "epochs": len(srows),
+            "trainable_min": min(tr),
+            "trainable_max": max(tr),
+            "trainable_last": tr[-1],
+            "total_params": total,
+            "fraction_max": max(tr) / total,
+            "optimizer_state_bytes_max": max(ob) if ob else None,
+            "epoch_time_s_mean": sum(times) / len(times) if times else None,
+        }
+        if full_bytes is None and st["trainable_max"] == total and ob:
+            full_bytes = max(ob)
+        out.append(st)
+    for st in out:
+        st["optimizer_state_vs_full"] = st["optimizer_state_bytes_max"] / full_bytes if full_bytes and st["optimizer_state_bytes_max"] is not None else None
+    return {"stages": out, "full_model_optimizer_state_bytes": full_bytes}
+
+
+def _param_rows(pe: dict) -> list[list[Any]]:
+    rows = []
+    for s in pe["stages"]:
+        tr = f"{s['trainable_max']:,}" if s["trainable_min"] == s["trainable_max"] else f"{s['trainable_min']:,}–{s['trainable_max']:,}"
+        rows.append([
+            s["stage"], METHOD_NAMES.get(s["method"], s["method"]), s["epochs"], tr, f"{s['total_params']:,}", f"{100 * s['fraction_max']:.1f}%",
+            _bytes(s["optimizer_state_bytes_max"]), f"{100 * s['optimizer_state_vs_full']:.1f}%" if s["optimizer_state_vs_full"] is not None else "",
+            f"{s['epoch_time_s_mean']:.1f}" if s["epoch_time_s_mean"] is not None else "",
+        ])
+    return rows
+
+
+PARAM_HEADERS = ["stage", "method", "epochs", "trainable params", "total", "% trained", "optimizer state", "vs full model", "epoch time (s)"]
+
+
+# -- evaluation sections ---------------------------------------------------------------------
+def _attack_str(e: dict) -> str:
+    a = e.get("attack")
+    if not a:
+        return ""
+    return f"PGD-{a['steps']} ({a['norm']}, ε={_eps_str(a['eps'], a['norm'])}, α={_eps_str(a['alpha'], a['norm'])}, {a['restarts']} restart(s))"
+
+
+def _aa_str(aa: dict) -> str:
+    after = ", ".join(f"{k} {100 * v:.1f}%" for k, v in aa.get("robust_acc_after", {}).items())
+    return f"{aa['library']}, {aa['version']} ({after}), {aa['time_s']:.0f} s"
+
+
+def eval_rows(evals: Mapping[str, dict]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["file", "n", "clean", "PGD (worst case)", "PGD (lowest run)", "APGD-CE", "AutoAttack", "attack"]
+    rows = []
+    for k, e in evals.items():
+        rows.append([
+            k, e["n"], _pct(e.get("clean_acc"), 2), _pct(e.get("pgd_acc"), 2), _pct(e.get("pgd_acc_lowest_run"), 2),
+            _pct(e["apgd_ce"]["robust_acc"], 2) if "apgd_ce" in e else "", _pct(e["autoattack"]["robust_acc"], 2) if "autoattack" in e else "",
+            _attack_str(e),
+        ])
+    return headers, rows
+
+
+def flags_of(e: Mapping[str, Any]) -> list[str]:
+    """Every raised flag of an evaluation: sanity checks, PGD vs AutoAttack, and the
+    AutoAttack library's own reliability warnings."""
+    return list(e.get("flags", []))
+
+
+def sanity_section(s: dict) -> list[str]:
+    out = []
+    flags = [c for c in s["checks"] if c["flag"]]
+    if flags:
+        out += [f"> **WARNING: possible gradient masking** ({len(flags)} of {len(s['checks'])} checks raised a flag):", ">"]
+        out += [f"> - **{c['title']}**: {c['message']}" for c in flags]
+        out += [""]
+    else:
+        out += [f"No flag raised: {len(s['checks'])} of {len(s['checks'])} checks passed (n = {s['n']}, ε = {_eps_str(s['settings']['eps'], s['settings']['norm'])}).", ""]
+    out += [markdown_table(["check", "result", "numbers"], [[c["title"], "**FLAG**" if c["flag"] else "ok", c["message"]] for c in s["checks"]]), ""]
+    return out
+
+
+def stability_section(st: dict) -> list[str]:
+    ref = st["reference"]
+    out = [
+        f"Reference top-{st['k']} from {ref['size']} training images: {', '.join(map(str, ref['top_k']))} ({', '.join(ref['names'])}). "
+        f"{st['repeats']} random batches per size; PGD-{st['attack']['steps']}, ε = {_eps_str(st['attack']['eps'])}."
+        + (f" One PGD-AT epoch: {st['epoch_time_s']:.1f} s ({st.get('epoch_time_source', '')})." if st.get("epoch_time_s") else ""),
+        "",
+    ]
+    headers = ["batch size", f"top-{st['k']} (first draw)", "overlap with reference", "same set", "same order", "top-1 agrees",
+               "rank corr. (Spearman)", "time (s)", "% of an epoch"]
+    rows = [
+        [r["batch_size"], ", ".join(map(str, r["top_k"][0])), f"{100 * r['overlap_mean']:.0f}%", f"{100 * r['same_set']:.0f}%",
+         f"{100 * r['same_order']:.0f}%" if "same_order" in r else "", f"{100 * r['top1_agrees']:.0f}%",
+         f"{r['spearman_mean']:.2f}" if "spearman_mean" in r else "", f"{r['time_s_mean']:.3f}",
+         f"{100 * r['fraction_of_epoch']:.2f}%" if "fraction_of_epoch" in r else ""]
+        for r in st["rows"]
+    ]
+    return out + [markdown_table(headers, rows), ""]
+
+
+def transfer_rows(t: dict) -> tuple[list[str], list[list[Any]]]:
+    headers = ["attacker \\ victim", *t["names"]]
+    rows = [[src, *[_pct(v) for v in row]] for src, row in zip(t["names"], t["matrix"])]
+    rows.append(["clean", *[_pct(t["clean_acc"][n]) for n in t["names"]]])
+    return headers, rows
+
+
+def _rel(p: Path, base: Path) -> str:
+    return os.path.relpath(p, base)
+
+
+# -- a run's report ---------------------------------------------------------------------------
 def run_report(run_dir: str | Path) -> Path:
     """Render ``report.md`` and ``plots/*.png`` of a run folder from its JSON files."""
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     rows = run["rows"]
-    out = [f"# Run report: `{run_dir.name}`", ""]
+    plots = run_dir / "plots"
+    out = [f"# Run report: `{run_dir.name}` ({method_label(rows)})", ""]
     if run["summary"]:
         s = run["summary"]
         out += [f"Model `{s['model']['model']}` ({s['total_params']:,} parameters, {s['layers']} layers) on {s['data']}, {s['epochs']} epochs.", ""]
-    plot = plot_curves(rows, run_dir / "plots" / "curves.png", f"{run_dir.name}: held-out accuracy")
-    out += ["## Training", "", f"![curves]({plot.relative_to(run_dir)})", ""]
+
+    if run["evals"]:
+        out += ["## Evaluation", ""]
+        h, r = eval_rows(run["evals"])
+        out += [markdown_table(h, r), ""]
+        for k, e in run["evals"].items():
+            extra = []
+            if "apgd_ce" in e:
+                extra.append(f"APGD-CE: {_aa_str(e['apgd_ce'])}")
+            if "autoattack" in e:
+                extra.append(f"AutoAttack: {_aa_str(e['autoattack'])}")
+            if extra:
+                out += [f"`{k}`: " + "; ".join(extra) + ".", ""]
+            other = [f for f in flags_of(e) if f not in e.get("sanity", {}).get("flags", [])]
+            if other:
+                out += [f"> **WARNING** (`{k}`): " + " ".join(other), ""]
+            if "sanity" in e:
+                out += [f"### Sanity checks against gradient masking (`{k}`)", ""] + sanity_section(e["sanity"])
+        sweeps = {k: e["eps_sweep"] for k, e in run["evals"].items() if "eps_sweep" in e}
+        if sweeps:
+            p = plot_eps_sweep(sweeps, plots / "eps_sweep.png", f"{run_dir.name}: accuracy over ε")
+            pts = next(iter(sweeps.values()))
+            out += ["### Accuracy over ε", "", f"![accuracy over eps]({_rel(p, run_dir)})", ""]
+            out += [markdown_table(["ε", *sweeps], [[_eps_str(pt["eps"], pts["norm"]), *[_pct(s["points"][i]["acc"]) for s in sweeps.values()]]
+                                                    for i, pt in enumerate(pts["points"])]), ""]
+
+    plot = plot_curves(rows, plots / "curves.png", f"{run_dir.name}: held-out accuracy")
+    out += ["## Training", "", f"![curves]({_rel(plot, run_dir)})", ""]
     headers = ["epoch", "stage", "method", "loss", "val clean", "val PGD", "trainable", "layers", "time (s)"]
     table = []
     for r in rows:
@@ -162,25 +496,134 @@ def run_report(run_dir: str | Path) -> Path:
                 ", ".join(r.get("selected", [])) or "all", r["time_s"],
             ]
         )
-    out += [markdown_table(headers, table), ""]
-    hist = (run["summary"] or {}).get("selection_history") or []
+    out += [markdown_table(headers, table), "", "The loss column is each method's own training objective (e.g. CE on PGD examples for PGD-AT, "
+            "CE + λ·L_C for CLAT): compare it within a stage, not across stages.", ""]
+    if rows:
+        out += ["## Parameter efficiency", "", markdown_table(PARAM_HEADERS, _param_rows(parameter_efficiency(rows))), "",
+                "Optimizer state: SGD momentum buffers, measured at the end of each epoch; frozen parameters keep none.", ""]
+    hist = (run["summary"] or {}).get("selection_history") or [r["selection"] for r in rows if "selection" in r]
     if hist:
         out += ["## Critical layers over time", ""]
-        out += [markdown_table(["epoch", "selected", "indices", "trainable", "λ"], [[h["epoch"] + 1, ", ".join(h["selected"]), h["selected_index"], f"{h['trainable_params']:,}", h["lam"]] for h in hist]), ""]
+        if all("criticality" in h for h in hist):
+            p = plot_selection_history(hist, plots / "selection.png", title=f"{run_dir.name}: criticality at each re-selection")
+            out += [f"![selection history]({_rel(p, run_dir)})", ""]
+        out += [markdown_table(["epoch", "selected", "indices", "trainable", "λ"],
+                               [[h["epoch"] + 1, ", ".join(h["selected"]), h["selected_index"], f"{h['trainable_params']:,}", h.get("lam", "")] for h in hist]), ""]
     if run["criticality"]:
-        p = plot_criticality(run["criticality"], run_dir / "plots" / "criticality.png")
+        p = plot_criticality(run["criticality"], plots / "criticality.png")
         h, r = criticality_rows(run["criticality"])
-        out += ["## Criticality", "", f"![criticality]({p.relative_to(run_dir)})", "", markdown_table(h, r), ""]
-    if run["evals"]:
-        out += ["## Evaluation", ""]
-        out += [markdown_table(["file", "n", "clean", "PGD", "attack"], [[k, e["n"], f"{100 * e['clean_acc']:.2f}%", f"{100 * e['pgd_acc']:.2f}%" if "pgd_acc" in e else "", _attack_str(e)] for k, e in run["evals"].items()]), ""]
+        out += ["## Criticality", "", f"![criticality]({_rel(p, run_dir)})", "", markdown_table(h, r), ""]
+    if run["stability"]:
+        out += ["## Criticality stability (Table 7)", ""] + stability_section(run["stability"])
+    for k, t in run["transfers"].items():
+        p = plot_transfer(t, plots / f"{k}.png")
+        h, r = transfer_rows(t)
+        out += [f"## Black-box transfer (`{k}`)", "", f"![transfer]({_rel(p, run_dir)})", "", markdown_table(h, r), ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(out))
     return path
 
 
-def _attack_str(e: dict) -> str:
-    a = e.get("attack")
-    if not a:
-        return ""
-    return f"PGD-{a['steps']} ({a['norm']}, ε={a['eps']:.4f}, α={a['alpha']:.4f}, {a['restarts']} restart(s))"
+# -- several runs: the paper's tables ------------------------------------------------------------
+def _labels(runs: list[tuple[Path, dict]], names: Sequence[str] | None) -> list[str]:
+    if names:
+        if len(names) != len(runs):
+            raise ClatError(f"{len(names)} names for {len(runs)} run folders")
+        return list(names)
+    labels = [method_label(r["rows"]) for _, r in runs]
+    return [f"{l} ({d.name})" if labels.count(l) > 1 else l for l, (d, _) in zip(labels, runs)]
+
+
+def _data_name(run: dict) -> str:
+    cfg = run.get("config") or {}
+    ds = (cfg.get("data") or {}).get("dataset")
+    return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "bundled": "CIFAR-10 (bundled subset)"}.get(ds, (run.get("summary") or {}).get("data", "?"))
+
+
+def comparison_rows(runs: list[tuple[Path, dict]], labels: Sequence[str]) -> tuple[list[str], list[list[Any]], list[str]]:
+    """Table 1 layout: one row per run (model, method), clean / PGD / AutoAttack per data set."""
+    datasets: list[str] = []
+    for _, r in runs:
+        if _data_name(r) not in datasets:
+            datasets.append(_data_name(r))
+    aa_name = "AutoAttack"
+    evs = [main_eval(r["evals"]) for _, r in runs]
+    if not any(e and "autoattack" in e for e in evs) and any(e and "apgd_ce" in e for e in evs):
+        aa_name = "APGD-CE"
+    headers = ["model", "method"] + [f"{d} {c}" for d in datasets for c in ("clean", "PGD", aa_name)]
+    rows, notes = [], []
+    prev_model = None
+    for (_d, r), label, e in sorted(zip(runs, labels, evs), key=lambda t: ((t[0][1].get("summary") or {}).get("model", {}).get("model", ""),)):
+        model = ((r.get("summary") or {}).get("model") or {}).get("model", "?")
+        cells = ["", "", ""] * len(datasets)
+        if e:
+            i = datasets.index(_data_name(r)) * 3
+            aa = e.get("autoattack") or e.get("apgd_ce")
+            cells[i : i + 3] = [_pct(e.get("clean_acc"), 2), _pct(e.get("pgd_acc"), 2), _pct(aa["robust_acc"], 2) if aa else ""]
+            note = f"{label}: n = {e['n']}, {_attack_str(e)}"
+            if aa:
+                note += f"; {aa['library']} {aa['version']} ({', '.join(aa['attacks'])})"
+            notes.append(note)
+        rows.append([model if model != prev_model else "", label, *cells])
+        prev_model = model
+    return headers, rows, notes
+
+
+def comparison_report(run_dirs: Sequence[str | Path], out: str | Path, *, names: Sequence[str] | None = None, transfer: dict | None = None) -> Path:
+    """``out/report.md`` and ``out/plots/*.png`` comparing several run folders."""
+    out = Path(out)
+    runs = [(Path(d), read_run(d)) for d in run_dirs]
+    labels = _labels(runs, names)
+    plots = out / "plots"
+    lines = ["# Comparison", "", "Runs: " + ", ".join(f"{l} = `{d}`" for l, (d, _) in zip(labels, runs)), ""]
+    h, rows, notes = comparison_rows(runs, labels)
+    lines += ["## Accuracy (paper Table 1 layout)", "", markdown_table(h, rows), ""]
+    lines += [f"- {n}" for n in notes] + [""]
+    lines += ["PGD is the per-example worst case over the restarts; AutoAttack is computed by the independent `pyautoattack` "
+              "package on the same images.", ""]
+    # sanity flags
+    flag_rows = []
+    for l, (_, r) in zip(labels, runs):
+        if not r["evals"]:
+            continue
+        fl = list(dict.fromkeys(f for e in r["evals"].values() for f in flags_of(e)))
+        san = eval_section(r["evals"], "sanity")
+        flag_rows.append([l, "not run" if san is None else f"{sum(not c['flag'] for c in san['checks'])}/{len(san['checks'])} passed",
+                          "; ".join(f"**{f}**" for f in fl) or "none"])
+    if flag_rows:
+        lines += ["## Sanity checks", "", markdown_table(["method", "sanity checks", "flags"], flag_rows), ""]
+        if any(row[2] != "none" for row in flag_rows):
+            lines.insert(2, "> **WARNING: possible gradient masking or unreliable evaluation: see the sanity checks below.**\n")
+    # parameters (Table 6)
+    prow = []
+    for l, (_, r) in zip(labels, runs):
+        if not r["rows"]:
+            continue
+        pe = parameter_efficiency(r["rows"])
+        last = pe["stages"][-1]
+        prow.append([l, f"{last['total_params']:,}", f"{last['trainable_max']:,}", f"{100 * last['fraction_max']:.1f}%",
+                     _bytes(last["optimizer_state_bytes_max"]), f"{100 * last['optimizer_state_vs_full']:.1f}%" if last["optimizer_state_vs_full"] else ""])
+    if prow:
+        lines += ["## Trainable parameters in the last stage (paper Table 6)", "",
+                  markdown_table(["method", "total", "trainable", "% used", "optimizer state", "vs full model"], prow), ""]
+    sweeps = {l: eval_section(r["evals"], "eps_sweep") for l, (_, r) in zip(labels, runs) if eval_section(r["evals"], "eps_sweep")}
+    if sweeps:
+        p = plot_eps_sweep(sweeps, plots / "eps_sweep.png")
+        lines += ["## Accuracy over ε (paper Figure 4)", "", f"![accuracy over eps]({_rel(p, out)})", ""]
+        first = next(iter(sweeps.values()))
+        if all([pt["eps"] for pt in s["points"]] == [pt["eps"] for pt in first["points"]] for s in sweeps.values()):
+            lines += [markdown_table(["ε", *sweeps], [[_eps_str(pt["eps"], first["norm"]), *[_pct(s["points"][i]["acc"]) for s in sweeps.values()]]
+                                                     for i, pt in enumerate(first["points"])]), ""]
+    if transfer is not None:
+        p = plot_transfer(transfer, plots / "transfer.png")
+        th, tr = transfer_rows(transfer)
+        lines += ["## Black-box transfer (paper Table 2)", "", f"![transfer]({_rel(p, out)})", "", markdown_table(th, tr), "",
+                  "Rows attack (PGD examples crafted on that model), columns are attacked; the diagonal is white-box accuracy.", ""]
+    stab = [(l, r["stability"]) for l, (_, r) in zip(labels, runs) if r["stability"]]
+    for l, st in stab:
+        lines += [f"## Criticality stability: {l} (paper Table 7)", ""] + stability_section(st)
+    lines += ["Per-run reports: " + ", ".join(f"[{l}]({_rel(d / 'report.md', out)})" for l, (d, _) in zip(labels, runs)), ""]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
