@@ -1,4 +1,4 @@
-"""The ``clat`` command line: train | criticality | eval | report | demo | models | methods.
+"""The ``clat`` command line: train | criticality | eval | transfer | stability | report | demo | models | methods.
 
 Errors a user can cause print one or two lines (``clat: error: …``) and exit
 with code 2; nothing else in here knows about training.
