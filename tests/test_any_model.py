@@ -22,7 +22,7 @@ from clat.errors import CheckpointError
 from clat.layers import BN_TYPES, FeatureExtractor, find_layers, set_bn_train_mode
 from clat.methods import EpochContext, create_method
 from clat.models import create_model
-from clat.train import Splits, train
+from clat.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -267,15 +267,8 @@ def test_reused_module_is_one_layer_whose_feature_is_its_first_call():
 
 
 # -- starting from a checkpoint ------------------------------------------------------------------
-def tiny_splits(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.rand(n, 3, 32, 32, generator=g) * 255).to(torch.uint8)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return Splits(x, y, x[:16], y[:16], x[:16], y[:16], 10, "synthetic")
+from tests.test_train import FAST, tiny_splits  # noqa: E402  (the shared tiny training setup)
 
-
-FAST = ["model.name=tiny_cnn", "attack.steps=1", "clat.criticality.steps=1", "clat.criticality.batch_size=16",
-        "data.batch_size=32", "eval.n_examples=16", "eval.steps=1", "progress=false", "data.dataset=bundled"]
 RB_MEAN, RB_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # not CIFAR's: shows the checkpoint's own normalization is used
 
 
