@@ -16,8 +16,10 @@ Example::
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import Callable, Iterator, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,59 @@ from clat.errors import ConfigError
 
 Norm = Literal["linf", "l2"]
 Objective = Callable[[torch.Tensor], torch.Tensor]  # x_adv -> per-sample loss [B] to maximise
+
+
+# Where this process's batch sits inside the global batch of a data-parallel step:
+# (offset, global size). Set by the training loop with :func:`batch_shard`.
+_SHARD: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("clat_batch_shard", default=None)
+
+
+@contextmanager
+def batch_shard(offset: int, global_size: int) -> Iterator[None]:
+    """Random draws of the attacks inside this block are made for the whole global
+    batch and sliced at ``offset``: with every rank's RNG in the same state, the
+    ranks of a data-parallel step together draw exactly what one process with the
+    global batch draws (see :mod:`clat.distributed`)."""
+    token = _SHARD.set((int(offset), int(global_size)))
+    try:
+        yield
+    finally:
+        _SHARD.reset(token)
+
+
+def _draw(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor], per_sample: bool = False) -> torch.Tensor:
+    """A random tensor shaped like ``x`` (or ``[B, 1, ...]`` with ``per_sample``), honouring
+    :func:`batch_shard`. Values are drawn in contiguous order whatever ``x``'s memory
+    format, so a channels-last run draws the same numbers as a contiguous one."""
+    shape = (x.shape[0], *([1] * (x.dim() - 1))) if per_sample else tuple(x.shape)
+    shard = _SHARD.get()
+    if shard is None:
+        out = fill(torch.empty(shape, dtype=x.dtype, device=x.device))
+    else:
+        offset, total = shard
+        out = fill(torch.empty((total, *shape[1:]), dtype=x.dtype, device=x.device)).narrow(0, offset, x.shape[0])
+    if not per_sample and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
+def uniform_like(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    return _draw(x, lambda t: t.uniform_(low, high))
+
+
+def randn_like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.randn_like`` that honours :func:`batch_shard` (TRADES' start uses it)."""
+    return _draw(x, lambda t: t.normal_())
+
+
+def _attack_loss_scale(x: torch.Tensor) -> float:
+    """Under fp16 autocast, scale the attack objective before differentiating so that
+    small input gradients do not underflow to zero (the sign / direction of the step
+    is unchanged by a positive scale)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16:
+        return 1024.0
+    return 1.0
 
 
 def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
@@ -55,10 +110,10 @@ class Threat:
 
     def random_init(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm == "linf":
-            delta = torch.empty_like(x).uniform_(-self.eps, self.eps)
+            delta = uniform_like(x, -self.eps, self.eps)
         else:  # uniform direction, radius uniform in [0, eps]
-            delta = torch.randn_like(x)
-            r = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+            delta = randn_like(x)
+            r = _draw(x, lambda t: t.uniform_(), per_sample=True)
             delta = delta / _per_sample_norm(delta).clamp_min(1e-12) * r * self.eps
         return self.project(x, delta)
 
@@ -99,11 +154,12 @@ def perturb(
         delta = threat.project(x, delta0.detach().to(x))
     else:
         delta = threat.random_init(x) if random_start else torch.zeros_like(x)
+    scale = _attack_loss_scale(x)
     for _ in range(steps):
         delta.requires_grad_(True)
         with torch.enable_grad():
             loss = objective(x + delta)
-            (grad,) = torch.autograd.grad(loss.sum(), delta)
+            (grad,) = torch.autograd.grad(loss.sum() * scale if scale != 1.0 else loss.sum(), delta)
         delta = threat.project(x, delta.detach() + threat.step(grad, alpha))
     return (x + delta).detach()
 

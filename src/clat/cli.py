@@ -225,6 +225,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg.progress = False
         run_dir = args.run_dir or f"runs/{Path(cfg_path).stem if cfg_path else 'run'}"
         summary = train(cfg, run_dir, force=args.force)
+    from clat import distributed
+
+    if not distributed.info().is_main:  # data-parallel run: rank 0 reports
+        return 0
     from clat.report import run_report
 
     report = run_report(summary["run_dir"])

@@ -160,7 +160,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     init: str | None = None  # checkpoint to start from (ours, a state_dict file)
     seed: int = 0
-    device: str = "auto"  # auto: cuda if available, else cpu
+    device: str = "auto"  # auto: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for every forward pass (attacks included); fp16 adds a GradScaler
+    channels_last: bool = False  # NHWC model and inputs (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the model (opt-in; CLAT's early-stopping feature passes run partly eager)
+    sync_bn: bool = False  # SyncBatchNorm across ranks (GPU data-parallel runs only)
     keep_checkpoints: int = 2  # epoch checkpoints kept in the run folder
     progress: bool = True  # progress bars
 

@@ -144,11 +144,14 @@ def pgd_correct(
     stream: object = 0,
     progress: bool = False,
     desc: str = "PGD",
+    index_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example correctness: ``clean [n]`` and ``runs [restarts, n]`` (bool, CPU).
 
     ``runs[r, i]`` is True when example i is classified correctly both clean and after
-    run r's attack. ``eps == 0`` means no attack (``runs`` repeats ``clean``)."""
+    run r's attack. ``eps == 0`` means no attack (``runs`` repeats ``clean``). ``index_offset``
+    is the position of ``x[0]`` in a larger set (seeded starts follow the example, so a
+    set split into shards gives the same result as the whole)."""
     _check(x, y, batch_size)
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}")
@@ -159,7 +162,7 @@ def pgd_correct(
     with _eval_mode(model), _progress(n_batches * (restarts if eps > 0 else 1), desc, progress) as bar:
         for b, (xb, yb) in enumerate(_batches(x, y, batch_size, device)):
             sl = slice(b * batch_size, b * batch_size + len(xb))
-            idx = range(sl.start, sl.stop)
+            idx = range(index_offset + sl.start, index_offset + sl.stop)
             with torch.no_grad():
                 ok = (model(xb).argmax(1) == yb).cpu()
             clean[sl] = ok
@@ -192,6 +195,7 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
     seed: int | None = None,
+    index_offset: int = 0,
 ) -> dict:
     """Clean and PGD-``steps`` accuracy of ``model`` on images ``x`` (uint8 or float in [0, 1]).
 
@@ -209,15 +213,16 @@ def evaluate(
     t0 = time.time()
     clean, runs = pgd_correct(
         model, x, y, eps=eps if attack else 0.0, alpha=alpha, steps=steps, restarts=restarts if attack else 1, norm=norm,
-        batch_size=batch_size, seed=seed, progress=progress, desc=desc,
+        batch_size=batch_size, seed=seed, progress=progress, desc=desc, index_offset=index_offset,
     )
     n = len(x)
-    out: dict = {"n": n, "clean_acc": clean.sum().item() / n}
+    out: dict = {"n": n, "clean_acc": clean.sum().item() / n, "clean_correct": int(clean.sum())}
     if attack:
         per_run = [c / n for c in runs.sum(1).tolist()]
         out.update(
             {
                 "pgd_acc": runs.all(0).sum().item() / n,
+                "pgd_correct": int(runs.all(0).sum()),
                 "pgd_acc_per_restart": per_run,
                 "pgd_acc_lowest_run": min(per_run),
                 "pgd_acc_mean_run": sum(per_run) / len(per_run),

@@ -250,7 +250,9 @@ class FeatureExtractor:
                 if self.capture_inputs:
                     handles.append(self._in_mod[layer.name].register_forward_pre_hook(make_in_hook(layer.name)))
             try:
-                logits = self.model(x)
+                # eager even when the model was compiled in place (``model.compile()``): the
+                # hooks above, and the early stop they raise, need the module-by-module forward
+                logits = self.model._call_impl(x)
             except _StopForward:
                 logits = None
         finally:

@@ -19,6 +19,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,8 @@ import torch
 from torch import nn
 
 from clat import data as data_mod
+from clat import distributed as dist_mod
+from clat.attacks import batch_shard
 from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_state, save_weights, sha256
 from clat.config import Config, StageConfig, config_from_dict, dump_yaml, to_dict
 from clat.errors import CheckpointError, ClatError, ConfigError
@@ -168,7 +171,7 @@ class Checkpoints:
         return None
 
 
-def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+def _check_run_dir(run_dir: Path, resume: bool, force: bool, delete: bool = True) -> None:
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
@@ -177,7 +180,7 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         if not force:
             state = "a finished run" if (run_dir / "summary.json").exists() else "an unfinished run (continue it with --resume)"
             raise ConfigError(f"run folder {run_dir} already holds {state}; choose another --run-dir or pass --force to overwrite it")
-        for f in RUN_FILES:
+        for f in RUN_FILES if delete else ():
             p = run_dir / f
             if p.is_dir():
                 shutil.rmtree(p)
@@ -199,17 +202,23 @@ def train(
     With ``resume=True`` the config saved in ``run_dir`` is used and training continues
     from the latest valid checkpoint. ``model`` (any ``nn.Module`` taking [0, 1] images)
     and ``data`` replace the ones the config names; the model is trained in place.
+
+    Under ``torchrun`` (or inside an initialized process group) every rank calls this
+    and the run is data-parallel (:mod:`clat.distributed`); only rank 0 writes files.
     """
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir, resume, force)
     if resume:
+        _check_run_dir(run_dir, resume, force)
         import yaml
 
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert cfg is not None
+    dinfo, dist_device = dist_mod.setup(cfg.device)
+    if not resume:
+        _check_run_dir(run_dir, resume, force, delete=dinfo.is_main)
 
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = dist_device or resolve_device(cfg.device)
     if model is None:
         model_info(cfg.model.name)  # unknown names fail before any data is read
     splits = data if data is not None else prepare_data(cfg)
@@ -222,6 +231,10 @@ def train(
         if cfg.init:
             load_into(model, read_state_dict(cfg.init), source=f"init checkpoint {cfg.init}")
         meta = {"model": type(model).__name__, "num_classes": splits.num_classes, "custom": True}
+    model = dist_mod.check_batch_norm(model, device, cfg.sync_bn)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dist_mod.broadcast_module(model)  # every rank starts from rank 0's weights
     layers = find_layers(model, splits.x_train[:2].to(device).float().div(255))
     if meta.get("custom"):
         default_k = max(1, round(0.05 * len(layers)))  # the paper's "about 5% of the layers"
@@ -229,16 +242,27 @@ def train(
     for _, scfg, _ in stages:  # fail on a bad method setting now, not after hours of pretraining
         create_method(scfg.method, cfg, layers, default_k=default_k)
     total_epochs = sum(s.epochs for _, s, _ in stages)
+    world = dinfo.world_size
+    global_batch = cfg.data.batch_size * world
+    if world > 1 and len(splits.x_train) < global_batch:
+        raise ConfigError(f"{len(splits.x_train)} training images cannot fill one global batch of {global_batch} "
+                          f"(data.batch_size={cfg.data.batch_size} per rank x {world} ranks); lower data.batch_size")
     # everything is validated: only now does the run folder get its first file
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    if dinfo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     loader = data_mod.Loader(
         splits.x_train, splits.y_train, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
-        drop_last=len(splits.x_train) >= 2 * cfg.data.batch_size, seed=cfg.seed, device=device,
+        # several ranks: full global batches only, so that every step averages equal shares
+        drop_last=world > 1 or len(splits.x_train) >= 2 * cfg.data.batch_size, seed=cfg.seed, device=device,
+        rank=dinfo.rank, world_size=world,
     )
     n_val = min(cfg.eval.n_examples, len(splits.x_val))
+    steps = _StepRunner(model, cfg, device)
+    if cfg.compile:
+        model.compile()
     ckpts = Checkpoints(run_dir, cfg.keep_checkpoints)
     metrics_path = run_dir / "metrics.jsonl"
 
@@ -253,7 +277,8 @@ def train(
             resumed_source = str(d)
             start_epoch = int(resumed_state["epoch"]) + 1
             log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    _truncate_metrics(metrics_path, start_epoch)
+    if dinfo.is_main:
+        _truncate_metrics(metrics_path, start_epoch)
     if resume and start_epoch >= total_epochs and (run_dir / "summary.json").is_file():
         log.info("%s has already finished: nothing to resume", run_dir)
         return json.loads((run_dir / "summary.json").read_text())
@@ -262,7 +287,6 @@ def train(
     optimizer = scheduler = None
     stage_name = None
     t_run = time.time()
-    last_eval: dict = {}
     for epoch in range(start_epoch, total_epochs):
         name, scfg, first = next((n, s, f) for n, s, f in stages if f <= epoch < f + s.epochs)
         if name != stage_name:  # entering a stage (or resuming inside one)
@@ -284,6 +308,8 @@ def train(
                 method.load_state_dict(resumed_state["method"])  # the epoch hook below re-applies it
                 optimizer.load_state_dict(resumed_state["optimizer"])
                 scheduler.load_state_dict(resumed_state["scheduler"])
+                if "scaler" in resumed_state:
+                    steps.scaler.load_state_dict(resumed_state["scaler"])
             if resumed_state is not None:
                 _set_rng(resumed_state["rng"])
                 resumed_state = None
@@ -298,23 +324,20 @@ def train(
         set_bn_train_mode(model, method.trainable_bns())
         loader.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
-        steps = 0
+        n_steps = 0
         batches = loader
-        if cfg.progress:
+        if cfg.progress and dinfo.is_main:
             from tqdm.auto import tqdm
 
             batches = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs} {scfg.method}", leave=False)
         for x, y in batches:
-            loss, m = method.loss(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.after_backward(model)
-            optimizer.step()
+            m = steps.step(method, optimizer, x, y)
             scheduler.step()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0) + v
-            steps += 1
-        train_metrics = {k: (v / max(steps, 1)).item() for k, v in sums.items()}
+            n_steps += 1
+        train_metrics = _mean_over_ranks({k: v / max(n_steps, 1) for k, v in sums.items()})
+        dist_mod.broadcast_module(model, buffers_only=True)  # BatchNorm statistics: rank 0's
         if not all(math.isfinite(v) for v in train_metrics.values()):
             raise TrainingDiverged(
                 f"the training loss became {train_metrics.get('loss')} in epoch {epoch + 1}; the last good checkpoint is kept in {ckpts.root}. "
@@ -322,7 +345,7 @@ def train(
             )
         train_time = time.time() - t0
         if stage_epoch == scfg.epochs - 1:
-            events.update(method.on_stage_end(model, lambda m: _validate(m, cfg, splits, n_val)))
+            events.update(method.on_stage_end(model, lambda m: _validate(m, cfg, splits, n_val, steps.autocast)))
         row = {
             "epoch": epoch + 1,
             "stage": name,
@@ -341,27 +364,29 @@ def train(
         if hasattr(method, "selected"):
             row["selected"] = [l.name for l in method.selected]
         if n_val and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == total_epochs):
-            a = cfg.attack
-            last_eval = evaluate(
-                model, splits.x_val[:n_val], splits.y_val[:n_val], eps=a.eps, alpha=a.alpha, steps=cfg.eval.steps,
-                restarts=cfg.eval.restarts, norm=a.norm, batch_size=cfg.data.eval_batch_size, progress=cfg.progress, desc="val",
-            )
-            row["val"] = {"clean_acc": last_eval["clean_acc"], "pgd_acc": last_eval["pgd_acc"], "n": n_val}
+            row["val"] = _held_out(model, cfg, splits, n_val, steps.autocast, progress=cfg.progress and dinfo.is_main)
         row["time_s"] = time.time() - t0
-        log.info(_format_row(row))
-        _append_jsonl(metrics_path, row)
-        state = {
-            "epoch": epoch,
-            "stage": name,
-            "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _get_rng(),
-        }
-        ckpts.save(epoch, model, state, {**meta, "stage": name, "method": scfg.method})
+        if world > 1:
+            row["world_size"] = world
+        if dinfo.is_main:
+            log.info(_format_row(row))
+            _append_jsonl(metrics_path, row)
+            state = {
+                "epoch": epoch,
+                "stage": name,
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": steps.scaler.state_dict(),
+                "rng": _get_rng(),
+            }
+            ckpts.save(epoch, model, state, {**meta, "stage": name, "method": scfg.method})
 
     if resumed_weights is not None:  # resumed after the last epoch's checkpoint, before the final files
         load_into(model, resumed_weights, source=resumed_source)
+    if not dinfo.is_main:
+        dist_mod.barrier()  # rank 0 writes the final files; the others return once they exist
+        return json.loads((run_dir / "summary.json").read_text())
     save_weights(run_dir / "model.safetensors", model, meta)
     rows = _read_jsonl(metrics_path)
     summary = {
@@ -376,8 +401,11 @@ def train(
         "layers": len(layers),
         "wall_time_s_this_session": time.time() - t_run,
         "train_time_s": sum(r["time_s"] for r in rows),
+        "world_size": world,
+        "precision": cfg.precision,
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    dist_mod.barrier()
     return summary
 
 
@@ -392,12 +420,69 @@ def _format_row(row: dict) -> str:
     return " | ".join(parts)
 
 
-def _validate(model: nn.Module, cfg: Config, splits: Splits, n_val: int) -> dict:
+class _StepRunner:
+    """One optimizer step of any method: autocast, loss scaling, gradient averaging over ranks.
+
+    Nothing here reads a value back from the device, so a GPU step runs without a
+    host-device synchronisation (fp16's GradScaler is the exception: it checks for
+    infinite gradients once per step)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device) -> None:
+        self.model = model
+        self.channels_last = cfg.channels_last
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.sync = dist_mod.GradientSync(model)
+        self.rank, self.world = dist_mod.info().rank, dist_mod.info().world_size
+
+    def step(self, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        shard = batch_shard(self.rank * len(x), self.world * len(x)) if self.world > 1 else contextlib.nullcontext()
+        with shard, self.autocast():
+            loss, metrics = method.loss(self.model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.sync()
+        method.after_backward(self.model)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return metrics
+
+
+def _mean_over_ranks(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Epoch means of the training metrics, averaged over the ranks (one read-back per epoch)."""
+    if not metrics:
+        return {}
+    keys = sorted(metrics)
+    v = dist_mod.all_reduce_(torch.stack([metrics[k].detach().float() for k in keys]), op="mean")
+    return dict(zip(keys, v.tolist()))
+
+
+def _held_out(model: nn.Module, cfg: Config, splits: Splits, n_val: int, autocast, progress: bool = False) -> dict:
+    """Clean and PGD accuracy on the first ``n_val`` validation images; several ranks split
+    them and sum the counts. Random starts are seeded per example, so the result does not
+    depend on the number of ranks or the batch size, and the global RNG is not touched."""
+    i = dist_mod.info()
+    lo, hi = n_val * i.rank // i.world_size, n_val * (i.rank + 1) // i.world_size
+    counts = torch.zeros(2, dtype=torch.float64)
+    if hi > lo:
+        a = cfg.attack
+        with autocast():
+            r = evaluate(model, splits.x_val[lo:hi], splits.y_val[lo:hi], eps=a.eps, alpha=a.alpha, steps=cfg.eval.steps,
+                         restarts=cfg.eval.restarts, norm=a.norm, batch_size=cfg.data.eval_batch_size, progress=progress, desc="val",
+                         seed=cfg.seed, index_offset=lo)
+        counts[:] = torch.tensor([r["clean_correct"], r["pgd_correct"]], dtype=torch.float64)
+    dev = next(model.parameters()).device
+    counts = dist_mod.all_reduce_(counts.to(dev)).cpu() if i.enabled else counts
+    return {"clean_acc": counts[0].item() / n_val, "pgd_acc": counts[1].item() / n_val, "n": n_val}
+
+
+def _validate(model: nn.Module, cfg: Config, splits: Splits, n_val: int, autocast=contextlib.nullcontext) -> dict:
     if n_val == 0:
         raise ConfigError("this method chooses on the validation split, but it is empty: set data.val_size and eval.n_examples > 0")
-    a = cfg.attack
-    r = evaluate(model, splits.x_val[:n_val], splits.y_val[:n_val], eps=a.eps, alpha=a.alpha, steps=cfg.eval.steps,
-                 restarts=cfg.eval.restarts, norm=a.norm, batch_size=cfg.data.eval_batch_size)
+    r = _held_out(model, cfg, splits, n_val, autocast)
     return {"clean_acc": r["clean_acc"], "pgd_acc": r["pgd_acc"]}
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from clat.attacks import feature_distance, perturb
 from clat.config import AttackConfig, ClatConfig
 from clat.criticality import compute_criticality, eligible_mask, select_random
+from clat.distributed import broadcast_object
 from clat.errors import ConfigError
 from clat.layers import FeatureExtractor, Layer, freeze_all_but, frozen_bn_statistics, resolve_layers
 from clat.methods.base import EpochContext, Method, accuracy
@@ -78,10 +79,12 @@ class CLAT(Method):
             chosen = select_random(self.layers, self.eligible, self.k, ctx.generator)
         else:
             chosen = result.top_k(self.k)
+        # data-parallel runs: every rank trains rank 0's choice (GPU kernels need not be bit-identical across ranks)
+        chosen = resolve_layers(self.layers, broadcast_object([l.name for l in chosen]))
         self._set_selection(chosen)
         trainable = self._freeze(model)
         if self.cfg.lam_mode == "auto":
-            self.lam = self._auto_lambda(model, x, y)
+            self.lam = broadcast_object(self._auto_lambda(model, x, y))
         event = {
             "epoch": ctx.epoch,
             "stage_epoch": ctx.stage_epoch,

@@ -21,6 +21,7 @@ from torch import nn
 from clat.attacks import pgd
 from clat.config import AttackConfig, RiftConfig
 from clat.criticality import eligible_mask
+from clat.distributed import broadcast_object
 from clat.layers import Layer, freeze_all_but
 from clat.methods.base import EpochContext, Method, accuracy
 
@@ -90,7 +91,7 @@ class RiFT(Method):
             mrc = module_robust_criticality(model, self.layers, x_adv, y, eps=self.cfg.weight_eps, steps=self.cfg.steps)
         finally:
             model.train(was)
-        idx = min((i for i, ok in enumerate(self.eligible) if ok), key=lambda i: mrc[i])
+        idx = broadcast_object(min((i for i, ok in enumerate(self.eligible) if ok), key=lambda i: mrc[i]))  # rank 0's choice
         self.selected = [self.layers[idx]]
         trainable = freeze_all_but(model, self.selected)
         event = {"epoch": ctx.epoch, "stage_epoch": ctx.stage_epoch, "selected": [self.layers[idx].name], "selected_index": [idx],

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import perturb
+from clat.attacks import perturb, randn_like
 from clat.config import AttackConfig
 from clat.layers import frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, accuracy
@@ -39,7 +39,7 @@ class TRADES(AdversarialMethod):
             with torch.no_grad():
                 p_clean = F.softmax(model(x), dim=1)
             return perturb(lambda xa: self.divergence(model(xa), p_clean), x, eps=a.eps, alpha=a.alpha, steps=a.steps,
-                           norm=a.norm, delta0=0.001 * torch.randn_like(x))
+                           norm=a.norm, delta0=0.001 * randn_like(x))
 
     def natural(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)

@@ -1,0 +1,7 @@
+"""``python -m clat ...`` (and ``torchrun --nproc_per_node N -m clat train ...``)."""
+
+import sys
+
+from clat.cli import main
+
+sys.exit(main())
