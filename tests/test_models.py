@@ -40,6 +40,7 @@ PAPER_K = {"densenet121": 5, "wrn70_16": 4, "resnet50": 3, "wrn34_10": 2, "vgg19
 EXPECTED_LAYERS = {
     # 17 convs (stem + 16 in blocks) + 3 shortcut convs + linear; every BN directly follows a conv
     "resnet18": (21, 0, ("conv1", "bn1"), "linear"),
+    "resnet18_w16": (21, 0, ("conv1", "bn1"), "linear"),  # the same network at 1/4 width
     # stem + 16 block convs + 3 shortcut convs + linear. Standalone: the bn1 of 7 blocks
     # (a residual sum) + the final bn; layer1.0.bn1 reads the stem output and is merged with it
     "preact_resnet18": (21, 8, ("conv1", "layer1.0.bn1"), "linear"),

@@ -151,3 +151,26 @@ def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
     torch.manual_seed(0)
     _set_rng(load_state(tmp_path / "s.pt")["rng"])  # weights_only=True load
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_run_done_in_chunks_equals_one_uninterrupted_run(tmp_path):
+    over = FAST + ["pretrain.epochs=2", "finetune.epochs=2", "clat.reselect_every=1", "data.augment=true"]
+    train(load_config(None, over), tmp_path / "a", data=tiny_splits())
+    part = train(load_config(None, over), tmp_path / "b", data=tiny_splits(), until_epoch=1)
+    assert part == {"run_dir": str(tmp_path / "b"), "finished": False, "epochs_done": 1, "epochs": 4}
+    assert not (tmp_path / "b" / "summary.json").exists()
+    assert train(None, tmp_path / "b", resume=True, data=tiny_splits(), until_epoch=3)["epochs_done"] == 3
+    assert train(None, tmp_path / "b", resume=True, data=tiny_splits())["finished"]
+    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_split_seed_keeps_the_validation_split_when_the_seed_changes():
+    from clat.train import prepare_data
+
+    base = ["data.dataset=bundled", "data.val_size=100", "data.split_seed=7"]
+    a, b = prepare_data(load_config(None, base + ["seed=0"])), prepare_data(load_config(None, base + ["seed=1"]))
+    assert torch.equal(a.x_val, b.x_val) and torch.equal(a.x_train, b.x_train)
+    c = prepare_data(load_config(None, ["data.dataset=bundled", "data.val_size=100", "seed=1"]))
+    assert not torch.equal(a.x_val, c.x_val)

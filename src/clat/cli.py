@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--force", action="store_true", help="overwrite a run folder that already holds a run")
+    t.add_argument("--until-epoch", type=int, metavar="N", help="stop after epoch N (checkpointed); continue later with --resume")
 
     c = sub.add_parser("criticality", help="criticality index of every layer of a checkpoint")
     c.add_argument("checkpoint", nargs="?", help="run folder, .safetensors or state-dict file (none: a fresh --model)")
@@ -211,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.overrides:
             raise ClatError("--resume continues a run with its saved config; drop the config file and overrides")
-        summary = train(None, args.resume, resume=True)
+        summary = train(None, args.resume, resume=True, until_epoch=args.until_epoch)
     else:
         if not args.config:
             raise ClatError("clat train needs a config file (see configs/), or --resume RUN_DIR")
@@ -224,10 +225,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.quiet:
             cfg.progress = False
         run_dir = args.run_dir or f"runs/{Path(cfg_path).stem if cfg_path else 'run'}"
-        summary = train(cfg, run_dir, force=args.force)
+        summary = train(cfg, run_dir, force=args.force, until_epoch=args.until_epoch)
     from clat import distributed
 
     if not distributed.info().is_main:  # data-parallel run: rank 0 reports
+        return 0
+    if not summary.get("finished", True):
+        print(f"stopped after epoch {summary['epochs_done']} of {summary['epochs']}: continue with `clat train --resume {summary['run_dir']}`")
         return 0
     from clat.report import run_report
 

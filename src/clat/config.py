@@ -38,6 +38,7 @@ class DataConfig:
     train_size: int | None = None  # use only the first N training images (CPU studies)
     test_size: int | None = None  # use only the first N test images
     val_size: int = 1000  # held out from the training images for per-epoch metrics and choices
+    split_seed: int | None = None  # seed of the train/validation split; None: `seed` (fix it to vary seeds over one split)
     batch_size: int = 128
     eval_batch_size: int = 256
     augment: bool = True  # random crop (4-pixel padding) + horizontal flip, on tensors
@@ -63,7 +64,7 @@ class StageConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: Literal["cosine", "constant"] = "cosine"  # per-step cosine decay over the whole stage
+    schedule: Literal["cosine", "constant", "piecewise"] = "cosine"  # per-step cosine decay over the stage; piecewise: x0.1 at 50% and 75% (Rice et al. 2020)
 
 
 @dataclass

@@ -89,7 +89,7 @@ def prepare_data(cfg: Config) -> Splits:
         x_te, y_te = x_te[: d.test_size], y_te[: d.test_size]
     if d.val_size >= len(x_tr):
         raise ConfigError(f"data.val_size={d.val_size} leaves no training images out of {len(x_tr)}; lower it")
-    tr_idx, va_idx = data_mod.train_val_split(len(x_tr), d.val_size, cfg.seed)
+    tr_idx, va_idx = data_mod.train_val_split(len(x_tr), d.val_size, cfg.seed if d.split_seed is None else d.split_seed)
     return Splits(x_tr[tr_idx], y_tr[tr_idx], x_tr[va_idx], y_tr[va_idx], x_te, y_te, num_classes, name)
 
 
@@ -109,6 +109,8 @@ def model_meta(cfg: Config, num_classes: int) -> dict:
 def cosine_lambda(total_steps: int, schedule: str):
     if schedule == "constant":
         return lambda step: 1.0
+    if schedule == "piecewise":  # Madry et al. / Rice et al.: lr / 10 at half and three quarters of the stage
+        return lambda step: 1.0 if step < total_steps // 2 else (0.1 if step < (3 * total_steps) // 4 else 0.01)
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
@@ -196,12 +198,17 @@ def train(
     force: bool = False,
     model: nn.Module | None = None,
     data: Splits | None = None,
+    until_epoch: int | None = None,
 ) -> dict:
     """Run (or resume) the training described by ``cfg`` in ``run_dir``; returns the summary.
 
     With ``resume=True`` the config saved in ``run_dir`` is used and training continues
     from the latest valid checkpoint. ``model`` (any ``nn.Module`` taking [0, 1] images)
     and ``data`` replace the ones the config names; the model is trained in place.
+
+    ``until_epoch=N`` stops after the run's N-th epoch (its checkpoint written) and returns
+    ``{"finished": False, ...}``; ``resume=True`` later continues exactly where it stopped,
+    so a long run can be done in chunks (the same schedule as one uninterrupted run).
 
     Under ``torchrun`` (or inside an initialized process group) every rank calls this
     and the run is data-parallel (:mod:`clat.distributed`); only rank 0 writes files.
@@ -287,7 +294,10 @@ def train(
     optimizer = scheduler = None
     stage_name = None
     t_run = time.time()
-    for epoch in range(start_epoch, total_epochs):
+    if until_epoch is not None and until_epoch < 1:
+        raise ConfigError(f"until_epoch must be >= 1, got {until_epoch}")
+    stop = total_epochs if until_epoch is None else min(until_epoch, total_epochs)
+    for epoch in range(start_epoch, stop):
         name, scfg, first = next((n, s, f) for n, s, f in stages if f <= epoch < f + s.epochs)
         if name != stage_name:  # entering a stage (or resuming inside one)
             stage_name = name
@@ -382,6 +392,9 @@ def train(
             }
             ckpts.save(epoch, model, state, {**meta, "stage": name, "method": scfg.method})
 
+    if stop < total_epochs:  # a chunk of a longer run: continue it with resume=True
+        dist_mod.barrier()
+        return {"run_dir": str(run_dir), "finished": False, "epochs_done": max(stop, start_epoch), "epochs": total_epochs}
     if resumed_weights is not None:  # resumed after the last epoch's checkpoint, before the final files
         load_into(model, resumed_weights, source=resumed_source)
     if not dinfo.is_main:
@@ -403,6 +416,7 @@ def train(
         "train_time_s": sum(r["time_s"] for r in rows),
         "world_size": world,
         "precision": cfg.precision,
+        "finished": True,
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     dist_mod.barrier()

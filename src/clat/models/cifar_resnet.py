@@ -37,17 +37,17 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type[BasicBlock], num_blocks: list[int], num_classes: int, normalize: nn.Module) -> None:
+    def __init__(self, block: type[BasicBlock], num_blocks: list[int], num_classes: int, normalize: nn.Module, width: int = 64) -> None:
         super().__init__()
         self.normalize = normalize
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
-        self.linear = nn.Linear(512 * block.expansion, num_classes)
+        self.in_planes = width
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(block, width, num_blocks[0], 1)
+        self.layer2 = self._make_layer(block, 2 * width, num_blocks[1], 2)
+        self.layer3 = self._make_layer(block, 4 * width, num_blocks[2], 2)
+        self.layer4 = self._make_layer(block, 8 * width, num_blocks[3], 2)
+        self.linear = nn.Linear(8 * width * block.expansion, num_classes)
 
     def _make_layer(self, block: type[BasicBlock], planes: int, n: int, stride: int) -> nn.Sequential:
         layers = []
@@ -66,3 +66,8 @@ class ResNet(nn.Module):
 @register_model("resnet18", default_k=1, description="CIFAR ResNet-18 (He et al. 2016; kuangliu layout), 11.2M parameters")
 def resnet18(num_classes: int, normalize: nn.Module) -> nn.Module:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, normalize)
+
+
+@register_model("resnet18_w16", default_k=1, description="CIFAR ResNet-18 at 1/4 width (16-128 channels), 0.70M parameters: CPU studies")
+def resnet18_w16(num_classes: int, normalize: nn.Module) -> nn.Module:
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, normalize, width=16)
