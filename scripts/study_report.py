@@ -1,0 +1,300 @@
+"""Render docs/results.md and its plots from the study's JSON (study/results/), re-running nothing.
+
+Called by scripts/study.py at the end of every session; `python scripts/study.py --report` alone
+renders without training.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from study import ARMS, DOC, F_EPOCHS, IMG, LAMBDAS, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, SEEDS, STUDY, plan, read_json
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+REFERENCE = "pgd_at_cont"
+PAIRS = [(a, REFERENCE) for a in ARMS if a != REFERENCE and ARMS[a][0] == "pgd_at"] + [("trades_clat", "trades_cont"),
+                                                                                       ("trades_clat", REFERENCE)]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t-interval (None for a single value)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, None
+    return m, T975[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    m, h = mean_ci(values)
+    return f"{100 * m:.1f}" + (f" ± {100 * h:.1f}" if h is not None else " (1 seed)")
+
+
+def arm_results() -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {a: {} for a in ARMS}
+    for a in ARMS:
+        for s in SEEDS:
+            r = read_json(RESULTS / f"{a}_s{s}.json")
+            if r is not None:
+                out[a][s] = r
+    return out
+
+
+def plot_overfitting(pre: dict, branch: dict | None) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = pre["rows"]
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(ep, [100 * r["val"]["pgd_acc"] for r in rows], "o-", ms=3, label="validation PGD-10 accuracy")
+    ax.plot(ep, [100 * r["val"]["clean_acc"] for r in rows], "s-", ms=3, label="validation clean accuracy")
+    ax.plot(ep, [100 * r["train"]["adv_acc"] for r in rows], ":", label="training accuracy on PGD-5 examples")
+    total = pre["summary"]["epochs"] if pre.get("summary") else len(rows)
+    for e in (total // 2, (3 * total) // 4):
+        ax.axvline(e + 0.5, color="grey", lw=0.8, ls="--")
+    if branch:
+        ax.axvline(branch["epoch"], color="C3", lw=1.5, label=f"branch point P = epoch {branch['epoch']}")
+    ax.set_xlabel("epoch of PGD-AT (lr 0.1, ÷10 at the dashed lines)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("PGD-AT on the CIFAR-10 subset, ResNet-18 at 1/4 width")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = IMG / "study_overfitting.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def plot_curves(res: dict[str, dict[int, dict]]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for i, (a, by_seed) in enumerate(res.items()):
+        if not by_seed:
+            continue
+        curves = [[r["val"]["pgd_acc"] for r in v["rows"]] for v in by_seed.values()]
+        n = min(len(c) for c in curves)
+        mean = [100 * statistics.fmean(c[e] for c in curves) for e in range(n)]
+        ax.plot(range(1, n + 1), mean, marker="o", ms=3, ls="-" if ARMS[a][0] == "pgd_at" else "--", color=f"C{i}",
+                label=f"{ARMS[a][3]} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("epoch after the branch point")
+    ax.set_ylabel("validation PGD-10 accuracy (%), mean over seeds")
+    ax.set_title("The arms after the branch point")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = IMG / "study_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def plot_criticality(run: dict) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = run["selection_history"]
+    if not hist:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    n = len(hist[0]["criticality"]) - 1  # the classifier (last layer) is not eligible by default: left out
+    width = 0.8 / len(hist)
+    for j, h in enumerate(hist):
+        xs = [i - 0.4 + (j + 0.5) * width for i in range(n)]
+        bars = ax.bar(xs, h["criticality"][:n], width=width, label=f"epoch {h['stage_epoch'] + 1}: chose {', '.join(h['selected'])}")
+        for i in h["selected_index"]:
+            if i < n:
+                bars[i].set_edgecolor("black")
+                bars[i].set_linewidth(1.5)
+    ax.set_xticks(range(n), [str(i) for i in range(n)], fontsize=7)
+    ax.set_xlabel("layer index (execution order; the classifier is not eligible and not shown)")
+    ax.set_ylabel("criticality C_i")
+    ax.set_title(f"Criticality at each re-selection, CLAT arm, seed {run['seed']} (chosen: black edge)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = IMG / "study_criticality.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def render() -> None:
+    IMG.mkdir(parents=True, exist_ok=True)
+    items = plan()
+    done = sum(d for _, d in items)
+    pre = read_json(RESULTS / "pgd_at_pretrain.json")
+    branch = read_json(RESULTS / "branch.json")
+    lam = read_json(RESULTS / "lambda.json")
+    res = arm_results()
+    L: list[str] = []
+    w = L.append
+    w("# Does CLAT help? A controlled study on the CIFAR-10 subset")
+    w("")
+    w("<!-- generated by scripts/study_report.py from study/results/*.json; do not edit by hand -->")
+    w("")
+    complete = done == len(items)
+    w(f"**Status: {done} of {len(items)} work items done**" + (" — the study is complete." if complete else
+      " — the study is in progress; `python scripts/study.py` continues it (every finished piece is kept in `study/`)."))
+    w("")
+    w("## Design")
+    w("")
+    w("- **Data**: the CIFAR-10 subset in `../shared/data` (JPEG-recovered; 10,000 training and 2,000 test images). "
+      "1,000 training images are held out (fixed split, `data.split_seed=0`) and decide every choice below; "
+      "the 2,000 test images are used only for the final evaluation.")
+    w("- **Model and pretraining**: CIFAR ResNet-18 at 1/4 width (`resnet18_w16`, 0.70M parameters, 21 layers), "
+      "PGD-AT (ε = 8/255, PGD-5 with step 2/255 in training), SGD momentum 0.9, weight decay 5e-4, batch 128, "
+      "lr 0.1 divided by 10 at 50% and 75% of 30 epochs (Rice et al.'s piecewise schedule), channels-last "
+      "(`configs/study/pgd_at_pretrain.yaml`).")
+    w("- **Branch point P**: the pretraining epoch with the highest validation PGD-10 accuracy. Every arm starts from that "
+      f"checkpoint and trains {F_EPOCHS} more epochs with the same optimizer settings (SGD, lr 0.01 with cosine decay): "
+      "PGD-AT continued on the full model; CLAT (k = 1, the paper's default for ResNet-18; dynamic re-selection every 2 epochs, "
+      "i.e. 5 selections as in the paper's 50 epochs with re-selection every 10); CLAT with random layers; CLAT non-dynamic; "
+      "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "
+      "stopped at P, then CLAT, against TRADES continued.")
+    w(f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in LAMBDAS)} on the validation split (seed 0), the best used by every CLAT arm.")
+    w(f"- **Seeds**: {len(SEEDS)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data order). "
+      "The final checkpoint of each arm is evaluated (no early stopping: every arm gets the same epochs).")
+    w(f"- **Evaluation** (test images): clean and PGD-{PGD['steps']} accuracy, worst case of {PGD['restarts']} restarts, on all "
+      f"{N_TEST_PGD:,}; standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; `pyautoattack`) on the first {N_TEST_AA:,}. "
+      "95% confidence intervals are Student-t intervals over seeds; the paired comparison takes per-seed differences.")
+    w("")
+    w("## Does PGD-AT overfit here?")
+    w("")
+    if pre is None:
+        w("Not measured yet (the pretraining run is in progress).")
+    else:
+        img = plot_overfitting(pre, branch)
+        rows = pre["rows"]
+        best = max(rows, key=lambda r: r["val"]["pgd_acc"])
+        last = rows[-1]
+        w(f"![overfitting](img/{img})")
+        w("")
+        w(f"Validation PGD-10 accuracy peaks at epoch {best['epoch']} ({100 * best['val']['pgd_acc']:.1f}%) and ends at "
+          f"{100 * last['val']['pgd_acc']:.1f}% after epoch {last['epoch']}, while accuracy on the training attack reaches "
+          f"{100 * last['train']['adv_acc']:.1f}%.")
+        drop = best["val"]["pgd_acc"] - last["val"]["pgd_acc"]
+        w("")
+        if drop >= 0.01:
+            w(f"That is robust overfitting: {100 * drop:.1f} points of validation robustness lost after the peak while training "
+              "robustness keeps rising — the regime CLAT targets.")
+        else:
+            w(f"The drop after the peak is only {100 * drop:.1f} points: this budget does **not** reach clear robust overfitting, "
+              "and the comparison below must be read with that in mind.")
+    w("")
+    if lam is not None:
+        w("## λ (validation split, seed 0)")
+        w("")
+        w("| λ | final val clean | final val PGD-10 |")
+        w("|---|---|---|")
+        for v, r in lam["final_val"].items():
+            w(f"| {v}{' (chosen)' if float(v) == lam['chosen'] else ''} | {100 * r['clean_acc']:.1f}% | {100 * r['pgd_acc']:.1f}% |")
+        w("")
+    w("## Results on the test images")
+    w("")
+    w(f"Mean ± 95% CI over seeds, in %. Trainable parameters are those of the last epoch; time is training time per arm on 2 CPU cores.")
+    w("")
+    w(f"Clean and PGD on all {N_TEST_PGD:,} test images; AutoAttack on the first {N_TEST_AA:,}, with PGD on those same images "
+      "beside it (AutoAttack should never be above it).")
+    w("")
+    w(f"| arm | seeds | clean | PGD-{PGD['steps']} (worst of {PGD['restarts']}) | PGD, AA images | AutoAttack | trainable params | train time |")
+    w("|---|---|---|---|---|---|---|---|")
+    for ref in ("pgd_at", "trades"):
+        r = read_json(RESULTS / f"{ref}_branch_eval.json")
+        if r is not None:
+            w(f"| *branch checkpoint ({'PGD-AT' if ref == 'pgd_at' else 'TRADES'}, epoch P)* | — | {100 * r['clean_acc']:.1f} | "
+              f"{100 * r['pgd20x5_acc']:.1f} | {100 * r['pgd20x5_acc_aa_images']:.1f} | {100 * r['aa_acc']:.1f} | — | — |")
+    for a, by_seed in res.items():
+        v = list(by_seed.values())
+        if not v:
+            w(f"| {ARMS[a][3]} | 0 | — | — | — | — | — | — |")
+            continue
+        tp, tot = v[0]["trainable_params"], v[0]["total_params"]
+        t = statistics.fmean(x["train_time_s"] for x in v)
+        w(f"| {ARMS[a][3]} | {len(v)} | {fmt([x['test']['clean_acc'] for x in v])} | {fmt([x['test']['pgd20x5_acc'] for x in v])} | "
+          f"{fmt([x['test']['pgd20x5_acc_aa_images'] for x in v])} | {fmt([x['test']['aa_acc'] for x in v])} | {tp:,} ({100 * tp / tot:.1f}%) | {t / 60:.1f} min |")
+    w("")
+    w("### Paired comparison (per-seed difference, percentage points, mean ± 95% CI)")
+    w("")
+    w("| arm − reference | seeds | Δ clean | Δ PGD | Δ AutoAttack |")
+    w("|---|---|---|---|---|")
+    any_pair = False
+    for a, ref in PAIRS:
+        common = sorted(set(res[a]) & set(res[ref]))
+        if not common:
+            continue
+        any_pair = True
+        cells = []
+        for key in ("clean_acc", "pgd20x5_acc", "aa_acc"):
+            d = [res[a][s]["test"][key] - res[ref][s]["test"][key] for s in common]
+            m, h = mean_ci(d)
+            cells.append(f"{100 * m:+.1f}" + (f" ± {100 * h:.1f}" if h is not None else "") + (" *" if h is not None and abs(m) > h else ""))
+        w(f"| {ARMS[a][3]} − {ARMS[ref][3]} | {len(common)} | " + " | ".join(cells) + " |")
+    if not any_pair:
+        w("| (no pair finished yet) | | | | |")
+    w("")
+    w("`*`: the 95% interval excludes 0.")
+    w("")
+    img = plot_curves(res)
+    if img:
+        w("## Training curves")
+        w("")
+        w(f"![curves](img/{img})")
+        w("")
+    clat_runs = [r for s, r in sorted(res["clat"].items())]
+    if clat_runs:
+        w("## Critical layers over time (CLAT arm)")
+        w("")
+        w("| seed | " + " | ".join(f"selection {i + 1}" for i in range(len(clat_runs[0]["selection_history"]))) + " |")
+        w("|---|" + "---|" * len(clat_runs[0]["selection_history"]))
+        for r in clat_runs:
+            w(f"| {r['seed']} | " + " | ".join(f"{', '.join(h['selected'])} (C = {max(h['criticality'][i] for i in h['selected_index']):.2f})"
+                                             for h in r["selection_history"]) + " |")
+        w("")
+        img = plot_criticality(clat_runs[0])
+        if img:
+            w(f"![criticality](img/{img})")
+            w("")
+    w("## Conclusions")
+    w("")
+    conclusions = STUDY / "conclusions.md"  # written by hand once the numbers are in
+    if conclusions.is_file():
+        w(conclusions.read_text().strip())
+    elif not complete:
+        w("Not drawn yet: the study is incomplete, and partial numbers (fewer seeds, missing arms) would invite the wrong reading.")
+    else:
+        w("The study is complete; its conclusions are to be written into `study/conclusions.md` (rendered here).")
+    w("")
+    w("## Reproduce")
+    w("")
+    w("```bash")
+    w("make install                                   # the package (as `make test` does)")
+    w(".venv/bin/python scripts/study.py --hours 2    # repeat until it says the study is complete; resumes where it stopped")
+    w(".venv/bin/python scripts/study.py --report     # re-render this page from study/results/")
+    w("```")
+    w("")
+    w("Measured cost on this 2-core machine: the training times are in the table above; evaluation adds "
+      + (f"{statistics.fmean(x['test']['eval_time_s'] for v in res.values() for x in v.values()) / 60:.0f} min per run"
+         if any(res.values()) else "its own time") + ". The whole study needs several sessions of 2 hours.")
+    DOC.write_text("\n".join(L) + "\n")
+
+
+if __name__ == "__main__":
+    render()
