@@ -45,6 +45,8 @@ class DemoSettings:
     reselect_every: int = 2
     test_size: int = 1000
     eval_steps: int = 10
+    val_steps: int = 5  # per-epoch held-out PGD (curves only; the test table uses eval_steps)
+    val_examples: int = 250  # of the held-out images, evaluated each epoch
 
 
 FAST = DemoSettings(model="tiny_cnn", pretrain_epochs=1, finetune_epochs=2, train_size=1000, val_size=200, test_size=200, eval_steps=3, reselect_every=1)
@@ -54,7 +56,8 @@ def _overrides(s: DemoSettings, progress: bool) -> list[str]:
     return [
         "data.dataset=bundled", f"model.name={s.model}", f"data.train_size={s.train_size}", f"data.val_size={s.val_size}",
         f"data.test_size={s.test_size}", f"attack.steps={s.attack_steps}", f"attack.alpha={s.attack_alpha}",
-        f"eval.n_examples={s.val_size}", f"progress={str(progress).lower()}", "seed=0",
+        f"eval.n_examples={min(s.val_examples, s.val_size)}", f"eval.steps={s.val_steps}", f"progress={str(progress).lower()}", "seed=0",
+        "channels_last=true",  # 1.4x faster steps for this CNN on a 2-core CPU (measured)
     ]
 
 
@@ -139,7 +142,8 @@ def _write_report(out: Path, s: DemoSettings, crit: dict, results: dict, total: 
     lines = [
         "# clat demo",
         "",
-        f"Data: {data_name}: {s.train_size - s.val_size} training images, {s.val_size} held out for per-epoch metrics, "
+        f"Data: {data_name}: {s.train_size - s.val_size} training images, {s.val_size} held out (per-epoch metrics on "
+        f"{min(s.val_examples, s.val_size)} of them, PGD-{s.val_steps}), "
         f"{s.test_size} test images for the table below. Model `{s.model}` ({total_params:,} parameters).",
         f"Pretraining: PGD-AT for {s.pretrain_epochs} epochs (PGD-{s.attack_steps}, ε = 8/255, step {s.attack_alpha * 255:.0f}/255). "
         f"Then {s.finetune_epochs} epochs of CLAT (k = 1, λ = {s.lam}, re-selection every {s.reselect_every} epochs) or, as the control, "

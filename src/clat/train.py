@@ -214,6 +214,8 @@ def train(
     and the run is data-parallel (:mod:`clat.distributed`); only rank 0 writes files.
     """
     run_dir = Path(run_dir)
+    if until_epoch is not None and until_epoch < 1:
+        raise ConfigError(f"until_epoch must be >= 1, got {until_epoch}")
     if resume:
         _check_run_dir(run_dir, resume, force)
         import yaml
@@ -294,8 +296,6 @@ def train(
     optimizer = scheduler = None
     stage_name = None
     t_run = time.time()
-    if until_epoch is not None and until_epoch < 1:
-        raise ConfigError(f"until_epoch must be >= 1, got {until_epoch}")
     stop = total_epochs if until_epoch is None else min(until_epoch, total_epochs)
     for epoch in range(start_epoch, stop):
         name, scfg, first = next((n, s, f) for n, s, f in stages if f <= epoch < f + s.epochs)
