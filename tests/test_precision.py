@@ -12,7 +12,7 @@ from clat.config import load_config
 from clat.models import create_model
 from clat.train import Checkpoints, train
 
-from tests.test_train import FAST, tiny_splits
+from tests.test_train import FAST, assert_resume_matches_uninterrupted, tiny_splits
 
 
 def _rows(run):
@@ -34,23 +34,7 @@ def test_mixed_precision_and_channels_last_train_pgd_at_then_clat(tmp_path, prec
 
 def test_fp16_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     over = FAST + ["pretrain.epochs=2", "finetune.epochs=1", "precision=fp16"]
-    train(load_config(None, over), tmp_path / "a", data=tiny_splits())
-    real_save = Checkpoints.save
-
-    def crashing_save(self, epoch, *a, **k):
-        out = real_save(self, epoch, *a, **k)
-        if epoch == 0:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(Checkpoints, "save", crashing_save)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, over), tmp_path / "b", data=tiny_splits())
-    monkeypatch.setattr(Checkpoints, "save", real_save)
-    train(None, tmp_path / "b", resume=True, data=tiny_splits())
-    a, b = read_state_dict(tmp_path / "a" / "model.safetensors"), read_state_dict(tmp_path / "b" / "model.safetensors")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_resume_matches_uninterrupted(tmp_path, monkeypatch, over, stop_after=0)
 
 
 def test_pgd_under_fp16_autocast_still_moves_every_pixel():

@@ -39,11 +39,10 @@ def _final(run):
     return read_state_dict(run / "model.safetensors")
 
 
-@pytest.mark.parametrize("stop_after", [1, 3])
-def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch, stop_after):
-    over = FAST + ["pretrain.epochs=2", "finetune.epochs=3", "clat.reselect_every=2", "data.augment=true"]
+def assert_resume_matches_uninterrupted(tmp_path, monkeypatch, over, stop_after):
+    """Train ``over`` once uninterrupted (run a) and once interrupted right after epoch
+    ``stop_after``'s checkpoint, then resumed (run b): the final weights must be identical."""
     train(load_config(None, over), tmp_path / "a", data=tiny_splits())
-
     real_save = Checkpoints.save
 
     def crashing_save(self, epoch, *a, **k):
@@ -61,6 +60,12 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch, stop_after):
+    over = FAST + ["pretrain.epochs=2", "finetune.epochs=3", "clat.reselect_every=2", "data.augment=true"]
+    assert_resume_matches_uninterrupted(tmp_path, monkeypatch, over, stop_after)
     rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
 
