@@ -32,6 +32,7 @@ CLAT runs once every 10 epochs. Target (paper Table 6): ~95% fewer trainable par
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
@@ -52,6 +53,17 @@ CRIT_N = 100
 def _maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
+
+
+def _begin_peak(cuda: bool) -> tuple[int, int | None]:
+    """Start a peak-memory measurement: peak RSS so far (and CUDA bytes in use, peak counter reset)."""
+    gc.collect()
+    before = _maxrss_bytes()
+    if not cuda:
+        return before, None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return before, torch.cuda.memory_allocated()
 
 
 def _status_bytes(key: str) -> int | None:
@@ -83,7 +95,6 @@ def _trim_and_reset_peak() -> bool:
 
 def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
     """Runs in a fresh process: one measurement."""
-    import gc
 
     import torch
 
@@ -112,12 +123,7 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
         # still decides what is kept, but the criticality of every layer is computed as CLAT does.
         from clat.methods.base import EpochContext
 
-        gc.collect()
-        before = _maxrss_bytes()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            cuda_before = torch.cuda.memory_allocated()
+        before, cuda_before = _begin_peak(cuda)
         t0 = time.perf_counter()
         ctx = EpochContext(0, 0, lambda n: (xs[:n], ys[:n]), torch.Generator().manual_seed(0))
         method.on_epoch_start(model, ctx)
@@ -132,12 +138,7 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
         return out
 
     trainer = C.Trainer(method, model, selection=selection)
-    gc.collect()
-    before = _maxrss_bytes()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        cuda_before = torch.cuda.memory_allocated()
+    before, cuda_before = _begin_peak(cuda)
     t0 = time.perf_counter()
     loss, _ = trainer.method.loss(model, x, y)
     trainer.opt.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
+from clat.report import _figure, _save
 from study import ARMS, DOC, F_EPOCHS, IMG, LAMBDAS, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, SEEDS, STUDY, plan, read_json
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -44,14 +45,9 @@ def arm_results() -> dict[str, dict[int, dict]]:
 
 
 def plot_overfitting(pre: dict, branch: dict | None) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = pre["rows"]
     ep = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ax = _figure(7, 4).subplots()
     ax.plot(ep, [100 * r["val"]["pgd_acc"] for r in rows], "o-", ms=3, label="validation PGD-10 accuracy")
     ax.plot(ep, [100 * r["val"]["clean_acc"] for r in rows], "s-", ms=3, label="validation clean accuracy")
     ax.plot(ep, [100 * r["train"]["adv_acc"] for r in rows], ":", label="training accuracy on PGD-5 examples")
@@ -65,20 +61,11 @@ def plot_overfitting(pre: dict, branch: dict | None) -> str | None:
     ax.set_title("PGD-AT on the CIFAR-10 subset, ResNet-18 at 1/4 width")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = IMG / "study_overfitting.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
+    return _save(ax.figure, IMG / "study_overfitting.png").name
 
 
 def plot_curves(res: dict[str, dict[int, dict]]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ax = _figure(7, 4).subplots()
     drawn = False
     for i, (a, by_seed) in enumerate(res.items()):
         if not by_seed:
@@ -90,30 +77,20 @@ def plot_curves(res: dict[str, dict[int, dict]]) -> str | None:
                 label=f"{ARMS[a][3]} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
         drawn = True
     if not drawn:
-        plt.close(fig)
         return None
     ax.set_xlabel("epoch after the branch point")
     ax.set_ylabel("validation PGD-10 accuracy (%), mean over seeds")
     ax.set_title("The arms after the branch point")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = IMG / "study_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
+    return _save(ax.figure, IMG / "study_curves.png").name
 
 
 def plot_criticality(run: dict) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     hist = run["selection_history"]
     if not hist:
         return None
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax = _figure(8, 3.8).subplots()
     n = len(hist[0]["criticality"]) - 1  # the classifier (last layer) is not eligible by default: left out
     width = 0.8 / len(hist)
     for j, h in enumerate(hist):
@@ -129,11 +106,7 @@ def plot_criticality(run: dict) -> str | None:
     ax.set_title(f"Criticality at each re-selection, CLAT arm, seed {run['seed']} (chosen: black edge)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path = IMG / "study_criticality.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
+    return _save(ax.figure, IMG / "study_criticality.png").name
 
 
 def render() -> None:
