@@ -13,9 +13,9 @@ branch from a TRADES run of the same schedule stopped at P. Each arm runs with 3
 evaluated on the held-out test images (clean, PGD-20 worst of 5 restarts, standard AutoAttack).
 
 Nothing is lost when a session ends: training runs continue from their last epoch checkpoint
-(`runs/study/`), AutoAttack runs in chunks, and every finished piece is exported to
-`study/` (committed: result JSON and the two branch checkpoints), so a fresh clone continues
-where the last session stopped.
+(`runs/study/`), attacks run in chunks, and every finished piece is exported to `study/` (committed: result
+JSON, attack chunks in study/eval/, the two branch checkpoints, and an unfinished run's latest checkpoint or
+trained weights in study/partial/), so a fresh clone continues where the last session stopped.
 """
 
 from __future__ import annotations
@@ -39,11 +39,19 @@ CKPTS = STUDY / "checkpoints"
 DOC = REPO / "docs" / "results.md"
 IMG = REPO / "docs" / "img"
 PRETRAIN_CFG = REPO / "configs" / "study" / "pgd_at_pretrain.yaml"
+IMG_PREFIX = "study_"  # the plots' file names in docs/img/
 
 SEEDS = (0, 1, 2)
-F_EPOCHS = 10  # epochs of every arm after the branch point
+F_EPOCHS = 20  # epochs of every arm after the branch point
 ARM_OVERRIDES = ["pretrain.epochs=0", f"finetune.epochs={F_EPOCHS}", "finetune.lr=0.01", "finetune.schedule=cosine",
-                 "clat.reselect_every=2", "keep_checkpoints=2"]
+                 "clat.reselect_every=4", "keep_checkpoints=2"]
+# A measurement kept beside the study: (run name, config, title, what it taught). Its run is the last work item.
+PILOT: tuple[str, Path, str, str] | None = (
+    "pilot_9k_pretrain", REPO / "configs" / "study" / "pilot_9k_pretrain.yaml", "First attempt: all 9,000 training images, 30 epochs",
+    "With all 9,000 training images this model underfits: accuracy on its own (weaker, PGD-5) training attack stays within a "
+    "few points of validation PGD-10 accuracy, and validation robustness stays on its plateau after the last decay instead of "
+    "falling. An underfit baseline would make the comparison "
+    "meaningless, so the study trains on fewer images for longer (below).")
 LAMBDAS = (0.01, 0.1, 1.0)  # swept on the validation split (seed 0) before the CLAT arms
 N_TEST_PGD = 2000  # every test image of the subset
 N_TEST_AA = 1000
@@ -64,7 +72,67 @@ ARMS: dict[str, tuple[str, str, list[str], str]] = {
 }
 CLAT_ARMS = {a for a, v in ARMS.items() if v[1] == "clat"}
 DATA_ROOT = REPO.parent / "shared" / "data"
+DATASET, DOWNLOAD, VERIFY = "cifar10", False, False  # the subset is JPEG-recovered: it cannot match the official MD5s
 EXTRA: list[str] = [f"data.root={DATA_ROOT}"]  # overrides added to every run (and the --smoke mode's tiny settings)
+# What docs/results*.md says about the setting (the paper-scale presets replace it).
+TEXT = {
+    "title": "the CIFAR-10 subset",
+    "data": "the CIFAR-10 subset in `../shared/data` (JPEG-recovered; 10,000 training and 2,000 test images). The study uses "
+            "its first 3,000 training images: 2,000 to train on and 1,000 held out (fixed split, `data.split_seed=0`) that "
+            "decide every choice below (with all 9,000 the model underfits: see the first attempt below); the 2,000 test "
+            "images are used only for the final evaluation.",
+    "model": "CIFAR ResNet-18 at 1/4 width (`resnet18_w16`, 0.70M parameters, 21 layers), PGD-AT (ε = 8/255, PGD-5 with step "
+             "2/255 in training), SGD momentum 0.9, weight decay 5e-4, batch 128, lr 0.1 divided by 10 at 50% and 75% of 80 epochs "
+             "(Rice et al.'s piecewise schedule), channels-last (`configs/study/pgd_at_pretrain.yaml`).",
+    "plot_title": "PGD-AT on the CIFAR-10 subset, ResNet-18 at 1/4 width",
+    "train_attack": "PGD-5",
+    "k": "k = 1, the paper's default for ResNet-18; dynamic re-selection every 4 epochs, i.e. 5 selections as in the paper's "
+         "50 epochs with re-selection every 10",
+    "machine": "2 CPU cores",
+    "command": ".venv/bin/python scripts/study.py",
+    "sessions": "The whole study needs several sessions of 2 hours.",
+}
+
+# The same study at paper scale, for a GPU: full CIFAR-10/100 (downloaded, MD5-verified), 50 epochs of PGD-AT (PGD-10),
+# then every arm 50 epochs. python scripts/study.py --scale cifar10_preact_resnet18 --data-root /data --hours 24
+PAPER_SCALE = {
+    "cifar10_preact_resnet18": ("cifar10", "PreAct ResNet-18 (`preact_resnet18`, 11.2M parameters)", 1),
+    "cifar10_wrn34_10": ("cifar10", "WideResNet-34-10 (`wrn34_10`, 46.2M parameters)", 2),
+    "cifar100_preact_resnet18": ("cifar100", "PreAct ResNet-18 (`preact_resnet18`, 11.2M parameters)", 1),
+    "cifar100_wrn34_10": ("cifar100", "WideResNet-34-10 (`wrn34_10`, 46.2M parameters)", 2),
+}
+
+
+def configure_paper(name: str, data_root: Path) -> None:
+    """Point the study at a paper-scale preset (``configs/study/paper/<name>.yaml``): its own runs/, study/ and
+    docs/results_<name>.md, F = 50 epochs per arm with re-selection every 10, PGD-20x5 on all 10,000 test images
+    and AutoAttack on the first 1,000 (in chunks of 500)."""
+    global RUNS, STUDY, RESULTS, CKPTS, DOC, PRETRAIN_CFG, IMG_PREFIX, F_EPOCHS, N_TEST_PGD, N_TEST_AA, AA_CHUNK
+    global DATA_ROOT, DATASET, DOWNLOAD, VERIFY, PILOT
+    dataset, model_text, k = PAPER_SCALE[name]
+    RUNS, STUDY, DOC = REPO / "runs" / f"study_{name}", REPO / "study" / "paper" / name, REPO / "docs" / f"results_{name}.md"
+    RESULTS, CKPTS = STUDY / "results", STUDY / "checkpoints"
+    PRETRAIN_CFG, IMG_PREFIX = REPO / "configs" / "study" / "paper" / f"{name}.yaml", f"study_{name}_"
+    F_EPOCHS, N_TEST_PGD, N_TEST_AA, AA_CHUNK = 50, 10_000, 1000, 500
+    ARM_OVERRIDES[1] = f"finetune.epochs={F_EPOCHS}"
+    ARM_OVERRIDES[4] = "clat.reselect_every=10"
+    DATA_ROOT, DATASET, DOWNLOAD, VERIFY, PILOT = data_root, dataset, True, True, None
+    EXTRA[:] = [f"data.root={DATA_ROOT}"]
+    full = "CIFAR-10" if dataset == "cifar10" else "CIFAR-100"
+    TEXT.update({
+        "title": f"full {full} with {model_text.split(' (')[0]}",
+        "data": f"full {full} (50,000 training and 10,000 test images; downloaded and MD5-verified). 1,000 training images are "
+                "held out (fixed split, `data.split_seed=0`) and decide every choice below; the test images are used only for the "
+                "final evaluation.",
+        "model": f"{model_text}, PGD-AT (ε = 8/255, PGD-10 with step 2/255 in training), SGD momentum 0.9, weight decay 5e-4, "
+                 f"batch 128, lr 0.1 divided by 10 at 50% and 75% of 50 epochs (`configs/study/paper/{name}.yaml`).",
+        "plot_title": f"PGD-AT on {full}, {model_text.split(' (')[0]}",
+        "train_attack": "PGD-10",
+        "k": f"k = {k}, the paper's default for this model; dynamic re-selection every 10 epochs (5 selections, as in the paper)",
+        "machine": "the GPU",
+        "command": f"python scripts/study.py --scale {name} --data-root DATA",
+        "sessions": "A paper-scale arm is 50 GPU epochs: give `--hours` the length of the lease; the next call continues.",
+    })
 
 
 def configure_smoke(root: Path) -> None:
@@ -119,10 +187,17 @@ def save_partial(run: Path) -> None:
     checkpoint and the weights of its best validation epoch go to study/partial/<run>/."""
     from clat.train import Checkpoints
 
+    dst = STUDY / "partial" / run.name
+    if (run / "summary.json").is_file():  # finished training: its final weights and records are enough
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        for f in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"):
+            shutil.copy(run / f, dst / f)
+        log(f"{run.name}: trained weights saved to {dst.relative_to(STUDY.parent)} (evaluation continues next session)")
+        return
     latest = Checkpoints(run, 1).latest_valid()
     if latest is None:
         return
-    dst = STUDY / "partial" / run.name
     shutil.rmtree(dst, ignore_errors=True)
     (dst / "checkpoints").mkdir(parents=True)
     for f in ("config.yaml", "metrics.jsonl"):
@@ -157,6 +232,18 @@ def run_training(run: Path, cfg, budget: Budget, until: int | None = None) -> No
     shutil.rmtree(STUDY / "partial" / run.name, ignore_errors=True)
 
 
+def prune_checkpoints(run: Path) -> None:
+    """Keep the latest epoch checkpoint (to resume) and the one of the best validation epoch so far (a possible
+    branch point); the others go. A WRN-34-10 checkpoint with its optimizer state is ~370 MB."""
+    rows = rows_of(run)
+    keep = {len(rows) - 1}
+    if rows and "val" in rows[0]:
+        keep.add(max(rows, key=lambda r: (r["val"]["pgd_acc"], -r["epoch"]))["epoch"] - 1)
+    for d in sorted((run / "checkpoints").glob("epoch_*")):
+        if d.name[6:].isdigit() and int(d.name[6:]) not in keep:
+            shutil.rmtree(d)
+
+
 def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
     from clat.train import train
 
@@ -174,6 +261,7 @@ def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
             train(None, run, resume=True, until_epoch=done + 1)
         else:
             train(cfg, run, until_epoch=done + 1, force=True)
+        prune_checkpoints(run)
         log(f"{run.name}: epoch {done + 1}/{stop} in {time.time() - t0:.0f} s")
 
 
@@ -209,6 +297,17 @@ def do_pretraining(budget: Budget) -> dict:
     return b
 
 
+def do_pilot(budget: Budget) -> None:
+    if PILOT is None or (RESULTS / f"{PILOT[0]}.json").is_file():
+        return
+    from clat.config import load_config
+
+    run = RUNS / PILOT[0]
+    run_training(run, load_config(PILOT[1], EXTRA), budget)
+    write_json(RESULTS / f"{PILOT[0]}.json", {"config": str(PILOT[1].relative_to(REPO)), "rows": rows_of(run),
+                                             "summary": read_json(run / "summary.json")})
+
+
 def do_trades_pretraining(budget: Budget, p: int) -> None:
     if (CKPTS / "trades_branch.safetensors").is_file():
         return
@@ -234,14 +333,13 @@ def arm_cfg(arm: str, seed: int, lam: float | None):
 def test_data():
     from clat.data import load_cifar
 
-    x, y = load_cifar("cifar10", DATA_ROOT, False, verify=False)
-    return x, y
+    return load_cifar(DATASET, DATA_ROOT, False, download=DOWNLOAD, verify=VERIFY)
 
 
 def load_weights(path: Path):
     from clat.checkpoint import load_model
 
-    model, _ = load_model(str(path), device=torch.device("cpu"))
+    model, _ = load_model(str(path), device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(memory_format=torch.channels_last).eval()
 
 
@@ -287,7 +385,7 @@ def do_reference(name: str, budget: Budget) -> None:
     out = RESULTS / f"{name}_branch_eval.json"
     if out.is_file():
         return
-    res = evaluate_weights(CKPTS / f"{name}_branch.safetensors", RUNS / f"{name}_branch_eval", budget, f"{name} branch")
+    res = evaluate_weights(CKPTS / f"{name}_branch.safetensors", STUDY / "eval" / f"{name}_branch", budget, f"{name} branch")
     write_json(out, res)
 
 
@@ -321,7 +419,11 @@ def do_arm(arm: str, seed: int, lam: float, budget: Budget) -> None:
     if arm == "clat" and seed == 0 and (RUNS / f"lam_{lam:g}" / "summary.json").is_file() and not run.exists():
         shutil.copytree(RUNS / f"lam_{lam:g}", run)  # the sweep's run with the chosen λ is this arm's seed-0 run
     run_training(run, arm_cfg(arm, seed, lam if arm in CLAT_ARMS else None), budget)
-    res = evaluate_weights(run / "model.safetensors", run / "eval", budget, run.name)
+    try:
+        res = evaluate_weights(run / "model.safetensors", STUDY / "eval" / run.name, budget, run.name)
+    except OutOfTime:
+        save_partial(run)  # trained, not fully evaluated: keep its weights (the finished attack chunks are in study/eval/)
+        raise
     summary = read_json(run / "summary.json")
     rows = rows_of(run)
     write_json(out, {"arm": arm, "seed": seed, "label": ARMS[arm][3], "lam": lam if arm in CLAT_ARMS else None, "test": res,
@@ -331,7 +433,8 @@ def do_arm(arm: str, seed: int, lam: float, budget: Budget) -> None:
 
 
 def plan() -> list[tuple[str, bool]]:
-    items = [("pgd_at_pretrain", (RESULTS / "branch.json").is_file()),
+    items = [(PILOT[0], (RESULTS / f"{PILOT[0]}.json").is_file())] if PILOT else []
+    items += [("pgd_at_pretrain", (RESULTS / "branch.json").is_file()),
              ("trades_pretrain (to P)", (CKPTS / "trades_branch.safetensors").is_file()),
              ("lambda sweep", (RESULTS / "lambda.json").is_file()),
              ("eval pgd_at branch", (RESULTS / "pgd_at_branch_eval.json").is_file()),
@@ -349,6 +452,7 @@ def run_all(budget: Budget) -> None:
     for seed in SEEDS:
         for arm in ARMS:
             do_arm(arm, seed, lam, budget)
+    do_pilot(budget)
 
 
 def main(argv=None) -> int:
@@ -356,8 +460,12 @@ def main(argv=None) -> int:
     ap.add_argument("--hours", type=float, default=2.0, help="time budget of this session (default 2)")
     ap.add_argument("--plan", action="store_true", help="list the work items and their state")
     ap.add_argument("--report", action="store_true", help="only render docs/results.md")
+    ap.add_argument("--scale", choices=sorted(PAPER_SCALE), help="the same study at paper scale on a GPU (configs/study/paper/)")
+    ap.add_argument("--data-root", default=str(REPO / "data"), help="with --scale: where full CIFAR lives or is downloaded to")
     ap.add_argument("--smoke", metavar="DIR", help="the whole pipeline at toy size in DIR (a check of this script, ~2 min)")
     args = ap.parse_args(argv)
+    if args.scale:
+        configure_paper(args.scale, Path(args.data_root).resolve())
     if args.smoke:
         configure_smoke(Path(args.smoke).resolve())
     sys.modules.setdefault("study", sys.modules[__name__])  # study_report reads this module's (possibly --smoke) settings

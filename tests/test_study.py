@@ -50,5 +50,50 @@ def test_study_pipeline_at_toy_size_renders_results_and_resumes(tmp_path, shared
     assert r["test"]["aa_acc"] <= r["test"]["aa_clean_acc"]
     for img in ("study_overfitting.png", "study_curves.png", "study_criticality.png"):
         assert (tmp_path / "img" / img).stat().st_size > 1000
+    # a session that ends during an arm's AutoAttack keeps the trained weights: a fresh clone re-runs only the missing chunk
+    before = json.loads((tmp_path / "study" / "results" / "clat_s1.json").read_text())
+    study.save_partial(tmp_path / "runs" / "clat_s1")
+    assert (tmp_path / "study" / "partial" / "clat_s1" / "model.safetensors").is_file()
+    shutil.rmtree(tmp_path / "runs" / "clat_s1")
+    (tmp_path / "study" / "results" / "clat_s1.json").unlink()
+    (tmp_path / "study" / "eval" / "clat_s1" / "aa_00004.json").unlink()
+    assert study.main(["--smoke", str(tmp_path)]) == 0
+    after = json.loads((tmp_path / "study" / "results" / "clat_s1.json").read_text())
+    assert after["rows"] == before["rows"] and after["test"]["aa_acc"] == before["test"]["aa_acc"]
+    assert (tmp_path / "study" / "eval" / "clat_s1" / "aa_00004.json").is_file()
+    assert not (tmp_path / "study" / "partial" / "clat_s1").exists()
+    # only the latest checkpoint and the best validation epoch's are kept on disk
+    for run in (tmp_path / "runs").iterdir():
+        if (run / "checkpoints").is_dir():
+            assert 1 <= len(list((run / "checkpoints").glob("epoch_*"))) <= 2, run
+    for m in ("study", "study_report"):
+        sys.modules.pop(m, None)
+
+
+@pytest.mark.parametrize("name", ["cifar10_preact_resnet18", "cifar10_wrn34_10", "cifar100_preact_resnet18", "cifar100_wrn34_10"])
+def test_paper_scale_presets_configure_every_arm(name, tmp_path, monkeypatch):
+    """--scale NAME points the same study at full CIFAR on a GPU: its own folders, 50-epoch arms, the model's k."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    for m in ("study", "study_report"):
+        sys.modules.pop(m, None)
+    study = importlib.import_module("study")
+    assert set(study.PAPER_SCALE) == {"cifar10_preact_resnet18", "cifar10_wrn34_10", "cifar100_preact_resnet18", "cifar100_wrn34_10"}
+    study.configure_paper(name, tmp_path / "data")
+    dataset, model = name.split("_", 1)
+    assert study.RUNS.name == f"study_{name}" and study.DOC.name == f"results_{name}.md" and study.STUDY.parts[-2:] == ("paper", name)
+    pre = study.pretrain_cfg()
+    assert (pre.model.name, pre.data.dataset, pre.pretrain.epochs, pre.attack.steps) == (model, dataset, 50, 10)
+    assert pre.data.download and pre.data.root == str(tmp_path / "data")
+    for arm in study.ARMS:
+        cfg = study.arm_cfg(arm, 1, 0.1 if arm in study.CLAT_ARMS else None)
+        assert cfg.finetune.epochs == 50 and cfg.pretrain.epochs == 0 and cfg.clat.reselect_every == 10 and cfg.seed == 1
+        assert cfg.init.endswith(f"{study.ARMS[arm][0]}_branch.safetensors") and cfg.data.dataset == dataset
+    assert len(study.plan()) == 32 and not any(done for _, done in study.plan())
+    study.DOC, study.IMG = tmp_path / "results.md", tmp_path / "img"  # render the (empty) report outside docs/
+    sys.modules["study"] = study
+    importlib.import_module("study_report").render()
+    text = study.DOC.read_text()
+    assert ("full CIFAR-100" if dataset == "cifar100" else "full CIFAR-10") in text and "subset" not in text
+    assert f"--scale {name}" in text
     for m in ("study", "study_report"):
         sys.modules.pop(m, None)
