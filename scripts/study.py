@@ -43,8 +43,8 @@ IMG_PREFIX = "study_"  # the plots' file names in docs/img/
 
 SEEDS = (0, 1, 2)
 F_EPOCHS = 20  # epochs of every arm after the branch point
-ARM_OVERRIDES = ["pretrain.epochs=0", f"finetune.epochs={F_EPOCHS}", "finetune.lr=0.01", "finetune.schedule=cosine",
-                 "clat.reselect_every=4", "keep_checkpoints=2"]
+ARM_SETTINGS = {"pretrain.epochs": 0, "finetune.epochs": F_EPOCHS, "finetune.lr": 0.01, "finetune.schedule": "cosine",
+                "clat.reselect_every": 4, "keep_checkpoints": 2}  # config overrides of every arm
 # A measurement kept beside the study: (run name, config, title, what it taught). Its run is the last work item.
 PILOT: tuple[str, Path, str, str] | None = (
     "pilot_9k_pretrain", REPO / "configs" / "study" / "pilot_9k_pretrain.yaml", "First attempt: all 9,000 training images, 30 epochs",
@@ -114,8 +114,7 @@ def configure_paper(name: str, data_root: Path) -> None:
     RESULTS, CKPTS = STUDY / "results", STUDY / "checkpoints"
     PRETRAIN_CFG, IMG_PREFIX = REPO / "configs" / "study" / "paper" / f"{name}.yaml", f"study_{name}_"
     F_EPOCHS, N_TEST_PGD, N_TEST_AA, AA_CHUNK = 50, 10_000, 1000, 500
-    ARM_OVERRIDES[1] = f"finetune.epochs={F_EPOCHS}"
-    ARM_OVERRIDES[4] = "clat.reselect_every=10"
+    ARM_SETTINGS.update({"finetune.epochs": F_EPOCHS, "clat.reselect_every": 10})
     DATA_ROOT, DATASET, DOWNLOAD, VERIFY, PILOT = data_root, dataset, True, True, None
     EXTRA[:] = [f"data.root={DATA_ROOT}"]
     full = "CIFAR-10" if dataset == "cifar10" else "CIFAR-100"
@@ -142,7 +141,7 @@ def configure_smoke(root: Path) -> None:
     RESULTS, CKPTS = STUDY / "results", STUDY / "checkpoints"
     SEEDS, F_EPOCHS, LAMBDAS = (0, 1), 2, (0.1, 1.0)
     N_TEST_PGD, N_TEST_AA, AA_CHUNK, PGD = 40, 8, 4, {"steps": 2, "restarts": 2}
-    ARM_OVERRIDES[1] = f"finetune.epochs={F_EPOCHS}"
+    ARM_SETTINGS["finetune.epochs"] = F_EPOCHS
     EXTRA[:] = [f"data.root={DATA_ROOT}", "model.name=tiny_cnn", "data.train_size=260", "data.val_size=40", "pretrain.epochs=3", "eval.n_examples=40",
                 "eval.steps=2", "attack.steps=1", "data.batch_size=64", "clat.criticality.batch_size=20", "clat.criticality.steps=1",
                 "rift.batch_size=20", "rift.steps=1", "rift.alphas=[0.0,1.0]", "keep_checkpoints=3", "channels_last=false"]
@@ -205,7 +204,7 @@ def save_partial(run: Path) -> None:
     shutil.copytree(latest, dst / "checkpoints" / latest.name)
     rows = rows_of(run)
     if rows and "val" in rows[0]:
-        best = max(rows, key=lambda r: (r["val"]["pgd_acc"], -r["epoch"]))["epoch"]
+        best = best_row(rows)["epoch"]
         src = run / "checkpoints" / f"epoch_{best - 1:04d}"
         if src != latest and (src / "model.safetensors").is_file():
             (dst / "checkpoints" / src.name).mkdir()
@@ -232,13 +231,18 @@ def run_training(run: Path, cfg, budget: Budget, until: int | None = None) -> No
     shutil.rmtree(STUDY / "partial" / run.name, ignore_errors=True)
 
 
+def best_row(rows: list[dict]) -> dict:
+    """The epoch of the highest validation PGD accuracy (the earlier one on ties): the branch point rule."""
+    return max(rows, key=lambda r: (r["val"]["pgd_acc"], -r["epoch"]))
+
+
 def prune_checkpoints(run: Path) -> None:
     """Keep the latest epoch checkpoint (to resume) and the one of the best validation epoch so far (a possible
     branch point); the others go. A WRN-34-10 checkpoint with its optimizer state is ~370 MB."""
     rows = rows_of(run)
     keep = {len(rows) - 1}
     if rows and "val" in rows[0]:
-        keep.add(max(rows, key=lambda r: (r["val"]["pgd_acc"], -r["epoch"]))["epoch"] - 1)
+        keep.add(best_row(rows)["epoch"] - 1)
     for d in sorted((run / "checkpoints").glob("epoch_*")):
         if d.name[6:].isdigit() and int(d.name[6:]) not in keep:
             shutil.rmtree(d)
@@ -284,7 +288,7 @@ def do_pretraining(budget: Budget) -> dict:
     cfg = pretrain_cfg()
     run_training(run, cfg, budget)
     rows = rows_of(run)
-    best = max(rows, key=lambda r: (r["val"]["pgd_acc"], -r["epoch"]))  # ties: the earlier epoch
+    best = best_row(rows)
     p = best["epoch"]
     CKPTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "checkpoints" / f"epoch_{p - 1:04d}" / "model.safetensors", CKPTS / "pgd_at_branch.safetensors")
@@ -321,7 +325,8 @@ def arm_cfg(arm: str, seed: int, lam: float | None):
     from clat.config import load_config
 
     branch, method, extra, _ = ARMS[arm]
-    over = [f"init={CKPTS / f'{branch}_branch.safetensors'}", f"finetune.method={method}", f"seed={seed}", *ARM_OVERRIDES, *extra]
+    over = [f"init={CKPTS / f'{branch}_branch.safetensors'}", f"finetune.method={method}", f"seed={seed}",
+            *(f"{k}={v}" for k, v in ARM_SETTINGS.items()), *extra]
     if branch == "trades":
         over.append("pretrain.method=trades")  # CLAT's base method (used only with clat.ce_on=base)
     if lam is not None:

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from clat.report import _figure, _save
-from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, SEEDS, STUDY, TEXT, plan, read_json
+from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, SEEDS, STUDY, TEXT, best_row, plan, read_json
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 REFERENCE = "pgd_at_cont"
@@ -67,7 +67,7 @@ def plot_overfitting(pre: dict, branch: dict | None, title: str, name: str) -> s
 def overfitting_text(pre: dict, branch: dict | None, title: str, name: str) -> list[str]:
     """The plot of one pretraining run and what it shows: does validation robustness fall after its peak?"""
     rows = pre["rows"]
-    best = max(rows, key=lambda r: (r["val"]["pgd_acc"], -r["epoch"]))
+    best = best_row(rows)
     last = rows[-1]
     drop = best["val"]["pgd_acc"] - last["val"]["pgd_acc"]
     acc = [r["val"]["pgd_acc"] for r in rows]
