@@ -61,6 +61,8 @@ def _begin_peak(cuda: bool) -> tuple[int, int | None]:
     before = _maxrss_bytes()
     if not cuda:
         return before, None
+    import torch  # only a CUDA child gets here, after importing torch itself
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     return before, torch.cuda.memory_allocated()

@@ -97,7 +97,10 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("override no equals", ["train", *TINY, "clat.k"], "not of the form key=value"),
         ("override bad key", ["train", "clat..k=1"], "is not a dotted key"),
         ("override bad yaml", ["train", "clat.layers=[1"], "not valid YAML"),
-        ("cuda unavailable", ["train", *TINY, "device=cuda"], "CUDA is not available"),
+        *([("cuda unavailable", ["train", *TINY, "device=cuda"], "CUDA is not available"),
+           ("eval cuda unavailable", ["eval", str(tiny_ckpt), "--device", "cuda"], "CUDA is not available")]
+          if not torch.cuda.is_available() else
+          [("cuda index out of range", ["train", *TINY, "device=cuda:99"], "CUDA device(s) are visible")]),
         ("bad device", ["train", *TINY, "device=tpu"], "device must be"),
         ("config missing", ["train", str(tmp / "nope.yaml")], "does not exist"),
         ("no config", ["train"], "needs a config file"),

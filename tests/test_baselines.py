@@ -141,6 +141,17 @@ def test_rift_interpolation_endpoints_are_exact():
     assert torch.allclose(mid[k], (a[k] + b[k]) / 2)
 
 
+def test_rift_interpolation_follows_the_models_device():
+    """A resumed RiFT stage reads θ_AT from a checkpoint on the CPU while the model is on the GPU
+    (found on an H100: lerp refused cpu + cuda:0). The meta device stands in for the GPU here."""
+    from clat.methods.rift import interpolate
+
+    a = create_model("tiny_cnn").state_dict()
+    b = {k: v.to("meta") for k, v in create_model("tiny_cnn").state_dict().items()}
+    out = interpolate(a, b, 0.3)
+    assert all(v.device.type == "meta" and v.shape == a[k].shape for k, v in out.items())
+
+
 def test_rift_selects_lowest_mrc_layer_and_chooses_alpha_on_validation(tmp_path):
     import json
 

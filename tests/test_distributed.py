@@ -21,7 +21,7 @@ PER_RANK_BATCH = 16
 OVER = ["model.name=tiny_cnn", "attack.steps=2", "clat.criticality.steps=2", "clat.criticality.batch_size=16",
         "eval.n_examples=16", "eval.steps=2", "progress=false", "data.dataset=bundled", "data.augment=true",
         "pretrain.epochs=1", "pretrain.lr=0.05", "finetune.epochs=3", "finetune.lr=0.05", "clat.reselect_every=2",
-        "clat.selection=random", "clat.k=2", "seed=3"]
+        "clat.selection=random", "clat.k=2", "seed=3", "device=cpu"]  # CPU processes (gloo) also where a GPU is visible
 
 
 class NoBNNet(nn.Module):
@@ -114,3 +114,26 @@ def test_gradient_sync_buckets_keep_order_and_dtypes():
     ts = [torch.zeros(10), torch.zeros(10), torch.zeros(3, dtype=torch.float64), torch.zeros(100)]
     got = list(_buckets(ts, limit=80))
     assert [[t.numel() for t in b] for b in got] == [[10, 10], [3], [100]]
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node 2 on a 1-GPU machine (seen on an H100 box): rank 1 has no cuda:1."""
+    from clat import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device must not be reached"))
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK 1 but only 1 CUDA device.*--nproc_per_node 1.*device=cpu"):
+        distributed.setup("auto")
+
+
+def test_cuda_index_beyond_the_visible_gpus_is_a_clear_error(monkeypatch):
+    from clat.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"device=cuda:2 requested but only 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)

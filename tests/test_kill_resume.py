@@ -18,7 +18,7 @@ from clat.checkpoint import read_state_dict
 OVERRIDES = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=600", "data.val_size=100", "data.test_size=50",
              "data.batch_size=100", "attack.steps=1", "clat.criticality.steps=1", "clat.criticality.batch_size=20",
              "eval.n_examples=50", "eval.steps=1", "pretrain.epochs=3", "finetune.epochs=4", "clat.reselect_every=2",
-             "finetune.lr=0.02", "keep_checkpoints=2"]
+             "finetune.lr=0.02", "keep_checkpoints=2", "deterministic=true"]  # bit-identical on GPUs too
 
 # Fault injection lives here, not in the library: the child patches a function to SIGKILL itself.
 CHILD = textwrap.dedent(

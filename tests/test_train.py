@@ -19,6 +19,7 @@ def tiny_splits(n=64, seed=0):
 
 FAST = ["model.name=tiny_cnn", "attack.steps=1", "clat.criticality.steps=1", "clat.criticality.batch_size=16",
         "data.batch_size=32", "eval.n_examples=16", "eval.steps=1", "progress=false", "data.dataset=bundled"]
+DET = "deterministic=true"  # bit-identical on a GPU too (on an H100 resumed runs differed in the 4th digit without it)
 
 
 def test_reselection_at_epochs_1_11_21_and_schedule_uninterrupted(tmp_path):
@@ -64,7 +65,7 @@ def assert_resume_matches_uninterrupted(tmp_path, monkeypatch, over, stop_after)
 
 @pytest.mark.parametrize("stop_after", [1, 3])
 def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch, stop_after):
-    over = FAST + ["pretrain.epochs=2", "finetune.epochs=3", "clat.reselect_every=2", "data.augment=true"]
+    over = FAST + ["pretrain.epochs=2", "finetune.epochs=3", "clat.reselect_every=2", "data.augment=true", DET]
     assert_resume_matches_uninterrupted(tmp_path, monkeypatch, over, stop_after)
     rows = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
@@ -159,7 +160,7 @@ def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
 
 
 def test_a_run_done_in_chunks_equals_one_uninterrupted_run(tmp_path):
-    over = FAST + ["pretrain.epochs=2", "finetune.epochs=2", "clat.reselect_every=1", "data.augment=true"]
+    over = FAST + ["pretrain.epochs=2", "finetune.epochs=2", "clat.reselect_every=1", "data.augment=true", DET]
     train(load_config(None, over), tmp_path / "a", data=tiny_splits())
     part = train(load_config(None, over), tmp_path / "b", data=tiny_splits(), until_epoch=1)
     assert part == {"run_dir": str(tmp_path / "b"), "finished": False, "epochs_done": 1, "epochs": 4}
@@ -179,3 +180,29 @@ def test_split_seed_keeps_the_validation_split_when_the_seed_changes():
     assert torch.equal(a.x_val, b.x_val) and torch.equal(a.x_train, b.x_train)
     c = prepare_data(load_config(None, ["data.dataset=bundled", "data.val_size=100", "seed=1"]))
     assert not torch.equal(a.x_val, c.x_val)
+
+
+def test_deterministic_true_applies_only_inside_the_run(monkeypatch, tmp_path):
+    """deterministic=true turns on deterministic kernels for the run and restores the settings after
+    (on an H100, two identical runs differed by up to 1.7e-2 in a weight without it, and were
+    bit-identical with it; CPUs are deterministic anyway)."""
+    import importlib
+
+    T = importlib.import_module("clat.train")  # (the package attribute clat.train is the function)
+    seen = {}
+
+    def fake(cfg, run_dir, **kw):
+        seen.update(det=torch.are_deterministic_algorithms_enabled(), warn=torch.is_deterministic_algorithms_warn_only_enabled(),
+                    cudnn=torch.backends.cudnn.deterministic, bench=torch.backends.cudnn.benchmark)
+        raise KeyboardInterrupt  # leaves the context the way a crash would
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(T, "_train", fake)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(load_config(None, FAST + [DET]), tmp_path / "r")
+    assert seen == {"det": True, "warn": True, "cudnn": True, "bench": False}
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == before
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        T.train(load_config(None, FAST), tmp_path / "r2")
+    assert seen["det"] == before[0]

@@ -294,13 +294,11 @@ def cmd_criticality(args: argparse.Namespace) -> int:
 
 
 def _pick_device(name: str):
-    import torch
+    from clat.train import resolve_device
 
     if name == "auto":
         return _device()
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ClatError("--device cuda requested but CUDA is not available here; use --device cpu")
-    return torch.device(name)
+    return resolve_device(name, option="--device ")
 
 
 def _load_checkpoint(path: str, args: argparse.Namespace, device):

@@ -87,7 +87,11 @@ def setup(device: str) -> tuple[DistInfo, torch.device | None]:
             raise ConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed; run a single process")
         use_cuda = torch.cuda.is_available() and device != "cpu"
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local_rank, n_gpu = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= n_gpu:
+                raise ConfigError(f"this process has LOCAL_RANK {local_rank} but only {n_gpu} CUDA device(s) are visible: start at most {n_gpu} "
+                                  f"process(es) per node (torchrun --nproc_per_node {n_gpu}), or train on CPUs with device=cpu")
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     i = info()
     if not i.enabled:

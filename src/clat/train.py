@@ -52,12 +52,18 @@ class TrainingDiverged(ClatError):
     """The loss became NaN or infinite."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "device=") -> torch.device:
+    """``auto``/``cpu``/``cuda``/``cuda:N``/``mps`` -> a device that exists here (else a ConfigError
+    that names ``option``, the way the user set it: ``device=`` in a config, ``--device `` on the CLI)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use device=cpu or device=auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option}{name} requested but CUDA is not available here; use {option}cpu or {option}auto")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"{option}{name} requested but only {n} CUDA device(s) are visible here (cuda:0 to cuda:{n - 1})")
     return dev
 
 
@@ -222,6 +228,36 @@ def train(
 
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert cfg is not None
+    with deterministic_algorithms(cfg.deterministic):
+        return _train(cfg, run_dir, resume=resume, force=force, model=model, data=data, until_epoch=until_epoch)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """``deterministic=true``: bit-identical runs on a GPU, so a resumed or chunked run equals an
+    uninterrupted one there too (on CPUs they are anyway). cuDNN uses deterministic kernels and no
+    autotuning, ``torch.use_deterministic_algorithms`` is on (``warn_only``: an op with no deterministic
+    kernel warns instead of stopping the run) and cuBLAS gets a fixed workspace. Costs some speed; the
+    previous settings are restored afterwards."""
+    if not on:
+        yield
+        return
+    import os
+
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
+
+
+def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None,
+           until_epoch: int | None) -> dict:
     dinfo, dist_device = dist_mod.setup(cfg.device)
     if not resume:
         _check_run_dir(run_dir, resume, force, delete=dinfo.is_main)

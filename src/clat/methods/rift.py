@@ -27,10 +27,12 @@ from clat.methods.base import EpochContext, Method, accuracy
 
 
 def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """``(1 − α)·start + α·end`` per tensor; exactly ``start`` at α = 0 and ``end`` at α = 1."""
+    """``(1 − α)·start + α·end`` per tensor, on ``end``'s device (a resumed run's ``start`` comes from a
+    checkpoint on the CPU); exactly ``start`` at α = 0 and ``end`` at α = 1."""
     out = {}
     for k, a in start.items():
         b = end[k]
+        a = a.to(b.device)
         out[k] = torch.lerp(a, b, alpha) if a.is_floating_point() else (a if alpha < 0.5 else b)
     return out
 
