@@ -13,6 +13,12 @@ from pathlib import Path
 from clat.report import _figure, _save
 from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, SEEDS, STUDY, TEXT, best_row, plan, read_json
 
+
+def _rel(p: Path) -> Path:
+    """``p`` relative to the repository where it lies inside it (the smoke study writes elsewhere)."""
+    return p.relative_to(REPO) if p.is_relative_to(REPO) else p
+
+
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 REFERENCE = "pgd_at_cont"
 PAIRS = [(a, REFERENCE) for a in ARMS if a != REFERENCE and ARMS[a][0] == "pgd_at"] + [("trades_clat", "trades_cont"),
@@ -178,13 +184,13 @@ def render() -> None:
     w("## Does PGD-AT overfit here?")
     w("")
     if PILOT is not None and (pilot := read_json(RESULTS / f"{PILOT[0]}.json")) is not None:
-        w(f"### {PILOT[2]} (`{PILOT[1].relative_to(REPO)}`)")
+        w(f"### {PILOT[2]} (`{_rel(PILOT[1])}`)")
         w("")
         L.extend(overfitting_text(pilot, None, PILOT[2], PILOT[0]))
         w("")
         w(PILOT[3])
         w("")
-        w(f"### The study's pretraining (`{PRETRAIN_CFG.relative_to(REPO) if PRETRAIN_CFG.is_relative_to(REPO) else PRETRAIN_CFG}`)")
+        w(f"### The study's pretraining (`{_rel(PRETRAIN_CFG)}`)")
         w("")
     if pre is None:
         w("Not measured yet (the pretraining run is in progress).")
@@ -279,7 +285,7 @@ def render() -> None:
     w("```bash")
     w("make install                                   # the package (as `make test` does)")
     w(f"{TEXT['command']} --hours 2    # repeat until it says the study is complete; resumes where it stopped")
-    w(f"{TEXT['command']} --report     # re-render this page from {RESULTS.relative_to(REPO) if RESULTS.is_relative_to(REPO) else RESULTS}/")
+    w(f"{TEXT['command']} --report     # re-render this page from {_rel(RESULTS)}/")
     w("```")
     w("")
     w("The same study at paper scale on a GPU (full CIFAR-10/100 downloaded and verified, 50 + 50 epochs): "
