@@ -237,7 +237,7 @@ def deterministic_algorithms(on: bool):
     """``deterministic=true``: bit-identical runs on a GPU, so a resumed or chunked run equals an
     uninterrupted one there too (on CPUs they are anyway). cuDNN uses deterministic kernels and no
     autotuning, ``torch.use_deterministic_algorithms`` is on (``warn_only``: an op with no deterministic
-    kernel warns instead of stopping the run) and cuBLAS gets a fixed workspace. Costs some speed; the
+    kernel warns instead of stopping the run) and cuBLAS gets a fixed workspace. May cost speed (not measured); the
     previous settings are restored afterwards."""
     if not on:
         yield
