@@ -155,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device():
-    import torch
+    from clat.train import resolve_device
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device("auto")
 
 
 def _resolve_data(args: argparse.Namespace, run_cfg) -> "object":
@@ -296,8 +296,6 @@ def cmd_criticality(args: argparse.Namespace) -> int:
 def _pick_device(name: str):
     from clat.train import resolve_device
 
-    if name == "auto":
-        return _device()
     return resolve_device(name, option="--device ")
 
 
