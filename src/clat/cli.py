@@ -154,12 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device():
-    from clat.train import resolve_device
-
-    return resolve_device("auto")
-
-
 def _resolve_data(args: argparse.Namespace, run_cfg) -> "object":
     from clat.config import Config
 
@@ -191,18 +185,6 @@ def _run_config(checkpoint: str | None):
         if (cand / "config.yaml").is_file() and cand.is_dir():
             return config_from_dict(yaml.safe_load((cand / "config.yaml").read_text()))
     return None
-
-
-def _load(args: argparse.Namespace):
-    from clat.checkpoint import load_model
-
-    return load_model(
-        args.checkpoint,
-        model_name=args.model,
-        num_classes=args.num_classes,
-        normalize=False if args.no_normalize else None,
-        device=_device(),
-    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -256,18 +238,19 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     cfg = _resolve_data(args, run_cfg)
     if args.batch_size < 1:
         raise ClatError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = _pick_device("auto")
     if args.checkpoint:
-        model, meta = _load(args)
+        model, meta = _load_checkpoint(args.checkpoint, args, device)
     else:
         if not args.model:
             raise ClatError("give a checkpoint, or --model NAME for a freshly initialised model")
-        model = create_model(args.model, args.num_classes or 10, normalize=not args.no_normalize).to(_device())
+        model = create_model(args.model, args.num_classes or 10, normalize=not args.no_normalize).to(device)
         meta = {"model": args.model}
     splits = prepare_data(cfg)
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(splits.x_train), generator=g)[: args.batch_size]
-    x = splits.x_train[idx].float().div(255).to(_device())
-    y = splits.y_train[idx].to(_device())
+    x = splits.x_train[idx].float().div(255).to(device)
+    y = splits.y_train[idx].to(device)
     layers = find_layers(model, x[:2])
     result = compute_criticality(
         model, layers, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps,
