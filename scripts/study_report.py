@@ -224,10 +224,13 @@ def render() -> None:
         if not v:
             w(f"| {ARMS[a][3]} | 0 | — | — | — | — | — | — |")
             continue
-        tp, tot = v[0]["trainable_params"], v[0]["total_params"]
+        tps, tot = sorted({x["trainable_params"] for x in v}), v[0]["total_params"]
+        # Layer choices can differ between seeds (random layers): show the range, not seed 0's count.
+        tp_txt = (f"{tps[0]:,} ({100 * tps[0] / tot:.1f}%)" if len(tps) == 1 else
+                  f"{tps[0]:,}–{tps[-1]:,} ({100 * tps[0] / tot:.1f}–{100 * tps[-1] / tot:.1f}%)")
         t = statistics.fmean(x["train_time_s"] for x in v)
         w(f"| {ARMS[a][3]} | {len(v)} | {fmt([x['test']['clean_acc'] for x in v])} | {fmt([x['test']['pgd20x5_acc'] for x in v])} | "
-          f"{fmt([x['test']['pgd20x5_acc_aa_images'] for x in v])} | {fmt([x['test']['aa_acc'] for x in v])} | {tp:,} ({100 * tp / tot:.1f}%) | {t / 60:.1f} min |")
+          f"{fmt([x['test']['pgd20x5_acc_aa_images'] for x in v])} | {fmt([x['test']['aa_acc'] for x in v])} | {tp_txt} | {t / 60:.1f} min |")
     w("")
     w("### Paired comparison (per-seed difference, percentage points, mean ± 95% CI)")
     w("")
