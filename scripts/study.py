@@ -4,6 +4,7 @@
     python scripts/study.py --hours 2       # this session's budget (default 2 h; no new epoch or attack chunk starts after it)
     python scripts/study.py --plan          # the work items and their state
     python scripts/study.py --report        # only render docs/results.md from what is done
+    python scripts/study.py --seeds 3 4 5 --arms clat --no-report   # one worker of a parallel run (e.g. on a GPU)
 
 Design (see docs/results.md): a ResNet-18 at 1/4 width is adversarially trained with PGD-AT on the
 CIFAR-10 subset in ../shared/data (configs/study/pgd_at_pretrain.yaml). The arms all branch from
@@ -41,7 +42,7 @@ IMG = REPO / "docs" / "img"
 PRETRAIN_CFG = REPO / "configs" / "study" / "pgd_at_pretrain.yaml"
 IMG_PREFIX = "study_"  # the plots' file names in docs/img/
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3)  # 0-2 trained on the 2-core CPU; 3 on one H100 (scripts/study_gpu.sh), evaluated on both
 F_EPOCHS = 20  # epochs of every arm after the branch point
 ARM_SETTINGS = {"pretrain.epochs": 0, "finetune.epochs": F_EPOCHS, "finetune.lr": 0.01, "finetune.schedule": "cosine",
                 "clat.reselect_every": 4, "keep_checkpoints": 2}  # config overrides of every arm
@@ -108,8 +109,9 @@ def configure_paper(name: str, data_root: Path) -> None:
     docs/results_<name>.md, F = 50 epochs per arm with re-selection every 10, PGD-20x5 on all 10,000 test images
     and AutoAttack on the first 1,000 (in chunks of 500)."""
     global RUNS, STUDY, RESULTS, CKPTS, DOC, PRETRAIN_CFG, IMG_PREFIX, F_EPOCHS, N_TEST_PGD, N_TEST_AA, AA_CHUNK
-    global DATA_ROOT, DATASET, DOWNLOAD, VERIFY, PILOT
+    global DATA_ROOT, DATASET, DOWNLOAD, VERIFY, PILOT, SEEDS
     dataset, model_text, k = PAPER_SCALE[name]
+    SEEDS = (0, 1, 2)
     RUNS, STUDY, DOC = REPO / "runs" / f"study_{name}", REPO / "study" / "paper" / name, REPO / "docs" / f"results_{name}.md"
     RESULTS, CKPTS = STUDY / "results", STUDY / "checkpoints"
     PRETRAIN_CFG, IMG_PREFIX = REPO / "configs" / "study" / "paper" / f"{name}.yaml", f"study_{name}_"
@@ -166,6 +168,30 @@ def write_json(p: Path, obj) -> None:
     tmp.replace(p)
 
 
+def device_label() -> str:
+    """Where this process trains and evaluates, as the study records it (seeds can run on different machines)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+# Files written before the study recorded devices (2026-11-27) all came from the CPU study on 2 cores.
+LEGACY_DEVICE = "CPU (2 threads)"
+DEVICE_FILE = "study_device.json"  # in a run directory: the devices that trained it (kept with it in study/partial/)
+
+
+def note_device(run: Path) -> None:
+    f = run / DEVICE_FILE
+    seen = (read_json(f) or {"train": []})["train"]
+    if device_label() not in seen:
+        write_json(f, {"train": [*seen, device_label()]})
+
+
+def train_devices(run: Path) -> list[str]:
+    d = read_json(run / DEVICE_FILE)
+    return d["train"] if d else [LEGACY_DEVICE]
+
+
 def rows_of(run: Path) -> list[dict]:
     f = run / "metrics.jsonl"
     return [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.is_file() else []
@@ -190,8 +216,9 @@ def save_partial(run: Path) -> None:
     if (run / "summary.json").is_file():  # finished training: its final weights and records are enough
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
-        for f in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"):
-            shutil.copy(run / f, dst / f)
+        for f in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", DEVICE_FILE):
+            if f != DEVICE_FILE or (run / f).is_file():
+                shutil.copy(run / f, dst / f)
         log(f"{run.name}: trained weights saved to {dst.relative_to(STUDY.parent)} (evaluation continues next session)")
         return
     latest = Checkpoints(run, 1).latest_valid()
@@ -199,8 +226,9 @@ def save_partial(run: Path) -> None:
         return
     shutil.rmtree(dst, ignore_errors=True)
     (dst / "checkpoints").mkdir(parents=True)
-    for f in ("config.yaml", "metrics.jsonl"):
-        shutil.copy(run / f, dst / f)
+    for f in ("config.yaml", "metrics.jsonl", DEVICE_FILE):
+        if f != DEVICE_FILE or (run / f).is_file():
+            shutil.copy(run / f, dst / f)
     shutil.copytree(latest, dst / "checkpoints" / latest.name)
     rows = rows_of(run)
     if rows and "val" in rows[0]:
@@ -261,6 +289,7 @@ def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
         budget.check()
         started = (run / "config.yaml").is_file()
         t0 = time.time()
+        note_device(run)
         if started:
             train(None, run, resume=True, until_epoch=done + 1)
         else:
@@ -363,7 +392,8 @@ def evaluate_weights(weights: Path, out_dir: Path, budget: Budget, name: str) ->
                       batch_size=500, seed=0, index_offset=a) for a, b in parts if b > a]
         n = sum(p["n"] for p in r)
         r = {"n": n, "clean_acc": sum(p["clean_correct"] for p in r) / n, "pgd_acc": sum(p["pgd_correct"] for p in r) / n,
-             "pgd_acc_aa_images": r[0]["pgd_acc"], "n_aa_images": r[0]["n"], "attack": r[0]["attack"], "time_s": sum(p["time_s"] for p in r)}
+             "pgd_acc_aa_images": r[0]["pgd_acc"], "n_aa_images": r[0]["n"], "attack": r[0]["attack"], "time_s": sum(p["time_s"] for p in r),
+             "device": device_label()}
         write_json(pgd_file, r)
         log(f"{name}: clean {r['clean_acc']:.3f} PGD {r['pgd_acc']:.3f} ({r['time_s']:.0f} s)")
     chunks = []
@@ -372,7 +402,7 @@ def evaluate_weights(weights: Path, out_dir: Path, budget: Budget, name: str) ->
         if not f.is_file():
             budget.check()
             r = autoattack(model, x[i : i + AA_CHUNK], y[i : i + AA_CHUNK], eps=8 / 255, version="standard", batch_size=AA_CHUNK, seed=i)
-            write_json(f, r)
+            write_json(f, {**r, "device": device_label()})
             log(f"{name}: AutoAttack images {i}-{i + AA_CHUNK}: {r['robust_acc']:.3f} ({r['time_s']:.0f} s)")
         chunks.append(read_json(f))
     pgd = read_json(pgd_file)
@@ -382,6 +412,7 @@ def evaluate_weights(weights: Path, out_dir: Path, budget: Budget, name: str) ->
         "aa_acc": sum(c["robust_acc"] * c["n"] for c in chunks) / n, "aa_clean_acc": sum(c["clean_acc"] * c["n"] for c in chunks) / n,
         "n_aa": n, "aa_library": chunks[0]["library"], "aa_warnings": sorted({w for c in chunks for w in c["warnings"]}),
         "eval_time_s": pgd["time_s"] + sum(c["time_s"] for c in chunks),
+        "eval_devices": sorted({c.get("device", LEGACY_DEVICE) for c in (pgd, *chunks)}),
     }
 
 
@@ -433,7 +464,8 @@ def do_arm(arm: str, seed: int, lam: float, budget: Budget) -> None:
     rows = rows_of(run)
     write_json(out, {"arm": arm, "seed": seed, "label": ARMS[arm][3], "lam": lam if arm in CLAT_ARMS else None, "test": res,
                      "trainable_params": summary["trainable_params_last"], "total_params": summary["total_params"],
-                     "train_time_s": summary["train_time_s"], "rows": rows, "selection_history": summary["selection_history"]})
+                     "train_time_s": summary["train_time_s"], "train_devices": train_devices(run),
+                     "rows": rows, "selection_history": summary["selection_history"]})
     log(f"{arm} seed {seed}: done")
 
 
@@ -448,16 +480,19 @@ def plan() -> list[tuple[str, bool]]:
     return items
 
 
-def run_all(budget: Budget) -> None:
+def run_all(budget: Budget, seeds: tuple[int, ...] | None = None, arms: list[str] | None = None) -> None:
+    """Every work item in order. ``seeds``/``arms`` restrict the arm items to a subset: parallel workers (one
+    per arm, say, on a GPU) each take their own; the shared items before them must be done already then."""
     b = do_pretraining(budget)
     do_trades_pretraining(budget, b["epoch"])
     lam = do_lambda_sweep(budget)
     do_reference("pgd_at", budget)
     do_reference("trades", budget)
-    for seed in SEEDS:
-        for arm in ARMS:
+    for seed in seeds or SEEDS:
+        for arm in arms or ARMS:
             do_arm(arm, seed, lam, budget)
-    do_pilot(budget)
+    if arms is None and seeds is None:
+        do_pilot(budget)
 
 
 def main(argv=None) -> int:
@@ -468,12 +503,28 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", choices=sorted(PAPER_SCALE), help="the same study at paper scale on a GPU (configs/study/paper/)")
     ap.add_argument("--data-root", default=str(REPO / "data"), help="with --scale: where full CIFAR lives or is downloaded to")
     ap.add_argument("--smoke", metavar="DIR", help="the whole pipeline at toy size in DIR (a check of this script, ~2 min)")
+    ap.add_argument("--seeds", type=int, nargs="+", metavar="N", help=f"run the arms with these seeds only (default {' '.join(map(str, SEEDS))})")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM", help="run these arms only: " + ", ".join(ARMS))
+    ap.add_argument("--no-report", action="store_true", help="do not render docs/results.md (parallel workers)")
+    ap.add_argument("--check-shared", action="store_true", help="only check that the items all arms share are done (exit 1 if not)")
     args = ap.parse_args(argv)
+    if (args.seeds or args.arms) and not args.no_report:
+        ap.error("--seeds/--arms start a worker on a subset of the items: add --no-report (render once, after all workers, with --report)")
+    if args.seeds and min(args.seeds) < 0:
+        ap.error("--seeds: seeds are non-negative integers")
     if args.scale:
         configure_paper(args.scale, Path(args.data_root).resolve())
     if args.smoke:
         configure_smoke(Path(args.smoke).resolve())
     sys.modules.setdefault("study", sys.modules[__name__])  # study_report reads this module's (possibly --smoke) settings
+    if args.seeds or args.arms or args.check_shared:
+        missing = [name for name, done in plan() if not done and " seed " not in name and name != (PILOT[0] if PILOT else None)]
+        if missing:  # else every worker would run them itself, in the same folders
+            print(f"study.py: the items all arms share are not done yet ({', '.join(missing)}): run `python scripts/study.py` "
+                  "(without --seeds/--arms) until the arms start, then start the workers", file=sys.stderr)
+            return 1
+        if args.check_shared:
+            return 0
     if args.plan:
         for name, done in plan():
             print(f"[{'x' if done else ' '}] {name}")
@@ -486,10 +537,12 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", message=".*without checking their checksums.*")
         t0 = time.time()
         try:
-            run_all(Budget(args.hours))
-            log("the study is complete")
+            run_all(Budget(args.hours), tuple(args.seeds) if args.seeds else None, args.arms)
+            log("the study is complete" if not (args.seeds or args.arms) else "this worker's items are done")
         except OutOfTime:
             log(f"time budget used ({(time.time() - t0) / 3600:.2f} h): run the same command again to continue")
+    if args.no_report:
+        return 0
     from study_report import render
 
     render()

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from clat.report import _figure, _save
-from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, SEEDS, STUDY, TEXT, best_row, plan, read_json
+from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, LEGACY_DEVICE, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, SEEDS, STUDY, TEXT, best_row, plan, read_json
 
 
 def _rel(p: Path) -> Path:
@@ -23,6 +23,25 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 REFERENCE = "pgd_at_cont"
 PAIRS = [(a, REFERENCE) for a in ARMS if a != REFERENCE and ARMS[a][0] == "pgd_at"] + [("trades_clat", "trades_cont"),
                                                                                        ("trades_clat", REFERENCE)]
+
+
+def train_device(r: dict) -> str:
+    return " + ".join(r.get("train_devices") or [LEGACY_DEVICE])
+
+
+def short_device(dev: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``H100``; ``CPU (2 threads)`` -> ``CPU``."""
+    return dev.removeprefix("NVIDIA ").split()[0]
+
+
+def devices_by_seed(res: dict[str, dict[int, dict]]) -> str:
+    """Which machine trained which seeds, e.g. ``seeds 0, 1, 2 on CPU (2 threads); seed 3 on NVIDIA H100``."""
+    by_dev: dict[str, set[int]] = {}
+    for by_seed in res.values():
+        for s, r in by_seed.items():
+            by_dev.setdefault(train_device(r), set()).add(s)
+    return "; ".join(f"seed{'s' if len(v) > 1 else ''} {', '.join(map(str, sorted(v)))} on {d}"
+                     for d, v in sorted(by_dev.items(), key=lambda kv: min(kv[1])))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -41,9 +60,11 @@ def fmt(values: list[float]) -> str:
 
 
 def arm_results() -> dict[str, dict[int, dict]]:
+    """Every finished arm run by seed: the planned SEEDS and any others a worker ran (``study.py --seeds``)."""
     out: dict[str, dict[int, dict]] = {a: {} for a in ARMS}
     for a in ARMS:
-        for s in SEEDS:
+        seeds = {int(f.stem[len(a) + 2:]) for f in RESULTS.glob(f"{a}_s*.json") if f.stem[len(a) + 2:].isdigit()}
+        for s in sorted(seeds | set(SEEDS)):
             r = read_json(RESULTS / f"{a}_s{s}.json")
             if r is not None:
                 out[a][s] = r
@@ -177,6 +198,15 @@ def render() -> None:
     w(f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in LAMBDAS)} on the validation split (seed 0), the best used by every CLAT arm.")
     w(f"- **Seeds**: {len(SEEDS)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data order). "
       "The final checkpoint of each arm is evaluated (no early stopping: every arm gets the same epochs).")
+    if len({train_device(r) for v in res.values() for r in v.values()}) > 1:
+        seeds = sorted({s for v in res.values() for s in v})
+        mixed = [s for s in seeds if len({train_device(v[s]) for v in res.values() if s in v}) > 1]
+        w(f"- **Machines**: trained with {devices_by_seed(res)} (the GPU with `scripts/study_gpu.sh`, one worker per arm), with the "
+          "same code, configs and fp32 arithmetic. "
+          + (f"Seed{'s' if len(mixed) > 1 else ''} {', '.join(map(str, mixed))} mixed machines between arms, so its paired "
+             "differences compare machines too." if mixed else
+             "All arms of a seed were trained on the same machine, so the paired comparison never compares machines.")
+          + " Where an arm's evaluation was split between machines, each attack chunk records its own (`study/eval/`).")
     w(f"- **Evaluation** (test images): clean and PGD-{PGD['steps']} accuracy, worst case of {PGD['restarts']} restarts, on all "
       f"{N_TEST_PGD:,}; standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; `pyautoattack`) on the first {N_TEST_AA:,}. "
       "95% confidence intervals are Student-t intervals over seeds; the paired comparison takes per-seed differences.")
@@ -207,7 +237,8 @@ def render() -> None:
         w("")
     w("## Results on the test images")
     w("")
-    w(f"Mean ± 95% CI over seeds, in %. Trainable parameters are those of the last epoch; time is training time per arm on {TEXT['machine']}.")
+    w("Mean ± 95% CI over seeds, in %. Trainable parameters are those of the last epoch; time is training time per arm, the mean "
+      "on each machine (× the number of seeds it trained).")
     w("")
     w(f"Clean and PGD on all {N_TEST_PGD:,} test images; AutoAttack on the first {N_TEST_AA:,}, with PGD on those same images "
       "beside it (AutoAttack should never be above it).")
@@ -228,9 +259,12 @@ def render() -> None:
         # Layer choices can differ between seeds (random layers): show the range, not seed 0's count.
         tp_txt = (f"{tps[0]:,} ({100 * tps[0] / tot:.1f}%)" if len(tps) == 1 else
                   f"{tps[0]:,}–{tps[-1]:,} ({100 * tps[0] / tot:.1f}–{100 * tps[-1] / tot:.1f}%)")
-        t = statistics.fmean(x["train_time_s"] for x in v)
+        by_dev: dict[str, list[float]] = {}
+        for x in v:
+            by_dev.setdefault(short_device(train_device(x)), []).append(x["train_time_s"])
+        t_txt = " · ".join(f"{statistics.fmean(ts) / 60:.1f} min ({d} ×{len(ts)})" for d, ts in by_dev.items())
         w(f"| {ARMS[a][3]} | {len(v)} | {fmt([x['test']['clean_acc'] for x in v])} | {fmt([x['test']['pgd20x5_acc'] for x in v])} | "
-          f"{fmt([x['test']['pgd20x5_acc_aa_images'] for x in v])} | {fmt([x['test']['aa_acc'] for x in v])} | {tp_txt} | {t / 60:.1f} min |")
+          f"{fmt([x['test']['pgd20x5_acc_aa_images'] for x in v])} | {fmt([x['test']['aa_acc'] for x in v])} | {tp_txt} | {t_txt} |")
     w("")
     w("### Paired comparison (per-seed difference, percentage points, mean ± 95% CI)")
     w("")
@@ -295,9 +329,13 @@ def render() -> None:
       + ", ".join(f"`python scripts/study.py --scale {p} --data-root DATA`" for p in PAPER_SCALE)
       + " (configs in `configs/study/paper/`; each renders its own `docs/results_<preset>.md`).")
     w("")
-    w(f"Measured cost on {TEXT['machine']}: the training times are in the table above; evaluation adds "
-      + (f"{statistics.fmean(x['test']['eval_time_s'] for v in res.values() for x in v.values()) / 60:.0f} min per run"
-         if any(res.values()) else "its own time") + ". " + TEXT["sessions"])
+    evals: dict[str, list[float]] = {}  # evaluation time per run, by the machine(s) that evaluated it
+    for v in res.values():
+        for x in v.values():
+            evals.setdefault(" + ".join(x["test"].get("eval_devices", [LEGACY_DEVICE])), []).append(x["test"]["eval_time_s"])
+    w("Measured cost: the training times are in the table above; evaluation adds "
+      + ("; ".join(f"{statistics.fmean(t) / 60:.0f} min per run on {d} ({len(t)} runs)" for d, t in evals.items()) if evals else "its own time")
+      + ". " + TEXT["sessions"])
     DOC.write_text("\n".join(L) + "\n")
 
 

@@ -20,6 +20,10 @@ def test_study_pipeline_at_toy_size_renders_results_and_resumes(tmp_path, shared
     monkeypatch.setattr(study, "CLAT_ARMS", {"clat", "trades_clat"})
     assert study.main(["--smoke", str(tmp_path), "--hours", "0"]) == 0  # budget spent at once: nothing done, report renders
     assert "0 of" in (tmp_path / "results.md").read_text()
+    # parallel workers (--seeds/--arms) refuse to start before the items every arm shares are done
+    assert study.main(["--smoke", str(tmp_path), "--arms", "clat", "--no-report"]) == 1
+    with pytest.raises(SystemExit):  # a worker must not render the shared report
+        study.main(["--smoke", str(tmp_path), "--seeds", "2", "--arms", "clat"])
 
     # a session that ends after two epochs of pretraining: the run is kept in study/partial/ ...
     real_check, calls = study.Budget.check, []
@@ -62,10 +66,62 @@ def test_study_pipeline_at_toy_size_renders_results_and_resumes(tmp_path, shared
     assert after["rows"] == before["rows"] and after["test"]["aa_acc"] == before["test"]["aa_acc"]
     assert (tmp_path / "study" / "eval" / "clat_s1" / "aa_00004.json").is_file()
     assert not (tmp_path / "study" / "partial" / "clat_s1").exists()
+    # every result records the machines that trained and evaluated it
+    assert after["train_devices"] == [study.device_label()] and after["test"]["eval_devices"] == [study.device_label()]
+    # a worker of a parallel run (scripts/study_gpu.sh): one arm, a seed beyond the plan, no report
+    assert study.main(["--smoke", str(tmp_path), "--seeds", "2", "--arms", "clat", "--no-report"]) == 0
+    results = tmp_path / "study" / "results"
+    assert sorted(f.name for f in results.glob("*_s2.json")) == ["clat_s2.json"]
+    # a seed trained on another machine: the report names the machines by seed and times them apart
+    r2 = json.loads((results / "clat_s2.json").read_text())
+    r2["train_devices"] = ["NVIDIA H100 80GB HBM3"]
+    (results / "clat_s2.json").write_text(json.dumps(r2))
+    assert study.main(["--smoke", str(tmp_path), "--report"]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "seed 2 on NVIDIA H100 80GB HBM3" in text and "| CLAT (k=1, dynamic) | 3 |" in text
+    assert "(CPU ×2) · " in text and "(H100 ×1) |" in text
     # only the latest checkpoint and the best validation epoch's are kept on disk
     for run in (tmp_path / "runs").iterdir():
         if (run / "checkpoints").is_dir():
             assert 1 <= len(list((run / "checkpoints").glob("epoch_*"))) <= 2, run
+    for m in ("study", "study_report"):
+        sys.modules.pop(m, None)
+
+
+@pytest.mark.slow
+def test_study_gpu_script_runs_one_worker_per_arm_and_packs_what_they_wrote(tmp_path, shared_cifar, monkeypatch):
+    """scripts/study_gpu.sh (more seeds on a lent GPU): workers in parallel, their output packed in <16 MiB parts."""
+    import subprocess
+    import tarfile
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    for m in ("study", "study_report"):
+        sys.modules.pop(m, None)
+    study = importlib.import_module("study")
+    env = {**__import__("os").environ, "PY": sys.executable, "HOURS": "1", "ARMS": "pgd_at_cont clat", "LOGS": str(tmp_path / "logs"),
+           "STUDY_ARGS": f"--smoke {tmp_path}", "STUDY_DIR": str(tmp_path / "study"), "OUT": str(tmp_path / "out")}
+    (tmp_path / "out").mkdir()
+    script = ["bash", str(REPO / "scripts" / "study_gpu.sh"), "5"]
+    r = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "not done yet" in r.stderr + r.stdout  # no shared items yet: no worker starts
+    study.configure_smoke(tmp_path)  # the items all arms share: pretraining, λ, the branch evaluations
+    budget = study.Budget(1)
+    study.do_trades_pretraining(budget, study.do_pretraining(budget)["epoch"])
+    study.do_lambda_sweep(budget)
+    study.do_reference("pgd_at", budget)
+    study.do_reference("trades", budget)
+    r = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all workers ended" in r.stdout
+    parts = sorted((tmp_path / "out").glob("study.tgz.*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    (tmp_path / "joined.tgz").write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(tmp_path / "joined.tgz") as t:
+        names = t.getnames()
+    for arm in ("pgd_at_cont", "clat"):
+        assert any(n.endswith(f"study/results/{arm}_s5.json") for n in names), names
+        assert any(n.endswith(f"logs/{arm}.log") for n in names)
+    assert not any(n.endswith("branch.json") for n in names)  # only what the workers wrote
     for m in ("study", "study_report"):
         sys.modules.pop(m, None)
 
