@@ -10,12 +10,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_study_pipeline_at_toy_size_renders_results_and_resumes(tmp_path, shared_cifar, monkeypatch):
+@pytest.fixture
+def study(monkeypatch):
+    """scripts/study.py imported afresh (its module globals are reconfigured by the tests), dropped afterwards."""
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     for m in ("study", "study_report"):
         sys.modules.pop(m, None)
-    study = importlib.import_module("study")
+    yield importlib.import_module("study")
+    for m in ("study", "study_report"):
+        sys.modules.pop(m, None)
+
+
+@pytest.mark.slow
+def test_study_pipeline_at_toy_size_renders_results_and_resumes(study, tmp_path, shared_cifar, monkeypatch):
     monkeypatch.setattr(study, "ARMS", {k: study.ARMS[k] for k in ("pgd_at_cont", "clat", "trades_cont", "trades_clat")})
     monkeypatch.setattr(study, "CLAT_ARMS", {"clat", "trades_clat"})
     assert study.main(["--smoke", str(tmp_path), "--hours", "0"]) == 0  # budget spent at once: nothing done, report renders
@@ -84,20 +91,14 @@ def test_study_pipeline_at_toy_size_renders_results_and_resumes(tmp_path, shared
     for run in (tmp_path / "runs").iterdir():
         if (run / "checkpoints").is_dir():
             assert 1 <= len(list((run / "checkpoints").glob("epoch_*"))) <= 2, run
-    for m in ("study", "study_report"):
-        sys.modules.pop(m, None)
 
 
 @pytest.mark.slow
-def test_study_gpu_script_runs_one_worker_per_arm_and_packs_what_they_wrote(tmp_path, shared_cifar, monkeypatch):
+def test_study_gpu_script_runs_one_worker_per_arm_and_packs_what_they_wrote(study, tmp_path, shared_cifar):
     """scripts/study_gpu.sh (more seeds on a lent GPU): workers in parallel, their output packed in <16 MiB parts."""
     import subprocess
     import tarfile
 
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    for m in ("study", "study_report"):
-        sys.modules.pop(m, None)
-    study = importlib.import_module("study")
     env = {**__import__("os").environ, "PY": sys.executable, "HOURS": "1", "ARMS": "pgd_at_cont clat", "LOGS": str(tmp_path / "logs"),
            "STUDY_ARGS": f"--smoke {tmp_path}", "STUDY_DIR": str(tmp_path / "study"), "OUT": str(tmp_path / "out")}
     (tmp_path / "out").mkdir()
@@ -122,17 +123,11 @@ def test_study_gpu_script_runs_one_worker_per_arm_and_packs_what_they_wrote(tmp_
         assert any(n.endswith(f"study/results/{arm}_s5.json") for n in names), names
         assert any(n.endswith(f"logs/{arm}.log") for n in names)
     assert not any(n.endswith("branch.json") for n in names)  # only what the workers wrote
-    for m in ("study", "study_report"):
-        sys.modules.pop(m, None)
 
 
 @pytest.mark.parametrize("name", ["cifar10_preact_resnet18", "cifar10_wrn34_10", "cifar100_preact_resnet18", "cifar100_wrn34_10"])
-def test_paper_scale_presets_configure_every_arm(name, tmp_path, monkeypatch):
+def test_paper_scale_presets_configure_every_arm(name, study, tmp_path):
     """--scale NAME points the same study at full CIFAR on a GPU: its own folders, 50-epoch arms, the model's k."""
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    for m in ("study", "study_report"):
-        sys.modules.pop(m, None)
-    study = importlib.import_module("study")
     assert set(study.PAPER_SCALE) == {"cifar10_preact_resnet18", "cifar10_wrn34_10", "cifar100_preact_resnet18", "cifar100_wrn34_10"}
     study.configure_paper(name, tmp_path / "data")
     dataset, model = name.split("_", 1)
@@ -151,5 +146,3 @@ def test_paper_scale_presets_configure_every_arm(name, tmp_path, monkeypatch):
     text = study.DOC.read_text()
     assert ("full CIFAR-100" if dataset == "cifar100" else "full CIFAR-10") in text and "subset" not in text
     assert f"--scale {name}" in text
-    for m in ("study", "study_report"):
-        sys.modules.pop(m, None)
