@@ -247,16 +247,18 @@ def restore_partial(run: Path) -> None:
         log(f"{run.name}: continuing the run saved in {src.relative_to(STUDY.parent)}")
 
 
-def run_training(run: Path, cfg, budget: Budget, until: int | None = None) -> None:
+def run_training(run: Path, cfg, budget: Budget, until: int | None = None, keep_partial: bool = False) -> None:
     """Train ``cfg`` in ``run`` one epoch per call of clat.train, resuming, until done (or ``until``).
-    When the budget ends first, the run is saved to study/partial/ for the next session."""
+    When the budget ends first, the run is saved to study/partial/ for the next session. ``keep_partial``:
+    leave a saved copy there (the caller drops it once the item is finished: an arm's evaluation follows)."""
     restore_partial(run)
     try:
         _train_epochs(run, cfg, budget, until)
     except OutOfTime:
         save_partial(run)
         raise
-    shutil.rmtree(STUDY / "partial" / run.name, ignore_errors=True)
+    if not keep_partial:
+        shutil.rmtree(STUDY / "partial" / run.name, ignore_errors=True)
 
 
 def best_row(rows: list[dict]) -> dict:
@@ -454,7 +456,9 @@ def do_arm(arm: str, seed: int, lam: float, budget: Budget) -> None:
     run = RUNS / f"{arm}_s{seed}"
     if arm == "clat" and seed == 0 and (RUNS / f"lam_{lam:g}" / "summary.json").is_file() and not run.exists():
         shutil.copytree(RUNS / f"lam_{lam:g}", run)  # the sweep's run with the chosen λ is this arm's seed-0 run
-    run_training(run, arm_cfg(arm, seed, lam if arm in CLAT_ARMS else None), budget)
+    # The trained weights stay in study/partial/ until the result is written: a session killed during the
+    # evaluation (not only one whose budget ends) must not leave them only in runs/, which is not committed.
+    run_training(run, arm_cfg(arm, seed, lam if arm in CLAT_ARMS else None), budget, keep_partial=True)
     try:
         res = evaluate_weights(run / "model.safetensors", STUDY / "eval" / run.name, budget, run.name)
     except OutOfTime:
@@ -466,6 +470,7 @@ def do_arm(arm: str, seed: int, lam: float, budget: Budget) -> None:
                      "trainable_params": summary["trainable_params_last"], "total_params": summary["total_params"],
                      "train_time_s": summary["train_time_s"], "train_devices": train_devices(run),
                      "rows": rows, "selection_history": summary["selection_history"]})
+    shutil.rmtree(STUDY / "partial" / run.name, ignore_errors=True)
     log(f"{arm} seed {seed}: done")
 
 

@@ -125,6 +125,34 @@ def test_study_gpu_script_runs_one_worker_per_arm_and_packs_what_they_wrote(stud
     assert not any(n.endswith("branch.json") for n in names)  # only what the workers wrote
 
 
+def test_trained_arm_stays_in_partial_until_its_result_is_written(study, tmp_path, monkeypatch):
+    """A session killed during an arm's evaluation (not only one whose budget ends) keeps the trained
+    weights in study/partial/ (committed); only the written result lets them go."""
+    study.configure_smoke(tmp_path)
+    partial = study.STUDY / "partial" / "clat_s3"
+    partial.mkdir(parents=True)
+    summary = {"trainable_params_last": 5, "total_params": 10, "train_time_s": 1.0, "selection_history": []}
+    (partial / "summary.json").write_text(json.dumps(summary))
+    (partial / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    (partial / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(study, "arm_cfg", lambda *a: None)
+    monkeypatch.setattr(study, "_train_epochs", lambda *a: None)  # already trained: nothing to do
+
+    def killed(*a):
+        raise KeyboardInterrupt  # what a session's end does to the process
+
+    monkeypatch.setattr(study, "evaluate_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        study.do_arm("clat", 3, 0.1, study.Budget(1))
+    assert (partial / "model.safetensors").read_bytes() == b"weights"
+    assert (study.RUNS / "clat_s3" / "model.safetensors").is_file()  # restored for the evaluation
+
+    monkeypatch.setattr(study, "evaluate_weights", lambda *a: {"clean_acc": 0.5})
+    study.do_arm("clat", 3, 0.1, study.Budget(1))
+    assert json.loads((study.RESULTS / "clat_s3.json").read_text())["test"] == {"clean_acc": 0.5}
+    assert not partial.exists()
+
+
 @pytest.mark.parametrize("name", ["cifar10_preact_resnet18", "cifar10_wrn34_10", "cifar100_preact_resnet18", "cifar100_wrn34_10"])
 def test_paper_scale_presets_configure_every_arm(name, study, tmp_path):
     """--scale NAME points the same study at full CIFAR on a GPU: its own folders, 50-epoch arms, the model's k."""
