@@ -207,19 +207,24 @@ class Budget:
 
 
 # -- training in chunks --------------------------------------------------------------------
+def partial_dir(run: Path) -> Path:
+    """Where an unfinished item's run is kept across sessions (committed; runs/ is not)."""
+    return STUDY / "partial" / run.name
+
+
 def save_partial(run: Path) -> None:
     """Keep an unfinished run across sessions (runs/ is not committed): its config, metrics, latest
     checkpoint and the weights of its best validation epoch go to study/partial/<run>/."""
     from clat.train import Checkpoints
 
-    dst = STUDY / "partial" / run.name
+    dst = partial_dir(run)
     if (run / "summary.json").is_file():  # finished training: its final weights and records are enough
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
         for f in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", DEVICE_FILE):
             if f != DEVICE_FILE or (run / f).is_file():
                 shutil.copy(run / f, dst / f)
-        log(f"{run.name}: trained weights saved to {dst.relative_to(STUDY.parent)} (evaluation continues next session)")
+        log(f"{run.name}: trained weights kept in {dst.relative_to(STUDY.parent)} until its evaluation is written")
         return
     latest = Checkpoints(run, 1).latest_valid()
     if latest is None:
@@ -241,7 +246,7 @@ def save_partial(run: Path) -> None:
 
 
 def restore_partial(run: Path) -> None:
-    src = STUDY / "partial" / run.name
+    src = partial_dir(run)
     if src.is_dir() and not run.exists():
         shutil.copytree(src, run)
         log(f"{run.name}: continuing the run saved in {src.relative_to(STUDY.parent)}")
@@ -258,7 +263,7 @@ def run_training(run: Path, cfg, budget: Budget, until: int | None = None, keep_
         save_partial(run)
         raise
     if not keep_partial:
-        shutil.rmtree(STUDY / "partial" / run.name, ignore_errors=True)
+        shutil.rmtree(partial_dir(run), ignore_errors=True)
 
 
 def best_row(rows: list[dict]) -> dict:
@@ -324,7 +329,7 @@ def do_pretraining(budget: Budget) -> dict:
     CKPTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "checkpoints" / f"epoch_{p - 1:04d}" / "model.safetensors", CKPTS / "pgd_at_branch.safetensors")
     write_json(RESULTS / "pgd_at_pretrain.json", {"config": str(PRETRAIN_CFG.relative_to(REPO)), "rows": rows,
-                                                 "summary": read_json(run / "summary.json")})
+                                                 "summary": read_json(run / "summary.json"), "train_devices": train_devices(run)})
     b = {"epoch": p, "val": best["val"], "rule": "epoch of the highest validation PGD-10 accuracy (earliest on ties)",
          "last_val": rows[-1]["val"], "epochs": len(rows)}
     write_json(RESULTS / "branch.json", b)
@@ -456,21 +461,20 @@ def do_arm(arm: str, seed: int, lam: float, budget: Budget) -> None:
     run = RUNS / f"{arm}_s{seed}"
     if arm == "clat" and seed == 0 and (RUNS / f"lam_{lam:g}" / "summary.json").is_file() and not run.exists():
         shutil.copytree(RUNS / f"lam_{lam:g}", run)  # the sweep's run with the chosen λ is this arm's seed-0 run
-    # The trained weights stay in study/partial/ until the result is written: a session killed during the
-    # evaluation (not only one whose budget ends) must not leave them only in runs/, which is not committed.
     run_training(run, arm_cfg(arm, seed, lam if arm in CLAT_ARMS else None), budget, keep_partial=True)
-    try:
-        res = evaluate_weights(run / "model.safetensors", STUDY / "eval" / run.name, budget, run.name)
-    except OutOfTime:
-        save_partial(run)  # trained, not fully evaluated: keep its weights (the finished attack chunks are in study/eval/)
-        raise
+    # The trained weights go to study/partial/ before the evaluation and stay until the result is written: a
+    # session that ends or is killed during it must not leave them only in runs/, which is not committed.
+    # (The finished attack chunks are kept in study/eval/ as they are done.)
+    if not (partial_dir(run) / "summary.json").is_file():
+        save_partial(run)
+    res = evaluate_weights(run / "model.safetensors", STUDY / "eval" / run.name, budget, run.name)
     summary = read_json(run / "summary.json")
     rows = rows_of(run)
     write_json(out, {"arm": arm, "seed": seed, "label": ARMS[arm][3], "lam": lam if arm in CLAT_ARMS else None, "test": res,
                      "trainable_params": summary["trainable_params_last"], "total_params": summary["total_params"],
                      "train_time_s": summary["train_time_s"], "train_devices": train_devices(run),
                      "rows": rows, "selection_history": summary["selection_history"]})
-    shutil.rmtree(STUDY / "partial" / run.name, ignore_errors=True)
+    shutil.rmtree(partial_dir(run), ignore_errors=True)
     log(f"{arm} seed {seed}: done")
 
 

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,8 +47,6 @@ def test_study_pipeline_at_toy_size_renders_results_and_resumes(study, tmp_path,
     partial = tmp_path / "study" / "partial" / "pgd_at_pretrain"
     assert len((partial / "metrics.jsonl").read_text().splitlines()) == 2
     # ... and the next session, on a fresh clone (no runs/), continues it from epoch 3
-    import shutil
-
     shutil.rmtree(tmp_path / "runs")
     monkeypatch.setattr(study.Budget, "check", real_check)
     assert study.main(["--smoke", str(tmp_path)]) == 0
@@ -56,6 +55,8 @@ def test_study_pipeline_at_toy_size_renders_results_and_resumes(study, tmp_path,
     assert [r["epoch"] for r in pre["rows"]] == [1, 2, 3]
     text = (tmp_path / "results.md").read_text()
     assert "the study is complete" in text and "TRADES + CLAT − TRADES continued" in text
+    assert "### CLAT against its ablations" in text and "In total, the runs behind this page took" in text
+    assert "| arm − its branch checkpoint |" in text
     r = json.loads((tmp_path / "study" / "results" / "clat_s1.json").read_text())
     assert r["trainable_params"] < r["total_params"] and r["test"]["n_aa"] == 8 and len(r["rows"]) == 2
     assert r["test"]["aa_acc"] <= r["test"]["aa_clean_acc"]
@@ -150,6 +151,41 @@ def test_trained_arm_stays_in_partial_until_its_result_is_written(study, tmp_pat
     monkeypatch.setattr(study, "evaluate_weights", lambda *a: {"clean_acc": 0.5})
     study.do_arm("clat", 3, 0.1, study.Budget(1))
     assert json.loads((study.RESULTS / "clat_s3.json").read_text())["test"] == {"clean_acc": 0.5}
+    assert not partial.exists()
+
+
+def test_arm_trained_this_session_is_kept_in_partial_before_its_evaluation(study, tmp_path, monkeypatch):
+    """An arm trained from scratch in this session has its weights copied to study/partial/ before the
+    evaluation starts, so a session killed during the evaluation loses no training."""
+    study.configure_smoke(tmp_path)
+    summary = {"trainable_params_last": 5, "total_params": 10, "train_time_s": 1.0, "selection_history": []}
+
+    def train(run, *a):
+        if (run / "summary.json").is_file():
+            return  # trained already (what clat.train does then)
+        assert not study.partial_dir(run).exists(), "a fresh arm: nothing saved yet"
+        run.mkdir(parents=True, exist_ok=True)
+        for name, text in (("config.yaml", "x: 1\n"), ("metrics.jsonl", json.dumps({"epoch": 1}) + "\n"),
+                           ("summary.json", json.dumps(summary)), ("model.safetensors", "trained")):
+            (run / name).write_text(text)
+
+    monkeypatch.setattr(study, "arm_cfg", lambda *a: None)
+    monkeypatch.setattr(study, "_train_epochs", train)
+
+    def killed(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "evaluate_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        study.do_arm("lora", 3, 0.1, study.Budget(1))
+    partial = study.partial_dir(study.RUNS / "lora_s3")
+    assert (partial / "model.safetensors").read_text() == "trained"
+    assert json.loads((partial / "summary.json").read_text()) == summary
+    # the next session (a fresh clone: no runs/) evaluates those weights without training again
+    shutil.rmtree(study.RUNS / "lora_s3")
+    monkeypatch.setattr(study, "evaluate_weights", lambda path, *a: {"weights": path.read_text()})
+    study.do_arm("lora", 3, 0.1, study.Budget(1))
+    assert json.loads((study.RESULTS / "lora_s3.json").read_text())["test"] == {"weights": "trained"}
     assert not partial.exists()
 
 
