@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from clat.report import _figure, _save
-from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, LEGACY_DEVICE, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, SEEDS, STUDY, TEXT, best_row, plan, read_json
+from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, LEGACY_DEVICE, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, RUNS, SEEDS, STUDY, TEXT, best_row, plan, read_json
 
 
 def _rel(p: Path) -> Path:
@@ -23,6 +23,8 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 REFERENCE = "pgd_at_cont"
 PAIRS = [(a, REFERENCE) for a in ARMS if a != REFERENCE and ARMS[a][0] == "pgd_at"] + [("trades_clat", "trades_cont"),
                                                                                        ("trades_clat", REFERENCE)]
+# Is it CLAT's own ingredients that help? CLAT against each ablation and the other parameter-efficient methods.
+CLAT_PAIRS = [("clat", a) for a in ARMS if a not in ("clat", REFERENCE) and ARMS[a][0] == "pgd_at"]
 
 
 def train_device(r: dict) -> str:
@@ -168,6 +170,69 @@ def plot_criticality(run: dict) -> str | None:
     return _save(ax.figure, IMG / f"{IMG_PREFIX}criticality.png").name
 
 
+def paired_table(res: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], head: str) -> list[str]:
+    """Markdown rows: per-seed differences ``a − ref`` over the seeds both have, mean ± 95% CI, ``*`` where it excludes 0."""
+    L = [f"| {head} | seeds | Δ clean | Δ PGD | Δ AutoAttack |", "|---|---|---|---|---|"]
+    for a, ref in pairs:
+        common = sorted(set(res.get(a, {})) & set(res.get(ref, {})))
+        if not common:
+            continue
+        cells = []
+        for key in ("clean_acc", "pgd20x5_acc", "aa_acc"):
+            d = [res[a][s]["test"][key] - res[ref][s]["test"][key] for s in common]
+            m, h = mean_ci(d)
+            cells.append(f"{round(100 * m, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+                         + (f" ± {100 * h:.1f}" if h is not None else "") + (" *" if h is not None and abs(m) > h else ""))
+        L.append(f"| {ARMS[a][3]} − {ARMS[ref][3]} | {len(common)} | " + " | ".join(cells) + " |")
+    if len(L) == 2:
+        L.append("| (no pair finished yet) | | | | |")
+    return L
+
+
+def branch_table(res: dict[str, dict[int, dict]]) -> list[str]:
+    """Markdown rows: each arm minus the (single, seedless) evaluation of the checkpoint it branched from, i.e.
+    what its extra epochs bought over stopping at P. The interval is over the arm's seeds only."""
+    L = ["| arm − its branch checkpoint | seeds | Δ clean | Δ PGD | Δ AutoAttack |", "|---|---|---|---|---|"]
+    for a, by_seed in res.items():
+        ref = read_json(RESULTS / f"{ARMS[a][0]}_branch_eval.json")
+        if ref is None or not by_seed:
+            continue
+        cells = []
+        for key in ("clean_acc", "pgd20x5_acc", "aa_acc"):
+            m, h = mean_ci([x["test"][key] - ref[key] for x in by_seed.values()])
+            cells.append(f"{round(100 * m, 1) + 0.0:+.1f}" + (f" ± {100 * h:.1f}" if h is not None else "")
+                         + (" *" if h is not None and abs(m) > h else ""))
+        L.append(f"| {ARMS[a][3]} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    return L
+
+
+def compute_total(res: dict[str, dict[int, dict]], pre: dict | None) -> list[str]:
+    """One line: the measured hours behind the page, by machine (training and evaluation of every arm, the pretraining)."""
+    train: dict[str, float] = {}
+    evals: dict[str, float] = {}
+    for v in res.values():
+        for x in v.values():
+            d = short_device(train_device(x))
+            train[d] = train.get(d, 0.0) + x["train_time_s"]
+            d = " + ".join(short_device(e) for e in x["test"].get("eval_devices", [LEGACY_DEVICE]))
+            evals[d] = evals.get(d, 0.0) + x["test"]["eval_time_s"]
+    for ref in ("pgd_at", "trades"):
+        r = read_json(RESULTS / f"{ref}_branch_eval.json")
+        if r is not None:
+            d = " + ".join(short_device(e) for e in r.get("eval_devices", [LEGACY_DEVICE]))
+            evals[d] = evals.get(d, 0.0) + r["eval_time_s"]
+    if not train:
+        return []
+    hours = lambda t: ", ".join((f"{v / 3600:.1f} h" if v >= 3600 else f"{v / 60:.0f} min") + f" on {d}" for d, v in sorted(t.items()))
+    pre_txt = ""
+    if pre and "summary" in pre:
+        pre_dev = " + ".join(short_device(d) for d in pre.get("train_devices", [LEGACY_DEVICE]))
+        pre_txt = f"; the PGD-AT pretraining {pre['summary']['train_time_s'] / 3600:.1f} h on {pre_dev}"
+    return [f"In total, the runs behind this page took: training the arms {hours(train)}{pre_txt}; evaluating them and the "
+            f"branch checkpoints {hours(evals)}. Not counted: the TRADES pretraining to P, the λ sweep's other runs and "
+            "the first attempt."]
+
+
 def render() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     items = plan()
@@ -268,22 +333,18 @@ def render() -> None:
     w("")
     w("### Paired comparison (per-seed difference, percentage points, mean ± 95% CI)")
     w("")
-    w("| arm − reference | seeds | Δ clean | Δ PGD | Δ AutoAttack |")
-    w("|---|---|---|---|---|")
-    any_pair = False
-    for a, ref in PAIRS:
-        common = sorted(set(res[a]) & set(res[ref]))
-        if not common:
-            continue
-        any_pair = True
-        cells = []
-        for key in ("clean_acc", "pgd20x5_acc", "aa_acc"):
-            d = [res[a][s]["test"][key] - res[ref][s]["test"][key] for s in common]
-            m, h = mean_ci(d)
-            cells.append(f"{100 * m:+.1f}" + (f" ± {100 * h:.1f}" if h is not None else "") + (" *" if h is not None and abs(m) > h else ""))
-        w(f"| {ARMS[a][3]} − {ARMS[ref][3]} | {len(common)} | " + " | ".join(cells) + " |")
-    if not any_pair:
-        w("| (no pair finished yet) | | | | |")
+    L.extend(paired_table(res, PAIRS, "arm − reference"))
+    w("")
+    w("### CLAT against its ablations and the other parameter-efficient methods (per-seed difference, same form)")
+    w("")
+    L.extend(paired_table(res, CLAT_PAIRS, "CLAT − arm"))
+    w("")
+    w("### Each arm against early stopping (the branch checkpoint it started from; same form)")
+    w("")
+    w("What the arm's extra epochs bought over stopping at P. The branch checkpoint is one model evaluated on the same test "
+      "images, so the interval covers only the arm's variation over seeds.")
+    w("")
+    L.extend(branch_table(res))
     w("")
     w("`*`: the 95% interval excludes 0.")
     w("")
@@ -325,6 +386,11 @@ def render() -> None:
     w(f"{TEXT['command']} --report     # re-render this page from {_rel(RESULTS)}/")
     w("```")
     w("")
+    w(f"A clean clone holds every finished piece in `{_rel(STUDY)}/`, so these commands only re-render. To re-measure every number "
+      f"from scratch, remove `{_rel(STUDY)}/` and `{_rel(RUNS)}/` first: the same commands then redo the pretraining, the λ sweep "
+      "and every arm and evaluation. A seed's arms can also be trained on one GPU, one worker per arm, with "
+      "`bash scripts/study_gpu.sh SEED` (as seed 3 was).")
+    w("")
     w("The same study at paper scale on a GPU (full CIFAR-10/100 downloaded and verified, 50 + 50 epochs): "
       + ", ".join(f"`python scripts/study.py --scale {p} --data-root DATA`" for p in PAPER_SCALE)
       + " (configs in `configs/study/paper/`; each renders its own `docs/results_<preset>.md`).")
@@ -336,6 +402,8 @@ def render() -> None:
     w("Measured cost: the training times are in the table above; evaluation adds "
       + ("; ".join(f"{statistics.fmean(t) / 60:.0f} min per run on {d} ({len(t)} runs)" for d, t in evals.items()) if evals else "its own time")
       + ". " + TEXT["sessions"])
+    w("")
+    L.extend(compute_total(res, pre))
     DOC.write_text("\n".join(L) + "\n")
 
 
