@@ -170,6 +170,18 @@ def plot_criticality(run: dict) -> str | None:
     return _save(ax.figure, IMG / f"{IMG_PREFIX}criticality.png").name
 
 
+def diff_cell(d: list[float]) -> str:
+    """Differences (fractions) as a table cell: mean ± 95% CI in points, ``*`` where the interval excludes 0."""
+    m, h = mean_ci(d)
+    return (f"{round(100 * m, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+            + (f" ± {100 * h:.1f}" if h is not None else "") + (" *" if h is not None and abs(m) > h else ""))
+
+
+def devices(names: list[str] | None) -> str:
+    """Recorded machines in short form (``CPU + H100``); results from before they were recorded ran on the CPU."""
+    return " + ".join(short_device(d) for d in names or [LEGACY_DEVICE])
+
+
 def paired_table(res: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], head: str) -> list[str]:
     """Markdown rows: per-seed differences ``a − ref`` over the seeds both have, mean ± 95% CI, ``*`` where it excludes 0."""
     L = [f"| {head} | seeds | Δ clean | Δ PGD | Δ AutoAttack |", "|---|---|---|---|---|"]
@@ -177,57 +189,44 @@ def paired_table(res: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], 
         common = sorted(set(res.get(a, {})) & set(res.get(ref, {})))
         if not common:
             continue
-        cells = []
-        for key in ("clean_acc", "pgd20x5_acc", "aa_acc"):
-            d = [res[a][s]["test"][key] - res[ref][s]["test"][key] for s in common]
-            m, h = mean_ci(d)
-            cells.append(f"{round(100 * m, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
-                         + (f" ± {100 * h:.1f}" if h is not None else "") + (" *" if h is not None and abs(m) > h else ""))
+        cells = [diff_cell([res[a][s]["test"][key] - res[ref][s]["test"][key] for s in common])
+                 for key in ("clean_acc", "pgd20x5_acc", "aa_acc")]
         L.append(f"| {ARMS[a][3]} − {ARMS[ref][3]} | {len(common)} | " + " | ".join(cells) + " |")
     if len(L) == 2:
         L.append("| (no pair finished yet) | | | | |")
     return L
 
 
-def branch_table(res: dict[str, dict[int, dict]]) -> list[str]:
+def branch_table(res: dict[str, dict[int, dict]], branches: dict[str, dict | None]) -> list[str]:
     """Markdown rows: each arm minus the (single, seedless) evaluation of the checkpoint it branched from, i.e.
     what its extra epochs bought over stopping at P. The interval is over the arm's seeds only."""
     L = ["| arm − its branch checkpoint | seeds | Δ clean | Δ PGD | Δ AutoAttack |", "|---|---|---|---|---|"]
     for a, by_seed in res.items():
-        ref = read_json(RESULTS / f"{ARMS[a][0]}_branch_eval.json")
+        ref = branches[ARMS[a][0]]
         if ref is None or not by_seed:
             continue
-        cells = []
-        for key in ("clean_acc", "pgd20x5_acc", "aa_acc"):
-            m, h = mean_ci([x["test"][key] - ref[key] for x in by_seed.values()])
-            cells.append(f"{round(100 * m, 1) + 0.0:+.1f}" + (f" ± {100 * h:.1f}" if h is not None else "")
-                         + (" *" if h is not None and abs(m) > h else ""))
+        cells = [diff_cell([x["test"][key] - ref[key] for x in by_seed.values()]) for key in ("clean_acc", "pgd20x5_acc", "aa_acc")]
         L.append(f"| {ARMS[a][3]} | {len(by_seed)} | " + " | ".join(cells) + " |")
     return L
 
 
-def compute_total(res: dict[str, dict[int, dict]], pre: dict | None) -> list[str]:
+def compute_total(res: dict[str, dict[int, dict]], branches: dict[str, dict | None], pre: dict | None) -> list[str]:
     """One line: the measured hours behind the page, by machine (training and evaluation of every arm, the pretraining)."""
     train: dict[str, float] = {}
     evals: dict[str, float] = {}
     for v in res.values():
         for x in v.values():
-            d = short_device(train_device(x))
+            d = devices(x.get("train_devices"))
             train[d] = train.get(d, 0.0) + x["train_time_s"]
-            d = " + ".join(short_device(e) for e in x["test"].get("eval_devices", [LEGACY_DEVICE]))
-            evals[d] = evals.get(d, 0.0) + x["test"]["eval_time_s"]
-    for ref in ("pgd_at", "trades"):
-        r = read_json(RESULTS / f"{ref}_branch_eval.json")
-        if r is not None:
-            d = " + ".join(short_device(e) for e in r.get("eval_devices", [LEGACY_DEVICE]))
-            evals[d] = evals.get(d, 0.0) + r["eval_time_s"]
+    for r in [x["test"] for v in res.values() for x in v.values()] + [b for b in branches.values() if b is not None]:
+        d = devices(r.get("eval_devices"))
+        evals[d] = evals.get(d, 0.0) + r["eval_time_s"]
     if not train:
         return []
     hours = lambda t: ", ".join((f"{v / 3600:.1f} h" if v >= 3600 else f"{v / 60:.0f} min") + f" on {d}" for d, v in sorted(t.items()))
     pre_txt = ""
     if pre and "summary" in pre:
-        pre_dev = " + ".join(short_device(d) for d in pre.get("train_devices", [LEGACY_DEVICE]))
-        pre_txt = f"; the PGD-AT pretraining {pre['summary']['train_time_s'] / 3600:.1f} h on {pre_dev}"
+        pre_txt = f"; the PGD-AT pretraining {pre['summary']['train_time_s'] / 3600:.1f} h on {devices(pre.get('train_devices'))}"
     return [f"In total, the runs behind this page took: training the arms {hours(train)}{pre_txt}; evaluating them and the "
             f"branch checkpoints {hours(evals)}. Not counted: the TRADES pretraining to P, the λ sweep's other runs and "
             "the first attempt."]
@@ -241,6 +240,7 @@ def render() -> None:
     branch = read_json(RESULTS / "branch.json")
     lam = read_json(RESULTS / "lambda.json")
     res = arm_results()
+    branches = {ref: read_json(RESULTS / f"{ref}_branch_eval.json") for ref in ("pgd_at", "trades")}  # epoch P, evaluated
     L: list[str] = []
     w = L.append
     w(f"# Does CLAT help? A controlled study on {TEXT['title']}")
@@ -310,8 +310,7 @@ def render() -> None:
     w("")
     w(f"| arm | seeds | clean | PGD-{PGD['steps']} (worst of {PGD['restarts']}) | PGD, AA images | AutoAttack | trainable params | train time |")
     w("|---|---|---|---|---|---|---|---|")
-    for ref in ("pgd_at", "trades"):
-        r = read_json(RESULTS / f"{ref}_branch_eval.json")
+    for ref, r in branches.items():
         if r is not None:
             w(f"| *branch checkpoint ({'PGD-AT' if ref == 'pgd_at' else 'TRADES'}, epoch P)* | — | {100 * r['clean_acc']:.1f} | "
               f"{100 * r['pgd20x5_acc']:.1f} | {100 * r['pgd20x5_acc_aa_images']:.1f} | {100 * r['aa_acc']:.1f} | — | — |")
@@ -344,7 +343,7 @@ def render() -> None:
     w("What the arm's extra epochs bought over stopping at P. The branch checkpoint is one model evaluated on the same test "
       "images, so the interval covers only the arm's variation over seeds.")
     w("")
-    L.extend(branch_table(res))
+    L.extend(branch_table(res, branches))
     w("")
     w("`*`: the 95% interval excludes 0.")
     w("")
@@ -403,7 +402,7 @@ def render() -> None:
       + ("; ".join(f"{statistics.fmean(t) / 60:.0f} min per run on {d} ({len(t)} runs)" for d, t in evals.items()) if evals else "its own time")
       + ". " + TEXT["sessions"])
     w("")
-    L.extend(compute_total(res, pre))
+    L.extend(compute_total(res, branches, pre))
     DOC.write_text("\n".join(L) + "\n")
 
 
