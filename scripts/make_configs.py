@@ -96,7 +96,9 @@ def main() -> None:
           {**rn18, "clat": {"criticality": {"scaling": "sqrt_n"}}})
     write(abl / "resnet18_previous_denominator.yaml", "# Criticality with the paper's formula read literally: C_i = W_i / W_(i-1) in execution order.\n",
           {**rn18, "clat": {"criticality": {"denominator": "previous"}}})
-    n += 3
+    write(abl / "resnet18_input_denominator.yaml", "# Criticality divided by the weakness of the tensor a layer reads, after its activation (clat 0.1's default).\n",
+          {**rn18, "clat": {"criticality": {"denominator": "input"}}})
+    n += 4
     data100 = {**data, "dataset": "cifar100"}
     for model in ("densenet121", "resnet50", "resnet18"):
         cfg = {"model": {"name": model}, "data": data100, **COMMON, "pretrain": stage("pgd_at", 50), "finetune": stage("clat", 50),
@@ -116,7 +118,8 @@ def main() -> None:
             "| Tables 5, 10 | random layers, re-drawn at each re-selection | `configs/paper/ablations/*_random_layers.yaml`, `*_random_layers_cifar100.yaml` |",
             "| Figure 3 | number of critical layers k | `configs/paper/ablations/resnet18_k{1,2,3,4,5,8}.yaml` |",
             "| Figure 2 | split of a 100-epoch budget between PGD-AT and CLAT | `configs/paper/ablations/wrn34_10_split_*.yaml` |",
-            "| SPEC options | CE on x+δ*, 1/√N scaling, literal 'previous layer' denominator | `configs/paper/ablations/resnet18_{ce_adv,sqrt_n,previous_denominator}.yaml` |",
+            "| SPEC options | CE on x+δ*, 1/√N scaling, literal 'previous layer' denominator, post-activation input denominator | "
+            "`configs/paper/ablations/resnet18_{ce_adv,sqrt_n,previous_denominator,input_denominator}.yaml` |",
             "", "Random-layer and k ablations use `clat.lam_mode: auto` (λ = ρ·CE/L_C at each selection) so that the feature term has the same",
             "weight whatever layers are chosen (SPEC: a fixed λ makes these comparisons unfair).", ""]
     Path("docs/paper_configs.md").write_text("\n".join(doc))

@@ -59,17 +59,22 @@ N_TEST_AA = 1000
 AA_CHUNK = 250
 PGD = {"steps": 20, "restarts": 5}
 
+# Settings the arms below were run with, named so that each arm stays one variant whatever the defaults become:
+# the criticality of clat 0.1 (denominator = the post-activation input; the paper's Eq. 6 is `upstream`), and
+# TRADES crafting its attack with batch statistics (clat 0.1; the reference code uses eval mode).
+INPUT_DENOMINATOR = "clat.criticality.denominator=input"
+TRADES_TRAIN_MODE = "trades.attack_mode=train"
 # arm name -> (branch checkpoint, finetune method, extra overrides, label)
 ARMS: dict[str, tuple[str, str, list[str], str]] = {
     "pgd_at_cont": ("pgd_at", "pgd_at", [], "PGD-AT continued (full model)"),
-    "clat": ("pgd_at", "clat", [], "CLAT (k=1, dynamic)"),
-    "clat_random": ("pgd_at", "clat", ["clat.selection=random"], "CLAT, random layers"),
-    "clat_nondynamic": ("pgd_at", "clat", ["clat.dynamic=false"], "CLAT, non-dynamic"),
-    "clat_ce_adv": ("pgd_at", "clat", ["clat.ce_on=adv"], "CLAT, CE on x+δ*"),
+    "clat": ("pgd_at", "clat", [INPUT_DENOMINATOR], "CLAT (k=1, dynamic)"),
+    "clat_random": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.selection=random"], "CLAT, random layers"),
+    "clat_nondynamic": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.dynamic=false"], "CLAT, non-dynamic"),
+    "clat_ce_adv": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.ce_on=adv"], "CLAT, CE on x+δ*"),
     "rift": ("pgd_at", "rift", [], "RiFT"),
     "lora": ("pgd_at", "lora", [], "LoRA (rank 8, every conv)"),
-    "trades_cont": ("trades", "trades", [], "TRADES continued (full model)"),
-    "trades_clat": ("trades", "clat", [], "TRADES + CLAT"),
+    "trades_cont": ("trades", "trades", [TRADES_TRAIN_MODE], "TRADES continued (full model)"),
+    "trades_clat": ("trades", "clat", [INPUT_DENOMINATOR, TRADES_TRAIN_MODE], "TRADES + CLAT"),
 }
 CLAT_ARMS = {a for a, v in ARMS.items() if v[1] == "clat"}
 DATA_ROOT = REPO.parent / "shared" / "data"
@@ -308,7 +313,7 @@ def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
 def pretrain_cfg(method: str = "pgd_at"):
     from clat.config import load_config
 
-    return load_config(PRETRAIN_CFG, [f"pretrain.method={method}", *EXTRA])
+    return load_config(PRETRAIN_CFG, [f"pretrain.method={method}", *EXTRA, *([TRADES_TRAIN_MODE] if method == "trades" else [])])
 
 
 def branch_point() -> dict | None:
@@ -478,6 +483,31 @@ def do_arm(arm: str, seed: int, lam: float, budget: Budget) -> None:
     log(f"{arm} seed {seed}: done")
 
 
+def supersede(items: list[str], why: str) -> None:
+    """Set finished arm items aside to be redone: their result goes to study/superseded/ (with ``why``), their
+    attack chunks and any saved run with it, so that the next run of the study trains and evaluates them again."""
+    for item in items:
+        res = RESULTS / f"{item}.json"
+        if not res.is_file():
+            raise SystemExit(f"study.py: --redo {item}: no finished item of that name in {_rel_study(RESULTS)} (names look like clat_s2)")
+    dst = STUDY / "superseded"
+    for item in items:
+        d = read_json(RESULTS / f"{item}.json")
+        write_json(dst / f"{item}.json", {**d, "superseded_because": why, "superseded_on": time.strftime("%Y-%m-%d")})
+        (RESULTS / f"{item}.json").unlink()
+        if (STUDY / "eval" / item).is_dir():
+            shutil.rmtree(dst / "eval" / item, ignore_errors=True)
+            (dst / "eval").mkdir(parents=True, exist_ok=True)
+            shutil.move(str(STUDY / "eval" / item), str(dst / "eval" / item))
+        shutil.rmtree(partial_dir(RUNS / item), ignore_errors=True)
+        shutil.rmtree(RUNS / item, ignore_errors=True)
+        log(f"{item}: set aside in {_rel_study(dst)} ({why}); the study redoes it")
+
+
+def _rel_study(p: Path) -> str:
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
 def plan() -> list[tuple[str, bool]]:
     items = [(PILOT[0], (RESULTS / f"{PILOT[0]}.json").is_file())] if PILOT else []
     items += [("pgd_at_pretrain", (RESULTS / "branch.json").is_file()),
@@ -516,7 +546,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM", help="run these arms only: " + ", ".join(ARMS))
     ap.add_argument("--no-report", action="store_true", help="do not render docs/results.md (parallel workers)")
     ap.add_argument("--check-shared", action="store_true", help="only check that the items all arms share are done (exit 1 if not)")
+    ap.add_argument("--redo", nargs="+", metavar="ITEM", help="set these finished items aside (study/superseded/) and redo them, e.g. clat_s2")
+    ap.add_argument("--why", help="with --redo: the reason, kept with the superseded result and shown in the report")
     args = ap.parse_args(argv)
+    if args.redo and not args.why:
+        ap.error("--redo needs --why: the report says why each superseded item was redone")
     if (args.seeds or args.arms) and not args.no_report:
         ap.error("--seeds/--arms start a worker on a subset of the items: add --no-report (render once, after all workers, with --report)")
     if args.seeds and min(args.seeds) < 0:
@@ -534,6 +568,8 @@ def main(argv=None) -> int:
             return 1
         if args.check_shared:
             return 0
+    if args.redo:
+        supersede(args.redo, args.why)
     if args.plan:
         for name, done in plan():
             print(f"[{'x' if done else ' '}] {name}")

@@ -232,6 +232,62 @@ def compute_total(res: dict[str, dict[int, dict]], branches: dict[str, dict | No
             "the first attempt."]
 
 
+def discovery_section(res: dict[str, dict[int, dict]]) -> list[str]:
+    """What the layer-discovery bug of clat 0.1 changed (study/discovery_recheck.json, scripts/study_recheck.py) and
+    the items redone because of it (study/superseded/), old against new."""
+    check = read_json(STUDY / "discovery_recheck.json")
+    superseded = {f.stem: read_json(f) for f in sorted((STUDY / "superseded").glob("*.json"))}
+    if check is None and not superseded:
+        return []
+    n_sel = sum(len(r.get("selection_history") or []) for v in res.values() for r in v.values() if ARMS[r["arm"]][1] == "clat")
+    L = ["## The layer-discovery bug of clat 0.1: what it changed", ""]
+    if check is not None:
+        hits = check["hits"]
+        L += [f"clat 0.1 decided that a layer \"reads the model input\" by comparing memory addresses, so a layer whose input was "
+              "allocated where the stem's freed input had been got C = W (about 0.002 instead of 1-2) and could not be selected. "
+              f"{len(hits)} recorded selections were hit (C_i = W_i for a layer i > 0). `scripts/study_recheck.py` replayed each "
+              "item's training to that epoch with the code that ran it and recomputed the criticality there with the fixed "
+              "discovery, on the same batch and PGD start, with the arm's own denominator (`input`):", ""]
+        L += ["| item | stage epoch | layer hit | its C: recorded → fixed | recorded choice (C) | choice with the fix (C) | changed | replay vs record (max rel. diff. of W) |",
+              "|---|---|---|---|---|---|---|---|"]
+        for h in hits:
+            if "fixed_selected" not in h:
+                L.append(f"| {h['item']} | {h['stage_epoch']} | index {', '.join(map(str, h['flagged_index']))} | — | "
+                         f"{', '.join(h['recorded_selected'])} | {h['why']} | no | — |")
+                continue
+            rec_c = dict((n, c) for n, c in h["recorded_top3"])
+            fix_c = dict((n, c) for n, c in h["fixed_top3"])
+            L.append(f"| {h['item']} | {h['stage_epoch']} | {', '.join(h['flagged'])} | "
+                     f"{', '.join(f'{a:.4f} → {b:.3f}' for a, b in zip(h['recorded_criticality_flagged'], h['fixed_criticality_flagged']))} | "
+                     f"{', '.join(f'{n} ({rec_c[n]:.3f})' if n in rec_c else n for n in h['recorded_selected'])} | "
+                     f"{', '.join(f'{n} ({fix_c[n]:.3f})' if n in fix_c else n for n in h['fixed_selected'])} | "
+                     f"{'**yes**' if h['changed'] else 'no'} | {h['replay_max_rel_diff_weakness']:.1e} |")
+        changed = [h["item"] for h in hits if h.get("changed")]
+        L += ["", f"So the bug changed the layer CLAT trained in {len(changed)} of the {len(hits)} hit selections"
+              + (f" ({', '.join(changed)}); {'that item was' if len(changed) == 1 else 'those items were'} redone with the fixed code "
+                 "(`python scripts/study.py --redo ITEM --why ...`), the same arm settings and seed." if changed else "; no item had to be redone.")]
+        if n_sel:
+            L += [f"The CLAT arms recorded {n_sel} selections in all; every other one had no layer with C = W."]
+        L += [""]
+    rows = []
+    for item, old in superseded.items():
+        new = res.get(old["arm"], {}).get(old["seed"])
+        t_old = old["test"]
+        cells = [f"{100 * t_old[k]:.1f}" for k in ("clean_acc", "pgd20x5_acc", "aa_acc")]
+        if new is not None:
+            t_new = new["test"]
+            cells = [f"{o} → {100 * t_new[k]:.1f}" for o, k in zip(cells, ("clean_acc", "pgd20x5_acc", "aa_acc"))]
+            layers = " → ".join(", ".join(h["selected"]) for h in new["selection_history"])
+        else:
+            cells = [f"{c} → (not redone yet)" for c in cells]
+            layers = "—"
+        rows.append(f"| {item} | {old['superseded_because']} | {' | '.join(cells)} | {layers} |")
+    if rows:
+        L += ["Items redone (old → new, test accuracy in %; the tables above use the new result):", "",
+              "| item | why | clean | PGD-20×5 | AutoAttack | layers trained after the fix (per selection) |", "|---|---|---|---|---|---|", *rows, ""]
+    return L
+
+
 def render() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     items = plan()
@@ -260,6 +316,11 @@ def render() -> None:
       f"PGD-AT continued on the full model; CLAT ({TEXT['k']}); CLAT with random layers; CLAT non-dynamic; "
       "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "
       "stopped at P, then CLAT, against TRADES continued.")
+    w("- **Criticality of the CLAT arms**: `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it "
+      "reads, after its activation), clat 0.1's default, named in every CLAT arm's config so that each arm stays one variant. "
+      "The paper's Eq. 6 (`upstream`, the default since clat 0.2) ranks the layers differently (see the table of the bug below); "
+      "arms with it are not run yet. TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's "
+      "choice; the reference code uses eval mode).")
     w(f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in LAMBDAS)} on the validation split (seed 0), the best used by every CLAT arm.")
     w(f"- **Seeds**: {len(SEEDS)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data order). "
       "The final checkpoint of each arm is evaluated (no early stopping: every arm gets the same epochs).")
@@ -367,6 +428,7 @@ def render() -> None:
         if img:
             w(f"![criticality](img/{img})")
             w("")
+    L.extend(discovery_section(res))
     w("## Conclusions")
     w("")
     conclusions = STUDY / "conclusions.md"  # written by hand once the numbers are in

@@ -22,7 +22,7 @@ def test_yaml_then_overrides(tmp_path):
     p.write_text("attack: {eps: 4/255}\nclat: {k: 3, layers: [layer3.0.conv2, 5]}\n")
     c = load_config(p, ["clat.k=2", "data.dataset=bundled", "eval.every=2"])
     assert c.attack.eps == pytest.approx(4 / 255)
-    assert c.clat.k == 2 and c.clat.layers == ["layer3.0.conv2", "5"]
+    assert c.clat.k == 2 and c.clat.layers == ["layer3.0.conv2", 5]
     assert c.data.dataset == "bundled" and c.eval.every == 2
 
 

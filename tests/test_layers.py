@@ -111,7 +111,9 @@ def test_module_called_twice_is_one_layer_with_first_call_feature():
 
 def test_resolve_by_name_and_index_and_errors():
     layers = find_layers(create_model("resnet18"))
-    assert resolve_layers(layers, ["layer3.0.conv2", 0, "20"]) == [layers[11], layers[0], layers[20]]
+    assert resolve_layers(layers, ["layer3.0.conv2", 0, 20]) == [layers[11], layers[0], layers[20]]
+    with pytest.raises(ConfigError, match="write it as an integer"):
+        resolve_layers(layers, ["20"])  # a string is a name, never an index
     with pytest.raises(ConfigError, match="out of range"):
         resolve_layers(layers, [21])
     with pytest.raises(ConfigError, match="no layer named"):

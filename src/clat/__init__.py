@@ -22,7 +22,7 @@ from clat.methods import CLAT, Method, create_method, list_methods
 from clat.models import create_model, list_models
 from clat.train import Splits, train
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CLAT", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError",

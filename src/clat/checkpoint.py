@@ -84,14 +84,40 @@ def save_weights(path: str | Path, model: nn.Module, meta: dict | None = None) -
     buffers, so not among the weights) is recorded in the metadata as ``mean`` and
     ``std``, so that a model fine-tuned from a checkpoint with its own normalization
     (e.g. a RobustBench model) loads back with it."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, aliases = _unshare(model.state_dict())
     meta = dict(meta or {})
+    if aliases:
+        meta["aliases"] = aliases
     norms = _normalizers(model)
     if len(norms) == 1 and "mean" not in meta:
         meta["mean"] = [float(v) for v in norms[0].mean.flatten()]
         meta["std"] = [float(v) for v in norms[0].std.flatten()]
     metadata = {"clat": json.dumps(meta)}
     atomic_write(path, lambda f: f.write(_safetensors_bytes(state, metadata)))
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors stores no two names for one tensor: a module kept under two attribute names
+    (weight sharing) is saved once and its other names recorded as aliases; tensors that
+    share memory otherwise (views of one another) are saved as copies."""
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for k, v in state.items():
+        v = v.detach()
+        if v.device.type != "meta" and v.numel():
+            ptr = v.untyped_storage().data_ptr()
+            ident = (ptr, v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+            if ident in seen:
+                aliases[k] = seen[ident]
+                continue
+            seen[ident] = k
+            if ptr in storages:
+                v = v.clone()
+            storages.add(ptr)
+        out[k] = v.contiguous().cpu()
+    return out, aliases
 
 
 def _safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -107,9 +133,10 @@ def read_metadata(path: str | Path) -> dict:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated or of another format?") from None
     try:
-        return json.loads(meta.get("clat", "{}"))
+        d = json.loads(meta.get("clat", "{}"))
     except json.JSONDecodeError:
         return {}
+    return d if isinstance(d, dict) else {}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -126,9 +153,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); was the write interrupted?")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); is it truncated?") from None
+        aliases = read_metadata(path).get("aliases") or {}
+        if not isinstance(aliases, dict) or not all(isinstance(a, str) and isinstance(t, str) and t in state for a, t in aliases.items()):
+            raise CheckpointError(f"{path} has malformed 'aliases' metadata (names of shared tensors); re-save the model")
+        return {**state, **{a: state[t] for a, t in aliases.items()}}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -48,15 +49,43 @@ def _float_list(s: str) -> list[float]:
 
 
 def _attack_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("attack and images")
+    g = p.add_argument_group("attack (default: the run's own threat model, else linf 8/255, step 2/255) and images")
     g.add_argument("--n-examples", type=int, help="evaluate a random subset of this size (fixed --seed); default: all")
-    g.add_argument("--eps", type=_float, default=8 / 255, help="default 8/255")
-    g.add_argument("--alpha", type=_float, default=2 / 255, help="PGD step, default 2/255")
-    g.add_argument("--steps", type=int, default=10)
-    g.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    _threat_args(g, steps_default=10)
     g.add_argument("--batch-size", type=int, default=256, help="results do not depend on it (per-example seeded random starts)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+def _threat_args(g, steps_default: int | None = None) -> None:
+    g.add_argument("--norm", choices=["linf", "l2"], help="default: the run's attack.norm, else linf")
+    g.add_argument("--eps", type=_float, help="default: the run's attack.eps, else 8/255")
+    g.add_argument("--alpha", type=_float, help="PGD step; default: the run's attack.alpha, else 2/255")
+    g.add_argument("--steps", type=int, default=steps_default,
+                   help=f"PGD steps (default {steps_default})" if steps_default else "PGD steps (default: the run's attack.steps, else 10)")
+
+
+def _threat(args: argparse.Namespace, run_cfg) -> tuple[object, str]:
+    """The threat model of an evaluation: the run's training threat model (else ℓ∞ 8/255, step 2/255),
+    with what the command line sets; and a line saying where it came from."""
+    from clat.config import AttackConfig
+
+    base = run_cfg.attack if run_cfg is not None else AttackConfig()
+    given = [k for k in ("norm", "eps", "alpha") if getattr(args, k, None) is not None]
+    a = AttackConfig(eps=args.eps if args.eps is not None else base.eps, alpha=args.alpha if args.alpha is not None else base.alpha,
+                     steps=args.steps if args.steps is not None else base.steps, norm=args.norm or base.norm)
+    if args.norm and run_cfg is not None and args.norm != base.norm and (args.eps is None or args.alpha is None):
+        raise ClatError(f"--norm {args.norm} differs from the run's attack.norm ({base.norm}): give --eps and --alpha for it too")
+    if not a.eps > 0 or not math.isfinite(a.eps) or not a.alpha > 0 or not math.isfinite(a.alpha):
+        raise ClatError(f"--eps and --alpha must be finite and > 0, got {a.eps} and {a.alpha}")
+    if a.norm == "linf" and a.eps >= 1:
+        raise ClatError(f"--eps {a.eps:g} covers the whole [0, 1] image range under linf; images are in [0, 1] (8/255 is the usual radius)")
+    if a.steps is not None and a.steps < 1:
+        raise ClatError(f"--steps must be >= 1, got {a.steps}")
+    source = "the run's training threat model" if run_cfg is not None else "the default threat model"
+    if given:
+        source += f", with {', '.join('--' + k for k in given)} from the command line"
+    return a, source
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,11 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(c)
     c.add_argument("--batch-size", type=int, default=100, help="training images used (default 100)")
     c.add_argument("--k", type=int, help="mark the top-k (default: the model's paper default)")
-    c.add_argument("--eps", type=_float, default=8 / 255)
-    c.add_argument("--alpha", type=_float, default=2 / 255)
-    c.add_argument("--steps", type=int, default=10)
-    c.add_argument("--denominator", choices=["input", "previous"], default="input")
-    c.add_argument("--scaling", choices=["n", "sqrt_n", "none"], default="n")
+    _threat_args(c, steps_default=10)
+    c.add_argument("--denominator", choices=["upstream", "previous", "input"],
+                   help="Eq. 6's denominator: upstream (the paper's formula; default unless the run says otherwise), previous, input")
+    c.add_argument("--scaling", choices=["n", "sqrt_n", "none"], help="default: the run's, else n (the paper's 1/N_i)")
     c.add_argument("--include-classifier", action="store_true")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", help="output folder for criticality.json / .png (default: the run folder or .)")
@@ -109,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sanity", action="store_true", help="checks against gradient masking (flags are printed and stored)")
     e.add_argument("--surrogate", action="append", default=[], metavar="CKPT", help="transfer source for the black-box sanity check (repeatable)")
     e.add_argument("--square-queries", type=int, default=1000, help="queries of the Square black-box sanity check (0: skip; default 1000)")
-    e.add_argument("--out", help="JSON file to write (default: <run folder>/eval.json or ./eval.json)")
+    e.add_argument("--out", help="JSON file to write (default: <run folder>/eval.json, or eval_<settings>.json when that exists)")
+    e.add_argument("--force", action="store_true", help="replace an evaluation file that exists (never done silently)")
 
     tr = sub.add_parser("transfer", help="black-box transfer matrix: PGD examples crafted on each checkpoint, evaluated on all (Table 2)")
     tr.add_argument("checkpoints", nargs="+", help="run folders or weights files (the first one's run config gives the data set)")
@@ -129,9 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--repeats", type=int, default=5, help="random batches per size (default 5)")
     st.add_argument("--reference-size", type=int, default=500, help="images of the reference ranking (default 500)")
     st.add_argument("--k", type=int, default=5, help="top-k compared (default 5, as in Table 7)")
-    st.add_argument("--eps", type=_float, default=8 / 255)
-    st.add_argument("--alpha", type=_float, default=2 / 255)
-    st.add_argument("--steps", type=int, default=10)
+    _threat_args(st, steps_default=10)
+    st.add_argument("--denominator", choices=["upstream", "previous", "input"], help="default: the run's, else upstream (Eq. 6)")
     st.add_argument("--epoch-time", type=float, help="seconds of one PGD-AT epoch (default: the run's metrics, else measured)")
     st.add_argument("--measure-epoch", action="store_true", help="time PGD-AT steps now, beside the criticality timings (same machine load)")
     st.add_argument("--seed", type=int, default=0)
@@ -229,6 +257,7 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     import torch
 
     from clat.criticality import compute_criticality
+    from clat.data import to_unit_float
     from clat.layers import find_layers
     from clat.models import create_model, model_info
     from clat.report import criticality_rows, plot_criticality, text_table
@@ -249,13 +278,17 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     splits = prepare_data(cfg)
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(splits.x_train), generator=g)[: args.batch_size]
-    x = splits.x_train[idx].float().div(255).to(device)
+    x = to_unit_float(splits.x_train[idx]).to(device)
     y = splits.y_train[idx].to(device)
-    layers = find_layers(model, x[:2])
+    cc = cfg.clat.criticality
+    threat, source = _threat(args, run_cfg)
+    layers = find_layers(model, x[:2], merge_norms=cfg.model.merge_norms)
     result = compute_criticality(
-        model, layers, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps,
-        denominator=args.denominator, scaling=args.scaling, include_classifier=args.include_classifier,
+        model, layers, x, y, attack=threat, steps=args.steps,
+        denominator=args.denominator or cc.denominator, scaling=args.scaling or cc.scaling, point=cc.point,
+        include_classifier=args.include_classifier,
     )
+    print(f"threat model: {_threat_str(threat)} ({source}); denominator {result.settings['denominator']}")
     k = args.k
     if k is None:
         try:
@@ -276,6 +309,12 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threat_str(a) -> str:
+    from clat.report import _eps_str
+
+    return f"{'ℓ∞' if a.norm == 'linf' else 'ℓ2'} ε={_eps_str(a.eps, a.norm)}, step {_eps_str(a.alpha, a.norm)}"
+
+
 def _pick_device(name: str):
     from clat.train import resolve_device
 
@@ -292,20 +331,62 @@ def _eval_images(args: argparse.Namespace, splits):
     """The test (or val) images, or a random subset of ``--n-examples`` drawn with ``--seed``."""
     import torch
 
+    _check_image_args(args)
     x, y = (splits.x_test, splits.y_test) if args.split == "test" else (splits.x_val, splits.y_val)
     if args.n_examples is not None:
-        if args.n_examples < 1:
-            raise ClatError(f"--n-examples must be >= 1, got {args.n_examples}")
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.n_examples]
         x, y = x[idx], y[idx]
+    return x, y
+
+
+def _check_image_args(args: argparse.Namespace) -> None:
+    if args.n_examples is not None and args.n_examples < 1:
+        raise ClatError(f"--n-examples must be >= 1, got {args.n_examples}")
     if args.steps < 1 or args.batch_size < 1:
         raise ClatError("--steps and --batch-size must be >= 1")
-    return x, y
 
 
 def _warn(msg: str) -> None:
     """Flags are printed even with -q: hiding them would defeat their purpose."""
     print(f"WARNING: {msg}", flush=True)
+
+
+def _eval_tag(args: argparse.Namespace, a) -> str:
+    """A file-name tag for an evaluation setting: ``test_n1000_linf-8-255_pgd20x5_aa-standard_s0``."""
+    from clat.report import _eps_str
+
+    parts = [args.split, f"n{args.n_examples}" if args.n_examples is not None else "nall", f"{a.norm}-{_eps_str(a.eps, a.norm).replace('/', '-')}"]
+    parts.append("nopgd" if args.no_pgd else f"pgd{a.steps}x{args.restarts}")
+    parts += (["apgdce"] if args.apgd_ce else []) + ([f"aa-{args.autoattack_version}"] if args.autoattack else [])
+    parts += (["sweep"] if args.eps_sweep else []) + (["sanity"] if args.sanity else []) + [f"s{args.seed}"]
+    return "_".join(parts)
+
+
+def _eval_out(args: argparse.Namespace, a) -> Path:
+    """Where this evaluation goes, decided before any attack runs. An evaluation never replaces
+    another silently: a run's first evaluation is ``eval.json``, one with other settings goes to
+    ``eval_<settings>.json``, and a file of the same settings is replaced only with ``--force``."""
+    import os
+
+    default_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(".")
+    tag = _eval_tag(args, a)
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = default_dir / "eval.json"
+        if out.exists():
+            try:
+                same = json.loads(out.read_text()).get("settings_tag") == tag
+            except (OSError, ValueError, AttributeError):
+                same = False
+            if not same:
+                out = default_dir / f"eval_{tag}.json"
+    if out.exists() and not args.force:
+        raise ClatError(f"{out} already holds an evaluation with these settings; pass --force to replace it, or --out FILE to keep both")
+    parent = next((p for p in (out.parent, *out.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ClatError(f"cannot write {out}: {parent} is not writable; choose another file with --out")
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -316,45 +397,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.restarts < 1:
         raise ClatError(f"--restarts must be >= 1, got {args.restarts}")
+    _check_image_args(args)
     run_cfg = _run_config(args.checkpoint)
     cfg = _resolve_data(args, run_cfg)
+    a, source = _threat(args, run_cfg)
+    out = _eval_out(args, a)  # cheap checks first: nothing is attacked to be lost afterwards
     device = _pick_device(args.device)
     model, meta = _load_checkpoint(args.checkpoint, args, device)
+    _check_finite_weights(model, meta["path"])
     splits = prepare_data(cfg)
     x, y = _eval_images(args, splits)
     progress = not args.quiet
-    common = dict(norm=args.norm, batch_size=args.batch_size, progress=progress)
-    res = evaluate(model, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps, restarts=args.restarts, attack=not args.no_pgd,
-                   seed=args.seed, desc=f"PGD-{args.steps}", **common)
+    print(f"threat model: {_threat_str(a)} ({source})")
+    common = dict(norm=a.norm, batch_size=args.batch_size, progress=progress)
+    res = evaluate(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, restarts=args.restarts, attack=not args.no_pgd,
+                   seed=args.seed, desc=f"PGD-{a.steps}", **common)
     res.update({"checkpoint": meta["path"], "model": meta["model"], "split": args.split, "data": splits.name, "seed": args.seed,
-                "subset": args.n_examples is not None})
+                "subset": args.n_examples is not None, "settings_tag": _eval_tag(args, a),
+                "threat_model": {"norm": a.norm, "eps": a.eps, "alpha": a.alpha, "steps": a.steps, "source": source}})
     flags: list[str] = []
     lines = [f"clean {100 * res['clean_acc']:.2f}%"]
     if not args.no_pgd:
-        lines.append(f"PGD-{args.steps} {100 * res['pgd_acc']:.2f}% (worst case of {args.restarts} run(s); lowest run "
+        lines.append(f"PGD-{a.steps} {100 * res['pgd_acc']:.2f}% (worst case of {args.restarts} run(s); lowest run "
                      f"{100 * res['pgd_acc_lowest_run']:.2f}%, {res['time_s']:.0f} s)")
     for key, version, on in (("apgd_ce", "apgd-ce", args.apgd_ce), ("autoattack", args.autoattack_version, args.autoattack)):
         if not on:
             continue
-        aa = autoattack(model, x, y, eps=args.eps, norm=args.norm, version=version, batch_size=args.batch_size, seed=args.seed,
+        aa = autoattack(model, x, y, eps=a.eps, norm=a.norm, version=version, batch_size=args.batch_size, seed=args.seed,
                         device=device, progress=progress)
         res[key] = aa
         name = "APGD-CE" if key == "apgd_ce" else f"AutoAttack ({version})"
         lines.append(f"{name} {100 * aa['robust_acc']:.2f}% ({aa['time_s']:.0f} s)")
         flags += [f"{name} (pyautoattack's own check): {w}" for w in aa["warnings"]]
         if not aa["within_eps"]:
-            flags.append(f"{name} returned perturbations of size {aa['max_perturbation']:.4g} > ε = {args.eps:.4g}")
+            flags.append(f"{name} returned perturbations of size {aa['max_perturbation']:.4g} > ε = {a.eps:.4g}")
         if not args.no_pgd:
             chk = autoattack_check(res["pgd_acc"], aa["robust_acc"], res["n"], name=name)
             res.setdefault("checks", []).append(chk)
             if chk["flag"]:
                 flags.append(f"{chk['title']}: {chk['message']}")
     if args.eps_sweep:
-        if args.eps <= 0:
-            raise ClatError("--eps must be > 0 (the sweep uses the step size ratio --alpha / --eps)")
-        sw = eps_sweep(model, x, y, args.eps_sweep, alpha_ratio=args.alpha / args.eps, steps=args.steps, seed=args.seed, **common)
+        sw = eps_sweep(model, x, y, args.eps_sweep, alpha_ratio=a.alpha / a.eps, steps=a.steps, seed=args.seed, **common)
         res["eps_sweep"] = sw
-        lines.append("ε sweep: " + "  ".join(f"{_eps_str(p['eps'], args.norm) if p['eps'] else 0}: {100 * p['acc']:.1f}%" for p in sw["points"]))
+        lines.append("ε sweep: " + "  ".join(f"{_eps_str(p['eps'], a.norm) if p['eps'] else 0}: {100 * p['acc']:.1f}%" for p in sw["points"]))
     if args.sanity:
         surrogates = {}
         for i, sp in enumerate(args.surrogate):
@@ -362,17 +447,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             surrogates[Path(sp).name if Path(sp).name not in surrogates else f"{Path(sp).name}#{i}"] = sur
         if args.square_queries < 0:
             raise ClatError(f"--square-queries must be >= 0, got {args.square_queries}")
-        san = sanity_checks(model, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps, surrogates=surrogates,
+        san = sanity_checks(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, surrogates=surrogates,
                             square_queries=args.square_queries, seed=args.seed, **common)
         res["sanity"] = san
         flags = [f"{BANNER}: {f}" for f in san["flags"]] + flags
         san["flags"] = [f"{BANNER}: {f}" for f in san["flags"]]
         lines.append(f"sanity checks: {len(san['checks']) - len(san['flags'])}/{len(san['checks'])} passed ({san['time_s']:.0f} s)")
     res["flags"] = flags
-    default_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(".")
-    out = Path(args.out) if args.out else default_dir / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    from clat.checkpoint import atomic_write_text
+
+    atomic_write_text(out, json.dumps(res, indent=2))
     print("  ".join(lines[:2]) + f"  (n={res['n']})")
     for line in lines[2:]:
         print(line)
@@ -380,6 +464,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _warn(f)
     print(f"-> {out}")
     return 0
+
+
+def _check_finite_weights(model, path: str) -> None:
+    import torch
+
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        _warn(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensors (e.g. {bad[0]}): its accuracies mean nothing; "
+              "was the training diverging?")
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
@@ -401,7 +494,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         models[n], _ = _load_checkpoint(c, args, device)
     splits = prepare_data(cfg)
     x, y = _eval_images(args, splits)
-    res = transfer_matrix(models, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps, restarts=args.restarts, norm=args.norm,
+    a, source = _threat(args, _run_config(args.checkpoints[0]))
+    print(f"threat model: {_threat_str(a)} ({source})")
+    res = transfer_matrix(models, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, restarts=args.restarts, norm=a.norm,
                           batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     res.update({"checkpoints": list(args.checkpoints), "data": splits.name, "split": args.split})
     out = Path(args.out)
@@ -439,8 +534,11 @@ def cmd_stability(args: argparse.Namespace) -> int:
         a = cfg.attack
         epoch_time = measure_pgd_at_epoch_time(model, splits.x_train, splits.y_train, batch_size=cfg.data.batch_size, eps=a.eps, alpha=a.alpha, steps=a.steps)
         source = f"measured: PGD-AT (PGD-{a.steps}) steps of batch {cfg.data.batch_size}, extrapolated to {len(splits.x_train)} images"
+    threat, threat_source = _threat(args, run_cfg)
+    print(f"threat model: {_threat_str(threat)} ({threat_source})")
     res = criticality_stability(model, splits.x_train, splits.y_train, batch_sizes=sizes, repeats=args.repeats, reference_size=args.reference_size,
-                                k=args.k, eps=args.eps, alpha=args.alpha, steps=args.steps, seed=args.seed, epoch_time_s=epoch_time,
+                                k=args.k, attack=threat, steps=threat.steps, denominator=args.denominator or cfg.clat.criticality.denominator,
+                                seed=args.seed, epoch_time_s=epoch_time,
                                 progress=not args.quiet)
     res.update({"epoch_time_source": source, "checkpoint": meta["path"], "model": meta["model"], "data": splits.name})
     out = Path(args.out) if args.out else (run_dir or Path(".")) / "stability.json"
@@ -510,7 +608,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from clat import methods
 
     for name in methods.list_methods():
-        doc = (methods.BASE_METHODS.get(name) or methods.CLAT).__module__
+        doc = methods.method_class(name).__module__
         first = (sys.modules[doc].__doc__ or "").strip().splitlines()[0]
         print(f"{name:10s} {first}")
     return 0

@@ -27,6 +27,7 @@ class ModelConfig:
     name: str = "resnet18"  # see `clat models`
     num_classes: int | None = None  # None: from the data set
     normalize: bool = True  # normalization inside the model (inputs are [0, 1] pixels)
+    merge_norms: bool = False  # also merge a GroupNorm/LayerNorm/InstanceNorm that directly follows a conv/linear into its layer (BatchNorm always is)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class DataConfig:
     train_size: int | None = None  # use only the first N training images (CPU studies)
     test_size: int | None = None  # use only the first N test images
     val_size: int = 1000  # held out from the training images for per-epoch metrics and choices
-    split_seed: int | None = None  # seed of the train/validation split; None: `seed` (fix it to vary seeds over one split)
+    split_seed: int | None = 0  # seed of the train/validation split, independent of `seed` (null: follow `seed`, as clat 0.1 did; warns)
     batch_size: int = 128
     eval_batch_size: int = 256
     augment: bool = True  # random crop (4-pixel padding) + horizontal flip, on tensors
@@ -70,7 +71,7 @@ class StageConfig:
 @dataclass
 class CriticalityConfig:
     batch_size: int = 100  # fresh random training images per (re)selection
-    denominator: Literal["input", "previous"] = "input"
+    denominator: Literal["upstream", "previous", "input"] = "upstream"  # Eq. 6: upstream (default), previous in execution order, or the post-activation input (ablations)
     scaling: Literal["n", "sqrt_n", "none"] = "n"  # 1/N_i (paper), 1/sqrt(N_i) or none
     point: Literal["post_bn", "pre_bn"] = "post_bn"
     include_classifier: bool = False
@@ -86,8 +87,8 @@ class ClatConfig:
     selection: Literal["critical", "random"] = "critical"
     dynamic: bool = True  # re-select every `reselect_every` epochs (Algorithm 1); false: select once
     reselect_every: int = 10
-    layers: list[str] = field(default_factory=list)  # pin these layers (names or indices) instead of selecting
-    exclude: list[str] = field(default_factory=list)  # never select these
+    layers: list[int | str] = field(default_factory=list)  # pin these layers (names, or indices given as integers) instead of selecting
+    exclude: list[int | str] = field(default_factory=list)  # never select these
     ce_on: Literal["clean", "adv", "base"] = "clean"  # CE term of Eq. 9: clean input, x+δ*, or the base method's loss
     base: str | None = None  # base method for ce_on=base (default: the pretrain method)
     inner: Literal["pgd", "fast"] = "pgd"  # inner maximisation: PGD or one FGSM-RS step ("CLAT (Fast)")
@@ -99,11 +100,13 @@ class ClatConfig:
 @dataclass
 class TradesConfig:
     beta: float = 6.0  # weight of the robust (KL) term
+    attack_mode: Literal["eval", "train"] = "eval"  # model mode while crafting the attack: eval as the reference code; train (batch statistics, running ones frozen) as clat 0.1
 
 
 @dataclass
 class MartConfig:
     beta: float = 6.0  # weight of the misclassification-weighted KL term
+    attack_mode: Literal["eval", "train"] = "eval"  # model mode while crafting the attack: eval as the reference code; train as clat 0.1
 
 
 @dataclass
@@ -131,7 +134,7 @@ class RiftConfig:
 class LoraConfig:
     rank: int = 8
     alpha: float = 16.0  # peft's lora_alpha: the adapter's output is scaled by alpha / rank
-    layers: list[str] = field(default_factory=list)  # layers to adapt (names or indices); empty: every conv layer
+    layers: list[int | str] = field(default_factory=list)  # layers to adapt (names, or indices given as integers); empty: every conv layer
 
 
 @dataclass

@@ -1,21 +1,36 @@
 """Layer weakness (Eq. 5), criticality index (Eq. 6), and critical-layer selection.
 
 One untargeted PGD perturbation δ of the model's cross-entropy (model in eval
-mode) and two forward passes (clean, attacked) give every layer's weakness
+mode, under the run's threat model: its norm, radius and step) and two forward
+passes (clean, attacked) give every layer's weakness
 
     W_i = mean_x ‖F_i(x+δ) − F_i(x)‖₂ / N_i
 
-and its criticality ``C_i = W_i / W_in(i)``, where by default ``W_in(i)`` is the
-weakness of the tensor layer i actually reads (SPEC: identical to the paper's
-``W_{i−1}`` on a chain, and right on a residual network, where the layer before
-i in execution order is often a parallel branch). ``denominator="previous"``
-gives the paper's formula read literally. A layer that reads the model input
-has ``C_i = W_i`` (the paper's ``C_1 = W_1``).
+and its criticality ``C_i = W_i / W_src(i)``. The denominator (SPEC "Weakness and
+criticality"):
+
+- ``upstream`` (default, the paper's Eq. 6): ``W_src(i)`` is measured on what feeds
+  layer i, at the same feature point as the numerator. Walking back from the
+  tensor layer i reads through operations with one data input (activations,
+  pooling, reshapes, norms that belong to no layer), the first of these ends the
+  walk: the feature of another layer j (then ``W_src(i) = W_j``, exactly
+  ``C_i = W_i / W_{i-1}`` on a conv-BN-ReLU chain); a tensor that joins several
+  data tensors (a residual sum before its activation, a concatenation), whose
+  own weakness is measured with its own N; or the model input (``C_i = W_i``, the
+  paper's ``C_1 = W_1``). A shortcut conv and its block's first conv read the
+  same residual sum and so share a denominator: no jump because a sibling
+  branch was tuned. :func:`clat.layers.find_layers` records each layer's source.
+- ``previous``: the layer before i in execution order (Eq. 6 read literally,
+  also across parallel branches); ``C_0 = W_0``.
+- ``input``: the tensor layer i reads, after whatever activation, pooling or
+  residual sum precedes it (clat's default before 0.3; an ablation). Layers
+  whose input no other layer computes have ``C_i = W_i``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -23,11 +38,13 @@ import torch
 from torch import nn
 
 from clat.attacks import pgd
+from clat.config import AttackConfig
 from clat.errors import ConfigError
-from clat.layers import FeatureExtractor, FeaturePoint, Layer
+from clat.layers import FeatureExtractor, FeaturePoint, Layer, Tap
 
-Denominator = Literal["input", "previous"]
+Denominator = Literal["upstream", "previous", "input"]
 Scaling = Literal["n", "sqrt_n", "none"]
+DENOMINATORS: tuple[str, ...] = ("upstream", "previous", "input")
 
 
 def _scale(n: int, scaling: Scaling) -> float:
@@ -40,10 +57,11 @@ class CriticalityResult:
 
     layers: list[Layer]
     weakness: list[float]
-    input_weakness: list[float]
+    input_weakness: list[float]  # the denominator's W (nan where C = W)
     criticality: list[float]
     eligible: list[bool]  # False for layers excluded from selection (the classifier by default)
     settings: dict = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)  # what each denominator measured
 
     @property
     def ranking(self) -> list[int]:
@@ -72,6 +90,7 @@ class CriticalityResult:
                     "params": layer.num_params,
                     "weakness": self.weakness[i],
                     "input_weakness": self.input_weakness[i],
+                    "denominator_source": self.sources[i] if self.sources else None,
                     "criticality": self.criticality[i],
                     "rank": rank.get(i),
                     "eligible": self.eligible[i],
@@ -94,6 +113,10 @@ def eligible_mask(layers: Sequence[Layer], *, include_classifier: bool = False, 
     return [layer.index not in banned for layer in layers]
 
 
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).flatten(1).float().norm(dim=1).mean().item()
+
+
 @torch.no_grad()
 def weakness_from_features(
     layers: Sequence[Layer],
@@ -101,11 +124,7 @@ def weakness_from_features(
     adv: dict[str, torch.Tensor],
     scaling: Scaling = "n",
 ) -> list[float]:
-    out = []
-    for layer in layers:
-        d = (adv[layer.name] - clean[layer.name]).flatten(1).float().norm(dim=1).mean().item()
-        out.append(d * _scale(layer.numel, scaling))
-    return out
+    return [_distance(adv[layer.name], clean[layer.name]) * _scale(layer.numel, scaling) for layer in layers]
 
 
 def compute_criticality(
@@ -114,10 +133,9 @@ def compute_criticality(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float = 8 / 255,
-    alpha: float = 2 / 255,
-    steps: int = 10,
-    denominator: Denominator = "input",
+    attack: AttackConfig | None = None,
+    steps: int | None = None,
+    denominator: Denominator = "upstream",
     scaling: Scaling = "n",
     point: FeaturePoint = "post_bn",
     include_classifier: bool = False,
@@ -126,43 +144,73 @@ def compute_criticality(
 ) -> CriticalityResult:
     """Criticality of every layer from one PGD perturbation of the batch ``(x, y)``.
 
-    The model runs in eval mode (its mode is restored). ``x_adv`` may be given to
-    reuse a perturbation (then no attack is run).
+    ``attack`` is the threat model (norm, ε, step; default ℓ∞ 8/255, step 2/255) and
+    ``steps`` the PGD steps (default ``attack.steps``). The model runs in eval mode (its
+    mode is restored). ``x_adv`` may be given to reuse a perturbation (then no attack is
+    run). ``x`` holds [0, 1] images.
     """
-    if denominator not in ("input", "previous"):
-        raise ConfigError(f"unknown criticality denominator {denominator!r}; use 'input' or 'previous'")
+    if denominator not in DENOMINATORS:
+        raise ConfigError(f"unknown criticality denominator {denominator!r}; use one of {', '.join(DENOMINATORS)}")
     if scaling not in ("n", "sqrt_n", "none"):
         raise ConfigError(f"unknown criticality scaling {scaling!r}; use 'n', 'sqrt_n' or 'none'")
+    a = attack if attack is not None else AttackConfig()
+    steps = a.steps if steps is None else steps
+    index = {layer.index: i for i, layer in enumerate(layers)}
+    taps: list[Tap] = []
+    if denominator == "upstream":
+        missing = [l.name for l in layers if l.source(point).kind == "untraced"]
+        if missing:
+            warnings.warn(f"criticality: could not trace what feeds {', '.join(missing)}; their denominator is the tensor they read "
+                          "(denominator=input)", stacklevel=2)
+        for layer in layers:
+            src = layer.source(point)
+            if src.kind == "tensor" or (src.kind == "layer" and src.layer not in index):
+                assert src.tap is not None
+                taps.append(src.tap)
     was_training = model.training
     model.eval()
     try:
         if x_adv is None:
-            x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps)
-        extractor = FeatureExtractor(model, layers, point=point, capture_inputs=denominator == "input")
+            x_adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=steps, norm=a.norm)
+        untraced = denominator == "upstream" and any(l.source(point).kind == "untraced" for l in layers)
+        extractor = FeatureExtractor(model, layers, point=point, capture_inputs=denominator == "input" or untraced, taps=taps)
         with torch.no_grad():
             f_clean = extractor(x, stop_early=False)
             f_adv = extractor(x_adv, stop_early=False)
     finally:
         model.train(was_training)
     w = weakness_from_features(layers, f_clean.outputs, f_adv.outputs, scaling)
-    if denominator == "input":
-        w_in = []
-        for layer in layers:
-            n_in = 1
-            for d in layer.in_shape:
-                n_in *= d
-            dist = (f_adv.inputs[layer.name] - f_clean.inputs[layer.name]).flatten(1).float().norm(dim=1).mean().item()
-            w_in.append(dist * _scale(n_in, scaling))
-    else:
-        w_in = [float("nan")] + w[:-1]
-    c = []
+    nan = float("nan")
+    w_src: list[float] = []
+    sources: list[str] = []
     for i, layer in enumerate(layers):
-        if i == 0 or (denominator == "input" and layer.reads_model_input):
-            c.append(w[i])
+        src = layer.source(point)
+        if denominator == "previous":
+            w_src.append(w[i - 1] if i > 0 else nan)
+            sources.append(f"layer {layers[i - 1].index} ({layers[i - 1].name})" if i > 0 else "first layer (C = W)")
+        elif denominator == "input" or src.kind == "untraced":
+            if layer.reads_model_input:
+                w_src.append(nan)
+                sources.append("model input (C = W)")
+            else:
+                n_in = math.prod(layer.in_shape)
+                w_src.append(_distance(f_adv.inputs[layer.name], f_clean.inputs[layer.name]) * _scale(n_in, scaling))
+                sources.append("the tensor it reads")
+        elif src.kind == "model_input":
+            w_src.append(nan)
+            sources.append(src.describe())
+        elif src.kind == "layer" and src.layer in index:
+            w_src.append(w[index[src.layer]])
+            sources.append(f"layer {src.layer} ({layers[index[src.layer]].name})")
         else:
-            c.append(w[i] / w_in[i] if w_in[i] > 0 else float("inf"))
-    settings = {"eps": eps, "alpha": alpha, "steps": steps, "denominator": denominator, "scaling": scaling, "point": point, "batch_size": int(x.shape[0])}
-    return CriticalityResult(list(layers), w, w_in, c, eligible_mask(layers, include_classifier=include_classifier, exclude=exclude), settings)
+            assert src.tap is not None and f_clean.taps is not None and f_adv.taps is not None
+            w_src.append(_distance(f_adv.taps[src.tap], f_clean.taps[src.tap]) * _scale(src.tap.numel, scaling))
+            sources.append(src.describe())
+    c = [w[i] if math.isnan(d) else (w[i] / d if d > 0 else float("inf")) for i, d in enumerate(w_src)]
+    settings = {"eps": a.eps, "alpha": a.alpha, "steps": steps, "norm": a.norm, "denominator": denominator, "scaling": scaling,
+                "point": point, "batch_size": int(x.shape[0])}
+    return CriticalityResult(list(layers), w, w_src, c, eligible_mask(layers, include_classifier=include_classifier, exclude=exclude),
+                             settings, sources)
 
 
 def select_random(layers: Sequence[Layer], eligible: Sequence[bool], k: int, generator: torch.Generator) -> list[Layer]:

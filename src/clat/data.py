@@ -502,6 +502,28 @@ def load_bundled() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 # --------------------------------------------------------------------------- #
 
 
+def to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """Images as float32 in [0, 1]: uint8 images are divided by 255, float images are taken as they are
+    (they are [0, 1] already: :func:`check_images` checks that where they enter)."""
+    return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
+
+
+def check_images(x: torch.Tensor, what: str = "images") -> None:
+    """uint8 images (0-255) or float images in [0, 1], shaped [N, C, H, W]; else a DataError that says how to fix them."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(f"{what} must be a tensor [N, C, H, W], got {shape}")
+    if x.dtype == torch.uint8:
+        return
+    if not x.is_floating_point():
+        raise DataError(f"{what} must be uint8 (0-255) or float (0-1), got {x.dtype}: convert them first")
+    if x.numel():
+        lo, hi = x.min().item(), x.max().item()
+        if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
+            fix = "; divide them by 255 (or pass them as uint8)" if hi > 1.0 else ""
+            raise DataError(f"float {what} must lie in [0, 1], got values from {lo:.4g} to {hi:.4g}{fix}")
+
+
 def train_val_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Disjoint index tensors ``(train_idx, val_idx)`` covering ``range(n)``.
 
@@ -711,9 +733,7 @@ class Loader:
         return torch.randperm(n, generator=gen).to(self.device)
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            return x.to(torch.float32).div_(255.0)
-        return x.to(torch.float32)
+        return to_unit_float(x)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x float32 [b,C,H,W] in [0,1], y int64 [b])`` on ``device``."""

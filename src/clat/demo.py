@@ -23,6 +23,7 @@ import torch
 from clat.checkpoint import load_model
 from clat.config import load_config
 from clat.criticality import compute_criticality
+from clat.data import to_unit_float
 from clat.errors import ConfigError
 from clat.evaluate import evaluate
 from clat.layers import find_layers
@@ -84,7 +85,7 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, fast: bool =
     layers = find_layers(model)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(splits.x_train), generator=g)[:100]
-    crit = compute_criticality(model, layers, splits.x_train[idx].float() / 255, splits.y_train[idx])
+    crit = compute_criticality(model, layers, to_unit_float(splits.x_train[idx]), splits.y_train[idx], attack=cfg.attack)
     crit_data = crit.to_dict(1)
     (out / "criticality.json").write_text(json.dumps(crit_data, indent=2))
     plot_criticality(crit_data, out / "criticality.png", f"Criticality after PGD-AT pretraining ({s.model}, 100 images)")

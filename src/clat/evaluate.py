@@ -564,14 +564,17 @@ def criticality_stability(
     repeats: int = 5,
     reference_size: int = 500,
     k: int = 5,
-    eps: float = 8 / 255,
-    alpha: float = 2 / 255,
-    steps: int = 10,
+    attack: "AttackConfig | None" = None,
+    steps: int | None = None,
+    denominator: str = "upstream",
     seed: int = 0,
     epoch_time_s: float | None = None,
     progress: bool = False,
 ) -> dict:
     """How stable the top-k critical layers are over random batches (paper Table 7).
+
+    ``attack`` is the threat model of the criticality perturbation (default ℓ∞ 8/255, step
+    2/255) and ``steps`` its PGD steps (default ``attack.steps``).
 
     A reference ranking comes from ``reference_size`` images; for each batch size,
     ``repeats`` random batches (drawn from the rest of ``x``, so they never overlap
@@ -581,9 +584,12 @@ def criticality_stability(
     a fraction of ``epoch_time_s`` (one PGD-AT training epoch) when given. ``k`` is
     lowered to (eligible layers − 1) when it would cover every eligible layer.
     """
+    from clat.config import AttackConfig
     from clat.criticality import compute_criticality
     from clat.layers import find_layers
 
+    attack = attack if attack is not None else AttackConfig()
+    steps = attack.steps if steps is None else steps
     if repeats < 1 or reference_size < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError("criticality stability needs repeats >= 1, reference_size >= 1 and batch sizes >= 1")
     g = torch.Generator().manual_seed(seed)
@@ -596,7 +602,7 @@ def criticality_stability(
     def crit(idx: torch.Tensor):
         xb, yb = _as_float(x[idx].to(device)), y[idx].to(device)
         t0 = time.perf_counter()
-        res = compute_criticality(model, layers, xb, yb, eps=eps, alpha=alpha, steps=steps)
+        res = compute_criticality(model, layers, xb, yb, attack=attack, steps=steps, denominator=denominator)
         return res, time.perf_counter() - t0
 
     layers = find_layers(model, _as_float(x[:2].to(device)))
@@ -639,7 +645,7 @@ def criticality_stability(
         "layers": [l.name for l in layers],
         "reference": {"size": len(ref_idx), "top_k": ref_top, "names": [layers[i].name for i in ref_top], "time_s": ref_time},
         "repeats": repeats,
-        "attack": {"eps": eps, "alpha": alpha, "steps": steps},
+        "attack": {"eps": attack.eps, "alpha": attack.alpha, "steps": steps, "norm": attack.norm, "denominator": denominator},
         "seed": seed,
         "epoch_time_s": epoch_time_s,
         "rows": rows,

@@ -1,10 +1,28 @@
 """Find a model's layers, capture their features, stop a forward pass early, freeze.
 
 A *layer* (SPEC "Layers and features") is a ``Conv``/``Linear`` module merged
-with the ``BatchNorm`` that directly consumes its output, in forward execution
-order, addressed by the conv's qualified name (``layer3.0.conv2``). Discovery
-runs one real forward pass with hooks, so it works on any ``nn.Module``
+with the ``BatchNorm`` that directly consumes its output (with
+``merge_norms=True`` also a GroupNorm, LayerNorm or InstanceNorm), in forward
+execution order, addressed by the conv's qualified name (``layer3.0.conv2``).
+Discovery runs one real forward pass, so it works on any ``nn.Module``
 (torchvision, timm, hand-written), whatever its ``forward`` does.
+
+Provenance comes from the computation, never from memory addresses: during
+discovery every torch operation is traced (a ``TorchFunctionMode``), every
+tensor it touches is kept alive, and each tensor version is mapped to the
+operation that produced it and the operations' data inputs. From that graph
+each layer gets
+
+- its *feature taps*: the operations that produce its feature (after its BN,
+  or the conv output before it), addressed by the operation's ordinal in the
+  forward pass, so a later pass can capture the very same tensor;
+- its *source* (what Eq. 6's denominator measures): walk back from the tensor
+  the layer reads through operations with a single data input (activations,
+  pooling, dropout, reshapes, norms that are not part of a layer) until reaching
+  the feature of another layer (the source is that layer: Eq. 6 exactly on a
+  chain, both at the same feature point), an operation that joins several
+  data tensors (a residual sum or a concatenation: the source is that tensor,
+  before any activation that follows), or the model input (``C = W``).
 
 A module that runs more than once in one forward pass (weight sharing) is one
 layer; its feature is the output of its *first* call, and ``Layer.calls`` says
@@ -13,19 +31,64 @@ how many calls were seen so that tools can warn about it.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from clat.errors import ConfigError
 
 PARAMETRIC_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# merged into the layer they follow only with ``merge_norms=True`` (no running statistics to freeze)
+OTHER_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 FeaturePoint = Literal["post_bn", "pre_bn"]
+SourceKind = Literal["model_input", "layer", "tensor", "untraced"]
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One tensor of the forward pass: output ``slot`` of the ``op``-th torch operation
+    (outputs first, then in-place-modified inputs). A later pass over a batch of any
+    size captures the same tensor by counting operations (:class:`TapCapture`)."""
+
+    op: int
+    slot: int
+    func: str  # the operation's name, checked when the tensor is captured again
+    shape: tuple[int, ...]  # one sample's shape
+    inplace_after: bool  # modified in place later in the pass: captured as a copy
+    where: str = ""  # readable: the operation and the module it ran in
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Source:
+    """What feeds a layer, measured at a feature point: where Eq. 6's ``W_{i-1}`` is taken."""
+
+    kind: SourceKind  # model_input: C = W; layer: the feature of layer ``layer``; tensor: ``tap``; untraced: unknown
+    layer: int | None = None
+    tap: Tap | None = None
+
+    def describe(self, layers: Sequence["Layer"] | None = None) -> str:
+        if self.kind == "model_input":
+            return "model input (C = W)"
+        if self.kind == "layer":
+            return f"layer {self.layer}" + (f" ({layers[self.layer].name})" if layers is not None else "")
+        if self.kind == "tensor" and self.tap is not None:
+            return self.tap.where
+        return "untraced"
 
 
 @dataclass(frozen=True)
@@ -34,14 +97,16 @@ class Layer:
 
     index: int
     name: str  # qualified name of the conv / linear module
-    bn_name: str | None  # qualified name of the BatchNorm merged into it, if any
+    bn_name: str | None  # qualified name of the norm (BatchNorm by default) merged into it, if any
     kind: str  # "Conv2d", "Linear", ...
     out_shape: tuple[int, ...]  # feature shape of one sample
     in_shape: tuple[int, ...]  # shape of one sample of the tensor the layer reads
-    num_params: int  # conv/linear + merged BN parameters
+    num_params: int  # conv/linear + merged norm parameters
     calls: int = 1  # how many times the module ran in one forward pass
-    reads_model_input: bool = False  # its input is computed by no earlier layer
-    inplace_after: bool = False  # its output tensor is modified in place later in forward
+    reads_model_input: bool = False  # no other layer's output is upstream of its input
+    inplace_after: bool = False  # its (post-BN) feature tensor is modified in place later in forward
+    taps: tuple[Tap | None, Tap | None] = (None, None)  # feature at (post_bn, pre_bn)
+    sources: tuple[Source, Source] = (Source("untraced"), Source("untraced"))  # what feeds it, at (post_bn, pre_bn)
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -49,6 +114,12 @@ class Layer:
 
     def output_module(self, point: FeaturePoint = "post_bn") -> str:
         return self.bn_name if (point == "post_bn" and self.bn_name is not None) else self.name
+
+    def tap(self, point: FeaturePoint = "post_bn") -> Tap | None:
+        return self.taps[_POINTS.index(point)]
+
+    def source(self, point: FeaturePoint = "post_bn") -> Source:
+        return self.sources[_POINTS.index(point)]
 
     @property
     def numel(self) -> int:
@@ -59,69 +130,167 @@ class Layer:
         return n
 
 
-def find_layers(model: nn.Module, example_input: torch.Tensor | None = None, *, input_shape: Sequence[int] = (3, 32, 32)) -> list[Layer]:
+_POINTS: tuple[FeaturePoint, FeaturePoint] = ("post_bn", "pre_bn")
+_Key = tuple[int, int]  # (id(tensor), tensor._version): one version of one tensor
+
+
+def _key(t: torch.Tensor) -> _Key:
+    return (id(t), t._version)
+
+
+def _func_name(func) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
+    return f"{getattr(owner, '__name__', '')}.{name}".lstrip(".") if isinstance(owner, type) else str(name)
+
+
+def _readable(func: str) -> str:
+    """``TensorBase.__iadd__`` -> ``sum (__iadd__)``, ``cat`` -> ``concatenation (cat)``."""
+    short = func.rsplit(".", 1)[-1]
+    if short.strip("_").rstrip("_") in ("add", "iadd", "radd", "add_"):
+        return f"sum ({short})"
+    if short in ("cat", "concat", "concatenate", "stack"):
+        return f"concatenation ({short})"
+    return short
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+class _Tracer(TorchFunctionMode):
+    """Discovery's record of the forward pass: every torch operation (counted in the order
+    it runs), its data inputs (tensors computed from the model input) and what it produced.
+    Every tensor seen is kept alive until discovery ends, so no id is reused."""
+
+    def __init__(self, root: torch.Tensor) -> None:
+        super().__init__()
+        self.count = 0
+        self.paused = 0
+        self.keep: list[torch.Tensor] = [root]
+        self.root = _key(root)
+        self.producer: dict[_Key, tuple[int, int, torch.Tensor]] = {}  # key -> (op, slot, tensor)
+        self.data_inputs: dict[int, list[_Key]] = {}  # op -> distinct data-input keys
+        self.funcs: dict[int, str] = {}
+        self.where: dict[int, str] = {}
+        self.modules: list[str] = []  # names of the modules running now (innermost last)
+
+    def is_data(self, k: _Key) -> bool:
+        return k == self.root or k in self.producer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
+        ins = _tensors((args, kwargs))
+        before = [(_key(t), t) for t in ins]
+        out = func(*args, **kwargs)
+        n = self.count
+        self.count += 1
+        data = list(dict.fromkeys(k for k, _ in before if self.is_data(k)))
+        if not data:
+            return out
+        outs = _tensors(out)
+        slots = outs + [t for (k, t) in before if _key(t) != k]  # outputs, then inputs modified in place
+        self.keep.extend(ins)
+        self.keep.extend(outs)
+        self.data_inputs[n] = data
+        self.funcs[n] = _func_name(func)
+        self.where[n] = self.modules[-1] if self.modules else ""
+        for s, t in enumerate(slots):
+            self.producer.setdefault(_key(t), (n, s, t))
+        return out
+
+    @contextmanager
+    def pause(self) -> Iterator[None]:
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+
+def find_layers(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    *,
+    input_shape: Sequence[int] = (3, 32, 32),
+    merge_norms: bool = False,
+) -> list[Layer]:
     """Discover the layers of ``model`` by running one forward pass (eval mode, no grad).
 
     ``example_input`` is a batch the model accepts; by default two zero images of
     ``input_shape`` on the model's device. The model's train/eval mode is restored.
+    ``merge_norms=True`` also merges a GroupNorm/LayerNorm/InstanceNorm that directly
+    consumes a layer's output into that layer (BatchNorm always is).
     """
     if example_input is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
         example_input = torch.zeros(2, *input_shape, device=device)
     names = {m: n for n, m in model.named_modules()}
+    norm_types = BN_TYPES + (OTHER_NORM_TYPES if merge_norms else ())
+    tracer = _Tracer(example_input)
     order: list[nn.Module] = []
     info: dict[nn.Module, dict] = {}
-    last_out: dict[int, nn.Module] = {}  # id(output tensor) -> conv that produced it
-    bn_of: dict[nn.Module, nn.Module] = {}
-    first_input_ptr: list[int] = []
-    produced: set[int] = set()  # ids of tensors produced by layers (conservative "downstream" check)
+    conv_out: dict[_Key, nn.Module] = {}  # output (any call) of a conv/linear -> the module
+    norm_of: dict[nn.Module, nn.Module] = {}  # conv -> the norm merged into it
+    outputs: dict[nn.Module, list[_Key]] = {}  # every output of every layer module (conv or merged norm)
     handles = []
 
     def pre_hook(mod: nn.Module, args: tuple) -> None:
-        if mod in info:
-            info[mod]["calls"] += 1
-            return
-        x = args[0]
-        if not first_input_ptr:
-            first_input_ptr.append(x.data_ptr())
-        order.append(mod)
-        info[mod] = {
-            "calls": 1,
-            "in_shape": tuple(x.shape[1:]),
-            "reads_model_input": len(order) == 1 or x.data_ptr() == first_input_ptr[0],
-        }
+        with tracer.pause():
+            if mod in info:
+                info[mod]["calls"] += 1
+                return
+            x = args[0]
+            order.append(mod)
+            info[mod] = {"calls": 1, "in_shape": tuple(x.shape[1:]), "in_key": _key(x)}
 
     def post_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        d = info[mod]
-        if "out_shape" not in d:
-            d["out_shape"] = tuple(out.shape[1:])
-            d["out_ref"] = (out, out._version)
-        last_out[id(out)] = mod
-        produced.add(id(out))
+        with tracer.pause():
+            d = info[mod]
+            k = _key(out)
+            if "out_key" not in d:
+                d["out_shape"] = tuple(out.shape[1:])
+                d["out_key"] = k
+            conv_out[k] = mod
+            outputs.setdefault(mod, []).append(k)
 
-    def bn_pre_hook(mod: nn.Module, args: tuple) -> None:
-        src = last_out.get(id(args[0]))
-        if src is not None and src not in bn_of and mod not in bn_of.values():
-            bn_of[src] = mod
+    def norm_pre_hook(mod: nn.Module, args: tuple) -> None:
+        with tracer.pause():
+            src = conv_out.get(_key(args[0]))
+            if src is not None and src not in norm_of and mod not in norm_of.values():
+                norm_of[src] = mod
 
-    def bn_post_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        for conv, bn in bn_of.items():
-            if bn is mod and "bn_out_ref" not in info[conv]:
-                info[conv]["bn_out_ref"] = (out, out._version)
+    def norm_post_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        with tracer.pause():
+            for conv, norm in norm_of.items():
+                if norm is mod:
+                    info[conv].setdefault("norm_out_key", _key(out))
+                    outputs.setdefault(mod, []).append(_key(out))
+
+    def enter(mod: nn.Module, args: tuple) -> None:
+        tracer.modules.append(names.get(mod, "?"))
+
+    def leave(mod: nn.Module, args: tuple, out) -> None:
+        if tracer.modules:
+            tracer.modules.pop()
 
     for m in model.modules():
+        handles.append(m.register_forward_pre_hook(enter))
         if isinstance(m, PARAMETRIC_TYPES):
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(post_hook))
-        elif isinstance(m, BN_TYPES):
-            handles.append(m.register_forward_pre_hook(bn_pre_hook))
-            handles.append(m.register_forward_hook(bn_post_hook))
+        elif isinstance(m, norm_types):
+            handles.append(m.register_forward_pre_hook(norm_pre_hook))
+            handles.append(m.register_forward_hook(norm_post_hook))
+        handles.append(m.register_forward_hook(leave))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(example_input)
+        with torch.no_grad(), tracer:
+            model._call_impl(example_input)  # eager even when the model was compiled in place
     except Exception as e:  # the model itself failed on the example input
         raise ConfigError(
             f"could not run the model on an example input of shape {tuple(example_input.shape)} to find its layers ({type(e).__name__}: {e}); "
@@ -131,50 +300,198 @@ def find_layers(model: nn.Module, example_input: torch.Tensor | None = None, *, 
         for h in handles:
             h.remove()
         model.train(was_training)
+    if not order:
+        raise ConfigError("the model has no Conv or Linear layer that runs in its forward pass; CLAT needs at least one")
+    return _Graph(tracer, order, info, norm_of, outputs, names).layers()
 
-    layers = []
-    for i, mod in enumerate(order):
-        d = info[mod]
-        bn = bn_of.get(mod)
-        ref, version = d["bn_out_ref"] if bn is not None else d["out_ref"]
-        n_params = sum(p.numel() for p in mod.parameters(recurse=False))
-        if bn is not None:
-            n_params += sum(p.numel() for p in bn.parameters(recurse=False))
-        layers.append(
-            Layer(
+
+class _Graph:
+    """Turns discovery's trace into :class:`Layer` records (taps, sources, provenance)."""
+
+    def __init__(self, tracer: _Tracer, order, info, norm_of, outputs, names) -> None:
+        self.t, self.order, self.info, self.norm_of, self.names = tracer, order, info, norm_of, names
+        self.index = {mod: i for i, mod in enumerate(order)}
+        # the feature of each layer at each point, and every tensor a layer's modules output
+        self.feature: dict[FeaturePoint, dict[_Key, int]] = {"post_bn": {}, "pre_bn": {}}
+        self.stops: dict[FeaturePoint, dict[_Key, int]] = {"post_bn": {}, "pre_bn": {}}
+        for mod, i in self.index.items():
+            d = info[mod]
+            norm = norm_of.get(mod)
+            self.feature["pre_bn"][d["out_key"]] = i
+            self.feature["post_bn"][d["norm_out_key"] if norm is not None else d["out_key"]] = i
+            for k in outputs.get(mod, []):
+                self.stops["post_bn"][k] = self.stops["pre_bn"][k] = i
+            if norm is not None:
+                for k in outputs.get(norm, []):
+                    self.stops["post_bn"][k] = i
+
+    def tap(self, k: _Key) -> Tap | None:
+        p = self.t.producer.get(k)
+        if p is None:
+            return None
+        op, slot, tensor = p
+        func, where = self.t.funcs[op], self.t.where[op]
+        return Tap(op, slot, func, tuple(tensor.shape[1:]), tensor._version != k[1], f"{_readable(func)} in {where or 'the model'}")
+
+    def source(self, start: _Key, point: FeaturePoint) -> Source:
+        k = start
+        while True:
+            if k == self.t.root:
+                return Source("model_input")
+            if k in self.stops[point]:
+                j = self.stops[point][k]
+                if self.feature[point].get(k) == j:
+                    return Source("layer", j, self.tap(k))
+                tap = self.tap(k)
+                return Source("tensor", None, tap) if tap is not None else Source("untraced")
+            p = self.t.producer.get(k)
+            if p is None:
+                return Source("untraced")
+            data = self.t.data_inputs[p[0]]
+            if len(data) != 1:  # joins several data tensors: a residual sum, a concatenation
+                return Source("tensor", None, self.tap(k))
+            k = data[0]
+
+    def reads_model_input(self, start: _Key) -> bool:
+        """No layer's output is upstream of ``start`` (walking every data input)."""
+        seen, todo = set(), [start]
+        while todo:
+            k = todo.pop()
+            if k in seen:
+                continue
+            seen.add(k)
+            if k in self.stops["post_bn"] or k in self.stops["pre_bn"]:
+                return False
+            p = self.t.producer.get(k)
+            if p is not None:
+                todo.extend(self.t.data_inputs[p[0]])
+        return True
+
+    def layers(self) -> list[Layer]:
+        out = []
+        for i, mod in enumerate(self.order):
+            d = self.info[mod]
+            norm = self.norm_of.get(mod)
+            post_key = d["norm_out_key"] if norm is not None else d["out_key"]
+            post_tap, pre_tap = self.tap(post_key), self.tap(d["out_key"])
+            n_params = sum(p.numel() for p in mod.parameters(recurse=False))
+            if norm is not None:
+                n_params += sum(p.numel() for p in norm.parameters(recurse=False))
+            out.append(Layer(
                 index=i,
-                name=names[mod],
-                bn_name=names[bn] if bn is not None else None,
+                name=self.names[mod],
+                bn_name=self.names[norm] if norm is not None else None,
                 kind=type(mod).__name__,
                 out_shape=d["out_shape"],
                 in_shape=d["in_shape"],
                 num_params=n_params,
                 calls=d["calls"],
-                reads_model_input=d["reads_model_input"],
-                inplace_after=ref._version != version,
-            )
-        )
-    if not layers:
-        raise ConfigError("the model has no Conv or Linear layer that runs in its forward pass; CLAT needs at least one")
-    return layers
+                reads_model_input=self.reads_model_input(d["in_key"]),
+                inplace_after=post_tap.inplace_after if post_tap is not None else False,
+                taps=(post_tap, pre_tap),
+                sources=(self.source(d["in_key"], "post_bn"), self.source(d["in_key"], "pre_bn")),
+            ))
+        return out
+
+
+def unassigned_parameters(model: nn.Module, layers: Iterable[Layer]) -> dict[str, int]:
+    """Modules whose parameters belong to no layer (never selectable: frozen under CLAT and
+    RiFT) -> their parameter count: norms that read no layer's output directly (a residual sum
+    in a pre-activation net), GroupNorm/LayerNorm (unless ``merge_norms``), attention
+    projections held as raw parameters, embeddings, ..."""
+    assigned = set(layer_parameter_names(model, layers))
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if name not in assigned:
+            mod = name.rsplit(".", 1)[0] if "." in name else ""
+            out[mod or "(model)"] = out.get(mod or "(model)", 0) + p.numel()
+    return out
+
+
+def warn_unassigned(model: nn.Module, layers: Iterable[Layer], method: str) -> None:
+    """One warning listing the parameters ``method`` can never train (they stay frozen)."""
+    rest = unassigned_parameters(model, layers)
+    if not rest:
+        return
+    n, total = sum(rest.values()), sum(p.numel() for p in model.parameters())
+    kinds = {type(model.get_submodule(m)).__name__ for m in rest if m != "(model)"}
+    hint = ("; model.merge_norms=true makes a norm that follows a conv/linear part of its layer"
+            if kinds & {c.__name__ for c in OTHER_NORM_TYPES} else "")
+    warnings.warn(
+        f"{method}: {n:,} of {total:,} parameters belong to no selectable layer and stay frozen: "
+        f"{', '.join(f'{m} ({c:,})' for m, c in rest.items())}{hint}",
+        stacklevel=2,
+    )
 
 
 def resolve_layers(layers: Sequence[Layer], selectors: Iterable[str | int]) -> list[Layer]:
-    """Layers picked by qualified name or index (``"layer3.0.conv2"``, ``11``, ``"11"``)."""
+    """Layers picked by qualified name (``"layer3.0.conv2"``) or by index (``11``, an int).
+
+    A string is always a name, looked up exactly: in a top-level ``nn.Sequential`` the
+    layers are *named* ``"0"``, ``"3"``, ... and ``"3"`` is the layer of that name, not
+    the fourth layer. Only an ``int`` is an index."""
     by_name = {layer.name: layer for layer in layers}
     out = []
     for s in selectors:
-        if isinstance(s, int) or (isinstance(s, str) and s.lstrip("-").isdigit()):
-            i = int(s)
-            if not 0 <= i < len(layers):
-                raise ConfigError(f"layer index {i} is out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
-            out.append(layers[i])
+        if isinstance(s, bool) or not isinstance(s, (int, str)):
+            raise ConfigError(f"a layer is selected by its name (a string) or its index (an integer), got {s!r}")
+        if isinstance(s, int):
+            if not 0 <= s < len(layers):
+                raise ConfigError(f"layer index {s} is out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+            out.append(layers[s])
         elif s in by_name:
             out.append(by_name[s])
         else:
+            hint = ""
+            if s.lstrip("-").isdigit():
+                hint = f"; to select the layer with index {s}, write it as an integer (clat.layers=[{s}], not '{s}')"
             close = [n for n in by_name if s.split(".")[-1] in n][:5]
-            raise ConfigError(f"no layer named {s!r}; layer names look like {close or list(by_name)[:5]} (see `clat criticality` for the full list)")
+            raise ConfigError(f"no layer named {s!r}{hint}; layer names look like {close or list(by_name)[:5]} (see `clat criticality` for the full list)")
     return out
+
+
+class TapCapture(TorchFunctionMode):
+    """Capture the tensors of some :class:`Tap` s during a forward pass, by counting torch
+    operations exactly as discovery did (the pass must run the same sequence of
+    operations; a mismatch is an error, never a wrong tensor). Use as a context manager
+    around the forward pass; the tensors are in ``.values`` (tap -> tensor)."""
+
+    def __init__(self, taps: Iterable[Tap]) -> None:
+        super().__init__()
+        self.want: dict[int, list[Tap]] = {}
+        for t in taps:
+            self.want.setdefault(t.op, []).append(t)
+        self.count = 0
+        self.values: dict[Tap, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        wanted = self.want.get(self.count)
+        if wanted is None:
+            self.count += 1
+            return func(*args, **kwargs)
+        before = [(_key(t), t) for t in _tensors((args, kwargs))]
+        out = func(*args, **kwargs)
+        n = self.count
+        self.count += 1
+        slots = _tensors(out) + [t for (k, t) in before if _key(t) != k]
+        for tap in wanted:
+            name = _func_name(func)
+            t = slots[tap.slot] if tap.slot < len(slots) else None
+            if name != tap.func or t is None or tuple(t.shape[1:]) != tap.shape:
+                raise ConfigError(
+                    f"the model ran a different sequence of operations than when its layers were found (operation {n} is {name}, "
+                    f"expected {tap.func} with a sample shape of {tap.shape}): its forward pass depends on the input. "
+                    "Measure criticality with clat.criticality.denominator=input instead"
+                )
+            self.values[tap] = t.clone() if tap.inplace_after else t
+        return out
+
+    def check_complete(self) -> None:
+        missing = [t for ts in self.want.values() for t in ts if t not in self.values]
+        if missing:
+            raise ConfigError(f"the forward pass ended before operation {missing[0].op} ({missing[0].where}) ran; "
+                              "measure criticality with clat.criticality.denominator=input instead")
 
 
 class _StopForward(Exception):
@@ -188,6 +505,7 @@ class Features:
     outputs: dict[str, torch.Tensor]  # layer name -> feature
     inputs: dict[str, torch.Tensor]  # layer name -> the tensor the layer read (if requested)
     logits: torch.Tensor | None  # None when the pass stopped early
+    taps: dict[Tap, torch.Tensor] | None = None  # the requested taps' tensors (if requested)
 
 
 class FeatureExtractor:
@@ -197,7 +515,8 @@ class FeatureExtractor:
     the rest of the network is not run (the feature attack of CLAT needs only the
     network up to its deepest critical layer). The captured values are exactly
     those of a full pass. Hooks live only for the duration of a call, so the
-    model is left untouched between calls.
+    model is left untouched between calls. ``taps`` are further tensors of the
+    pass (e.g. the residual sums that feed layers) captured by :class:`TapCapture`.
     """
 
     def __init__(
@@ -207,6 +526,7 @@ class FeatureExtractor:
         *,
         point: FeaturePoint = "post_bn",
         capture_inputs: bool = False,
+        taps: Iterable[Tap] = (),
     ) -> None:
         if not layers:
             raise ConfigError("FeatureExtractor needs at least one layer")
@@ -214,16 +534,19 @@ class FeatureExtractor:
         self.layers = list(layers)
         self.point = point
         self.capture_inputs = capture_inputs
+        self.taps = list(dict.fromkeys(taps))
         modules = dict(model.named_modules())
         self._out_mod = {layer.name: modules[layer.output_module(point)] for layer in self.layers}
         self._in_mod = {layer.name: modules[layer.name] for layer in self.layers}
-        self._clone = {layer.name: layer.inplace_after for layer in self.layers}
+        self._clone = {layer.name: (layer.tap(point).inplace_after if layer.tap(point) is not None else layer.inplace_after) for layer in self.layers}
 
     def __call__(self, x: torch.Tensor, *, stop_early: bool = True) -> Features:
         outputs: dict[str, torch.Tensor] = {}
         inputs: dict[str, torch.Tensor] = {}
         wanted = len(self.layers)
         handles = []
+        if self.taps and stop_early:
+            raise ValueError("taps are captured on full forward passes only (stop_early=False)")
 
         def done() -> bool:
             return len(outputs) == wanted and (not self.capture_inputs or len(inputs) == wanted)
@@ -231,7 +554,8 @@ class FeatureExtractor:
         def make_out_hook(name: str):
             def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
                 if name not in outputs:
-                    outputs[name] = out.clone() if self._clone[name] else out
+                    with torch._C.DisableTorchFunction():  # not an operation of the model's own pass
+                        outputs[name] = out.clone() if self._clone[name] else out
                     if stop_early and done():
                         raise _StopForward
 
@@ -244,6 +568,7 @@ class FeatureExtractor:
 
             return hook
 
+        capture = TapCapture(self.taps) if self.taps else None
         try:
             for layer in self.layers:
                 handles.append(self._out_mod[layer.name].register_forward_hook(make_out_hook(layer.name)))
@@ -252,7 +577,12 @@ class FeatureExtractor:
             try:
                 # eager even when the model was compiled in place (``model.compile()``): the
                 # hooks above, and the early stop they raise, need the module-by-module forward
-                logits = self.model._call_impl(x)
+                if capture is not None:
+                    with capture:
+                        logits = self.model._call_impl(x)
+                    capture.check_complete()
+                else:
+                    logits = self.model._call_impl(x)
             except _StopForward:
                 logits = None
         finally:
@@ -261,7 +591,7 @@ class FeatureExtractor:
         if not done():
             missing = [layer.name for layer in self.layers if layer.name not in outputs]
             raise ConfigError(f"layers {missing} did not run in the forward pass; were they found on this model?")
-        return Features(outputs, inputs, logits)
+        return Features(outputs, inputs, logits, capture.values if capture is not None else None)
 
 
 def layer_parameter_names(model: nn.Module, layers: Iterable[Layer]) -> list[str]:
@@ -302,6 +632,19 @@ def set_bn_train_mode(model: nn.Module, trainable_bns: Iterable[str] | None) -> 
     for name, m in model.named_modules():
         if isinstance(m, BN_TYPES) and name not in keep:
             m.eval()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The whole model in eval mode (running statistics, no dropout) for the block; every
+    module's own train/eval flag is restored afterwards (frozen BatchNorms stay frozen)."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 @contextmanager

@@ -86,7 +86,8 @@ def _bytes(n: int | None) -> str:
 
 # -- criticality -------------------------------------------------------------------------
 def criticality_rows(crit: dict) -> tuple[list[str], list[list[Any]]]:
-    headers = ["idx", "layer", "output", "params", "weakness W", "criticality C", "rank", "selected"]
+    with_src = any(l.get("denominator_source") for l in crit["layers"])
+    headers = ["idx", "layer", "output", "params", "weakness W", "criticality C", "rank", "selected"] + (["C = W / W of"] if with_src else [])
     rows = []
     for l in crit["layers"]:
         rows.append(
@@ -99,7 +100,7 @@ def criticality_rows(crit: dict) -> tuple[list[str], list[list[Any]]]:
                 float(l["criticality"]),
                 l["rank"] if l["rank"] is not None else "excl.",
                 "*" if l["selected"] else "",
-            ]
+            ] + ([l.get("denominator_source") or ""] if with_src else [])
         )
     return headers, rows
 

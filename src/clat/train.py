@@ -69,6 +69,9 @@ def resolve_device(name: str, option: str = "device=") -> torch.device:
 
 @dataclass
 class Splits:
+    """A data set cut into training, validation and test parts. Images are uint8 (0-255) or float
+    in [0, 1], shaped [N, C, H, W]; labels are integers in [0, num_classes). Checked on creation."""
+
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
@@ -77,6 +80,19 @@ class Splits:
     y_test: torch.Tensor
     num_classes: int
     name: str
+
+    def __post_init__(self) -> None:
+        from clat.errors import DataError
+
+        for part in ("train", "val", "test"):
+            x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
+            data_mod.check_images(x, f"Splits.x_{part}")
+            if not isinstance(y, torch.Tensor) or y.shape != (len(x),) or y.is_floating_point():
+                raise DataError(f"Splits.y_{part} must be an integer tensor with one label per image ({len(x)}), got "
+                                f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+            if len(y) and not (0 <= int(y.min()) and int(y.max()) < self.num_classes):
+                raise DataError(f"Splits.y_{part} holds labels from {int(y.min())} to {int(y.max())}, outside 0..{self.num_classes - 1} "
+                                f"(num_classes={self.num_classes})")
 
 
 def prepare_data(cfg: Config) -> Splits:
@@ -95,7 +111,13 @@ def prepare_data(cfg: Config) -> Splits:
         x_te, y_te = x_te[: d.test_size], y_te[: d.test_size]
     if d.val_size >= len(x_tr):
         raise ConfigError(f"data.val_size={d.val_size} leaves no training images out of {len(x_tr)}; lower it")
-    tr_idx, va_idx = data_mod.train_val_split(len(x_tr), d.val_size, cfg.seed if d.split_seed is None else d.split_seed)
+    if d.split_seed is None:  # clat 0.1: the split followed the training seed
+        if cfg.seed != 0:
+            warnings.warn(f"data.split_seed is null: the validation split follows seed={cfg.seed}, so a run with another seed (or the "
+                          "checkpoint it starts from) may have trained on these validation images; set data.split_seed to a fixed value",
+                          stacklevel=2)
+    split_seed = cfg.seed if d.split_seed is None else d.split_seed
+    tr_idx, va_idx = data_mod.train_val_split(len(x_tr), d.val_size, split_seed)
     return Splits(x_tr[tr_idx], y_tr[tr_idx], x_tr[va_idx], y_tr[va_idx], x_te, y_te, num_classes, name)
 
 
@@ -280,7 +302,7 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dist_mod.broadcast_module(model)  # every rank starts from rank 0's weights
-    layers = find_layers(model, splits.x_train[:2].to(device).float().div(255))
+    layers = find_layers(model, data_mod.to_unit_float(splits.x_train[:2].to(device)), merge_norms=cfg.model.merge_norms)
     if meta.get("custom"):
         default_k = max(1, round(0.05 * len(layers)))  # the paper's "about 5% of the layers"
     stages = _stages(cfg)
@@ -545,7 +567,7 @@ def _gen(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu")
 def _sampler(splits: Splits, seed: int, epoch: int, device: torch.device):
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randperm(len(splits.x_train), generator=_gen(seed, epoch, 2))[:n]
-        return splits.x_train[idx].to(device).float().div_(255), splits.y_train[idx].to(device)
+        return data_mod.to_unit_float(splits.x_train[idx].to(device)), splits.y_train[idx].to(device)
 
     return sample
 

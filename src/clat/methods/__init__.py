@@ -22,7 +22,16 @@ BASE_METHODS: dict[str, type[Method]] = {
     "standard": Standard, "pgd_at": PGDAT, "trades": TRADES, "mart": MART, "awp": AWP, "fast_at": FastAT, "score": SCORE,
 }
 # Fine-tuning methods that need the model's layers.
-METHODS: list[str] = [*BASE_METHODS, "clat", "rift", "lora"]
+LAYER_METHODS: dict[str, type[Method]] = {"clat": CLAT, "rift": RiFT, "lora": LoRA}
+METHODS: list[str] = [*BASE_METHODS, *LAYER_METHODS]
+
+
+def method_class(name: str) -> type[Method]:
+    """The class behind a method name (its module's docstring describes it)."""
+    cls = BASE_METHODS.get(name) or LAYER_METHODS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return cls
 
 
 def list_methods() -> list[str]:
@@ -31,9 +40,9 @@ def list_methods() -> list[str]:
 
 def _base(name: str, cfg: Config) -> Method:
     if name == "trades":
-        return TRADES(cfg.attack, cfg.trades.beta)
+        return TRADES(cfg.attack, cfg.trades.beta, cfg.trades.attack_mode)
     if name == "mart":
-        return MART(cfg.attack, cfg.mart.beta)
+        return MART(cfg.attack, cfg.mart.beta, cfg.mart.attack_mode)
     if name == "score":
         return SCORE(cfg.attack, cfg.score.beta)
     if name == "awp":
@@ -70,4 +79,4 @@ def create_method(name: str, cfg: Config, layers: list[Layer] | None = None, *, 
 
 
 __all__ = ["AWP", "AdversarialMethod", "CLAT", "EpochContext", "FastAT", "LoRA", "MART", "Method", "PGDAT", "RiFT", "SCORE", "Standard",
-           "TRADES", "create_method", "list_methods", "METHODS", "BASE_METHODS"]
+           "TRADES", "create_method", "list_methods", "method_class", "METHODS", "BASE_METHODS", "LAYER_METHODS"]

@@ -13,7 +13,11 @@ with δ* maximising the same feature distance by PGD (or one FGSM-RS step,
 "CLAT (Fast)"). The clean features are computed once per batch and reused as
 the attack's target and in the loss; the attack and the adversarial forward
 run the network only up to the deepest critical layer. CLAT composes with a
-base method: ``ce_on="base"`` replaces the CE term by the base method's loss.
+base method: ``ce_on="base"`` replaces the CE term by the base method's loss, and
+every hook of the base method runs too (AWP's warm-up and weight perturbation
+included). The base loss is computed first, then CLAT's feature term: a base
+method that perturbs the weights for its loss (AWP) perturbs them for the whole
+objective, as AWP around "X + CLAT".
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from clat.config import AttackConfig, ClatConfig
 from clat.criticality import compute_criticality, eligible_mask, select_random
 from clat.distributed import broadcast_object
 from clat.errors import ConfigError
-from clat.layers import FeatureExtractor, Layer, freeze_all_but, frozen_bn_statistics, resolve_layers
+from clat.layers import FeatureExtractor, Layer, freeze_all_but, frozen_bn_statistics, resolve_layers, warn_unassigned
 from clat.methods.base import EpochContext, Method, accuracy
 
 
@@ -62,14 +66,20 @@ class CLAT(Method):
             return True
         return self.cfg.dynamic and not self.pinned and stage_epoch % self.cfg.reselect_every == 0
 
+    def setup(self, model: nn.Module) -> None:
+        warn_unassigned(model, self.layers, "clat")
+        if self.base is not None:
+            self.base.setup(model)
+
     def on_epoch_start(self, model: nn.Module, ctx: EpochContext) -> dict:
+        base_events = self.base.on_epoch_start(model, ctx) if self.base is not None else {}  # (AWP's warm-up); CLAT freezes after it
         if not self._due(ctx.stage_epoch):
             self._freeze(model)
-            return {}
+            return base_events
         cc = self.cfg.criticality
         x, y = ctx.sample_batch(cc.batch_size)
         result = compute_criticality(
-            model, self.layers, x, y, eps=self.attack.eps, alpha=self.attack.alpha, steps=cc.steps,
+            model, self.layers, x, y, attack=self.attack, steps=cc.steps,
             denominator=cc.denominator, scaling=cc.scaling, point=cc.point,
             include_classifier=cc.include_classifier, exclude=self.cfg.exclude,
         )
@@ -92,11 +102,12 @@ class CLAT(Method):
             "selected_index": [l.index for l in chosen],
             "criticality": result.criticality,
             "weakness": result.weakness,
+            "denominator": cc.denominator,
             "trainable_params": trainable,
             "lam": self.lam,
         }
         self.history.append(event)
-        return {"selection": event}
+        return {**base_events, "selection": event}
 
     def _set_selection(self, chosen: list[Layer]) -> None:
         self.selected = sorted(chosen, key=lambda l: l.index)
@@ -131,24 +142,25 @@ class CLAT(Method):
             raise RuntimeError("CLAT.loss called before any layer was selected (on_epoch_start)")
         ext = self.extractor(model)
         ce_on = self.cfg.ce_on
-        clean = ext(x, stop_early=ce_on != "clean")  # clean features once per batch
+        metrics: dict[str, torch.Tensor] = {}
+        if ce_on == "base":  # first: a base method may perturb the weights for its loss (AWP); CLAT's term then sees them too
+            assert self.base is not None
+            ce, base_metrics = self.base.loss(model, x, y)
+            metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
+            with frozen_bn_statistics(model):  # the base loss's forward updated the statistics already
+                clean = ext(x, stop_early=True)
+        else:
+            clean = ext(x, stop_early=ce_on != "clean")  # clean features once per batch
         target = {n: f.detach() for n, f in clean.outputs.items()}
         x_adv = self.attack_features(model, x, target)
-        metrics: dict[str, torch.Tensor] = {}
+        with frozen_bn_statistics(model):  # running statistics follow the clean data only (one update per step)
+            adv = ext(x_adv, stop_early=ce_on != "adv")
         if ce_on == "adv":
-            adv = ext(x_adv, stop_early=False)
             ce = F.cross_entropy(adv.logits, y)
             metrics["adv_acc"] = accuracy(adv.logits, y)
-        else:
-            with frozen_bn_statistics(model):  # running statistics follow the clean data
-                adv = ext(x_adv, stop_early=True)
-            if ce_on == "clean":
-                ce = F.cross_entropy(clean.logits, y)
-                metrics["acc"] = accuracy(clean.logits, y)
-            else:
-                assert self.base is not None
-                ce, base_metrics = self.base.loss(model, x, y)
-                metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
+        elif ce_on == "clean":
+            ce = F.cross_entropy(clean.logits, y)
+            metrics["acc"] = accuracy(clean.logits, y)
         lc = feature_distance(adv.outputs, clean.outputs, self._scale).mean()
         loss = ce + self.lam * lc
         metrics.update({"loss": loss.detach(), "ce": ce.detach(), "feature_dist": lc.detach()})
@@ -157,6 +169,9 @@ class CLAT(Method):
     def after_backward(self, model: nn.Module) -> None:
         if self.base is not None:
             self.base.after_backward(model)
+
+    def on_stage_end(self, model: nn.Module, validate) -> dict:
+        return self.base.on_stage_end(model, validate) if self.base is not None else {}
 
     def _auto_lambda(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         """λ = ρ · CE / L_C on the selection batch, so both terms start at a known ratio."""

@@ -11,6 +11,8 @@ plain model again (same keys as before, loadable the same way).
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -57,7 +59,9 @@ class LoRA(PGDAT):
 
     def setup(self, model: nn.Module) -> None:
         peft = _peft()
-        config = peft.LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=0.0, target_modules=[l.name for l in self.targets])
+        # one anchored pattern: a list would make peft match by suffix (``conv1`` would also adapt every ``*.conv1``)
+        pattern = "|".join(re.escape(l.name) for l in self.targets)
+        config = peft.LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=0.0, target_modules=f"^(?:{pattern})$")
         peft.inject_adapter_in_model(config, model)
         model.to(next(model.parameters()).device)
 

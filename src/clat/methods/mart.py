@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clat.attacks import ce_objective, perturb, randn_like
 from clat.config import AttackConfig
-from clat.layers import frozen_bn_statistics
+from clat.layers import eval_mode, frozen_bn_statistics
 from clat.methods.base import accuracy
 from clat.methods.pgd_at import PGDAT
 
@@ -34,9 +35,15 @@ def mart_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, b
 class MART(PGDAT):
     name = "mart"
 
-    def __init__(self, attack: AttackConfig, beta: float = 6.0) -> None:
+    def __init__(self, attack: AttackConfig, beta: float = 6.0, attack_mode: str = "eval") -> None:
         super().__init__(attack)
         self.beta = beta
+        self.attack_mode = attack_mode
+
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = self.attack
+        with eval_mode(model) if self.attack_mode == "eval" else frozen_bn_statistics(model):
+            return perturb(ce_objective(model, y), x, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, delta0=0.001 * randn_like(x))
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits_adv = model(x_adv)

@@ -22,7 +22,7 @@ from clat.attacks import pgd
 from clat.config import AttackConfig, RiftConfig
 from clat.criticality import eligible_mask
 from clat.distributed import broadcast_object
-from clat.layers import Layer, freeze_all_but
+from clat.layers import Layer, freeze_all_but, warn_unassigned
 from clat.methods.base import EpochContext, Method, accuracy
 
 
@@ -78,6 +78,9 @@ class RiFT(Method):
         self.selected: list[Layer] = []
         self.history: list[dict] = []
         self.start_state: dict[str, torch.Tensor] | None = None
+
+    def setup(self, model: nn.Module) -> None:
+        warn_unassigned(model, self.layers, "rift")
 
     def on_epoch_start(self, model: nn.Module, ctx: EpochContext) -> dict:
         if self.selected:

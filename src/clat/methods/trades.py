@@ -1,9 +1,10 @@
 """TRADES: CE on clean inputs + β · KL(f(x) ‖ f(x')) on KL-maximising examples (Zhang et al. 2019).
 
 "Theoretically principled trade-off between robustness and accuracy". As in the
-reference code, the attack starts from x + 0.001·N(0, I) and maximises the
-per-sample KL divergence to the (fixed) clean prediction; the robust term is
-the KL summed over classes and averaged over the batch.
+reference code, the attack runs with the model in eval mode (``attack_mode="eval"``;
+``"train"`` uses batch statistics with frozen running ones, as clat 0.1 did), starts
+from x + 0.001·N(0, I) and maximises the per-sample KL divergence to the (fixed) clean
+prediction; the robust term is the KL summed over classes and averaged over the batch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from clat.attacks import perturb, randn_like
 from clat.config import AttackConfig
-from clat.layers import frozen_bn_statistics
+from clat.layers import eval_mode, frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, accuracy
 
 
@@ -26,16 +27,17 @@ def kl_per_sample(logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.
 class TRADES(AdversarialMethod):
     name = "trades"
 
-    def __init__(self, attack: AttackConfig, beta: float = 6.0) -> None:
+    def __init__(self, attack: AttackConfig, beta: float = 6.0, attack_mode: str = "eval") -> None:
         super().__init__(attack)
         self.beta = beta
+        self.attack_mode = attack_mode
 
     def divergence(self, logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Tensor:
         return kl_per_sample(logits_adv, probs_clean)
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.attack
-        with frozen_bn_statistics(model):
+        with eval_mode(model) if self.attack_mode == "eval" else frozen_bn_statistics(model):
             with torch.no_grad():
                 p_clean = F.softmax(model(x), dim=1)
             return perturb(lambda xa: self.divergence(model(xa), p_clean), x, eps=a.eps, alpha=a.alpha, steps=a.steps,
