@@ -110,6 +110,7 @@ def recompute(run: Path, arm: str, stage_epoch: int, branch: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--code", help="PYTHONPATH entry of the clat that replays the training (default: this checkout's)")
+    ap.add_argument("--code-label", help="how the report names that code (e.g. 'clat 0.1, commit 36472b9')")
     ap.add_argument("--work", help="folder for the replayed runs (default: a temporary folder)")
     ap.add_argument("--out", default=str(REPO / "study" / "discovery_recheck.json"))
     args = ap.parse_args(argv)
@@ -120,8 +121,13 @@ def main(argv=None) -> int:
     for h in hits(study.RESULTS):
         row = {k: v for k, v in h.items() if k != "recorded"}
         rec = h["recorded"]
-        if study.ARMS[h["arm"]][2] and "clat.selection=random" in study.ARMS[h["arm"]][2]:
-            row.update({"changed": False, "why": "random layers: the draw does not look at the criticality"})
+        if "clat.selection=random" in study.ARMS[h["arm"]][2]:
+            from clat.layers import find_layers
+            from clat.models import create_model
+
+            names = [l.name for l in find_layers(create_model(study.arm_cfg(h["arm"], h["seed"], None).model.name))]
+            row.update({"flagged": [names[i] for i in h["flagged_index"]], "changed": False,
+                        "why": "random layers: the draw does not look at the criticality"})
             rows.append(row)
             continue
         run = work / h["item"]
@@ -145,7 +151,7 @@ def main(argv=None) -> int:
             "fixed_selected": top,
             "changed": top != h["recorded_selected"],
             "upstream_top3": [[l.name, r["results"]["upstream"].criticality[l.index]] for l in r["results"]["upstream"].top_k(3)],
-            "replayed_with": args.code or "this checkout",
+            "replayed_with": args.code_label or args.code or "this checkout",
         })
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -246,13 +246,15 @@ def discovery_section(res: dict[str, dict[int, dict]]) -> list[str]:
         L += [f"clat 0.1 decided that a layer \"reads the model input\" by comparing memory addresses, so a layer whose input was "
               "allocated where the stem's freed input had been got C = W (about 0.002 instead of 1-2) and could not be selected. "
               f"{len(hits)} recorded selections were hit (C_i = W_i for a layer i > 0). `scripts/study_recheck.py` replayed each "
-              "item's training to that epoch with the code that ran it and recomputed the criticality there with the fixed "
-              "discovery, on the same batch and PGD start, with the arm's own denominator (`input`):", ""]
+              f"item's training to that epoch with {next((h['replayed_with'] for h in hits if 'replayed_with' in h), 'the code that ran it')} "
+              "and recomputed the criticality there with the fixed discovery, on the same batch and PGD start, with the arm's own "
+              "denominator (`input`). The replay is not bit-identical to the recorded run, but its weaknesses agree "
+              "with the recorded ones to the last column's relative difference, far below the margins that decide a choice:", ""]
         L += ["| item | stage epoch | layer hit | its C: recorded → fixed | recorded choice (C) | choice with the fix (C) | changed | replay vs record (max rel. diff. of W) |",
               "|---|---|---|---|---|---|---|---|"]
         for h in hits:
             if "fixed_selected" not in h:
-                L.append(f"| {h['item']} | {h['stage_epoch']} | index {', '.join(map(str, h['flagged_index']))} | — | "
+                L.append(f"| {h['item']} | {h['stage_epoch']} | {', '.join(h.get('flagged') or map(str, h['flagged_index']))} | — | "
                          f"{', '.join(h['recorded_selected'])} | {h['why']} | no | — |")
                 continue
             rec_c = dict((n, c) for n, c in h["recorded_top3"])

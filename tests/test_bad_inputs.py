@@ -83,6 +83,11 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("k zero", ["train", "clat.k=0"], "clat.k must be >= 1"),
         ("k too large", ["train", *TINY, "finetune.epochs=1", "clat.k=9"], "clat.k=9"),
         ("lambda negative", ["train", "clat.lam=-1"], "clat.lam must be >= 0"),
+        ("lambda infinite", ["train", "clat.lam=inf"], "clat.lam must be a finite number"),
+        ("lr infinite", ["train", "pretrain.lr=inf"], "pretrain.lr must be a finite number"),
+        ("eps infinite", ["train", "attack.eps=inf"], "attack.eps must be a finite number"),
+        ("eps beyond the pixel range", ["train", "attack.eps=2"], "covers the whole [0, 1] pixel range"),
+        ("resume changes the method", ["train", "--resume", str(tmp / "norun"), "finetune.method=trades"], "holds no run"),
         ("batch size zero", ["train", "data.batch_size=0"], "data.batch_size must be >= 1"),
         ("eval batch zero", ["train", "data.eval_batch_size=0"], "data.eval_batch_size must be >= 1"),
         ("val size negative", ["train", "data.val_size=-5"], "data.val_size must be >= 0"),
@@ -132,6 +137,9 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("eval restarts zero", ["eval", str(tiny_ckpt), "--restarts", "0", "--n-examples", "4"], "restarts must be >= 1"),
         ("eval eps not a number", ["eval", str(tiny_ckpt), "--eps", "lots"], "--eps"),
         ("eval steps zero", ["eval", str(tiny_ckpt), "--steps", "0", "--n-examples", "4"], "must be >= 1"),
+        ("eval eps beyond the image range", ["eval", str(tiny_ckpt), "--eps", "5", "--n-examples", "4"], "covers the whole [0, 1] image range"),
+        ("criticality k zero", ["criticality", "--model", "tiny_cnn", "--k", "0"], "--k must be >= 1"),
+        ("report transfer missing", ["report", str(tmp), "--transfer", str(tmp / "missing.json")], "could not read the transfer JSON"),
         ("unknown command", ["fly"], "invalid choice"),
         ("criticality batch zero", ["criticality", "--model", "tiny_cnn", "--batch-size", "0"], "--batch-size must be >= 1"),
         ("criticality k too large", ["criticality", "--model", "tiny_cnn", "--k", "9", "--batch-size", "4", "--steps", "1"], "k=9"),
@@ -195,4 +203,4 @@ def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, capsys,
 def test_nan_loss_stops_with_clear_message(tmp_path, capsys):
     rc = main([*Q, "train", *TINY, "pretrain.method=standard", "pretrain.lr=1e30", "pretrain.epochs=2", "--run-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert rc == 2 and "Lower the learning rate" in err
+    assert rc == 2 and "lower the learning rate (pretrain.lr=1e+29)" in err

@@ -95,3 +95,25 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     ref_rows = (ref / "metrics.jsonl").read_text().splitlines()
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == len(ref_rows) == 7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", __import__("clat.methods", fromlist=["METHODS"]).METHODS)
+def test_sigkill_at_the_stage_boundary_then_resume_matches_for_every_method(method, tmp_path):
+    """Every method of the registry as the fine-tuning stage: SIGKILL while the first fine-tuning epoch's
+    checkpoint is being written (its weights on disk, its state not), so the resume starts from the last
+    pretraining checkpoint and sets the method up afresh; the final weights equal an uninterrupted run's."""
+    if method == "lora":
+        pytest.importorskip("peft")
+    over = [*OVERRIDES, "pretrain.epochs=1", "finetune.epochs=2", "clat.reselect_every=1", f"finetune.method={method}",
+            "rift.batch_size=20", "rift.steps=1", "rift.alphas=[0.0,0.5,1.0]", "data.train_size=300", "eval.n_examples=30"]
+    rc, err = _run(["train", *over, "--run-dir", str(tmp_path / "ref")])
+    assert rc == 0, err
+    run = tmp_path / "killed"
+    rc, err = _run(["train", *over, "--run-dir", str(run)], "checkpoint", 2)
+    assert rc == -signal.SIGKILL, err
+    rc, err = _run(["train", "--resume", str(run)])
+    assert rc == 0, err
+    want, got = read_state_dict(tmp_path / "ref" / "model.safetensors"), read_state_dict(run / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []

@@ -513,7 +513,7 @@ def l2_run(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("l2") / "run"
     cfg = load_config(None, ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=160", "data.val_size=32", "data.test_size=64",
-                             "attack.norm=l2", "attack.eps=0.5", "attack.alpha=0.125", "attack.steps=1", "pretrain.epochs=1",
+                             "attack.norm=l2", "attack.eps=0.5", "attack.alpha=0.2", "attack.steps=1", "pretrain.epochs=1",
                              "finetune.epochs=0", "eval.n_examples=16", "data.batch_size=32", "progress=false"])
     train(cfg, d)
     return d
@@ -527,7 +527,12 @@ def test_eval_uses_the_runs_threat_model_and_says_so(l2_run, capsys):
     assert main(["-q", "eval", str(l2_run), "--n-examples", "8", "--steps", "1"]) == 0
     res = json.loads((l2_run / "eval.json").read_text())
     assert res["threat_model"]["norm"] == "l2" and res["threat_model"]["eps"] == 0.5 and res["attack"]["norm"] == "l2"
+    assert res["threat_model"]["alpha"] == 0.125  # the evaluation step is eps/4, whatever step training used (0.2)
     assert "the run's training threat model" in res["threat_model"]["source"] and "ℓ2 ε=0.5" in capsys.readouterr().out
+    # criticality measures with the run's own step, as CLAT does while training
+    assert main(["-q", "criticality", str(l2_run), "--batch-size", "4", "--steps", "1"]) == 0
+    crit = json.loads((l2_run / "criticality.json").read_text())["settings"]
+    assert (crit["norm"], crit["eps"], crit["alpha"]) == ("l2", 0.5, 0.2)
     # switching the norm needs a radius for it
     assert main(["-q", "eval", str(l2_run), "--norm", "linf", "--n-examples", "8"]) == 2
     assert "give --eps and --alpha" in capsys.readouterr().err

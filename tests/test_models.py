@@ -52,6 +52,8 @@ EXPECTED_LAYERS = {
     "wrn70_16": (71, 33, ("init_conv", "layer.0.block.0.batchnorm_0"), "logits"),
     # 16 convs (each + BN) + 3 linears (512-4096-4096-classes)
     "vgg19": (19, 0, ("features.0", "features.1"), "classifier.6"),
+    # 8 convs (each + BN) + 3 linears (128-256-256-classes)
+    "vgg11_w16": (11, 0, ("features.0", "features.1"), "classifier.6"),
     # stem + 58 bottlenecks x 2 convs + 3 transition convs + linear. Standalone: 57 bottleneck bn1
     # (concatenations) + 3 transition bn + final bn; dense1.0.bn1 reads the stem output
     "densenet121": (121, 61, ("conv1", "dense1.0.bn1"), "linear"),

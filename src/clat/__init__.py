@@ -20,13 +20,14 @@ from clat.evaluate import evaluate
 from clat.layers import FeatureExtractor, Layer, find_layers, freeze_all_but, resolve_layers
 from clat.methods import CLAT, Method, create_method, list_methods
 from clat.models import create_model, list_models
+from clat.sweep import SweepSettings, layer_sweep
 from clat.train import Splits, train
 
 __version__ = "0.2.0"
 
 __all__ = [
     "CLAT", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError",
-    "FeatureExtractor", "Layer", "Method", "Splits", "compute_criticality", "create_method", "create_model",
-    "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "list_methods", "list_models", "load_config",
+    "FeatureExtractor", "Layer", "Method", "Splits", "SweepSettings", "compute_criticality", "create_method", "create_model",
+    "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "layer_sweep", "list_methods", "list_models", "load_config",
     "perturb", "pgd", "resolve_layers", "select_random", "train",
 ]

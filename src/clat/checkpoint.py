@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -309,7 +310,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
 
 
 def save_state(path: str | Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    # serialized in memory first: a full disk then fails in the plain write (an OSError, reported in one line)
+    # rather than inside torch.save's zip writer (a RuntimeError)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def load_state(path: str | Path) -> dict:
@@ -351,6 +356,7 @@ def load_model(
 
     weights = find_weights(path)
     meta = read_metadata(weights) if weights.suffix == ".safetensors" else {}
+    _check_meta(meta, weights)
     name = model_name or meta.get("model")
     if not name or meta.get("custom") and not model_name:
         raise CheckpointError(f"{weights} does not say which model it holds; pass --model NAME (see `clat models`)")
@@ -358,5 +364,32 @@ def load_model(
     norm = normalize if normalize is not None else meta.get("normalize", True)
     model = create_model(name, n_cls, normalize=norm, mean=meta.get("mean") if norm else None, std=meta.get("std") if norm else None)
     load_into(model, read_state_dict(weights), source=str(weights))
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        import warnings
+
+        warnings.warn(f"{weights} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]}: every accuracy measured "
+                      "on it is meaningless (did its training diverge?)", stacklevel=2)
     meta = {**meta, "model": name, "num_classes": n_cls, "normalize": norm, "path": str(weights)}
     return model.to(device), meta
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """The fields clat reads from a safetensors header have the types it expects (a crafted header stops here)."""
+    def bad(field: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: metadata field {field!r} must be {what}, got {meta.get(field)!r}; the file was not written by clat "
+                               "or was altered (pass --model NAME to load its weights alone)")
+
+    if "model" in meta and not (isinstance(meta["model"], str) and meta["model"]):
+        raise bad("model", "a model name")
+    if "num_classes" in meta and not (isinstance(meta["num_classes"], int) and not isinstance(meta["num_classes"], bool) and meta["num_classes"] >= 1):
+        raise bad("num_classes", "a positive integer")
+    if "normalize" in meta and not isinstance(meta["normalize"], bool):
+        raise bad("normalize", "true or false")
+    for f in ("mean", "std"):
+        v = meta.get(f)
+        if v is not None and not (isinstance(v, list) and 1 <= len(v) <= 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                                                    and math.isfinite(x) for x in v)):
+            raise bad(f, "a list of 1-4 finite numbers")
+    if "std" in meta and meta["std"] is not None and min(meta["std"]) <= 0:
+        raise bad("std", "positive")

@@ -7,6 +7,7 @@ with code 2; nothing else in here knows about training.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -60,20 +61,23 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
 def _threat_args(g, steps_default: int | None = None) -> None:
     g.add_argument("--norm", choices=["linf", "l2"], help="default: the run's attack.norm, else linf")
     g.add_argument("--eps", type=_float, help="default: the run's attack.eps, else 8/255")
-    g.add_argument("--alpha", type=_float, help="PGD step; default: the run's attack.alpha, else 2/255")
+    g.add_argument("--alpha", type=_float, help="PGD step; default ε/4 (2/255 at 8/255); criticality and stability: the run's attack.alpha")
     g.add_argument("--steps", type=int, default=steps_default,
                    help=f"PGD steps (default {steps_default})" if steps_default else "PGD steps (default: the run's attack.steps, else 10)")
 
 
-def _threat(args: argparse.Namespace, run_cfg) -> tuple[object, str]:
-    """The threat model of an evaluation: the run's training threat model (else ℓ∞ 8/255, step 2/255),
-    with what the command line sets; and a line saying where it came from."""
+def _threat(args: argparse.Namespace, run_cfg, *, run_step: bool = False) -> tuple[object, str]:
+    """The threat model of a command: the norm and ε the run was trained for (else ℓ∞ 8/255), with what
+    the command line sets, and a line saying where it came from. The PGD step is ε/4 (2/255 at 8/255, the
+    usual evaluation step) unless ``--alpha`` is given; ``run_step``: the run's own step (criticality, as
+    CLAT measures it during training)."""
     from clat.config import AttackConfig
 
     base = run_cfg.attack if run_cfg is not None else AttackConfig()
     given = [k for k in ("norm", "eps", "alpha") if getattr(args, k, None) is not None]
-    a = AttackConfig(eps=args.eps if args.eps is not None else base.eps, alpha=args.alpha if args.alpha is not None else base.alpha,
-                     steps=args.steps if args.steps is not None else base.steps, norm=args.norm or base.norm)
+    eps = args.eps if args.eps is not None else base.eps
+    alpha = args.alpha if args.alpha is not None else (base.alpha if run_step and args.eps is None else eps / 4)
+    a = AttackConfig(eps=eps, alpha=alpha, steps=args.steps if args.steps is not None else base.steps, norm=args.norm or base.norm)
     if args.norm and run_cfg is not None and args.norm != base.norm and (args.eps is None or args.alpha is None):
         raise ClatError(f"--norm {args.norm} differs from the run's attack.norm ({base.norm}): give --eps and --alpha for it too")
     if not a.eps > 0 or not math.isfinite(a.eps) or not a.alpha > 0 or not math.isfinite(a.alpha):
@@ -104,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. clat.k=2 finetune.epochs=10")
     t.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint (overrides: only the "
+                   "learning rates and run-time settings, e.g. pretrain.lr=0.01 after a divergence)")
     t.add_argument("--force", action="store_true", help="overwrite a run folder that already holds a run")
     t.add_argument("--until-epoch", type=int, metavar="N", help="stop after epoch N (checkpointed); continue later with --resume")
 
@@ -166,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     st.add_argument("--out", help="JSON file (default: <run folder>/stability.json or ./stability.json)")
 
+    ls = sub.add_parser("layer-sweep", help="the layer oracle: from a checkpoint (init=), fine-tune each layer alone and measure the robust gain")
+    ls.add_argument("config", nargs="?", help="YAML config of the fine-tuning (data, model, attack, lr); overrides after it, init=CKPT required")
+    ls.add_argument("overrides", nargs="*", help="key=value overrides, e.g. init=ckpt.safetensors finetune.lr=0.01")
+    ls.add_argument("--out", required=True, help="sweep folder: one JSON per (layer, seed); a second call continues it")
+    ls.add_argument("--epochs", type=int, default=5, help="epochs per item (default 5)")
+    ls.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default 0 1 2")
+    ls.add_argument("--objective", choices=["clat", "pgd_at"], default="clat", help="CLAT's loss (default) or PGD-AT's, on the one layer")
+    ls.add_argument("--lam", type=_float, help="λ of CLAT's objective (default: the config's clat.lam)")
+    ls.add_argument("--lam-auto", action="store_true", help="clat.lam_mode=auto: λ = ρ·CE/L_C at the start of each item")
+    ls.add_argument("--val-steps", type=int, default=20, help="PGD steps of the validation measurement (default 20)")
+    ls.add_argument("--n-val", type=int, help="validation images measured (default: all)")
+    ls.add_argument("--layers", type=int, nargs="+", metavar="INDEX", help="only these layers (default: every eligible one)")
+    ls.add_argument("--no-reference", action="store_true", help="skip the full-model PGD-AT reference")
+    ls.add_argument("--hours", type=float, help="time budget; the next call continues")
+    ls.add_argument("--report", action="store_true", help="only render OUT/report.md from what is done")
+    ls.add_argument("--title", help="title of the report")
+
     r = sub.add_parser("report", help="render report.md and plots of run folders from their JSON (several: a comparison too)")
     r.add_argument("run_dirs", nargs="+")
     r.add_argument("--out", help="folder of the comparison of several runs (default: <common parent>/comparison)")
@@ -200,19 +222,36 @@ def _resolve_data(args: argparse.Namespace, run_cfg) -> "object":
     return cfg
 
 
+@contextlib.contextmanager
+def _writing(paths: Sequence[Path], command: str):
+    """Checked before any work: ``paths`` can be written. If they go into a clat run folder, that folder
+    is locked for the block (one writer at a time) and they are recorded in its manifest once written."""
+    import os
+
+    from clat.runs import RunDir
+
+    paths = [Path(p) for p in paths]
+    parent = next((q for q in (paths[0].parent, *paths[0].parent.parents) if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ClatError(f"cannot write {paths[0]}: {parent} is not writable; choose another output (--out)")
+    run = RunDir(paths[0].parent)
+    if not run.holds_run():
+        yield
+        return
+    with run.lock(command):
+        yield
+        run.record(*[p for p in paths if p.exists()])
+
+
 def _run_config(checkpoint: str | None):
-    """The config of the run a checkpoint belongs to, if any."""
+    """The config of the run a checkpoint belongs to (the run folder itself, its final weights or an
+    epoch checkpoint of it), if any; a ``config.yaml`` that merely lies near a file is not one."""
     if not checkpoint:
         return None
-    import yaml
+    from clat.runs import RunDir
 
-    from clat.config import config_from_dict
-
-    p = Path(checkpoint)
-    for cand in (p, p.parent, p.parent.parent, p.parent.parent.parent):
-        if (cand / "config.yaml").is_file() and cand.is_dir():
-            return config_from_dict(yaml.safe_load((cand / "config.yaml").read_text()))
-    return None
+    run = RunDir.owner_of(checkpoint)
+    return run.read_config() if run is not None else None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -220,9 +259,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clat.train import train
 
     if args.resume:
-        if args.config or args.overrides:
-            raise ClatError("--resume continues a run with its saved config; drop the config file and overrides")
-        summary = train(None, args.resume, resume=True, until_epoch=args.until_epoch)
+        overrides = ([args.config] if args.config else []) + list(args.overrides)
+        if args.config and "=" not in args.config:
+            raise ClatError("--resume continues a run with its saved config; drop the config file (key=value overrides such as "
+                            "pretrain.lr=0.01 may change the learning rate)")
+        summary = train(None, args.resume, resume=True, until_epoch=args.until_epoch, overrides=overrides)
     else:
         if not args.config:
             raise ClatError("clat train needs a config file (see configs/), or --resume RUN_DIR")
@@ -256,17 +297,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_criticality(args: argparse.Namespace) -> int:
     import torch
 
-    from clat.criticality import compute_criticality
+    from clat.checkpoint import atomic_write_text
+    from clat.criticality import compute_criticality, eligible_mask
     from clat.data import to_unit_float
     from clat.layers import find_layers
     from clat.models import create_model, model_info
     from clat.report import criticality_rows, plot_criticality, text_table
     from clat.train import prepare_data
 
-    run_cfg = _run_config(args.checkpoint)
-    cfg = _resolve_data(args, run_cfg)
     if args.batch_size < 1:
         raise ClatError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.k is not None and args.k < 1:
+        raise ClatError(f"--k must be >= 1, got {args.k}")
+    run_cfg = _run_config(args.checkpoint)
+    cfg = _resolve_data(args, run_cfg)
+    threat, source = _threat(args, run_cfg, run_step=True)
+    out = Path(args.out) if args.out else (Path(args.checkpoint) if args.checkpoint and Path(args.checkpoint).is_dir() else Path("."))
     device = _pick_device("auto")
     if args.checkpoint:
         model, meta = _load_checkpoint(args.checkpoint, args, device)
@@ -281,27 +327,29 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     x = to_unit_float(splits.x_train[idx]).to(device)
     y = splits.y_train[idx].to(device)
     cc = cfg.clat.criticality
-    threat, source = _threat(args, run_cfg)
     layers = find_layers(model, x[:2], merge_norms=cfg.model.merge_norms)
-    result = compute_criticality(
-        model, layers, x, y, attack=threat, steps=args.steps,
-        denominator=args.denominator or cc.denominator, scaling=args.scaling or cc.scaling, point=cc.point,
-        include_classifier=args.include_classifier,
-    )
-    print(f"threat model: {_threat_str(threat)} ({source}); denominator {result.settings['denominator']}")
     k = args.k
     if k is None:
         try:
             k = model_info(meta["model"]).default_k
         except ClatError:
             k = max(1, round(0.05 * len(layers)))
-    data = result.to_dict(k)
-    data["checkpoint"] = args.checkpoint
-    data["k"] = k
-    out = Path(args.out) if args.out else (Path(args.checkpoint) if args.checkpoint and Path(args.checkpoint).is_dir() else Path("."))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "criticality.json").write_text(json.dumps(data, indent=2))
-    plot_criticality(data, out / "criticality.png", f"Criticality of {meta['model']} ({args.batch_size} images)")
+    n_ok = sum(eligible_mask(layers, include_classifier=args.include_classifier))
+    if k > n_ok:
+        raise ClatError(f"k={k} critical layers requested but {n_ok} layers are eligible for selection; choose k between 1 and {n_ok}")
+    with _writing([out / "criticality.json", out / "criticality.png"], "criticality"):
+        result = compute_criticality(
+            model, layers, x, y, attack=threat, steps=args.steps,
+            denominator=args.denominator or cc.denominator, scaling=args.scaling or cc.scaling, point=cc.point,
+            include_classifier=args.include_classifier,
+        )
+        print(f"threat model: {_threat_str(threat)} ({source}); denominator {result.settings['denominator']}")
+        data = result.to_dict(k)
+        data["checkpoint"] = args.checkpoint
+        data["k"] = k
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "criticality.json", json.dumps(data, indent=2))
+        plot_criticality(data, out / "criticality.png", f"Criticality of {meta['model']} ({args.batch_size} images)")
     h, rows = criticality_rows(data)
     print(text_table(h, rows))
     print(f"top-{k}: {', '.join(l.name for l in result.top_k(k))}")
@@ -390,11 +438,6 @@ def _eval_out(args: argparse.Namespace, a) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from clat.evaluate import autoattack, eps_sweep, evaluate
-    from clat.report import _eps_str
-    from clat.sanity import BANNER, autoattack_check, sanity_checks
-    from clat.train import prepare_data
-
     if args.restarts < 1:
         raise ClatError(f"--restarts must be >= 1, got {args.restarts}")
     _check_image_args(args)
@@ -402,9 +445,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _resolve_data(args, run_cfg)
     a, source = _threat(args, run_cfg)
     out = _eval_out(args, a)  # cheap checks first: nothing is attacked to be lost afterwards
+    with _writing([out], "eval"):
+        return _eval_into(args, out, cfg, a, source)
+
+
+def _eval_into(args: argparse.Namespace, out: Path, cfg, a, source: str) -> int:
+    from clat.evaluate import autoattack, eps_sweep, evaluate
+    from clat.report import _eps_str
+    from clat.sanity import BANNER, autoattack_check, sanity_checks
+    from clat.train import prepare_data
+
     device = _pick_device(args.device)
     model, meta = _load_checkpoint(args.checkpoint, args, device)
-    _check_finite_weights(model, meta["path"])
     splits = prepare_data(cfg)
     x, y = _eval_images(args, splits)
     progress = not args.quiet
@@ -466,15 +518,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_finite_weights(model, path: str) -> None:
-    import torch
-
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        _warn(f"{path} holds non-finite weights (NaN or inf) in {len(bad)} tensors (e.g. {bad[0]}): its accuracies mean nothing; "
-              "was the training diverging?")
-
-
 def cmd_transfer(args: argparse.Namespace) -> int:
     from clat.evaluate import transfer_matrix
     from clat.report import plot_transfer, text_table, transfer_rows
@@ -510,21 +553,29 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from clat.evaluate import criticality_stability, measure_pgd_at_epoch_time
-    from clat.report import read_run
-    from clat.train import prepare_data
-
     try:
         sizes = [int(v) for v in args.batch_sizes.split(",") if v.strip()]
     except ValueError:
         raise ClatError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
     run_cfg = _run_config(args.checkpoint)
     cfg = _resolve_data(args, run_cfg)
+    threat, threat_source = _threat(args, run_cfg, run_step=True)
+    run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else None
+    out = Path(args.out) if args.out else (run_dir or Path(".")) / "stability.json"
+    with _writing([out], "stability"):
+        return _stability_into(args, sizes, out, run_dir, cfg, threat, threat_source)
+
+
+def _stability_into(args: argparse.Namespace, sizes: list[int], out: Path, run_dir: Path | None, cfg, threat, threat_source: str) -> int:
+    from clat.checkpoint import atomic_write_text
+    from clat.evaluate import criticality_stability, measure_pgd_at_epoch_time
+    from clat.report import read_run
+    from clat.train import prepare_data
+
     device = _pick_device(args.device)
     model, meta = _load_checkpoint(args.checkpoint, args, device)
     splits = prepare_data(cfg)
     epoch_time, source = args.epoch_time, "given with --epoch-time"
-    run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else None
     if epoch_time is None and not args.measure_epoch and run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         rows = [r for r in read_run(run_dir)["rows"] if r.get("method") == "pgd_at" and "epoch_time_s" in r]
         if rows:
@@ -534,16 +585,14 @@ def cmd_stability(args: argparse.Namespace) -> int:
         a = cfg.attack
         epoch_time = measure_pgd_at_epoch_time(model, splits.x_train, splits.y_train, batch_size=cfg.data.batch_size, eps=a.eps, alpha=a.alpha, steps=a.steps)
         source = f"measured: PGD-AT (PGD-{a.steps}) steps of batch {cfg.data.batch_size}, extrapolated to {len(splits.x_train)} images"
-    threat, threat_source = _threat(args, run_cfg)
     print(f"threat model: {_threat_str(threat)} ({threat_source})")
     res = criticality_stability(model, splits.x_train, splits.y_train, batch_sizes=sizes, repeats=args.repeats, reference_size=args.reference_size,
                                 k=args.k, attack=threat, steps=threat.steps, denominator=args.denominator or cfg.clat.criticality.denominator,
                                 seed=args.seed, epoch_time_s=epoch_time,
                                 progress=not args.quiet)
     res.update({"epoch_time_source": source, "checkpoint": meta["path"], "model": meta["model"], "data": splits.name})
-    out = Path(args.out) if args.out else (run_dir or Path(".")) / "stability.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    atomic_write_text(out, json.dumps(res, indent=2))
     from clat.report import text_table
 
     print(f"reference top-{res['k']} ({res['reference']['size']} images): {res['reference']['top_k']}  ({', '.join(res['reference']['names'])})")
@@ -560,15 +609,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from clat.report import comparison_report, run_report
 
+    transfer = None
+    if args.transfer:  # read (and refused) before any report is rendered
+        try:
+            transfer = json.loads(Path(args.transfer).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ClatError(f"could not read the transfer JSON {args.transfer}: {e}") from None
+        if not isinstance(transfer, dict) or "matrix" not in transfer or "names" not in transfer:
+            raise ClatError(f"{args.transfer} is not a transfer matrix written by `clat transfer`")
+    from clat.report import read_run
+
     for d in args.run_dirs:
-        print(run_report(d))
+        read_run(d)  # every run folder readable before anything is written
+    for d in args.run_dirs:
+        with _writing([Path(d) / "report.md", Path(d) / "plots"], "report"):
+            print(run_report(d))
     if len(args.run_dirs) > 1 or args.transfer:
-        transfer = None
-        if args.transfer:
-            try:
-                transfer = json.loads(Path(args.transfer).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ClatError(f"could not read the transfer JSON {args.transfer}: {e}") from None
         if args.out:
             out = Path(args.out)
         elif len(args.run_dirs) > 1:
@@ -576,7 +632,29 @@ def cmd_report(args: argparse.Namespace) -> int:
         else:
             out = Path(args.run_dirs[0]) / "comparison"
         names = [n.strip() for n in args.names.split(",")] if args.names else None
-        print(comparison_report(args.run_dirs, out, names=names, transfer=transfer))
+        with _writing([out], "report"):
+            print(comparison_report(args.run_dirs, out, names=names, transfer=transfer))
+    return 0
+
+
+def cmd_layer_sweep(args: argparse.Namespace) -> int:
+    from clat.sweep import SweepSettings, layer_sweep, render
+
+    if not args.report:
+        from clat.config import load_config
+
+        overrides = list(args.overrides)
+        cfg_path = args.config
+        if cfg_path and "=" in cfg_path:
+            overrides.insert(0, cfg_path)
+            cfg_path = None
+        cfg = load_config(cfg_path, overrides)
+        settings = SweepSettings(epochs=args.epochs, seeds=list(args.seeds), objective=args.objective, lam=args.lam,
+                                 lam_mode="auto" if args.lam_auto else "fixed", val_steps=args.val_steps, n_val=args.n_val,
+                                 layers=args.layers, reference=not args.no_reference)
+        res = layer_sweep(cfg, args.out, settings, hours=args.hours, log=lambda m: print(m, flush=True) if not args.quiet else None)
+        print(f"{res['done']} of {res['total']} items done in {args.out}")
+    print(f"report: {render(args.out, args.title)}")
     return 0
 
 
@@ -615,7 +693,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "train": cmd_train, "criticality": cmd_criticality, "eval": cmd_eval, "transfer": cmd_transfer, "stability": cmd_stability, "report": cmd_report,
+    "train": cmd_train, "layer-sweep": cmd_layer_sweep, "criticality": cmd_criticality, "eval": cmd_eval, "transfer": cmd_transfer, "stability": cmd_stability, "report": cmd_report,
     "demo": cmd_demo, "models": cmd_models, "methods": cmd_methods,
 }
 

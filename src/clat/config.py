@@ -10,6 +10,7 @@ fractions (``eps: 8/255``). The resolved config is saved with every run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -289,6 +290,19 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     return tree
 
 
+def read_yaml(p: Path) -> Any:
+    """A YAML file's content (safe loader: no tags that build objects); a ConfigError saying what is wrong with it
+    (``not valid YAML at line 3 (...)``, ``not a text file``), for the caller to prefix with what the file is."""
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"not valid YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"not a readable text file ({type(e).__name__})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- overrides, validated."""
     cfg = Config()
@@ -297,13 +311,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; see configs/ for examples")
         try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {p} is not a text file") from None
+            data = read_yaml(p)
+        except ConfigError as e:
+            raise ConfigError(f"config file {p} is {e}") from None
         cfg = _build(Config, data or {}, "", cfg)
     cfg = _build(Config, parse_overrides(overrides), "", cfg)
     validate(cfg)
@@ -323,10 +333,16 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    for key, value in _numbers(cfg):
+        need(math.isfinite(value), f"{key} must be a finite number, got {value}")
     a = cfg.attack
     need(a.eps > 0, f"attack.eps must be > 0, got {a.eps} (the paper uses 8/255)")
     need(a.alpha > 0, f"attack.alpha must be > 0, got {a.alpha} (the paper uses 2/255)")
     need(a.steps >= 1, f"attack.steps must be >= 1, got {a.steps}")
+    # images are in [0, 1]: an l-inf radius of 1 lets the attack set every pixel to anything; an l2 radius
+    # above the diameter of a 3x32x32 image (55.4) bounds nothing either
+    need(a.norm != "linf" or a.eps < 1, f"attack.eps={a.eps:g} covers the whole [0, 1] pixel range under linf; images are in [0, 1] (the paper uses 8/255)")
+    need(a.norm != "l2" or a.eps < 55.5, f"attack.eps={a.eps:g} exceeds the l2 diameter of a 3x32x32 image in [0, 1] (55.4); the usual l2 radius is 0.5")
     d = cfg.data
     need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     need(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {d.eval_batch_size}")
@@ -360,6 +376,21 @@ def validate(cfg: Config) -> None:
     need(e.steps >= 1 and e.restarts >= 1 and e.every >= 1, "eval.steps, eval.restarts and eval.every must be >= 1")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device) is not None, f"device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
+
+
+def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float value of the config tree (lists included), with its dotted key."""
+    out: list[tuple[str, float]] = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            out += _numbers(v, key + ".")
+        elif isinstance(v, float):
+            out.append((key, v))
+        elif isinstance(v, list):
+            out += [(f"{key}[{i}]", x) for i, x in enumerate(v) if isinstance(x, float)]
+    return out
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -28,6 +28,7 @@ from clat.errors import ConfigError
 from clat.evaluate import evaluate
 from clat.layers import find_layers
 from clat.report import criticality_rows, markdown_table, plot_criticality, plot_curves, read_run, run_report
+from clat.runs import RunDir
 from clat.train import prepare_data, train
 
 
@@ -62,14 +63,45 @@ def _overrides(s: DemoSettings, progress: bool) -> list[str]:
     ]
 
 
+DEMO_FILES = ("pretrain", "clat", "pgd_at_continued", "criticality.json", "criticality.png", "results.json", "report.md",
+              "curves_clat.png", "curves_pgd_at.png")
+
+
+def _legacy_demo(out: Path) -> bool:
+    """A demo folder written by clat 0.1 (no manifest): its report and run folders are clat's."""
+    rep = out / "report.md"
+    runs = [out / d for d in ("pretrain", "clat", "pgd_at_continued") if (out / d).exists()]
+    return (not RunDir(out).has_manifest() and rep.is_file() and rep.read_text(errors="replace").startswith("# clat demo")
+            and all(RunDir(r).is_legacy_run() or RunDir(r).has_manifest() for r in runs))
+
+
 def run_demo(out: str | Path = "runs/demo", *, force: bool = False, fast: bool = False, progress: bool = True) -> Path:
+    """The demo in ``out``. A folder may hold other files: they are never touched. A previous demo there is
+    replaced only with ``force``, and then only the files clat wrote (its manifest) are removed."""
     s = FAST if fast else DemoSettings()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise ConfigError(f"{out} is not empty; pass --force to overwrite it or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    rd = RunDir(out)
+    with rd.lock("demo"):
+        present = [n for n in DEMO_FILES if (out / n).exists()]
+        if present:
+            if not force:
+                raise ConfigError(f"{out} already holds {', '.join(present)}; pass --force to replace the previous demo (only the files "
+                                  "clat wrote are removed) or choose another --out")
+            mine = set(DEMO_FILES) if _legacy_demo(out) else {p.name for p in rd.removable()}
+            foreign = [n for n in present if n not in mine]
+            if foreign:
+                raise ConfigError(f"{out} holds {', '.join(foreign)} that clat did not write; --force only replaces clat's own files: "
+                                  "choose another --out")
+            for n in present:
+                p = out / n
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            rd.clear()
+        out.mkdir(parents=True, exist_ok=True)
+        rd.record(*DEMO_FILES)
+        return _run_demo(out, s, progress)
+
+
+def _run_demo(out: Path, s: DemoSettings, progress: bool) -> Path:
     t0 = time.time()
     base = _overrides(s, progress)
 

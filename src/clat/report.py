@@ -285,9 +285,10 @@ def read_run(run_dir: str | Path) -> dict:
     transfers = {p.stem: _read_json(p) for p in sorted(run_dir.glob("transfer*.json"))}
     config = None
     if (run_dir / "config.yaml").is_file():
-        import yaml
+        from clat.config import to_dict
+        from clat.runs import RunDir
 
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config = to_dict(RunDir(run_dir).read_config())  # one-line error for a damaged or foreign config.yaml
     return {"rows": rows, "summary": summary, "evals": evals, "criticality": crit, "stability": stability, "transfers": transfers, "config": config}
 
 

@@ -23,11 +23,13 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -42,10 +44,10 @@ from clat.evaluate import evaluate
 from clat.layers import Layer, find_layers, set_bn_train_mode
 from clat.methods import EpochContext, Method, create_method
 from clat.models import create_model, model_info
+from clat.runs import RUN_FILES, RunDir
 
 log = logging.getLogger("clat")
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model.safetensors", "summary.json")
 
 
 class TrainingDiverged(ClatError):
@@ -201,21 +203,55 @@ class Checkpoints:
         return None
 
 
-def _check_run_dir(run_dir: Path, resume: bool, force: bool, delete: bool = True) -> None:
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
-        return
-    if run_dir.exists() and any((run_dir / f).exists() for f in RUN_FILES):
+def _check_run_dir(rd: RunDir, force: bool) -> None:
+    """A new run may start in ``rd``: nothing there yet, or (``force``) only what clat wrote. Checks only:
+    nothing is removed before the whole configuration has been validated (see ``_train``)."""
+    present = [f for f in RUN_FILES if (rd.path / f).exists()]
+    if present:
+        foreign = rd.foreign(present)
+        if foreign:
+            raise ConfigError(f"run folder {rd.path} holds {', '.join(foreign)} that clat did not write (it is not a clat run); "
+                              "clat never replaces files it did not write: choose another --run-dir")
         if not force:
-            state = "a finished run" if (run_dir / "summary.json").exists() else "an unfinished run (continue it with --resume)"
-            raise ConfigError(f"run folder {run_dir} already holds {state}; choose another --run-dir or pass --force to overwrite it")
-        for f in RUN_FILES if delete else ():
-            p = run_dir / f
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+            state = "a finished run" if (rd.path / "summary.json").exists() else "an unfinished run (continue it with --resume)"
+            raise ConfigError(f"run folder {rd.path} already holds {state}; choose another --run-dir or pass --force to overwrite it")
+    parent = next((p for p in (rd.path, *rd.path.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write into {rd.path}: {parent} is not writable; choose another --run-dir")
+
+
+# Keys --resume may change: none of them changes what the finished run computes, except the learning rates,
+# which continue on the same schedule from the new value (the divergence remedy); the change is recorded.
+RESUME_OVERRIDABLE = ("pretrain.lr", "finetune.lr", "progress", "keep_checkpoints", "device", "eval.every", "compile")
+
+
+def _resume_overrides(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict]:
+    """``cfg`` with ``key=value`` overrides that --resume accepts, and ``{key: [old, new]}``."""
+    import copy
+
+    from clat.config import _build, parse_overrides, validate
+
+    tree = parse_overrides(overrides)
+    flat: dict[str, object] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(f"{prefix}{k}", v)
+
+    walk(tree, "")
+    bad = [k for k in flat if k not in RESUME_OVERRIDABLE]
+    if bad:
+        raise ConfigError(f"--resume cannot change {', '.join(bad)} (the run would no longer be the one its config describes); "
+                          f"it can change {', '.join(RESUME_OVERRIDABLE)}. Start a new run for anything else")
+    new = _build(Config, tree, "", copy.deepcopy(cfg))
+    validate(new)
+
+    def get(c: Config, key: str):
+        for part in key.split("."):
+            c = getattr(c, part)
+        return c
+
+    return new, {k: [get(cfg, k), get(new, k)] for k in flat if get(cfg, k) != get(new, k)}
 
 
 def train(
@@ -227,11 +263,14 @@ def train(
     model: nn.Module | None = None,
     data: Splits | None = None,
     until_epoch: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Run (or resume) the training described by ``cfg`` in ``run_dir``; returns the summary.
 
     With ``resume=True`` the config saved in ``run_dir`` is used and training continues
-    from the latest valid checkpoint. ``model`` (any ``nn.Module`` taking [0, 1] images)
+    from the latest valid checkpoint; ``overrides`` may change the keys in
+    ``RESUME_OVERRIDABLE`` (a lower learning rate after a divergence, say), recorded in the
+    run's config and metrics. The run folder is locked for the whole call (:mod:`clat.runs`). ``model`` (any ``nn.Module`` taking [0, 1] images)
     and ``data`` replace the ones the config names; the model is trained in place.
 
     ``until_epoch=N`` stops after the run's N-th epoch (its checkpoint written) and returns
@@ -244,14 +283,19 @@ def train(
     run_dir = Path(run_dir)
     if until_epoch is not None and until_epoch < 1:
         raise ConfigError(f"until_epoch must be >= 1, got {until_epoch}")
+    changed: dict = {}
     if resume:
-        _check_run_dir(run_dir, resume, force)
-        import yaml
-
-        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        rd = RunDir(run_dir)
+        if not rd.config_path.is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
+        cfg = rd.read_config()
+        if overrides:
+            cfg, changed = _resume_overrides(cfg, overrides)
+    elif overrides:
+        raise ConfigError("overrides are given with the config of a new run (train(cfg, ...)); `overrides=` is for resume=True")
     assert cfg is not None
     with deterministic_algorithms(cfg.deterministic):
-        return _train(cfg, run_dir, resume=resume, force=force, model=model, data=data, until_epoch=until_epoch)
+        return _train(cfg, run_dir, resume=resume, force=force, model=model, data=data, until_epoch=until_epoch, changed=changed)
 
 
 @contextlib.contextmanager
@@ -279,10 +323,19 @@ def deterministic_algorithms(on: bool):
 
 
 def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None,
-           until_epoch: int | None) -> dict:
+           until_epoch: int | None, changed: dict) -> dict:
     dinfo, dist_device = dist_mod.setup(cfg.device)
+    rd = RunDir(run_dir)
+    with rd.lock("train --resume" if resume else "train") if dinfo.is_main else contextlib.nullcontext():
+        return _train_locked(cfg, rd, dinfo, dist_device, resume=resume, force=force, model=model, data=data, until_epoch=until_epoch,
+                             changed=changed)
+
+
+def _train_locked(cfg: Config, rd: RunDir, dinfo, dist_device, *, resume: bool, force: bool, model: nn.Module | None,
+                  data: Splits | None, until_epoch: int | None, changed: dict) -> dict:
+    run_dir = rd.path
     if not resume:
-        _check_run_dir(run_dir, resume, force, delete=dinfo.is_main)
+        _check_run_dir(rd, force)
 
     torch.manual_seed(cfg.seed)
     device = dist_device or resolve_device(cfg.device)
@@ -314,11 +367,25 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
     if world > 1 and len(splits.x_train) < global_batch:
         raise ConfigError(f"{len(splits.x_train)} training images cannot fill one global batch of {global_batch} "
                           f"(data.batch_size={cfg.data.batch_size} per rank x {world} ranks); lower data.batch_size")
-    # everything is validated: only now does the run folder get its first file
+    # everything is validated: only now is anything removed, and does the run folder get its first file
     if dinfo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
+            if force:
+                gone = rd.clear()
+                if gone:
+                    log.info("--force: removed %s from %s (what clat wrote there; nothing else)", ", ".join(gone), run_dir)
+            rd.record(*RUN_FILES)
             atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        else:
+            if not rd.has_manifest():  # a run of clat 0.1: its own files, as they are now
+                rd.record(*[p.name for p in rd.removable()], *RUN_FILES)
+            stale = rd.remove_stale_tmp()
+            if stale:
+                log.info("removed %d half-written temporary file(s) of an interrupted write", stale)
+            if changed:
+                atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+                log.info("--resume with %s (recorded in config.yaml and metrics.jsonl)", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
     loader = data_mod.Loader(
         splits.x_train, splits.y_train, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
@@ -348,7 +415,7 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
         _truncate_metrics(metrics_path, start_epoch)
     if resume and start_epoch >= total_epochs and (run_dir / "summary.json").is_file():
         log.info("%s has already finished: nothing to resume", run_dir)
-        return json.loads((run_dir / "summary.json").read_text())
+        return rd.read_json("summary.json")
 
     method: Method | None = None
     optimizer = scheduler = None
@@ -366,6 +433,10 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
             mid_stage = resumed_state is not None and resumed_state["stage"] == name
             if resumed_weights is not None and not mid_stage:
                 load_into(model, resumed_weights, source=resumed_source)
+            if resumed_state is not None and not mid_stage:
+                # resumed at a stage boundary: an uninterrupted run sets the stage up with the RNG as the previous stage
+                # left it (LoRA draws its adapters from it), which is the state the checkpoint holds
+                _set_rng(resumed_state["rng"])
             method.setup(model)
             if resumed_weights is not None and mid_stage:
                 load_into(model, resumed_weights, source=resumed_source)
@@ -378,9 +449,13 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
                 scheduler.load_state_dict(resumed_state["scheduler"])
                 if "scaler" in resumed_state:
                     steps.scaler.load_state_dict(resumed_state["scaler"])
-            if resumed_state is not None:
-                _set_rng(resumed_state["rng"])
-                resumed_state = None
+                if f"{name}.lr" in changed:  # --resume with a new learning rate: the same schedule from the new value
+                    scheduler.base_lrs = [scfg.lr for _ in optimizer.param_groups]
+                    for g in optimizer.param_groups:
+                        g["initial_lr"] = scfg.lr
+                        g["lr"] = scfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+                _set_rng(resumed_state["rng"])  # mid-stage: after the set-up, whose draws the checkpoint's RNG replaces
+            resumed_state = None
         assert method is not None and optimizer is not None and scheduler is not None
         stage_epoch = epoch - first
 
@@ -407,9 +482,12 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
         train_metrics = _mean_over_ranks({k: v / max(n_steps, 1) for k, v in sums.items()})
         dist_mod.broadcast_module(model, buffers_only=True)  # BatchNorm statistics: rank 0's
         if not all(math.isfinite(v) for v in train_metrics.values()):
+            last = ckpts.list()[-1].name if ckpts.list() else None
             raise TrainingDiverged(
-                f"the training loss became {train_metrics.get('loss')} in epoch {epoch + 1}; the last good checkpoint is kept in {ckpts.root}. "
-                "Lower the learning rate (or clat.lam) and resume or restart"
+                f"the training loss became {train_metrics.get('loss')} in epoch {epoch + 1}"
+                + (f"; the last good checkpoint ({last}) is kept. Lower the learning rate and continue from it: "
+                   f"clat train --resume {run_dir} {name}.lr={scfg.lr / 10:g}" if last else
+                   f"; no checkpoint was written yet: lower the learning rate ({name}.lr={scfg.lr / 10:g}) and start again with --force")
             )
         train_time = time.time() - t0
         if stage_epoch == scfg.epochs - 1:
@@ -425,6 +503,8 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "epoch_time_s": train_time,
         }
+        if changed and epoch == start_epoch:
+            row["resume_overrides"] = changed
         if "selection" in events:
             row["selection"] = events["selection"]
         if "interpolation" in events:
@@ -457,7 +537,7 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
         load_into(model, resumed_weights, source=resumed_source)
     if not dinfo.is_main:
         dist_mod.barrier()  # rank 0 writes the final files; the others return once they exist
-        return json.loads((run_dir / "summary.json").read_text())
+        return rd.read_json("summary.json")
     save_weights(run_dir / "model.safetensors", model, meta)
     rows = _read_jsonl(metrics_path)
     summary = {
@@ -474,6 +554,8 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
         "train_time_s": sum(r["time_s"] for r in rows),
         "world_size": world,
         "precision": cfg.precision,
+        **({"resume_overrides": [r["resume_overrides"] for r in rows if "resume_overrides" in r]}
+           if any("resume_overrides" in r for r in rows) else {}),
         "finished": True,
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -147,6 +147,9 @@ class CLAT(Method):
             assert self.base is not None
             ce, base_metrics = self.base.loss(model, x, y)
             metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
+            if self.lam == 0:  # the base loss alone on the selected layers (the layer sweep's PGD-AT objective): no feature term
+                metrics.update({"loss": ce.detach(), "ce": ce.detach()})
+                return ce, metrics
             with frozen_bn_statistics(model):  # the base loss's forward updated the statistics already
                 clean = ext(x, stop_early=True)
         else:

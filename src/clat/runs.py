@@ -1,0 +1,248 @@
+"""The run folder: what clat wrote there, who is writing there now, and its config.
+
+A run folder (``clat train --run-dir``, ``clat demo --out``) holds clat's files beside whatever
+else a user keeps there. This module owns the rules that keep the user's files safe:
+
+- **Manifest** (``.clat-manifest.json``): every file or folder clat writes into a run folder is
+  recorded there (``record``). ``--force`` removes exactly those entries and nothing else
+  (``clear``); a folder whose files clat did not write is never emptied. Folders written by
+  clat 0.1, which kept no manifest, are recognised by their ``config.yaml`` (a valid clat
+  config) and ``metrics.jsonl``, and only clat's own file names are removed from them.
+- **Lock** (``.clat.lock``): one process at a time trains in, resumes or writes results into a
+  run folder (``lock``): an exclusive ``flock`` held for the whole command, so the operating
+  system releases it when the process ends, however it ends (kill -9 included: the next
+  command finds the file unlocked and takes it over); a second process is refused with a
+  message naming the holder. (On a platform without ``fcntl.flock`` there is no lock.)
+- **Config**: ``read_config`` is the one reader of a run's ``config.yaml`` (one-line errors for
+  invalid YAML, refused tags, unknown keys); ``owner_of`` says which run a weights file belongs
+  to, so a ``config.yaml`` found near a file is used only when the file is that run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+from clat.errors import ConfigError
+
+MANIFEST = ".clat-manifest.json"
+LOCK = ".clat.lock"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model.safetensors", "summary.json")
+# what clat 0.1 wrote into a run folder (it kept no manifest): removed by --force from such a folder only
+LEGACY_OUTPUTS = ("report.md", "plots", "criticality.json", "criticality.png", "stability.json", "comparison")
+LEGACY_PATTERNS = (r"eval.*\.json", r"transfer.*\.(json|png)")
+_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # clat.checkpoint.atomic_write's temporary names
+
+
+def _plain_name(n: object) -> bool:
+    return isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n and "\0" not in n
+
+
+class RunLocked(ConfigError):
+    """Another process holds the run folder."""
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- layout -------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def has_manifest(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def holds_run(self) -> bool:
+        """A run (finished or not) of clat lives here."""
+        return self.config_path.is_file() and (self.has_manifest() or self.is_legacy_run())
+
+    def is_legacy_run(self) -> bool:
+        """A run folder of clat 0.1 (no manifest): its config.yaml is a clat config and it has metrics."""
+        if self.has_manifest() or not self.metrics_path.is_file():
+            return False
+        try:
+            self.read_config()
+        except ConfigError:
+            return False
+        return True
+
+    # -- manifest -----------------------------------------------------------------------------
+    def written(self) -> list[str]:
+        """Names (relative to the folder) that clat wrote here, per the manifest."""
+        if not self.has_manifest():
+            return []
+        try:
+            data = json.loads(self.manifest_path.read_text())
+            names = data["written"]
+            if not isinstance(names, list) or not all(_plain_name(n) for n in names):
+                raise ValueError  # entries are names of this folder, never paths out of it
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{self.manifest_path} is damaged (it lists what clat wrote here); remove it by hand if the folder holds no run") from None
+        return names
+
+    def record(self, *names: str | Path) -> None:
+        """Add entries (files or folders, relative to the run folder, or paths inside it) to the manifest."""
+        from clat.checkpoint import atomic_write_text
+
+        have = self.written()
+        new = []
+        for n in names:
+            p = Path(n)
+            try:
+                rel = p.resolve().relative_to(self.path.resolve()) if p.is_absolute() else p
+            except ValueError:
+                continue  # not inside this folder
+            parts = rel.parts
+            if not parts or not _plain_name(parts[0]) or parts[0] in (MANIFEST, LOCK):
+                continue
+            new.append(parts[0])
+        merged = list(dict.fromkeys([*have, *new]))
+        if merged != have:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.manifest_path, json.dumps({"written": merged, "by": "clat"}, indent=1))
+
+    def removable(self) -> list[Path]:
+        """What ``clear`` would remove: the manifest's entries (or clat 0.1's file names in a legacy run)."""
+        if self.has_manifest():
+            names = self.written()
+        elif self.is_legacy_run():
+            names = [*RUN_FILES, *LEGACY_OUTPUTS]
+            names += [p.name for p in self.path.iterdir() if any(re.fullmatch(pat, p.name) for pat in LEGACY_PATTERNS)]
+        else:
+            names = []
+        return [self.path / n for n in dict.fromkeys(names) if (self.path / n).exists()]
+
+    def foreign(self, names: tuple[str, ...] | list[str] = RUN_FILES) -> list[str]:
+        """Which of ``names`` exist here without clat having written them (a user's own files)."""
+        mine = {p.name for p in self.removable()}
+        return [n for n in names if (self.path / n).exists() and n not in mine]
+
+    def clear(self) -> list[str]:
+        """Remove what clat wrote here (``--force``), keeping everything else; returns the names removed."""
+        gone = []
+        for p in self.removable():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            gone.append(p.name)
+        if self.manifest_path.is_file():
+            self.manifest_path.unlink()
+        return gone
+
+    def remove_stale_tmp(self) -> int:
+        """Half-written temporary files of an interrupted write (``.name.XXXX.tmp``), anywhere in the run."""
+        n = 0
+        if self.path.is_dir():
+            for p in self.path.rglob(".*.tmp"):
+                if p.is_file() and _TMP.match(p.name):
+                    p.unlink()
+                    n += 1
+        return n
+
+    def read_json(self, name: str):
+        """A JSON file of the run (``summary.json``, ...), with a one-line error when it is damaged."""
+        p = self.path / name
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"could not read {p} ({type(e).__name__}: {str(e)[:120]}); the file is damaged") from None
+
+    # -- config -------------------------------------------------------------------------------
+    def read_config(self):
+        """The run's config, validated; a ConfigError (one line) for anything else."""
+        from clat.config import config_from_dict, read_yaml
+
+        p = self.config_path
+        if not p.is_file():
+            raise ConfigError(f"{self.path} holds no run (no config.yaml)")
+        try:
+            data = read_yaml(p)
+        except ConfigError as e:
+            raise ConfigError(f"{p} is not a valid clat config: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} is not a valid clat config: it must be a mapping of keys to values")
+        try:
+            return config_from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{p} is not a valid clat config: {e}") from None
+
+    @staticmethod
+    def owner_of(path: str | Path) -> "RunDir | None":
+        """The run a weights file (or run folder) belongs to: ``RUN``, ``RUN/model.safetensors`` or
+        ``RUN/checkpoints/epoch_N/model.safetensors`` where RUN holds a clat run; else None."""
+        p = Path(path)
+        cands = [p] if p.is_dir() else []
+        if p.is_file() and p.name == "model.safetensors":
+            cands.append(p.parent)
+            if p.parent.parent.name == "checkpoints" and re.fullmatch(r"epoch_\d+", p.parent.name):
+                cands.append(p.parent.parent.parent)
+        for c in cands:
+            r = RunDir(c)
+            if r.holds_run():
+                return r
+        return None
+
+    # -- lock ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the run folder exclusively for the block (see the module docstring). A folder this
+        call had to create is removed again if nothing but the lock was written into it."""
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / LOCK
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: no lock (documented)
+            fcntl = None
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                    raise RunLocked(f"run folder {self.path} is in use by {holder}; wait for it to finish (or stop it) and try again") from None
+        except BaseException:
+            os.close(fd)  # not ours: leave the holder's file as it is
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"`clat {command}` (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
+            yield
+        finally:
+            # A run folder keeps its (unlocked) lock file: unlinking it could let two processes lock two files
+            # under one name. A folder that holds no run afterwards (a start that failed its checks) is left as
+            # it was found: without the lock file, and removed again if this call created it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # an idle run folder's lock file is empty (it names the holder while held)
+                if not self.holds_run():
+                    lock_path.unlink()
+                    if created and not any(self.path.iterdir()):
+                        self.path.rmdir()
+            os.close(fd)  # releases the flock
+
+
+def record_output(path: str | Path) -> None:
+    """Record a file a clat command wrote, in the manifest of the run folder it lies in (if any)."""
+    p = Path(path).resolve()
+    r = RunDir(p.parent)
+    if r.holds_run():
+        r.record(p)
