@@ -29,7 +29,7 @@ OUT = REPO / "study" / "criticality"
 DOC = REPO / "docs" / "criticality.md"
 IMG = REPO / "docs" / "img"
 DATA_ROOT = REPO.parent / "shared" / "data"
-FINETUNE = ["pretrain.epochs=0", "finetune.lr=0.01", "finetune.schedule=cosine", f"data.root={DATA_ROOT}"]
+FINETUNE = ["pretrain.epochs=0", "finetune.epochs=5", "finetune.lr=0.01", "finetune.schedule=cosine", f"data.root={DATA_ROOT}"]
 SWEEPS = {
     "resnet18_w16": {"config": REPO / "configs" / "study" / "pgd_at_pretrain.yaml", "init": REPO / "study" / "checkpoints" / "pgd_at_branch.safetensors",
                      "title": "ResNet-18 at 1/4 width (the study's branch checkpoint)"},

@@ -63,11 +63,12 @@ PGD = {"steps": 20, "restarts": 5}
 # the criticality of clat 0.1 (denominator = the post-activation input; the paper's Eq. 6 is `upstream`), and
 # TRADES crafting its attack with batch statistics (clat 0.1; the reference code uses eval mode).
 INPUT_DENOMINATOR = "clat.criticality.denominator=input"
+PAPER_DENOMINATOR = "clat.criticality.denominator=upstream"
 TRADES_TRAIN_MODE = "trades.attack_mode=train"
 # arm name -> (branch checkpoint, finetune method, extra overrides, label)
 ARMS: dict[str, tuple[str, str, list[str], str]] = {
     "pgd_at_cont": ("pgd_at", "pgd_at", [], "PGD-AT continued (full model)"),
-    "clat": ("pgd_at", "clat", [INPUT_DENOMINATOR], "CLAT (k=1, dynamic)"),
+    "clat": ("pgd_at", "clat", [INPUT_DENOMINATOR], "CLAT (k=1, dynamic; clat 0.1's criticality)"),
     "clat_random": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.selection=random"], "CLAT, random layers"),
     "clat_nondynamic": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.dynamic=false"], "CLAT, non-dynamic"),
     "clat_ce_adv": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.ce_on=adv"], "CLAT, CE on x+δ*"),
@@ -75,6 +76,11 @@ ARMS: dict[str, tuple[str, str, list[str], str]] = {
     "lora": ("pgd_at", "lora", [], "LoRA (rank 8, every conv)"),
     "trades_cont": ("trades", "trades", [TRADES_TRAIN_MODE], "TRADES continued (full model)"),
     "trades_clat": ("trades", "clat", [INPUT_DENOMINATOR, TRADES_TRAIN_MODE], "TRADES + CLAT"),
+    # The paper's own criticality (Eq. 6 along the dataflow, clat 0.2's default) and a fair random control: with automatic λ
+    # the feature term has the same weight whatever layers are chosen (docs/criticality.md measures which layers help).
+    "clat_paper": ("pgd_at", "clat", [PAPER_DENOMINATOR], "CLAT, the paper's Eq. 6 (k=1, dynamic)"),
+    "clat_paper_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.lam_mode=auto"], "CLAT, Eq. 6, automatic λ"),
+    "clat_random_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.selection=random", "clat.lam_mode=auto"], "CLAT, random layers, automatic λ"),
 }
 CLAT_ARMS = {a for a, v in ARMS.items() if v[1] == "clat"}
 DATA_ROOT = REPO.parent / "shared" / "data"

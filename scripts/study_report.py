@@ -24,7 +24,10 @@ REFERENCE = "pgd_at_cont"
 PAIRS = [(a, REFERENCE) for a in ARMS if a != REFERENCE and ARMS[a][0] == "pgd_at"] + [("trades_clat", "trades_cont"),
                                                                                        ("trades_clat", REFERENCE)]
 # Is it CLAT's own ingredients that help? CLAT against each ablation and the other parameter-efficient methods.
-CLAT_PAIRS = [("clat", a) for a in ARMS if a not in ("clat", REFERENCE) and ARMS[a][0] == "pgd_at"]
+CLAT_PAIRS = [("clat", a) for a in ("clat_random", "clat_nondynamic", "clat_ce_adv", "rift", "lora")]
+# The paper's Eq. 6 against clat 0.1's criticality, and each CLAT against random layers with the same λ rule
+CLAT_PAIRS += [("clat_paper", "clat"), ("clat_paper", "clat_random"), ("clat_paper_auto", "clat_random_auto"), ("clat_paper", "rift"),
+               ("clat_paper", "lora"), ("clat_paper_auto", "clat_paper")]
 
 
 def train_device(r: dict) -> str:
@@ -317,7 +320,8 @@ def render() -> None:
       f"checkpoint and trains {F_EPOCHS} more epochs with the same optimizer settings (SGD, lr 0.01 with cosine decay): "
       f"PGD-AT continued on the full model; CLAT ({TEXT['k']}); CLAT with random layers; CLAT non-dynamic; "
       "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "
-      "stopped at P, then CLAT, against TRADES continued.")
+      "stopped at P, then CLAT, against TRADES continued. Added with clat 0.2: CLAT with the paper's Eq. 6 (fixed λ, and automatic "
+      "λ = ρ·CE/L_C set at each selection) and random layers with automatic λ, so that the random control gets the same λ rule.")
     w("- **Criticality of the CLAT arms**: `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it "
       "reads, after its activation), clat 0.1's default, named in every CLAT arm's config so that each arm stays one variant. "
       "The paper's Eq. 6 (`upstream`, the default since clat 0.2) ranks the layers differently (see the table of the bug below); "
