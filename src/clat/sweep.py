@@ -121,10 +121,12 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
     bad = [i for i in chosen if i not in eligible]
     if bad:
         raise ConfigError(f"layers {bad} are not eligible for selection (eligible: {eligible})")
-    meta = {"settings": asdict(settings), "init": base.init, "config": _cfg_dict(base),
+    from clat.checkpoint import sha256
+
+    meta = {"settings": asdict(settings), "init": _shown(base.init), "init_sha256": sha256(base.init), "config": _cfg_dict(base),
             "layers": [{"index": l.index, "name": l.name, "params": l.num_params, "eligible": l.index in eligible} for l in layers]}
     old = _json(out / "sweep.json")
-    if old is not None and (old["settings"] != meta["settings"] or old["init"] != meta["init"]):
+    if old is not None and (old["settings"] != meta["settings"] or old.get("init_sha256") != meta["init_sha256"]):
         raise ConfigError(f"{out} holds a sweep with other settings or another checkpoint; choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "sweep.json", meta)
@@ -179,7 +181,20 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
 def _cfg_dict(cfg: Config) -> dict:
     from clat.config import to_dict
 
-    return to_dict(cfg)
+    d = to_dict(cfg)
+    d["init"], d["data"]["root"] = _shown(d["init"]), _shown(d["data"]["root"])
+    return d
+
+
+def _shown(path: str | None) -> str | None:
+    """A path as the report shows it: relative to the working directory when inside it (a clone may live anywhere)."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 # -- analysis and report -------------------------------------------------------------------------
