@@ -29,7 +29,8 @@ import _common as C  # noqa: E402
 
 import clat  # noqa: E402
 from clat.config import load_config  # noqa: E402
-from clat.train import _read_jsonl, prepare_data  # noqa: E402
+from clat.runs import RunDir  # noqa: E402
+from clat.train import prepare_data  # noqa: E402
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper" / "cifar10"
 FULL_TRAIN = 49_000
@@ -67,7 +68,7 @@ def run_variant(name: str, root: str, verify: bool, n_val_eval: int, smoke: bool
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         clat.train(cfg, Path(d) / "run", force=True, data=splits)
-        rows = _read_jsonl(Path(d) / "run" / "metrics.jsonl")
+        rows = RunDir(Path(d) / "run").metrics()
     wall = time.time() - t0
     out = {"config": f"configs/paper/cifar10/{cfg_file}", "overrides": overrides, "wall_s": wall, "epochs": []}
     for r in rows:

@@ -48,6 +48,7 @@ def pretrain(name: str, budget) -> None:
     """PGD-AT by the study's recipe; the checkpoint of the best validation epoch becomes the sweep's start."""
     import study
     from clat.config import load_config
+    from clat.runs import RunDir
 
     spec = SWEEPS[name]
     if Path(spec["init"]).is_file():
@@ -57,7 +58,7 @@ def pretrain(name: str, budget) -> None:
     rows = study.rows_of(run)
     best = study.best_row(rows)
     OUT.mkdir(parents=True, exist_ok=True)
-    shutil.copy(run / "checkpoints" / f"epoch_{best['epoch'] - 1:04d}" / "model.safetensors", spec["init"])
+    shutil.copy(RunDir(run).checkpoints().weights(best["epoch"] - 1), spec["init"])
     (OUT / f"{name}_pretrain.json").write_text(json.dumps({"config": str(spec["config"].relative_to(REPO)), "rows": rows,
                                                             "branch_epoch": best["epoch"], "branch_val": best["val"]}, indent=1))
     print(f"{name}: pretrained, best validation epoch {best['epoch']} (PGD {best['val']['pgd_acc']:.3f})", flush=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from clat.config import load_config
 from clat.report import markdown_table
+from clat.runs import RunDir
 from clat.train import train
 
 LAMBDAS = [0.0, 0.001, 0.01, 0.1, 1.0]
@@ -37,18 +38,20 @@ def main() -> None:
     ]
     t0 = time.time()
     pre = out / "pretrain"
-    if not (pre / "summary.json").exists():
+    if not RunDir(pre).finished():
         train(load_config(None, base + [f"pretrain.epochs={args.pretrain_epochs}", "pretrain.lr=0.05", "finetune.epochs=0"]), pre, force=True)
-    pre_val = json.loads((pre / "summary.json").read_text())["final_val"]
+    pre_val = RunDir(pre).summary()["final_val"]
     rows = []
     for lam in LAMBDAS:
         run = out / f"lam_{lam:g}"
-        if not (run / "summary.json").exists():
+        if not RunDir(run).finished():
+            # the criticality the sweep was measured with (clat 0.1's default), named so that the numbers stay reproducible
             over = base + ["pretrain.epochs=0", f"finetune.epochs={args.clat_epochs}", "finetune.lr=0.01", "finetune.method=clat",
-                           f"clat.lam={lam}", "clat.reselect_every=2", f"init={pre / 'model.safetensors'}"]
+                           f"clat.lam={lam}", "clat.reselect_every=2", "clat.criticality.denominator=input",
+                           f"init={RunDir(pre).weights_path}"]
             train(load_config(None, over), run, force=True)
-        s = json.loads((run / "summary.json").read_text())
-        last = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][-1]
+        s = RunDir(run).summary()
+        last = RunDir(run).metrics()[-1]
         rows.append({"lam": lam, **s["final_val"], "feature_dist": last["train"].get("feature_dist"), "ce": last["train"].get("ce"),
                      "selected": [h["selected"] for h in s["selection_history"]]})
     (out / "sweep.json").write_text(json.dumps({"pretrain_val": pre_val, "rows": rows}, indent=2))
@@ -62,7 +65,8 @@ def main() -> None:
         "# CLAT λ sweep (CPU-sized)\n\n"
         f"Setting: `small_cnn`, CIFAR-10 subset (JPEG-recovered): 9,000 training images, 1,000 held out for validation; "
         f"PGD-AT pretraining {args.pretrain_epochs} epochs (PGD-3, ε = 8/255, step 3/255, lr 0.05), then CLAT {args.clat_epochs} epochs "
-        "(k = 1, re-selection every 2 epochs, lr 0.01) from that checkpoint for each λ. Validation: clean and PGD-10 (ε = 8/255, step 2/255) "
+        "(k = 1, re-selection every 2 epochs, lr 0.01; criticality with clat 0.1's post-activation-input denominator, "
+        "`clat.criticality.denominator=input`, which the script names since clat 0.2 changed the default) from that checkpoint for each λ. Validation: clean and PGD-10 (ε = 8/255, step 2/255) "
         f"on the 1,000 held-out images. Pretrained checkpoint: clean {100 * pre_val['clean_acc']:.1f}%, PGD-10 {100 * pre_val['pgd_acc']:.1f}%.\n\n"
         + table
         + f"\n\nReproduce: `python scripts/lambda_sweep.py --root ../shared/data` ({time.time() - t0:.0f} s for the runs not already on disk, 2 CPU cores).\n"

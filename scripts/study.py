@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from clat.runs import RunDir
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "study"
 STUDY = REPO / "study"
@@ -204,8 +206,9 @@ def train_devices(run: Path) -> list[str]:
 
 
 def rows_of(run: Path) -> list[dict]:
-    f = run / "metrics.jsonl"
-    return [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.is_file() else []
+    from clat.runs import RunDir
+
+    return RunDir(run).metrics()
 
 
 class Budget:
@@ -226,34 +229,16 @@ def partial_dir(run: Path) -> Path:
 def save_partial(run: Path) -> None:
     """Keep an unfinished run across sessions (runs/ is not committed): its config, metrics, latest
     checkpoint and the weights of its best validation epoch go to study/partial/<run>/."""
-    from clat.train import Checkpoints
+    from clat.runs import RunDir
 
-    dst = partial_dir(run)
-    if (run / "summary.json").is_file():  # finished training: its final weights and records are enough
-        shutil.rmtree(dst, ignore_errors=True)
-        dst.mkdir(parents=True)
-        for f in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", DEVICE_FILE):
-            if f != DEVICE_FILE or (run / f).is_file():
-                shutil.copy(run / f, dst / f)
-        log(f"{run.name}: trained weights kept in {dst.relative_to(STUDY.parent)} until its evaluation is written")
-        return
-    latest = Checkpoints(run, 1).latest_valid()
-    if latest is None:
-        return
-    shutil.rmtree(dst, ignore_errors=True)
-    (dst / "checkpoints").mkdir(parents=True)
-    for f in ("config.yaml", "metrics.jsonl", DEVICE_FILE):
-        if f != DEVICE_FILE or (run / f).is_file():
-            shutil.copy(run / f, dst / f)
-    shutil.copytree(latest, dst / "checkpoints" / latest.name)
     rows = rows_of(run)
-    if rows and "val" in rows[0]:
-        best = best_row(rows)["epoch"]
-        src = run / "checkpoints" / f"epoch_{best - 1:04d}"
-        if src != latest and (src / "model.safetensors").is_file():
-            (dst / "checkpoints" / src.name).mkdir()
-            shutil.copy(src / "model.safetensors", dst / "checkpoints" / src.name / "model.safetensors")
-    log(f"{run.name}: unfinished run saved to {dst.relative_to(STUDY.parent)} (continues next session)")
+    best = {best_row(rows)["epoch"] - 1} if rows and "val" in rows[0] else set()
+    dst = partial_dir(run)
+    what = RunDir(run).export(dst, weights_of=best, extra=(DEVICE_FILE,))
+    if what == "finished":
+        log(f"{run.name}: trained weights kept in {dst.relative_to(STUDY.parent)} until its evaluation is written")
+    elif what:
+        log(f"{run.name}: unfinished run saved to {dst.relative_to(STUDY.parent)} (continues next session)")
 
 
 def restore_partial(run: Path) -> None:
@@ -285,13 +270,13 @@ def best_row(rows: list[dict]) -> dict:
 def prune_checkpoints(run: Path) -> None:
     """Keep the latest epoch checkpoint (to resume) and the one of the best validation epoch so far (a possible
     branch point); the others go. A WRN-34-10 checkpoint with its optimizer state is ~370 MB."""
+    from clat.runs import RunDir
+
     rows = rows_of(run)
     keep = {len(rows) - 1}
     if rows and "val" in rows[0]:
         keep.add(best_row(rows)["epoch"] - 1)
-    for d in sorted((run / "checkpoints").glob("epoch_*")):
-        if d.name[6:].isdigit() and int(d.name[6:]) not in keep:
-            shutil.rmtree(d)
+    RunDir(run).checkpoints().prune(keep)
 
 
 def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
@@ -301,7 +286,7 @@ def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
     stop = min(until or total, total)
     while True:
         done = len(rows_of(run))
-        finished = (run / "summary.json").is_file()
+        finished = RunDir(run).finished()
         if finished or done >= stop:
             return
         budget.check()
@@ -338,9 +323,9 @@ def do_pretraining(budget: Budget) -> dict:
     best = best_row(rows)
     p = best["epoch"]
     CKPTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(run / "checkpoints" / f"epoch_{p - 1:04d}" / "model.safetensors", CKPTS / "pgd_at_branch.safetensors")
+    shutil.copy(RunDir(run).checkpoints().weights(p - 1), CKPTS / "pgd_at_branch.safetensors")
     write_json(RESULTS / "pgd_at_pretrain.json", {"config": str(PRETRAIN_CFG.relative_to(REPO)), "rows": rows,
-                                                 "summary": read_json(run / "summary.json"), "train_devices": train_devices(run)})
+                                                 "summary": RunDir(run).summary(), "train_devices": train_devices(run)})
     b = {"epoch": p, "val": best["val"], "rule": "epoch of the highest validation PGD-10 accuracy (earliest on ties)",
          "last_val": rows[-1]["val"], "epochs": len(rows)}
     write_json(RESULTS / "branch.json", b)
@@ -356,7 +341,7 @@ def do_pilot(budget: Budget) -> None:
     run = RUNS / PILOT[0]
     run_training(run, load_config(PILOT[1], EXTRA), budget)
     write_json(RESULTS / f"{PILOT[0]}.json", {"config": str(PILOT[1].relative_to(REPO)), "rows": rows_of(run),
-                                             "summary": read_json(run / "summary.json")})
+                                             "summary": RunDir(run).summary()})
 
 
 def do_trades_pretraining(budget: Budget, p: int) -> None:
@@ -364,7 +349,7 @@ def do_trades_pretraining(budget: Budget, p: int) -> None:
         return
     run = RUNS / "trades_pretrain"
     run_training(run, pretrain_cfg("trades"), budget, until=p)
-    shutil.copy(run / "checkpoints" / f"epoch_{p - 1:04d}" / "model.safetensors", CKPTS / "trades_branch.safetensors")
+    shutil.copy(RunDir(run).checkpoints().weights(p - 1), CKPTS / "trades_branch.safetensors")
     write_json(RESULTS / "trades_pretrain.json", {"rows": rows_of(run), "stopped_at": p})
 
 
@@ -470,16 +455,16 @@ def do_arm(arm: str, seed: int, lam: float, budget: Budget) -> None:
     if out.is_file():
         return
     run = RUNS / f"{arm}_s{seed}"
-    if arm == "clat" and seed == 0 and (RUNS / f"lam_{lam:g}" / "summary.json").is_file() and not run.exists():
+    if arm == "clat" and seed == 0 and RunDir(RUNS / f"lam_{lam:g}").finished() and not run.exists():
         shutil.copytree(RUNS / f"lam_{lam:g}", run)  # the sweep's run with the chosen λ is this arm's seed-0 run
     run_training(run, arm_cfg(arm, seed, lam if arm in CLAT_ARMS else None), budget, keep_partial=True)
     # The trained weights go to study/partial/ before the evaluation and stay until the result is written: a
     # session that ends or is killed during it must not leave them only in runs/, which is not committed.
     # (The finished attack chunks are kept in study/eval/ as they are done.)
-    if not (partial_dir(run) / "summary.json").is_file():
+    if not RunDir(partial_dir(run)).finished():
         save_partial(run)
-    res = evaluate_weights(run / "model.safetensors", STUDY / "eval" / run.name, budget, run.name)
-    summary = read_json(run / "summary.json")
+    res = evaluate_weights(RunDir(run).weights_path, STUDY / "eval" / run.name, budget, run.name)
+    summary = RunDir(run).summary()
     rows = rows_of(run)
     write_json(out, {"arm": arm, "seed": seed, "label": ARMS[arm][3], "lam": lam if arm in CLAT_ARMS else None, "test": res,
                      "trainable_params": summary["trainable_params_last"], "total_params": summary["total_params"],

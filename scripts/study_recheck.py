@@ -74,23 +74,22 @@ def replay(arm: str, seed: int, until: int, run: Path, code: str | None) -> None
 
 def recompute(run: Path, arm: str, stage_epoch: int, branch: Path) -> dict:
     import torch
-    import yaml
 
     from clat.checkpoint import load_into, load_state, read_state_dict
-    from clat.config import config_from_dict
     from clat.criticality import compute_criticality
     from clat.data import to_unit_float
     from clat.layers import find_layers
+    from clat.runs import RunDir
     from clat.train import _sampler, _set_rng, build_model, prepare_data
 
-    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = RunDir(run).read_config()
     cfg.init = None
     splits = prepare_data(cfg)
     model = build_model(cfg, splits.num_classes, torch.device("cpu"))
     if stage_epoch > 0:
-        ck = run / "checkpoints" / f"epoch_{stage_epoch - 1:04d}"
-        load_into(model, read_state_dict(ck / "model.safetensors"))
-        _set_rng(load_state(ck / "state.pt")["rng"])
+        ck = RunDir(run).checkpoints()
+        load_into(model, read_state_dict(ck.weights(stage_epoch - 1)))
+        _set_rng(load_state(ck.state(ck.dir(stage_epoch - 1)))["rng"])
     else:
         load_into(model, read_state_dict(branch))
     if cfg.channels_last:

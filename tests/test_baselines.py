@@ -215,7 +215,8 @@ def test_lora_run_saves_a_plain_checkpoint(tmp_path):
 
 def test_rift_resumed_mid_stage_still_interpolates(tmp_path, monkeypatch):
     from clat.checkpoint import read_state_dict
-    from clat.train import Checkpoints, train
+    from clat.runs import Checkpoints
+    from clat.train import train
     from tests.test_train import FAST, tiny_splits
 
     over = FAST + ["pretrain.epochs=0", "finetune.method=rift", "finetune.epochs=3", "rift.batch_size=16", "rift.steps=1", "rift.alphas=[0, 1]"]

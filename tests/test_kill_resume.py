@@ -24,7 +24,7 @@ OVERRIDES = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=600
 CHILD = textwrap.dedent(
     """
     import importlib, os, signal, sys
-    T = importlib.import_module("clat.train")  # (the package attribute clat.train is the function)
+    C = importlib.import_module("clat.checkpoint")  # clat.runs imports save_state from here at each call
     M = importlib.import_module("clat.methods.clat")
     mode, n = sys.argv[1], int(sys.argv[2])
     calls = [0]
@@ -36,8 +36,7 @@ CHILD = textwrap.dedent(
             return fn(*a, **k)
         return wrapper
     if mode == "checkpoint":  # die after the weights are written, before state.pt / meta.json
-        real = T.save_state
-        T.save_state = die_on(real)
+        C.save_state = die_on(C.save_state)
     elif mode == "reselect":  # die inside a re-selection
         M.compute_criticality = die_on(M.compute_criticality)
     from clat.cli import main

@@ -10,7 +10,8 @@ from clat.attacks import pgd
 from clat.checkpoint import load_state, read_state_dict
 from clat.config import load_config
 from clat.models import create_model
-from clat.train import Checkpoints, train
+from clat.runs import Checkpoints
+from clat.train import train
 
 from tests.test_train import FAST, assert_resume_matches_uninterrupted, tiny_splits
 

@@ -86,7 +86,7 @@ def test_study_pipeline_at_toy_size_renders_results_and_resumes(study, tmp_path,
     (results / "clat_s2.json").write_text(json.dumps(r2))
     assert study.main(["--smoke", str(tmp_path), "--report"]) == 0
     text = (tmp_path / "results.md").read_text()
-    assert "seed 2 on NVIDIA H100 80GB HBM3" in text and "| CLAT (k=1, dynamic) | 3 |" in text
+    assert "seed 2 on NVIDIA H100 80GB HBM3" in text and f"| {study.ARMS['clat'][3]} | 3 |" in text
     assert "(CPU ×2) · " in text and "(H100 ×1) |" in text
     # only the latest checkpoint and the best validation epoch's are kept on disk
     for run in (tmp_path / "runs").iterdir():
@@ -203,7 +203,7 @@ def test_paper_scale_presets_configure_every_arm(name, study, tmp_path):
         cfg = study.arm_cfg(arm, 1, 0.1 if arm in study.CLAT_ARMS else None)
         assert cfg.finetune.epochs == 50 and cfg.pretrain.epochs == 0 and cfg.clat.reselect_every == 10 and cfg.seed == 1
         assert cfg.init.endswith(f"{study.ARMS[arm][0]}_branch.safetensors") and cfg.data.dataset == dataset
-    assert len(study.plan()) == 32 and not any(done for _, done in study.plan())
+    assert len(study.plan()) == 5 + 3 * len(study.ARMS) and not any(done for _, done in study.plan())
     study.DOC, study.IMG = tmp_path / "results.md", tmp_path / "img"  # render the (empty) report outside docs/
     sys.modules["study"] = study
     importlib.import_module("study_report").render()

@@ -7,7 +7,8 @@ import torch
 from clat.checkpoint import read_state_dict
 from clat.config import load_config
 from clat.errors import ConfigError
-from clat.train import Checkpoints, Splits, cosine_lambda, train
+from clat.runs import Checkpoints
+from clat.train import Splits, cosine_lambda, train
 
 
 def tiny_splits(n=64, seed=0):

@@ -326,13 +326,13 @@ def load_state(path: str | Path) -> dict:
 
 def find_weights(path: str | Path) -> Path:
     """The weights file of a run folder (final, else its latest checkpoint) or the file itself."""
+    from clat.runs import RunDir
+
     path = Path(path)
     if path.is_dir():
-        if (path / "model.safetensors").is_file():
-            return path / "model.safetensors"
-        ckpts = sorted((path / "checkpoints").glob("epoch_*/model.safetensors"))
-        if ckpts:
-            return ckpts[-1]
+        found = RunDir(path).latest_weights()
+        if found is not None:
+            return found
         raise CheckpointError(f"{path} is a folder without model.safetensors or checkpoints/; point at a run folder or a weights file")
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")

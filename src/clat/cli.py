@@ -569,15 +569,15 @@ def cmd_stability(args: argparse.Namespace) -> int:
 def _stability_into(args: argparse.Namespace, sizes: list[int], out: Path, run_dir: Path | None, cfg, threat, threat_source: str) -> int:
     from clat.checkpoint import atomic_write_text
     from clat.evaluate import criticality_stability, measure_pgd_at_epoch_time
-    from clat.report import read_run
+    from clat.runs import RunDir
     from clat.train import prepare_data
 
     device = _pick_device(args.device)
     model, meta = _load_checkpoint(args.checkpoint, args, device)
     splits = prepare_data(cfg)
     epoch_time, source = args.epoch_time, "given with --epoch-time"
-    if epoch_time is None and not args.measure_epoch and run_dir is not None and (run_dir / "metrics.jsonl").is_file():
-        rows = [r for r in read_run(run_dir)["rows"] if r.get("method") == "pgd_at" and "epoch_time_s" in r]
+    if epoch_time is None and not args.measure_epoch and run_dir is not None:
+        rows = [r for r in RunDir(run_dir).metrics() if r.get("method") == "pgd_at" and "epoch_time_s" in r]
         if rows:
             epoch_time = sum(r["epoch_time_s"] for r in rows) / len(rows)
             source = f"mean epoch_time_s of the run's {len(rows)} PGD-AT epochs in metrics.jsonl"

@@ -269,26 +269,23 @@ def _read_json(p: Path) -> Any:
 
 
 def read_run(run_dir: str | Path) -> dict:
+    from clat.runs import RunDir
+
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
+    rd = RunDir(run_dir)
+    if not rd.metrics_path.is_file():
         raise ClatError(f"{run_dir} holds no metrics.jsonl; is it a run folder written by `clat train`?")
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
+    rows = rd.metrics()
+    summary = rd.summary()
     evals = {p.stem: _read_json(p) for p in sorted(run_dir.glob("eval*.json"))}
     crit = _read_json(run_dir / "criticality.json") if (run_dir / "criticality.json").is_file() else None
     stability = _read_json(run_dir / "stability.json") if (run_dir / "stability.json").is_file() else None
     transfers = {p.stem: _read_json(p) for p in sorted(run_dir.glob("transfer*.json"))}
     config = None
-    if (run_dir / "config.yaml").is_file():
+    if rd.config_path.is_file():
         from clat.config import to_dict
-        from clat.runs import RunDir
 
-        config = to_dict(RunDir(run_dir).read_config())  # one-line error for a damaged or foreign config.yaml
+        config = to_dict(rd.read_config())  # one-line error for a damaged or foreign config.yaml
     return {"rows": rows, "summary": summary, "evals": evals, "criticality": crit, "stability": stability, "transfers": transfers, "config": config}
 
 

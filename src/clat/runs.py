@@ -16,6 +16,18 @@ else a user keeps there. This module owns the rules that keep the user's files s
 - **Config**: ``read_config`` is the one reader of a run's ``config.yaml`` (one-line errors for
   invalid YAML, refused tags, unknown keys); ``owner_of`` says which run a weights file belongs
   to, so a ``config.yaml`` found near a file is used only when the file is that run's.
+- **Layout**: nothing outside this module builds a path inside a run folder. ``metrics()`` is the
+  one reader of ``metrics.jsonl``, ``checkpoints()`` owns ``checkpoints/epoch_NNNN/`` (write,
+  list, prune, latest valid, the weights of an epoch), ``summary()`` reads ``summary.json``.
+
+Run folder::
+
+    config.yaml          resolved config
+    metrics.jsonl        one JSON line per epoch
+    checkpoints/epoch_NNNN/{model.safetensors, state.pt, meta.json}   (NNNN: 0-based epoch)
+    model.safetensors    final weights (with model metadata)
+    summary.json         final metrics, selection history
+    .clat-manifest.json  what clat wrote here;  .clat.lock  the lock
 """
 
 from __future__ import annotations
@@ -27,8 +39,9 @@ import re
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from clat.errors import ConfigError
 
@@ -49,9 +62,145 @@ class RunLocked(ConfigError):
     """Another process holds the run folder."""
 
 
+class Checkpoints:
+    """Epoch checkpoints in ``RUN/checkpoints``; ``meta.json`` (written last) holds the other files'
+    SHA-256, so a partial or corrupted checkpoint is recognised. Epochs are 0-based here."""
+
+    def __init__(self, run_dir: Path, keep: int = 1) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def dir(self, epoch: int) -> Path:
+        return self.root / f"epoch_{epoch:04d}"
+
+    def weights(self, epoch: int) -> Path:
+        """The model weights saved after (0-based) ``epoch``."""
+        return self.dir(epoch) / "model.safetensors"
+
+    def state(self, epoch_dir: Path) -> Path:
+        return epoch_dir / "state.pt"
+
+    def save(self, epoch: int, model, state: dict, meta: dict) -> Path:
+        from clat.checkpoint import atomic_write_text, save_state, save_weights, sha256
+
+        d = self.dir(epoch)
+        d.mkdir(parents=True, exist_ok=True)
+        save_weights(d / "model.safetensors", model, meta)
+        save_state(d / "state.pt", state)
+        files = {n: sha256(d / n) for n in ("model.safetensors", "state.pt")}
+        atomic_write_text(d / "meta.json", json.dumps({"epoch": epoch, "sha256": files, **meta}))
+        for old in self.list()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return d
+
+    def list(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("epoch_*") if p.is_dir()) if self.root.is_dir() else []
+
+    def epochs(self) -> list[int]:
+        return [int(p.name[6:]) for p in self.list() if p.name[6:].isdigit()]
+
+    def prune(self, keep_epochs: set[int]) -> None:
+        """Remove every epoch checkpoint but those of ``keep_epochs`` (0-based)."""
+        for d in self.list():
+            if d.name[6:].isdigit() and int(d.name[6:]) not in keep_epochs:
+                shutil.rmtree(d)
+
+    def latest_valid(self) -> Path | None:
+        from clat.checkpoint import sha256
+
+        for d in reversed(self.list()):
+            try:
+                meta = json.loads((d / "meta.json").read_text())
+                if all(sha256(d / n) == h for n, h in meta["sha256"].items()):
+                    return d
+                problem = "checksum mismatch"
+            except (OSError, ValueError, KeyError) as e:
+                problem = type(e).__name__
+            warnings.warn(f"checkpoint {d} is incomplete or corrupted ({problem}); falling back to the previous one", stacklevel=2)
+        return None
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    def checkpoints(self, keep: int = 1) -> Checkpoints:
+        return Checkpoints(self.path, keep)
+
+    @property
+    def weights_path(self) -> Path:
+        """The final weights (written when the run finishes)."""
+        return self.path / "model.safetensors"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    def finished(self) -> bool:
+        return self.summary_path.is_file()
+
+    def summary(self) -> dict | None:
+        return self.read_json("summary.json") if self.finished() else None
+
+    def latest_weights(self) -> Path | None:
+        """The final weights, else those of the latest epoch checkpoint."""
+        if self.weights_path.is_file():
+            return self.weights_path
+        found = sorted((self.path / "checkpoints").glob("epoch_*/model.safetensors"))
+        return found[-1] if found else None
+
+    def export(self, dst: str | Path, *, weights_of: set[int] = frozenset(), extra: tuple[str, ...] = ()) -> str:
+        """A portable copy of this run in ``dst`` (replaced), to continue it in another session or on another
+        machine: config, metrics, manifest and the ``extra`` files that exist; a finished run's summary and final
+        weights, else its latest valid checkpoint, plus the weights alone of the 0-based epochs in ``weights_of``.
+        Returns what was copied: "finished", "checkpoint" or "" (nothing to copy yet)."""
+        dst = Path(dst)
+        ck = self.checkpoints()
+        latest = None if self.finished() else ck.latest_valid()
+        if not self.finished() and latest is None:
+            return ""
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        names = ["config.yaml", "metrics.jsonl", MANIFEST, *extra] + (["summary.json", "model.safetensors"] if self.finished() else [])
+        for n in names:
+            if (self.path / n).is_file():
+                shutil.copy(self.path / n, dst / n)
+        if latest is None:
+            return "finished"
+        out = Checkpoints(dst)
+        shutil.copytree(latest, out.dir(int(latest.name[6:])))
+        for e in weights_of:
+            if ck.dir(e) != latest and ck.weights(e).is_file():
+                out.dir(e).mkdir(parents=True, exist_ok=True)
+                shutil.copy(ck.weights(e), out.weights(e))
+        return "checkpoint"
+
+    # -- metrics.jsonl: the one reader and writer ----------------------------------------------
+    def metrics(self) -> list[dict[str, Any]]:
+        """The epoch rows. A line cut by a crash ends the list: nothing after it is trusted."""
+        if not self.metrics_path.is_file():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return rows
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def truncate_metrics(self, epochs: int) -> None:
+        """Keep only the rows of the first ``epochs`` epochs (those that have a checkpoint; resume rewrites the rest)."""
+        from clat.checkpoint import atomic_write_text
+
+        rows = [r for r in self.metrics() if r["epoch"] <= epochs]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     # -- layout -------------------------------------------------------------------------------
     @property

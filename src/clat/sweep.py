@@ -161,12 +161,12 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
         run = out / "runs" / name
         cfg = _item_cfg(base, settings, layer, seed)
         t0 = time.time()
-        if RunDir(run).config_path.is_file() and not (run / "summary.json").is_file():
+        if RunDir(run).config_path.is_file() and not RunDir(run).finished():
             summary = train(None, run, resume=True)
         else:
             summary = train(cfg, run, force=True)
         trained = build_model(cfg, splits.num_classes, device)
-        load_into(trained, read_state_dict(run / "model.safetensors"), source=str(run))
+        load_into(trained, read_state_dict(RunDir(run).weights_path), source=str(run))
         trained.eval()
         res = {"layer": layer, "name": "full model (PGD-AT)" if layer is None else layers[layer].name, "seed": seed,
                "val": _measure(trained, splits, cfg, settings), "trainable_params": summary["trainable_params_last"],

@@ -8,13 +8,7 @@ has ``requires_grad`` after that hook. When CLAT re-selects layers the
 optimizer and schedule carry on; only the optimizer state (momentum) of
 parameters that became frozen is dropped.
 
-Run folder::
-
-    config.yaml          resolved config
-    metrics.jsonl        one JSON line per epoch
-    checkpoints/epoch_NNNN/{model.safetensors, state.pt, meta.json}
-    model.safetensors    final weights (with model metadata)
-    summary.json         final metrics, selection history
+The run folder and its files belong to :mod:`clat.runs` (``RunDir``).
 """
 
 from __future__ import annotations
@@ -24,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,7 +30,7 @@ from torch import nn
 from clat import data as data_mod
 from clat import distributed as dist_mod
 from clat.attacks import batch_shard
-from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_state, save_weights, sha256
+from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_weights
 from clat.config import Config, StageConfig, config_from_dict, dump_yaml, to_dict
 from clat.errors import CheckpointError, ClatError, ConfigError
 from clat.evaluate import evaluate
@@ -168,41 +161,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
 
 
-class Checkpoints:
-    """Epoch checkpoints in ``run_dir/checkpoints``; ``meta.json`` (written last) holds
-    the other files' SHA-256, so a partial or corrupted checkpoint is recognised."""
-
-    def __init__(self, run_dir: Path, keep: int) -> None:
-        self.root = run_dir / "checkpoints"
-        self.keep = keep
-
-    def save(self, epoch: int, model: nn.Module, state: dict, meta: dict) -> Path:
-        d = self.root / f"epoch_{epoch:04d}"
-        d.mkdir(parents=True, exist_ok=True)
-        save_weights(d / "model.safetensors", model, meta)
-        save_state(d / "state.pt", state)
-        files = {n: sha256(d / n) for n in ("model.safetensors", "state.pt")}
-        atomic_write_text(d / "meta.json", json.dumps({"epoch": epoch, "sha256": files, **meta}))
-        for old in self.list()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return d
-
-    def list(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("epoch_*") if p.is_dir()) if self.root.is_dir() else []
-
-    def latest_valid(self) -> Path | None:
-        for d in reversed(self.list()):
-            try:
-                meta = json.loads((d / "meta.json").read_text())
-                if all(sha256(d / n) == h for n, h in meta["sha256"].items()):
-                    return d
-                problem = "checksum mismatch"
-            except (OSError, ValueError, KeyError) as e:
-                problem = type(e).__name__
-            warnings.warn(f"checkpoint {d} is incomplete or corrupted ({problem}); falling back to the previous one", stacklevel=2)
-        return None
-
-
 def _check_run_dir(rd: RunDir, force: bool) -> None:
     """A new run may start in ``rd``: nothing there yet, or (``force``) only what clat wrote. Checks only:
     nothing is removed before the whole configuration has been validated (see ``_train``)."""
@@ -213,7 +171,7 @@ def _check_run_dir(rd: RunDir, force: bool) -> None:
             raise ConfigError(f"run folder {rd.path} holds {', '.join(foreign)} that clat did not write (it is not a clat run); "
                               "clat never replaces files it did not write: choose another --run-dir")
         if not force:
-            state = "a finished run" if (rd.path / "summary.json").exists() else "an unfinished run (continue it with --resume)"
+            state = "a finished run" if rd.finished() else "an unfinished run (continue it with --resume)"
             raise ConfigError(f"run folder {rd.path} already holds {state}; choose another --run-dir or pass --force to overwrite it")
     parent = next((p for p in (rd.path, *rd.path.parents) if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
@@ -376,7 +334,7 @@ def _train_locked(cfg: Config, rd: RunDir, dinfo, dist_device, *, resume: bool, 
                 if gone:
                     log.info("--force: removed %s from %s (what clat wrote there; nothing else)", ", ".join(gone), run_dir)
             rd.record(*RUN_FILES)
-            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+            atomic_write_text(rd.config_path, dump_yaml(cfg))
         else:
             if not rd.has_manifest():  # a run of clat 0.1: its own files, as they are now
                 rd.record(*[p.name for p in rd.removable()], *RUN_FILES)
@@ -384,7 +342,7 @@ def _train_locked(cfg: Config, rd: RunDir, dinfo, dist_device, *, resume: bool, 
             if stale:
                 log.info("removed %d half-written temporary file(s) of an interrupted write", stale)
             if changed:
-                atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+                atomic_write_text(rd.config_path, dump_yaml(cfg))
                 log.info("--resume with %s (recorded in config.yaml and metrics.jsonl)", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
     loader = data_mod.Loader(
@@ -397,8 +355,7 @@ def _train_locked(cfg: Config, rd: RunDir, dinfo, dist_device, *, resume: bool, 
     steps = _StepRunner(model, cfg, device)
     if cfg.compile:
         model.compile()
-    ckpts = Checkpoints(run_dir, cfg.keep_checkpoints)
-    metrics_path = run_dir / "metrics.jsonl"
+    ckpts = rd.checkpoints(cfg.keep_checkpoints)
 
     start_epoch, resumed_state, resumed_weights, resumed_source = 0, None, None, ""
     if resume:
@@ -407,15 +364,15 @@ def _train_locked(cfg: Config, rd: RunDir, dinfo, dist_device, *, resume: bool, 
             log.warning("no valid checkpoint in %s: starting from the beginning", run_dir)
         else:
             resumed_weights = read_state_dict(d / "model.safetensors")
-            resumed_state = load_state(d / "state.pt")
+            resumed_state = load_state(ckpts.state(d))
             resumed_source = str(d)
             start_epoch = int(resumed_state["epoch"]) + 1
             log.info("resuming %s after epoch %d", run_dir, start_epoch)
     if dinfo.is_main:
-        _truncate_metrics(metrics_path, start_epoch)
-    if resume and start_epoch >= total_epochs and (run_dir / "summary.json").is_file():
+        rd.truncate_metrics(start_epoch)
+    if resume and start_epoch >= total_epochs and rd.finished():
         log.info("%s has already finished: nothing to resume", run_dir)
-        return rd.read_json("summary.json")
+        return rd.summary()
 
     method: Method | None = None
     optimizer = scheduler = None
@@ -518,7 +475,7 @@ def _train_locked(cfg: Config, rd: RunDir, dinfo, dist_device, *, resume: bool, 
             row["world_size"] = world
         if dinfo.is_main:
             log.info(_format_row(row))
-            _append_jsonl(metrics_path, row)
+            rd.append_metrics(row)
             state = {
                 "epoch": epoch,
                 "stage": name,
@@ -537,9 +494,9 @@ def _train_locked(cfg: Config, rd: RunDir, dinfo, dist_device, *, resume: bool, 
         load_into(model, resumed_weights, source=resumed_source)
     if not dinfo.is_main:
         dist_mod.barrier()  # rank 0 writes the final files; the others return once they exist
-        return rd.read_json("summary.json")
-    save_weights(run_dir / "model.safetensors", model, meta)
-    rows = _read_jsonl(metrics_path)
+        return rd.summary()
+    save_weights(rd.weights_path, model, meta)
+    rows = rd.metrics()
     summary = {
         "run_dir": str(run_dir),
         "data": splits.name,
@@ -558,7 +515,7 @@ def _train_locked(cfg: Config, rd: RunDir, dinfo, dist_device, *, resume: bool, 
            if any("resume_overrides" in r for r in rows) else {}),
         "finished": True,
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(rd.summary_path, json.dumps(summary, indent=2))
     dist_mod.barrier()
     return summary
 
@@ -686,27 +643,3 @@ def _set_rng(state: dict) -> None:
         np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a crash: everything after it is not trusted
-    return rows
-
-
-def _truncate_metrics(path: Path, start_epoch: int) -> None:
-    """Keep only the rows of epochs that have a checkpoint (resume rewrites the rest)."""
-    rows = [r for r in _read_jsonl(path) if r["epoch"] <= start_epoch]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
