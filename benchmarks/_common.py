@@ -1,8 +1,7 @@
 """Shared helpers of the benchmarks: environment record, data, interleaved timing,
-FLOP counting, the training step (exactly the one of ``clat.train``), tables, JSON.
+FLOP counting, the training step (the loop's own, :class:`clat.stage.Stage`), tables, JSON.
 
-Nothing here re-implements clat: the step calls ``method.loss`` + ``backward`` +
-``method.after_backward`` + ``optimizer.step`` as ``clat.train.train`` does.
+Nothing here re-implements clat: a benchmark trains through the Stage that ``clat.train`` uses.
 """
 
 from __future__ import annotations
@@ -165,19 +164,17 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
 
 # --------------------------------------------------------------------------- training step
 class Trainer:
-    """One method on its own copy of a model with its own SGD optimizer, set up as
-    ``clat.train`` sets up a stage and an epoch; ``step(x, y)`` is one training step."""
+    """One method on its own copy of a model, trained by a :class:`clat.stage.Stage` (the loop's own set-up
+    and step) with SGD at the stage defaults' momentum and weight decay; ``step(x, y)`` is one training step."""
 
     def __init__(self, method, model: nn.Module, *, selection: Sequence[str] | None = None, sample_batch=None) -> None:
-        from clat.layers import set_bn_train_mode
         from clat.methods.base import EpochContext
+        from clat.stage import Stage
 
         self.method = method
         self.model = model
-        for p in model.parameters():
-            p.requires_grad_(True)
-        method.setup(model)
-        self.opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        self.stage = Stage(model, method, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        self.opt = self.stage.optimizer
         if selection is not None:
             # Pinned layers: restore a selection (as on resume) so that on_epoch_start only freezes,
             # without spending a criticality run on a selection that is fixed anyway.
@@ -186,20 +183,10 @@ class Trainer:
             def sample_batch(n: int):
                 raise RuntimeError("no sample_batch given")
         ctx = EpochContext(epoch=0, stage_epoch=0, sample_batch=sample_batch, generator=torch.Generator().manual_seed(0))
-        self.events = method.on_epoch_start(model, ctx)
-        for group in self.opt.param_groups:  # clat.train._drop_frozen_state
-            for p in group["params"]:
-                if not p.requires_grad:
-                    self.opt.state.pop(p, None)
-                    p.grad = None
-        set_bn_train_mode(model, method.trainable_bns())
+        self.events = self.stage.begin_epoch(ctx)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss, _ = self.method.loss(self.model, x, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.method.after_backward(self.model)
-        self.opt.step()
+        self.stage.step(x, y)
 
 
 def fresh_copy(model: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ import _common as C  # noqa: E402
 import clat  # noqa: E402
 from clat.config import load_config  # noqa: E402
 from clat.runs import RunDir  # noqa: E402
-from clat.train import prepare_data  # noqa: E402
+from clat.data import prepare_data  # noqa: E402
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper" / "cifar10"
 FULL_TRAIN = 49_000

@@ -151,7 +151,7 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
     C.sync()
     out["seconds"] = time.perf_counter() - t0
     after = _maxrss_bytes()
-    opt_bytes = sum(v.numel() * v.element_size() for st in trainer.opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    opt_bytes = trainer.stage.optimizer_state_bytes()
     out.update({
         "maxrss_before": before, "maxrss_after": after, "peak_increase": after - before,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -17,7 +17,7 @@ from pathlib import Path
 from clat.config import load_config
 from clat.report import markdown_table
 from clat.runs import RunDir
-from clat.train import train
+from clat.loop import train
 
 LAMBDAS = [0.0, 0.001, 0.01, 0.1, 1.0]
 

@@ -280,7 +280,7 @@ def prune_checkpoints(run: Path) -> None:
 
 
 def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
-    from clat.train import train
+    from clat.loop import train
 
     total = cfg.pretrain.epochs + cfg.finetune.epochs
     stop = min(until or total, total)

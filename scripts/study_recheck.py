@@ -55,7 +55,7 @@ REPLAY = """
 import sys, json
 sys.path.insert(0, {scripts!r})
 import study
-from clat.train import train
+from clat.loop import train
 arm, seed, until, run = {arm!r}, {seed}, {until}, {run!r}
 cfg = study.arm_cfg(arm, seed, study.chosen_lambda() if arm in study.CLAT_ARMS else None)
 cfg.keep_checkpoints, cfg.progress = 1000, False
@@ -80,7 +80,9 @@ def recompute(run: Path, arm: str, stage_epoch: int, branch: Path) -> dict:
     from clat.data import to_unit_float
     from clat.layers import find_layers
     from clat.runs import RunDir
-    from clat.train import _sampler, _set_rng, build_model, prepare_data
+    from clat import rng as clat_rng
+    from clat.data import prepare_data
+    from clat.models import build_model
 
     cfg = RunDir(run).read_config()
     cfg.init = None
@@ -89,14 +91,14 @@ def recompute(run: Path, arm: str, stage_epoch: int, branch: Path) -> dict:
     if stage_epoch > 0:
         ck = RunDir(run).checkpoints()
         load_into(model, read_state_dict(ck.weights(stage_epoch - 1)))
-        _set_rng(load_state(ck.state(ck.dir(stage_epoch - 1)))["rng"])
+        clat_rng.set_state(load_state(ck.state(ck.dir(stage_epoch - 1)))["rng"])
     else:
         load_into(model, read_state_dict(branch))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     layers = find_layers(model, to_unit_float(splits.x_train[:2]))
     cc = cfg.clat.criticality
-    x, y = _sampler(splits, cfg.seed, stage_epoch, torch.device("cpu"))(cc.batch_size)
+    x, y = splits.sampler(lambda: clat_rng.epoch_generator(cfg.seed, stage_epoch, 2))(cc.batch_size)
     rng = torch.get_rng_state()
     out = {}
     for den in dict.fromkeys([cc.denominator, "upstream"]):

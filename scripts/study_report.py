@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from clat.report import _figure, _save
+from clat.report import figure, save_figure
 from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, LEGACY_DEVICE, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, RUNS, SEEDS, STUDY, TEXT, best_row, plan, read_json
 
 
@@ -79,7 +79,7 @@ def arm_results() -> dict[str, dict[int, dict]]:
 def plot_overfitting(pre: dict, branch: dict | None, title: str, name: str) -> str:
     rows = pre["rows"]
     ep = [r["epoch"] for r in rows]
-    ax = _figure(7, 4).subplots()
+    ax = figure(7, 4).subplots()
     ax.plot(ep, [100 * r["val"]["pgd_acc"] for r in rows], "o-", ms=3, label="validation PGD-10 accuracy")
     ax.plot(ep, [100 * r["val"]["clean_acc"] for r in rows], "s-", ms=3, label="validation clean accuracy")
     ax.plot(ep, [100 * r["train"]["adv_acc"] for r in rows], ":", label=f"training accuracy on {TEXT['train_attack']} examples")
@@ -93,7 +93,7 @@ def plot_overfitting(pre: dict, branch: dict | None, title: str, name: str) -> s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(ax.figure, IMG / f"{IMG_PREFIX}{name}.png").name
+    return save_figure(ax.figure, IMG / f"{IMG_PREFIX}{name}.png").name
 
 
 def overfitting_text(pre: dict, branch: dict | None, title: str, name: str) -> list[str]:
@@ -129,7 +129,7 @@ def overfitting_text(pre: dict, branch: dict | None, title: str, name: str) -> l
 
 
 def plot_curves(res: dict[str, dict[int, dict]]) -> str | None:
-    ax = _figure(7, 4).subplots()
+    ax = figure(7, 4).subplots()
     drawn = False
     for i, (a, by_seed) in enumerate(res.items()):
         if not by_seed:
@@ -147,14 +147,14 @@ def plot_curves(res: dict[str, dict[int, dict]]) -> str | None:
     ax.set_title("The arms after the branch point")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(ax.figure, IMG / f"{IMG_PREFIX}curves.png").name
+    return save_figure(ax.figure, IMG / f"{IMG_PREFIX}curves.png").name
 
 
 def plot_criticality(run: dict) -> str | None:
     hist = run["selection_history"]
     if not hist:
         return None
-    ax = _figure(8, 3.8).subplots()
+    ax = figure(8, 3.8).subplots()
     n = len(hist[0]["criticality"]) - 1  # the classifier (last layer) is not eligible by default: left out
     width = 0.8 / len(hist)
     for j, h in enumerate(hist):
@@ -170,7 +170,7 @@ def plot_criticality(run: dict) -> str | None:
     ax.set_title(f"Criticality at each re-selection, CLAT arm, seed {run['seed']} (chosen: black edge)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    return _save(ax.figure, IMG / f"{IMG_PREFIX}criticality.png").name
+    return save_figure(ax.figure, IMG / f"{IMG_PREFIX}criticality.png").name
 
 
 def diff_cell(d: list[float]) -> str:

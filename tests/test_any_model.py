@@ -22,7 +22,7 @@ from clat.errors import CheckpointError
 from clat.layers import BN_TYPES, FeatureExtractor, find_layers, set_bn_train_mode
 from clat.methods import EpochContext, create_method
 from clat.models import create_model
-from clat.train import train
+from clat.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -155,7 +155,7 @@ def test_rift_interpolation_follows_the_models_device():
 def test_rift_selects_lowest_mrc_layer_and_chooses_alpha_on_validation(tmp_path):
     import json
 
-    from clat.train import train
+    from clat.loop import train
     from tests.test_train import FAST, tiny_splits
 
     over = FAST + ["pretrain.epochs=0", "finetune.method=rift", "finetune.epochs=2", "finetune.lr=0.05", "rift.batch_size=16",
@@ -205,7 +205,7 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_outputs():
 def test_lora_run_saves_a_plain_checkpoint(tmp_path):
     pytest.importorskip("peft")
     from clat.checkpoint import load_model
-    from clat.train import train
+    from clat.loop import train
     from tests.test_train import FAST, tiny_splits
 
     train(load_config(None, FAST + ["pretrain.epochs=0", "finetune.method=lora", "finetune.epochs=1"]), tmp_path / "r", data=tiny_splits())
@@ -216,7 +216,7 @@ def test_lora_run_saves_a_plain_checkpoint(tmp_path):
 def test_rift_resumed_mid_stage_still_interpolates(tmp_path, monkeypatch):
     from clat.checkpoint import read_state_dict
     from clat.runs import Checkpoints
-    from clat.train import train
+    from clat.loop import train
     from tests.test_train import FAST, tiny_splits
 
     over = FAST + ["pretrain.epochs=0", "finetune.method=rift", "finetune.epochs=3", "rift.batch_size=16", "rift.steps=1", "rift.alphas=[0, 1]"]

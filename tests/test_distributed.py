@@ -15,7 +15,8 @@ from torch import nn
 from clat.checkpoint import read_state_dict
 from clat.config import load_config
 from clat.errors import ConfigError
-from clat.train import Splits, train
+from clat.data import Splits
+from clat.loop import train
 
 PER_RANK_BATCH = 16
 OVER = ["model.name=tiny_cnn", "attack.steps=2", "clat.criticality.steps=2", "clat.criticality.batch_size=16",
@@ -130,7 +131,7 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
 
 
 def test_cuda_index_beyond_the_visible_gpus_is_a_clear_error(monkeypatch):
-    from clat.train import resolve_device
+    from clat.distributed import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

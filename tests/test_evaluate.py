@@ -10,9 +10,9 @@ from clat.checkpoint import save_weights
 from clat.cli import main
 from clat.data import load_bundled
 from clat.errors import ClatError
-from clat.evaluate import (
-    autoattack, criticality_stability, eps_sweep, evaluate, measure_pgd_at_epoch_time, pgd_correct, seeded_start, transfer_matrix,
-)
+from clat.config import AttackConfig
+from clat.evaluate import autoattack, eps_sweep, evaluate, pgd_correct, seeded_start, transfer_matrix
+from clat.stability import criticality_stability, measure_pgd_at_epoch_time
 from clat.models import create_model
 
 EPS = 8 / 255
@@ -160,7 +160,7 @@ def test_measure_epoch_time_leaves_the_model_alone(data):
     x, y = data
     m = _model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    t = measure_pgd_at_epoch_time(m, x, y, n_train=48, batch_size=8, steps=1, n_batches=1)
+    t = measure_pgd_at_epoch_time(m, x, y, n_train=48, batch_size=8, attack=AttackConfig(steps=1), n_batches=1)
     assert t > 0
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 

@@ -272,7 +272,7 @@ def test_selection_by_criticality_resolves_names_exactly_on_a_top_level_sequenti
 
 # -- 5. float images -----------------------------------------------------------------------------
 def _float_splits(scale=1.0):
-    from clat.train import Splits
+    from clat.data import Splits
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 3, 32, 32, generator=g) * scale
@@ -281,7 +281,7 @@ def _float_splits(scale=1.0):
 
 
 def test_float_images_reach_criticality_unscaled(tmp_path, monkeypatch):
-    from clat.train import train
+    from clat.loop import train
 
     seen = []
     monkeypatch.setattr(crit_mod, "pgd", lambda model, x, y, **k: (seen.append(x.max().item()), x)[1])
@@ -311,7 +311,7 @@ class SharedModule(nn.Module):
 
 def test_a_module_under_two_names_trains_saves_and_resumes(tmp_path, bundled_splits):
     from clat.checkpoint import read_state_dict
-    from clat.train import train
+    from clat.loop import train
 
     cfg = load_config(None, ["pretrain.epochs=1", "finetune.epochs=1", "attack.steps=1", "clat.criticality.batch_size=8",
                              "clat.criticality.steps=1", "data.batch_size=32", "eval.n_examples=16", "progress=false"])
@@ -383,7 +383,7 @@ def test_merge_norms_makes_groupnorm_part_of_its_conv():
 
 
 def test_merge_norms_from_the_config(tmp_path, bundled_splits):
-    from clat.train import train
+    from clat.loop import train
 
     cfg = load_config(None, ["model.merge_norms=true", "pretrain.epochs=0", "finetune.epochs=1", "attack.steps=1",
                              "clat.criticality.batch_size=8", "clat.criticality.steps=1", "data.batch_size=32",
@@ -394,7 +394,7 @@ def test_merge_norms_from_the_config(tmp_path, bundled_splits):
 
 # -- 8. the validation split does not depend on the training seed -------------------------------------
 def test_validation_split_is_the_same_for_every_seed(shared_cifar):
-    from clat.train import prepare_data
+    from clat.data import prepare_data
 
     base = ["data.dataset=cifar10", f"data.root={shared_cifar}", "data.verify=false", "data.train_size=600", "data.val_size=100"]
     with warnings.catch_warnings():
@@ -509,7 +509,7 @@ def test_clat_with_ce_on_adv_updates_bn_statistics_once_per_step():
 # -- 10. evaluation: the run's threat model, nothing overwritten silently -----------------------------
 @pytest.fixture(scope="module")
 def l2_run(tmp_path_factory):
-    from clat.train import train
+    from clat.loop import train
 
     d = tmp_path_factory.mktemp("l2") / "run"
     cfg = load_config(None, ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=160", "data.val_size=32", "data.test_size=64",

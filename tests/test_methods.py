@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from clat.config import Config, load_config
-from clat.layers import find_layers, set_bn_train_mode
+from clat.layers import find_layers
 from clat.methods import CLAT, EpochContext, create_method, list_methods
 from clat.models import create_model
+from clat.stage import Stage
 
 VARIANTS = [(m, []) for m in list_methods()] + [
     ("clat", ["clat.ce_on=adv"]),
@@ -29,9 +30,7 @@ def _setup(name, overrides):
     layers = find_layers(model)
     method = create_method(name, cfg, layers, default_k=1)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    method.setup(model)
-    method.on_epoch_start(model, _ctx(x, y))
-    set_bn_train_mode(model, method.trainable_bns())
+    Stage(model, method, lr=0.01).begin_epoch(_ctx(x, y))  # the loop's own set-up: setup, epoch hook, BN modes
     return cfg, model, method, x, y
 
 

@@ -170,7 +170,7 @@ def test_resume_is_bit_identical_for_every_method_at_every_boundary(method, tmp_
     if method == "lora":
         pytest.importorskip("peft")
     from clat.config import load_config
-    from clat.train import train
+    from clat.loop import train
 
     cfg = load_config(None, [*RESUME, f"finetune.method={method}"])
     train(cfg, tmp_path / "ref")

@@ -11,7 +11,7 @@ from clat.checkpoint import load_state, read_state_dict
 from clat.config import load_config
 from clat.models import create_model
 from clat.runs import Checkpoints
-from clat.train import train
+from clat.loop import train
 
 from tests.test_train import FAST, assert_resume_matches_uninterrupted, tiny_splits
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from clat.config import load_config
-from clat.train import train
+from clat.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

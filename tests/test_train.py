@@ -8,7 +8,9 @@ from clat.checkpoint import read_state_dict
 from clat.config import load_config
 from clat.errors import ConfigError
 from clat.runs import Checkpoints
-from clat.train import Splits, cosine_lambda, train
+from clat.data import Splits
+from clat.loop import train
+from clat.stage import cosine_lambda
 
 
 def tiny_splits(n=64, seed=0):
@@ -118,7 +120,7 @@ def test_clat_from_existing_checkpoint_and_custom_model(tmp_path):
 
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path):
     over = FAST + ["pretrain.epochs=1", "finetune.epochs=1", "finetune.method=standard", "finetune.lr=1e30", "pretrain.method=standard"]
-    from clat.train import TrainingDiverged
+    from clat.loop import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="lower the learning rate|Lower the learning rate"):
         train(load_config(None, over), tmp_path / "r", data=tiny_splits())
@@ -146,7 +148,8 @@ def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
     import numpy as np
 
     from clat.checkpoint import load_state, save_state
-    from clat.train import _get_rng, _set_rng
+    from clat.rng import get_state as _get_rng
+    from clat.rng import set_state as _set_rng
 
     random.seed(3)
     np.random.seed(4)
@@ -174,7 +177,7 @@ def test_a_run_done_in_chunks_equals_one_uninterrupted_run(tmp_path):
 
 
 def test_split_seed_keeps_the_validation_split_when_the_seed_changes():
-    from clat.train import prepare_data
+    from clat.data import prepare_data
 
     base = ["data.dataset=bundled", "data.val_size=100", "data.split_seed=7"]
     a, b = prepare_data(load_config(None, base + ["seed=0"])), prepare_data(load_config(None, base + ["seed=1"]))
@@ -189,7 +192,7 @@ def test_deterministic_true_applies_only_inside_the_run(monkeypatch, tmp_path):
     bit-identical with it; CPUs are deterministic anyway)."""
     import importlib
 
-    T = importlib.import_module("clat.train")  # (the package attribute clat.train is the function)
+    T = importlib.import_module("clat.loop")
     seen = {}
 
     def fake(cfg, run_dir, **kw):

@@ -15,13 +15,14 @@ Typical use::
 from clat.attacks import fgsm_rs, perturb, pgd
 from clat.config import Config, load_config
 from clat.criticality import CriticalityResult, compute_criticality, select_random
+from clat.data import Splits
 from clat.errors import CheckpointError, ClatError, ConfigError, DataError
 from clat.evaluate import evaluate
 from clat.layers import FeatureExtractor, Layer, find_layers, freeze_all_but, resolve_layers
+from clat.loop import train
 from clat.methods import CLAT, Method, create_method, list_methods
 from clat.models import create_model, list_models
 from clat.sweep import SweepSettings, layer_sweep
-from clat.train import Splits, train
 
 __version__ = "0.2.0"
 

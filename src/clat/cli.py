@@ -37,10 +37,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _float(s: str) -> float:
-    from clat.config import _coerce
+    from clat.config import coerce
 
     try:
-        return _coerce(s, float, "value")
+        return coerce(s, float, "value")
     except ClatError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -256,7 +256,7 @@ def _run_config(checkpoint: str | None):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from clat.config import load_config
-    from clat.train import train
+    from clat.loop import train
 
     if args.resume:
         overrides = ([args.config] if args.config else []) + list(args.overrides)
@@ -303,7 +303,7 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     from clat.layers import find_layers
     from clat.models import create_model, model_info
     from clat.report import criticality_rows, plot_criticality, text_table
-    from clat.train import prepare_data
+    from clat.data import prepare_data
 
     if args.batch_size < 1:
         raise ClatError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -358,13 +358,13 @@ def cmd_criticality(args: argparse.Namespace) -> int:
 
 
 def _threat_str(a) -> str:
-    from clat.report import _eps_str
+    from clat.report import eps_str
 
-    return f"{'ℓ∞' if a.norm == 'linf' else 'ℓ2'} ε={_eps_str(a.eps, a.norm)}, step {_eps_str(a.alpha, a.norm)}"
+    return f"{'ℓ∞' if a.norm == 'linf' else 'ℓ2'} ε={eps_str(a.eps, a.norm)}, step {eps_str(a.alpha, a.norm)}"
 
 
 def _pick_device(name: str):
-    from clat.train import resolve_device
+    from clat.distributed import resolve_device
 
     return resolve_device(name, option="--device ")
 
@@ -401,9 +401,9 @@ def _warn(msg: str) -> None:
 
 def _eval_tag(args: argparse.Namespace, a) -> str:
     """A file-name tag for an evaluation setting: ``test_n1000_linf-8-255_pgd20x5_aa-standard_s0``."""
-    from clat.report import _eps_str
+    from clat.report import eps_str
 
-    parts = [args.split, f"n{args.n_examples}" if args.n_examples is not None else "nall", f"{a.norm}-{_eps_str(a.eps, a.norm).replace('/', '-')}"]
+    parts = [args.split, f"n{args.n_examples}" if args.n_examples is not None else "nall", f"{a.norm}-{eps_str(a.eps, a.norm).replace('/', '-')}"]
     parts.append("nopgd" if args.no_pgd else f"pgd{a.steps}x{args.restarts}")
     parts += (["apgdce"] if args.apgd_ce else []) + ([f"aa-{args.autoattack_version}"] if args.autoattack else [])
     parts += (["sweep"] if args.eps_sweep else []) + (["sanity"] if args.sanity else []) + [f"s{args.seed}"]
@@ -451,9 +451,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_into(args: argparse.Namespace, out: Path, cfg, a, source: str) -> int:
     from clat.evaluate import autoattack, eps_sweep, evaluate
-    from clat.report import _eps_str
+    from clat.report import eps_str
     from clat.sanity import BANNER, autoattack_check, sanity_checks
-    from clat.train import prepare_data
+    from clat.data import prepare_data
 
     device = _pick_device(args.device)
     model, meta = _load_checkpoint(args.checkpoint, args, device)
@@ -491,7 +491,7 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, a, source: str) -> int:
     if args.eps_sweep:
         sw = eps_sweep(model, x, y, args.eps_sweep, alpha_ratio=a.alpha / a.eps, steps=a.steps, seed=args.seed, **common)
         res["eps_sweep"] = sw
-        lines.append("ε sweep: " + "  ".join(f"{_eps_str(p['eps'], a.norm) if p['eps'] else 0}: {100 * p['acc']:.1f}%" for p in sw["points"]))
+        lines.append("ε sweep: " + "  ".join(f"{eps_str(p['eps'], a.norm) if p['eps'] else 0}: {100 * p['acc']:.1f}%" for p in sw["points"]))
     if args.sanity:
         surrogates = {}
         for i, sp in enumerate(args.surrogate):
@@ -521,7 +521,7 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, a, source: str) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     from clat.evaluate import transfer_matrix
     from clat.report import plot_transfer, text_table, transfer_rows
-    from clat.train import prepare_data
+    from clat.data import prepare_data
 
     if args.restarts < 1:
         raise ClatError(f"--restarts must be >= 1, got {args.restarts}")
@@ -568,9 +568,9 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 def _stability_into(args: argparse.Namespace, sizes: list[int], out: Path, run_dir: Path | None, cfg, threat, threat_source: str) -> int:
     from clat.checkpoint import atomic_write_text
-    from clat.evaluate import criticality_stability, measure_pgd_at_epoch_time
+    from clat.stability import criticality_stability, measure_pgd_at_epoch_time
     from clat.runs import RunDir
-    from clat.train import prepare_data
+    from clat.data import prepare_data
 
     device = _pick_device(args.device)
     model, meta = _load_checkpoint(args.checkpoint, args, device)
@@ -583,7 +583,7 @@ def _stability_into(args: argparse.Namespace, sizes: list[int], out: Path, run_d
             source = f"mean epoch_time_s of the run's {len(rows)} PGD-AT epochs in metrics.jsonl"
     if epoch_time is None:
         a = cfg.attack
-        epoch_time = measure_pgd_at_epoch_time(model, splits.x_train, splits.y_train, batch_size=cfg.data.batch_size, eps=a.eps, alpha=a.alpha, steps=a.steps)
+        epoch_time = measure_pgd_at_epoch_time(model, splits.x_train, splits.y_train, batch_size=cfg.data.batch_size, attack=a)
         source = f"measured: PGD-AT (PGD-{a.steps}) steps of batch {cfg.data.batch_size}, extrapolated to {len(splits.x_train)} images"
     print(f"threat model: {_threat_str(threat)} ({threat_source})")
     res = criticality_stability(model, splits.x_train, splits.y_train, batch_sizes=sizes, repeats=args.repeats, reference_size=args.reference_size,

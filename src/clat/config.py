@@ -9,6 +9,7 @@ fractions (``eps: 8/255``). The resolved config is saved with every run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -178,7 +179,7 @@ class Config:
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -189,7 +190,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
@@ -204,7 +205,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [value] if value != "" else []
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -253,7 +254,7 @@ def _build(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
         if dataclasses.is_dataclass(tp):
             setattr(obj, k, _build(tp, v, key, getattr(obj, k)))
         else:
-            setattr(obj, k, _coerce(v, tp, key))
+            setattr(obj, k, coerce(v, tp, key))
     return obj
 
 
@@ -395,3 +396,26 @@ def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flat_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"clat": {"k": 2}}`` -> ``{"clat.k": 2}``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def override(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict]:
+    """A validated copy of ``cfg`` with ``key=value`` overrides, and ``{key: [old, new]}`` of what changed."""
+    tree = parse_overrides(overrides)
+    keys = flat_keys(tree)
+    new = _build(Config, tree, "", copy.deepcopy(cfg))
+    validate(new)
+    return new, {k: [get_key(cfg, k), get_key(new, k)] for k in keys if get_key(cfg, k) != get_key(new, k)}

@@ -47,7 +47,7 @@ Scaling = Literal["n", "sqrt_n", "none"]
 DENOMINATORS: tuple[str, ...] = ("upstream", "previous", "input")
 
 
-def _scale(n: int, scaling: Scaling) -> float:
+def scale(n: int, scaling: Scaling) -> float:
     return {"n": 1.0 / n, "sqrt_n": 1.0 / math.sqrt(n), "none": 1.0}[scaling]
 
 
@@ -113,7 +113,7 @@ def eligible_mask(layers: Sequence[Layer], *, include_classifier: bool = False, 
     return [layer.index not in banned for layer in layers]
 
 
-def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).flatten(1).float().norm(dim=1).mean().item()
 
 
@@ -124,7 +124,7 @@ def weakness_from_features(
     adv: dict[str, torch.Tensor],
     scaling: Scaling = "n",
 ) -> list[float]:
-    return [_distance(adv[layer.name], clean[layer.name]) * _scale(layer.numel, scaling) for layer in layers]
+    return [distance(adv[layer.name], clean[layer.name]) * scale(layer.numel, scaling) for layer in layers]
 
 
 def compute_criticality(
@@ -194,7 +194,7 @@ def compute_criticality(
                 sources.append("model input (C = W)")
             else:
                 n_in = math.prod(layer.in_shape)
-                w_src.append(_distance(f_adv.inputs[layer.name], f_clean.inputs[layer.name]) * _scale(n_in, scaling))
+                w_src.append(distance(f_adv.inputs[layer.name], f_clean.inputs[layer.name]) * scale(n_in, scaling))
                 sources.append("the tensor it reads")
         elif src.kind == "model_input":
             w_src.append(nan)
@@ -204,7 +204,7 @@ def compute_criticality(
             sources.append(f"layer {src.layer} ({layers[index[src.layer]].name})")
         else:
             assert src.tap is not None and f_clean.taps is not None and f_adv.taps is not None
-            w_src.append(_distance(f_adv.taps[src.tap], f_clean.taps[src.tap]) * _scale(src.tap.numel, scaling))
+            w_src.append(distance(f_adv.taps[src.tap], f_clean.taps[src.tap]) * scale(src.tap.numel, scaling))
             sources.append(src.describe())
     c = [w[i] if math.isnan(d) else (w[i] / d if d > 0 else float("inf")) for i, d in enumerate(w_src)]
     settings = {"eps": a.eps, "alpha": a.alpha, "steps": steps, "norm": a.norm, "denominator": denominator, "scaling": scaling,

@@ -29,7 +29,8 @@ from clat.evaluate import evaluate
 from clat.layers import find_layers
 from clat.report import criticality_rows, markdown_table, plot_criticality, plot_curves, read_run, run_report
 from clat.runs import RunDir
-from clat.train import prepare_data, train
+from clat.data import prepare_data
+from clat.loop import train
 
 
 @dataclass(frozen=True)

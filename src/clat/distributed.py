@@ -69,6 +69,21 @@ def info() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
 
 
+def resolve_device(name: str, option: str = "device=") -> torch.device:
+    """``auto``/``cpu``/``cuda``/``cuda:N``/``mps`` -> a device that exists here (else a ConfigError
+    that names ``option``, the way the user set it: ``device=`` in a config, ``--device `` on the CLI)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option}{name} requested but CUDA is not available here; use {option}cpu or {option}auto")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"{option}{name} requested but only {n} CUDA device(s) are visible here (cuda:0 to cuda:{n - 1})")
+    return dev
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import feature_distance, perturb, pgd
+from clat.attacks import perturb, pgd
 from clat.config import AttackConfig
-from clat.criticality import _distance, _scale, compute_criticality
+from clat.criticality import distance, scale, compute_criticality
 from clat.layers import FeatureExtractor, Layer, Tap, eval_mode
 
 ESTIMATORS = ("paper", "input", "previous", "sqrt_n", "no_scaling", "exact_eq5", "fisher", "rift", "params", "depth")
@@ -92,7 +92,7 @@ def _max_weakness(model: nn.Module, x: torch.Tensor, extract: Callable[[torch.Te
     x_adv = perturb(lambda xa: (extract(xa) - clean).flatten(1).norm(dim=1), x, eps=attack.eps, alpha=attack.alpha, steps=steps,
                     norm=attack.norm)
     with torch.no_grad():
-        return _distance(extract(x_adv), clean) * _scale(numel, "n")
+        return distance(extract(x_adv), clean) * scale(numel, "n")
 
 
 def exact_criticality(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor, *, attack: AttackConfig, steps: int = 10) -> list[float]:

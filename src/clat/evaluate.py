@@ -8,7 +8,7 @@
   ``pyautoattack`` package (Croce & Hein's code), so that our own PGD is never the
   only judge of a model it may have been trained against.
 - :func:`transfer_matrix`: black-box transfer (paper Table 2), :func:`eps_sweep`
-  (Figure 4), :func:`criticality_stability` (Table 7).
+  (Figure 4). The stability of the criticality ranking (Table 7) is :mod:`clat.stability`.
 
 Models are evaluated in eval mode (their mode is restored). With ``seed`` given,
 the random start of example ``i`` in run ``r`` is drawn from its own generator,
@@ -26,25 +26,23 @@ import math
 import re
 import time
 import warnings
-from typing import Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from clat.attacks import Norm, Threat, ce_objective, perturb
+from clat.data import to_unit_float
+from clat.layers import eval_mode
 from clat.errors import ClatError, ConfigError
 
 AutoAttackVersion = Literal["standard", "plus", "rand", "apgd-ce"]
 
 
 # -- batching and seeded random starts ------------------------------------------------
-def _as_float(xb: torch.Tensor) -> torch.Tensor:
-    return xb.float().div_(255) if xb.dtype == torch.uint8 else xb
-
-
-def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     for i in range(0, len(x), batch_size):
-        yield _as_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
+        yield to_unit_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
 
 
 def _key(*parts: object) -> int:
@@ -99,7 +97,8 @@ def pgd_examples(
         raise
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over ``total`` steps, or a context yielding None when not ``enabled``."""
     if not enabled:
         return contextlib.nullcontext(None)
     from tqdm.auto import tqdm
@@ -107,19 +106,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False)
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, t in zip(models, modes):
-            m.train(t)
-
-
-def _check(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+def check_inputs(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
     if len(x) == 0:
         raise ConfigError("nothing to evaluate: the evaluation set is empty")
     if len(x) != len(y):
@@ -152,15 +139,15 @@ def pgd_correct(
     run r's attack. ``eps == 0`` means no attack (``runs`` repeats ``clean``). ``index_offset``
     is the position of ``x[0]`` in a larger set (seeded starts follow the example, so a
     set split into shards gives the same result as the whole)."""
-    _check(x, y, batch_size)
+    check_inputs(x, y, batch_size)
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}")
     device = next(model.parameters()).device
     clean = torch.zeros(len(x), dtype=torch.bool)
     runs = torch.zeros(restarts, len(x), dtype=torch.bool)
     n_batches = math.ceil(len(x) / batch_size)
-    with _eval_mode(model), _progress(n_batches * (restarts if eps > 0 else 1), desc, progress) as bar:
-        for b, (xb, yb) in enumerate(_batches(x, y, batch_size, device)):
+    with eval_mode(model), progress_bar(n_batches * (restarts if eps > 0 else 1), desc, progress) as bar:
+        for b, (xb, yb) in enumerate(batches(x, y, batch_size, device)):
             sl = slice(b * batch_size, b * batch_size + len(xb))
             idx = range(index_offset + sl.start, index_offset + sl.stop)
             with torch.no_grad():
@@ -205,7 +192,7 @@ def evaluate(
     the attack settings. ``seed`` makes the result independent of ``batch_size``;
     without it the random starts come from the global RNG.
     """
-    _check(x, y, batch_size)
+    check_inputs(x, y, batch_size)
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}")
     if attack:
@@ -295,7 +282,7 @@ def transfer_matrix(
     names = list(models)
     if not names:
         raise ConfigError("the transfer matrix needs at least one model")
-    _check(x, y, batch_size)
+    check_inputs(x, y, batch_size)
     Threat(eps, norm)
     mods = [models[n] for n in names]
     k = len(mods)
@@ -303,8 +290,8 @@ def transfer_matrix(
     clean_n = torch.zeros(k, dtype=torch.long)
     t0 = time.time()
     n_batches = math.ceil(len(x) / batch_size)
-    with _eval_mode(*mods), _progress(n_batches * k * restarts, "transfer", progress) as bar:
-        for b, (xb, yb) in enumerate(_batches(x, y, batch_size, torch.device("cpu"))):
+    with eval_mode(*mods), progress_bar(n_batches * k * restarts, "transfer", progress) as bar:
+        for b, (xb, yb) in enumerate(batches(x, y, batch_size, torch.device("cpu"))):
             idx = range(b * batch_size, b * batch_size + len(xb))
             clean_ok = []
             for j, m in enumerate(mods):
@@ -393,17 +380,17 @@ def autoattack(
         raise ClatError("AutoAttack needs the pyautoattack package (pip install 'pyautoattack>=0.2')") from None
     if version not in ("standard", "plus", "rand", "apgd-ce"):
         raise ConfigError(f"unknown AutoAttack version {version!r}; use standard, plus, rand or apgd-ce")
-    _check(x, y, batch_size)
+    check_inputs(x, y, batch_size)
     Threat(eps, norm)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    xf = _as_float(x).to(dev)
+    xf = to_unit_float(x).to(dev)
     yd = y.to(dev)
     t0 = time.time()
     n_attacks = {"apgd-ce": 1, "standard": 4, "plus": 6, "rand": 2}[version]
     logger = logging.getLogger("auto-attack")
     old = (logger.level, logger.propagate, list(logger.handlers))
     stdout = io.StringIO()
-    with _eval_mode(model), _progress(n_attacks, f"AutoAttack ({version})", progress) as bar:
+    with eval_mode(model), progress_bar(n_attacks, f"AutoAttack ({version})", progress) as bar:
         cap = _Capture(bar)
         logger.handlers, logger.propagate = [cap], False  # its log (and its checks' warnings) go to the result, not the console
         logger.setLevel(logging.DEBUG)
@@ -425,8 +412,8 @@ def autoattack(
             logger.propagate = old[1]
             logger.handlers = old[2]
         with torch.no_grad():
-            clean_ok = torch.cat([(model(xb).argmax(1) == yb).cpu() for xb, yb in _batches(xf, yd, batch_size, dev)])
-            adv_ok = torch.cat([(model(xb).argmax(1) == yb).cpu() for xb, yb in _batches(x_adv.to(dev), yd, batch_size, dev)])
+            clean_ok = torch.cat([(model(xb).argmax(1) == yb).cpu() for xb, yb in batches(xf, yd, batch_size, dev)])
+            adv_ok = torch.cat([(model(xb).argmax(1) == yb).cpu() for xb, yb in batches(x_adv.to(dev), yd, batch_size, dev)])
     delta = (x_adv.to(dev) - xf).flatten(1)
     size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
     messages = [r.getMessage() for r in cap.records]
@@ -481,14 +468,14 @@ def square_correct(
         from pyautoattack.square import SquareAttack
     except ImportError:
         raise ClatError("the Square attack needs the pyautoattack package (pip install 'pyautoattack>=0.2')") from None
-    _check(x, y, batch_size)
+    check_inputs(x, y, batch_size)
     Threat(eps, norm)
     dev = next(model.parameters()).device
     sq = SquareAttack(model, p_init=0.8, n_queries=n_queries, eps=eps, norm=_AA_NORM[norm], n_restarts=1, seed=seed,
                       verbose=False, device=dev, resc_schedule=False)
     out = torch.zeros(len(x), dtype=torch.bool)
-    with _eval_mode(model), _progress(math.ceil(len(x) / batch_size), "Square (black-box)", progress) as bar:
-        for b, (xb, yb) in enumerate(_batches(x, y, batch_size, dev)):
+    with eval_mode(model), progress_bar(math.ceil(len(x) / batch_size), "Square (black-box)", progress) as bar:
+        for b, (xb, yb) in enumerate(batches(x, y, batch_size, dev)):
             with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), \
                     contextlib.redirect_stdout(io.StringIO()):
                 x_adv = sq.perturb(xb, yb)
@@ -497,156 +484,3 @@ def square_correct(
             if bar is not None:
                 bar.update(1)
     return out
-
-
-# -- criticality stability (Table 7) ------------------------------------------------------
-def measure_pgd_at_epoch_time(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    n_train: int | None = None,
-    batch_size: int = 128,
-    eps: float = 8 / 255,
-    alpha: float = 2 / 255,
-    steps: int = 10,
-    n_batches: int = 3,
-) -> float:
-    """Seconds for one PGD-AT training epoch over ``n_train`` images (default ``len(x)``),
-    extrapolated from ``n_batches`` timed SGD steps of clat's PGD-AT method on a copy
-    of the model (the model itself is not changed)."""
-    import copy
-
-    from clat.config import AttackConfig
-    from clat.methods import PGDAT
-
-    m = copy.deepcopy(model)
-    m.train()
-    method = PGDAT(AttackConfig(eps=eps, alpha=alpha, steps=steps))
-    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-    device = next(m.parameters()).device
-    xb, yb = _as_float(x[:batch_size].to(device)), y[:batch_size].to(device)
-    loss, _ = method.loss(m, xb, yb)  # warm-up (allocations, kernel selection)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        loss, _ = method.loss(m, xb, yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    per_batch = (time.perf_counter() - t0) / n_batches
-    return per_batch * math.ceil((n_train or len(x)) / len(xb))
-
-
-def _ranks(v: Sequence[float]) -> list[float]:
-    order = sorted(range(len(v)), key=lambda i: v[i])
-    r = [0.0] * len(v)
-    for pos, i in enumerate(order):
-        r[i] = float(pos)
-    return r
-
-
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Rank correlation of two rankings (no ties: ranks are positions)."""
-    n = len(a)
-    if n < 2:
-        return 1.0
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
-
-
-def criticality_stability(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    batch_sizes: Sequence[int] = (10, 30, 50, 100),
-    repeats: int = 5,
-    reference_size: int = 500,
-    k: int = 5,
-    attack: "AttackConfig | None" = None,
-    steps: int | None = None,
-    denominator: str = "upstream",
-    seed: int = 0,
-    epoch_time_s: float | None = None,
-    progress: bool = False,
-) -> dict:
-    """How stable the top-k critical layers are over random batches (paper Table 7).
-
-    ``attack`` is the threat model of the criticality perturbation (default ℓ∞ 8/255, step
-    2/255) and ``steps`` its PGD steps (default ``attack.steps``).
-
-    A reference ranking comes from ``reference_size`` images; for each batch size,
-    ``repeats`` random batches (drawn from the rest of ``x``, so they never overlap
-    the reference) give a top-k each: its overlap with the reference top-k, whether
-    it is the same set and in the same order, the Spearman correlation of the whole
-    ranking of eligible layers with the reference one, and the time taken, also as
-    a fraction of ``epoch_time_s`` (one PGD-AT training epoch) when given. ``k`` is
-    lowered to (eligible layers − 1) when it would cover every eligible layer.
-    """
-    from clat.config import AttackConfig
-    from clat.criticality import compute_criticality
-    from clat.layers import find_layers
-
-    attack = attack if attack is not None else AttackConfig()
-    steps = attack.steps if steps is None else steps
-    if repeats < 1 or reference_size < 1 or not batch_sizes or min(batch_sizes) < 1:
-        raise ConfigError("criticality stability needs repeats >= 1, reference_size >= 1 and batch sizes >= 1")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=g)
-    ref_idx, pool = perm[:reference_size], perm[reference_size:]
-    if len(pool) < max(batch_sizes):
-        raise ConfigError(f"{len(x)} images leave {len(pool)} beside the {reference_size}-image reference, fewer than the batch size {max(batch_sizes)}")
-    device = next(model.parameters()).device
-
-    def crit(idx: torch.Tensor):
-        xb, yb = _as_float(x[idx].to(device)), y[idx].to(device)
-        t0 = time.perf_counter()
-        res = compute_criticality(model, layers, xb, yb, attack=attack, steps=steps, denominator=denominator)
-        return res, time.perf_counter() - t0
-
-    layers = find_layers(model, _as_float(x[:2].to(device)))
-    crit(ref_idx[: min(batch_sizes)])  # warm-up: the first call pays for allocations and kernel selection
-    ref, ref_time = crit(ref_idx)
-    n_eligible = sum(ref.eligible)
-    if k >= n_eligible:  # the top-k of all eligible layers is always the same set: compare fewer
-        k = max(1, n_eligible - 1)
-    ref_top = [l.index for l in ref.top_k(k)]
-    ref_rank = _ranks([ref.criticality[i] for i in ref.ranking])
-    rows = []
-    with _progress(len(batch_sizes) * repeats, "criticality stability", progress) as bar:
-        for bs in batch_sizes:
-            tops, times, rhos = [], [], []
-            for _ in range(repeats):
-                idx = pool[torch.randperm(len(pool), generator=g)[:bs]]
-                res, dt = crit(idx)
-                tops.append([l.index for l in res.top_k(k)])
-                times.append(dt)
-                rhos.append(_spearman(ref_rank, _ranks([res.criticality[i] for i in ref.ranking])))
-                if bar is not None:
-                    bar.update(1)
-            overlap = [len(set(t) & set(ref_top)) / k for t in tops]
-            row = {
-                "batch_size": bs,
-                "top_k": tops,
-                "overlap_mean": sum(overlap) / repeats,
-                "same_set": sum(set(t) == set(ref_top) for t in tops) / repeats,
-                "same_order": sum(t == ref_top for t in tops) / repeats,
-                "spearman_mean": sum(rhos) / repeats,
-                "top1_agrees": sum(t[0] == ref_top[0] for t in tops) / repeats,
-                "time_s_mean": sum(times) / repeats,
-            }
-            if epoch_time_s:
-                row["fraction_of_epoch"] = row["time_s_mean"] / epoch_time_s
-            rows.append(row)
-    return {
-        "k": k,
-        "eligible_layers": n_eligible,
-        "layers": [l.name for l in layers],
-        "reference": {"size": len(ref_idx), "top_k": ref_top, "names": [layers[i].name for i in ref_top], "time_s": ref_time},
-        "repeats": repeats,
-        "attack": {"eps": attack.eps, "alpha": attack.alpha, "steps": steps, "norm": attack.norm, "denominator": denominator},
-        "seed": seed,
-        "epoch_time_s": epoch_time_s,
-        "rows": rows,
-    }

@@ -635,11 +635,12 @@ def set_bn_train_mode(model: nn.Module, trainable_bns: Iterable[str] | None) -> 
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """The whole model in eval mode (running statistics, no dropout) for the block; every
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """The whole model(s) in eval mode (running statistics, no dropout) for the block; every
     module's own train/eval flag is restored afterwards (frozen BatchNorms stay frozen)."""
-    saved = [(m, m.training) for m in model.modules()]
-    model.eval()
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
     try:
         yield
     finally:

@@ -29,7 +29,7 @@ METHOD_NAMES = {
 SELECTED, ELIGIBLE, EXCLUDED = "#d62728", "#1f77b4", "#bbbbbb"
 
 
-def _figure(w: float, h: float):
+def figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -38,7 +38,7 @@ def _figure(w: float, h: float):
     return fig
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
@@ -68,7 +68,7 @@ def _pct(v: float | None, digits: int = 1) -> str:
     return "" if v is None else f"{100 * v:.{digits}f}%"
 
 
-def _eps_str(eps: float, norm: str = "linf") -> str:
+def eps_str(eps: float, norm: str = "linf") -> str:
     if norm == "linf" and eps > 0 and abs(eps * 255 - round(eps * 255)) < 1e-6:
         return f"{round(eps * 255)}/255"
     return f"{eps:.4g}"
@@ -107,7 +107,7 @@ def criticality_rows(crit: dict) -> tuple[list[str], list[list[Any]]]:
 
 def plot_criticality(crit: dict, path: str | Path, title: str = "Layer criticality") -> Path:
     layers = crit["layers"]
-    fig = _figure(max(6.0, 0.32 * len(layers) + 2), 4.2)
+    fig = figure(max(6.0, 0.32 * len(layers) + 2), 4.2)
     ax = fig.add_subplot(1, 1, 1)
     xs = [l["index"] for l in layers]
     cs = [max(l["criticality"], 1e-12) for l in layers]
@@ -126,7 +126,7 @@ def plot_criticality(crit: dict, path: str | Path, title: str = "Layer criticali
         fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
     )
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_selection_history(history: list[dict], path: str | Path, layer_names: Sequence[str] | None = None, title: str = "Critical layers over time") -> Path:
@@ -138,7 +138,7 @@ def plot_selection_history(history: list[dict], path: str | Path, layer_names: S
 
     c = np.array([[max(v, 1e-12) if math.isfinite(v) else np.nan for v in h["criticality"]] for h in history], dtype=float)
     n_layers = c.shape[1]
-    fig = _figure(max(6.0, 0.35 * n_layers + 2.5), 1.4 + 0.42 * len(history))
+    fig = figure(max(6.0, 0.35 * n_layers + 2.5), 1.4 + 0.42 * len(history))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(c, aspect="auto", cmap="viridis", norm=LogNorm(vmin=np.nanmin(c), vmax=np.nanmax(c)), interpolation="nearest")
     for r, h in enumerate(history):
@@ -156,7 +156,7 @@ def plot_selection_history(history: list[dict], path: str | Path, layer_names: S
     cb = fig.colorbar(im, ax=ax, pad=0.02)
     cb.set_label("criticality C (log)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- training curves -------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "Training curve
     (bottom; every method's own objective, so values are comparable only within a
     stage); stage boundaries and CLAT's re-selection epochs marked. Legends sit
     outside the axes so they never hide a curve."""
-    fig = _figure(9.0, 5.6)
+    fig = figure(9.0, 5.6)
     ax, ax2 = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2, sharex=None)
     ev = [r for r in rows if "val" in r]
     if ev:
@@ -202,13 +202,13 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "Training curve
     for a in (ax, ax2):
         a.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- evaluation plots ------------------------------------------------------------------------
 def plot_eps_sweep(sweeps: Mapping[str, dict], path: str | Path, title: str = "Accuracy under PGD over ε", train_eps: float | None = 8 / 255) -> Path:
     """Accuracy (%) against the attack radius for one or more models (paper Figure 4)."""
-    fig = _figure(7.0, 4.2)
+    fig = figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     norm = next(iter(sweeps.values()))["norm"] if sweeps else "linf"
     scale = 255 if norm == "linf" else 1
@@ -216,7 +216,7 @@ def plot_eps_sweep(sweeps: Mapping[str, dict], path: str | Path, title: str = "A
         pts = s["points"]
         ax.plot([p["eps"] * scale for p in pts], [100 * p["acc"] for p in pts], "o-", color=f"C{i}", label=f"{name} (n={s['n']})")
     if train_eps and norm == "linf":
-        ax.axvline(train_eps * scale, color="#777777", ls=":", lw=1, label=f"training ε = {_eps_str(train_eps)}")
+        ax.axvline(train_eps * scale, color="#777777", ls=":", lw=1, label=f"training ε = {eps_str(train_eps)}")
     ax.set_xlabel("attack radius ε (ℓ∞, in 1/255)" if norm == "linf" else "attack radius ε (ℓ2)")
     steps = {s["steps"] for s in sweeps.values()}
     ax.set_ylabel(f"accuracy under PGD-{'/'.join(map(str, sorted(steps)))} (%)")
@@ -226,7 +226,7 @@ def plot_eps_sweep(sweeps: Mapping[str, dict], path: str | Path, title: str = "A
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_transfer(transfer: dict, path: str | Path, title: str = "Black-box transfer: accuracy of the victim (%)") -> Path:
@@ -238,7 +238,7 @@ def plot_transfer(transfer: dict, path: str | Path, title: str = "Black-box tran
     names = transfer["names"]
     m = 100 * np.array(transfer["matrix"], dtype=float)
     k = len(names)
-    fig = _figure(2.2 + 1.25 * k, 1.6 + 1.0 * k)
+    fig = figure(2.2 + 1.25 * k, 1.6 + 1.0 * k)
     ax = fig.add_subplot(1, 1, 1)
     top = 100 * max([*transfer.get("clean_acc", {}).values(), *[v for row in transfer["matrix"] for v in row]])
     im = ax.imshow(m, cmap="RdYlGn", vmin=0, vmax=max(top, 1e-6))  # colour scale up to the best clean accuracy
@@ -253,11 +253,11 @@ def plot_transfer(transfer: dict, path: str | Path, title: str = "Black-box tran
     ax.set_xlabel("victim (evaluated model)")
     ax.set_ylabel("attacker (PGD examples crafted on)")
     a = transfer["attack"]
-    ax.set_title(f"{title}\nPGD-{a['steps']}, ε = {_eps_str(a['eps'], a['norm'])}, n = {transfer['n']}; diagonal = white-box", fontsize=10)
+    ax.set_title(f"{title}\nPGD-{a['steps']}, ε = {eps_str(a['eps'], a['norm'])}, n = {transfer['n']}; diagonal = white-box", fontsize=10)
     cb = fig.colorbar(im, ax=ax, pad=0.03, fraction=0.05)
     cb.set_label("accuracy (%)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- reading runs ------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def _attack_str(e: dict) -> str:
     a = e.get("attack")
     if not a:
         return ""
-    return f"PGD-{a['steps']} ({a['norm']}, ε={_eps_str(a['eps'], a['norm'])}, α={_eps_str(a['alpha'], a['norm'])}, {a['restarts']} restart(s))"
+    return f"PGD-{a['steps']} ({a['norm']}, ε={eps_str(a['eps'], a['norm'])}, α={eps_str(a['alpha'], a['norm'])}, {a['restarts']} restart(s))"
 
 
 def _aa_str(aa: dict) -> str:
@@ -408,7 +408,7 @@ def sanity_section(s: dict) -> list[str]:
         out += [f"> - **{c['title']}**: {c['message']}" for c in flags]
         out += [""]
     else:
-        out += [f"No flag raised: {len(s['checks'])} of {len(s['checks'])} checks passed (n = {s['n']}, ε = {_eps_str(s['settings']['eps'], s['settings']['norm'])}).", ""]
+        out += [f"No flag raised: {len(s['checks'])} of {len(s['checks'])} checks passed (n = {s['n']}, ε = {eps_str(s['settings']['eps'], s['settings']['norm'])}).", ""]
     out += [markdown_table(["check", "result", "numbers"], [[c["title"], "**FLAG**" if c["flag"] else "ok", c["message"]] for c in s["checks"]]), ""]
     return out
 
@@ -417,7 +417,7 @@ def stability_section(st: dict) -> list[str]:
     ref = st["reference"]
     out = [
         f"Reference top-{st['k']} from {ref['size']} training images: {', '.join(map(str, ref['top_k']))} ({', '.join(ref['names'])}). "
-        f"{st['repeats']} random batches per size; PGD-{st['attack']['steps']}, ε = {_eps_str(st['attack']['eps'])}."
+        f"{st['repeats']} random batches per size; PGD-{st['attack']['steps']}, ε = {eps_str(st['attack']['eps'])}."
         + (f" One PGD-AT epoch: {st['epoch_time_s']:.1f} s ({st.get('epoch_time_source', '')})." if st.get("epoch_time_s") else ""),
         "",
     ]
@@ -478,7 +478,7 @@ def run_report(run_dir: str | Path) -> Path:
             p = plot_eps_sweep(sweeps, plots / "eps_sweep.png", f"{run_dir.name}: accuracy over ε")
             pts = next(iter(sweeps.values()))
             out += ["### Accuracy over ε", "", f"![accuracy over eps]({_rel(p, run_dir)})", ""]
-            out += [markdown_table(["ε", *sweeps], [[_eps_str(pt["eps"], pts["norm"]), *[_pct(s["points"][i]["acc"]) for s in sweeps.values()]]
+            out += [markdown_table(["ε", *sweeps], [[eps_str(pt["eps"], pts["norm"]), *[_pct(s["points"][i]["acc"]) for s in sweeps.values()]]
                                                     for i, pt in enumerate(pts["points"])]), ""]
 
     plot = plot_curves(rows, plots / "curves.png", f"{run_dir.name}: held-out accuracy")
@@ -611,7 +611,7 @@ def comparison_report(run_dirs: Sequence[str | Path], out: str | Path, *, names:
         lines += ["## Accuracy over ε (paper Figure 4)", "", f"![accuracy over eps]({_rel(p, out)})", ""]
         first = next(iter(sweeps.values()))
         if all([pt["eps"] for pt in s["points"]] == [pt["eps"] for pt in first["points"]] for s in sweeps.values()):
-            lines += [markdown_table(["ε", *sweeps], [[_eps_str(pt["eps"], first["norm"]), *[_pct(s["points"][i]["acc"]) for s in sweeps.values()]]
+            lines += [markdown_table(["ε", *sweeps], [[eps_str(pt["eps"], first["norm"]), *[_pct(s["points"][i]["acc"]) for s in sweeps.values()]]
                                                      for i, pt in enumerate(first["points"])]), ""]
     if transfer is not None:
         p = plot_transfer(transfer, plots / "transfer.png")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -44,6 +45,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clat.errors import ConfigError
+
+log = logging.getLogger("clat")
 
 MANIFEST = ".clat-manifest.json"
 LOCK = ".clat.lock"
@@ -174,6 +177,48 @@ class RunDir:
                 out.dir(e).mkdir(parents=True, exist_ok=True)
                 shutil.copy(ck.weights(e), out.weights(e))
         return "checkpoint"
+
+    # -- starting or continuing a run -------------------------------------------------------------
+    def check_new(self, force: bool) -> None:
+        """A new run may start here: nothing there yet, or (``force``) only what clat wrote. Checks only:
+        nothing is removed before the whole configuration has been validated (then :meth:`prepare`)."""
+        present = [f for f in RUN_FILES if (self.path / f).exists()]
+        if present:
+            foreign = self.foreign(present)
+            if foreign:
+                raise ConfigError(f"run folder {self.path} holds {', '.join(foreign)} that clat did not write (it is not a clat run); "
+                                  "clat never replaces files it did not write: choose another --run-dir")
+            if not force:
+                state = "a finished run" if self.finished() else "an unfinished run (continue it with --resume)"
+                raise ConfigError(f"run folder {self.path} already holds {state}; choose another --run-dir or pass --force to overwrite it")
+        parent = next((p for p in (self.path, *self.path.parents) if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"cannot write into {self.path}: {parent} is not writable; choose another --run-dir")
+
+    def prepare(self, cfg, *, resume: bool, force: bool, changed: dict) -> None:
+        """The folder made ready for the epochs, once everything is validated: a new run's config written (``force``:
+        what clat wrote there before removed, nothing else); a resumed run's manifest completed, stale temporary
+        files removed and ``--resume`` overrides recorded in its config."""
+        from clat.checkpoint import atomic_write_text
+        from clat.config import dump_yaml
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            if force:
+                gone = self.clear()
+                if gone:
+                    log.info("--force: removed %s from %s (what clat wrote there; nothing else)", ", ".join(gone), self.path)
+            self.record(*RUN_FILES)
+            atomic_write_text(self.config_path, dump_yaml(cfg))
+            return
+        if not self.has_manifest():  # a run of clat 0.1: its own files, as they are now
+            self.record(*[p.name for p in self.removable()], *RUN_FILES)
+        stale = self.remove_stale_tmp()
+        if stale:
+            log.info("removed %d half-written temporary file(s) of an interrupted write", stale)
+        if changed:
+            atomic_write_text(self.config_path, dump_yaml(cfg))
+            log.info("--resume with %s (recorded in config.yaml and metrics.jsonl)", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
     # -- metrics.jsonl: the one reader and writer ----------------------------------------------
     def metrics(self) -> list[dict[str, Any]]:

@@ -44,7 +44,8 @@ from torch import nn
 
 from clat.attacks import Norm, Threat
 from clat.errors import ConfigError
-from clat.evaluate import _batches, _check, _eval_mode, eps_sweep, pgd_correct, pgd_examples, seeded_start, square_correct
+from clat.evaluate import batches, check_inputs, eps_sweep, pgd_correct, pgd_examples, seeded_start, square_correct
+from clat.layers import eval_mode
 
 BANNER = "possible gradient masking"
 
@@ -63,8 +64,8 @@ def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
     depend differentiably on the input at all)."""
     device = next(model.parameters()).device
     norms = []
-    with _eval_mode(model):
-        for xb, yb in _batches(x, y, batch_size, device):
+    with eval_mode(model):
+        for xb, yb in batches(x, y, batch_size, device):
             xb = xb.clone().requires_grad_(True)
             with torch.enable_grad():
                 loss = F.cross_entropy(model(xb), yb, reduction="sum")
@@ -100,7 +101,7 @@ def sanity_checks(
     ``message`` and ``values`` (the numbers behind it). ``square_queries=0`` skips
     the query-based black-box attack (the costliest check).
     """
-    _check(x, y, batch_size)
+    check_inputs(x, y, batch_size)
     Threat(eps, norm)
     if steps < 1 or restarts < 1:
         raise ConfigError("sanity checks need steps >= 1 and restarts >= 1")
@@ -146,8 +147,8 @@ def sanity_checks(
     for name, sur in (surrogates or {}).items():
         sur_dev = next(sur.parameters()).device
         ok = torch.zeros(n, dtype=torch.bool)
-        with _eval_mode(model, sur):
-            for b, (xb, yb) in enumerate(_batches(x, y, batch_size, sur_dev)):
+        with eval_mode(model, sur):
+            for b, (xb, yb) in enumerate(batches(x, y, batch_size, sur_dev)):
                 sl = slice(b * batch_size, b * batch_size + len(xb))
                 x_adv = pgd_examples(sur, xb, yb, range(sl.start, sl.stop), eps=eps, alpha=alpha, steps=steps, norm=norm, seed=seed, stream="transfer")
                 with torch.no_grad():
@@ -183,8 +184,8 @@ def sanity_checks(
     # random noise of the same ε (PGD's own random start) vs PGD
     dev = next(model.parameters()).device
     noise_ok = torch.zeros(n, dtype=torch.bool)
-    with _eval_mode(model), torch.no_grad():
-        for b, (xb, yb) in enumerate(_batches(x, y, batch_size, dev)):
+    with eval_mode(model), torch.no_grad():
+        for b, (xb, yb) in enumerate(batches(x, y, batch_size, dev)):
             sl = slice(b * batch_size, b * batch_size + len(xb))
             delta = seeded_start(xb.shape[1:], range(sl.start, sl.stop), eps=eps, norm=norm, seed=seed, stream=(0, 0)).to(xb)
             x_noise = (xb + delta).clamp(0, 1)

@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -104,7 +104,10 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
     from clat.data import to_unit_float
     from clat.layers import find_layers
     from clat.runs import RunDir
-    from clat.train import build_model, prepare_data, resolve_device, train
+    from clat.data import prepare_data
+    from clat.distributed import resolve_device
+    from clat.loop import train
+    from clat.models import build_model
 
     out = Path(out)
     if not base.init:
@@ -293,14 +296,14 @@ def render(out: str | Path, title: str | None = None) -> Path:
 
 
 def plot_oracle(sw: dict, path: Path, title: str | None = None) -> Path | None:
-    from clat.report import _figure, _save
+    from clat.report import figure, save_figure
 
     gains = oracle(sw)
     if not gains:
         return None
     idx = sorted(gains)
     names = {l["index"]: l["name"] for l in sw["meta"]["layers"]}
-    fig = _figure(max(7.0, 0.4 * len(idx) + 2), 4.5)
+    fig = figure(max(7.0, 0.4 * len(idx) + 2), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     m = [100 * sum(gains[i]) / len(gains[i]) for i in idx]
     ax.bar(range(len(idx)), m, color="#4c72b0", label="PGD gain of fine-tuning the layer alone (mean over seeds)")
@@ -326,4 +329,4 @@ def plot_oracle(sw: dict, path: Path, title: str | None = None) -> Path | None:
     else:
         ax.legend(fontsize=7)
     ax.set_title(title or "layer oracle")
-    return _save(fig, path)
+    return save_figure(fig, path)

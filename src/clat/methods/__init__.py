@@ -8,6 +8,7 @@ from clat.layers import Layer
 from clat.methods.awp import AWP
 from clat.methods.base import AdversarialMethod, EpochContext, Method
 from clat.methods.clat import CLAT
+from clat.methods.clat import default_k as clat_default_k
 from clat.methods.fast_at import FastAT
 from clat.methods.lora import LoRA
 from clat.methods.mart import MART
@@ -52,8 +53,11 @@ def _base(name: str, cfg: Config) -> Method:
     return BASE_METHODS[name](cfg.attack)
 
 
-def create_method(name: str, cfg: Config, layers: list[Layer] | None = None, *, default_k: int = 1) -> Method:
-    """Build a method by name from the run config. CLAT needs the model's ``layers``."""
+def create_method(name: str, cfg: Config, layers: list[Layer] | None = None, *, zoo_model: str | None = None,
+                  default_k: int | None = None) -> Method:
+    """Build a method by name from the run config. CLAT, RiFT and LoRA need the model's ``layers``; CLAT's
+    number of layers when ``clat.k`` is not set is ``default_k``, else the paper's for the ``zoo_model``
+    (None: a model of the user's), see :func:`clat.methods.clat.default_k`."""
     if name in BASE_METHODS:
         return _base(name, cfg)
     if name == "clat":
@@ -66,7 +70,8 @@ def create_method(name: str, cfg: Config, layers: list[Layer] | None = None, *, 
                 raise ConfigError(f"clat.ce_on=base needs clat.base (or pretrain.method) to be an adversarial baseline: "
                                   f"{', '.join(b for b in BASE_METHODS if b != 'standard')}; got {base_name!r}")
             base = _base(base_name, cfg)
-        return CLAT(cfg.attack, cfg.clat, layers, default_k=default_k, base=base)
+        k = default_k if default_k is not None else clat_default_k(layers, zoo_model)
+        return CLAT(cfg.attack, cfg.clat, layers, default_k=k, base=base)
     if name == "lora":
         if layers is None:
             raise ValueError("LoRA needs the model's layers")

@@ -58,6 +58,10 @@ class Method:
         checkpoint; ``validate(model)`` gives clean and PGD accuracy on the validation split."""
         return {}
 
+    def log_fields(self) -> dict:
+        """What the loop adds to each epoch's metrics row beyond the epoch's events (JSON-able)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 

@@ -35,6 +35,16 @@ from clat.layers import FeatureExtractor, Layer, freeze_all_but, frozen_bn_stati
 from clat.methods.base import EpochContext, Method, accuracy
 
 
+def default_k(layers: list[Layer], zoo_model: str | None = None) -> int:
+    """How many layers CLAT trains when ``clat.k`` is not set: the paper's number for a zoo model
+    (:func:`clat.models.model_info`), else its "about 5% of the layers"."""
+    if zoo_model is not None:
+        from clat.models import model_info
+
+        return model_info(zoo_model).default_k
+    return max(1, round(0.05 * len(layers)))
+
+
 class CLAT(Method):
     name = "clat"
 
@@ -194,6 +204,9 @@ class CLAT(Method):
         return self.cfg.rho * ce / lc if lc > 0 else self.cfg.lam
 
     # -- resume -------------------------------------------------------------------------
+    def log_fields(self) -> dict:
+        return {"selected": [l.name for l in self.selected]}
+
     def state_dict(self) -> dict:
         return {"selected": [l.name for l in self.selected], "history": self.history, "lam": self.lam}
 

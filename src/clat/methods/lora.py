@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 from clat.config import AttackConfig, LoraConfig

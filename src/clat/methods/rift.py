@@ -126,6 +126,9 @@ class RiFT(Method):
         model.load_state_dict(interpolate(self.start_state, end, best["alpha"]))
         return {"interpolation": {"chosen_alpha": best["alpha"], "candidates": results, "tolerance": self.cfg.tolerance}}
 
+    def log_fields(self) -> dict:
+        return {"selected": [l.name for l in self.selected]}
+
     def state_dict(self) -> dict:
         # θ_AT (the interpolation's start) travels with the checkpoint so a resumed stage can still interpolate
         return {"selected": [l.name for l in self.selected], "history": self.history, "start_state": self.start_state}

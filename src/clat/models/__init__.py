@@ -18,4 +18,19 @@ from clat.models import small as _small  # noqa: F401
 from clat.models import vgg as _vgg  # noqa: F401
 from clat.models import wide_resnet as _wide_resnet  # noqa: F401
 
-__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
+
+
+def build_model(cfg, num_classes: int, device="cpu"):
+    """The zoo model a run config (:class:`clat.config.Config`) names, with ``init=`` loaded, on ``device``."""
+    from clat.checkpoint import load_into, read_state_dict
+    from clat.errors import ConfigError
+
+    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set has {num_classes} classes; drop the override")
+    model = create_model(cfg.model.name, num_classes, normalize=cfg.model.normalize)
+    if cfg.init:
+        load_into(model, read_state_dict(cfg.init), source=f"init checkpoint {cfg.init}")
+    return model.to(device)
+
+
+__all__ = ["ModelInfo", "build_model", "create_model", "list_models", "model_info", "register_model"]

@@ -1,0 +1,389 @@
+"""THE training loop: every method, every stage, checkpoints and resume.
+
+A run is one or two stages, ``pretrain`` (a baseline such as PGD-AT) then ``finetune`` (CLAT, or any
+method), each a :class:`clat.stage.Stage`: its own SGD optimizer and schedule over the stage's steps.
+The loop knows nothing of any method: it asks the stage for the epoch's steps, logs the events the
+method's hooks return, and saves the stage's state. When CLAT re-selects layers the optimizer and
+schedule carry on; only the optimizer state of parameters that became frozen is dropped.
+
+Read top to bottom: :func:`train` (resume or new) -> :func:`_train_locked` (validate everything, then
+prepare the folder, then the epochs) -> :func:`_run_epoch` -> :func:`_finish`. The run folder and its
+files belong to :mod:`clat.runs`; data to :mod:`clat.data`; devices and ranks to :mod:`clat.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from clat import distributed as dist_mod
+from clat import rng
+from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_weights
+from clat.config import Config, StageConfig, flat_keys, override, parse_overrides
+from clat.data import Loader, Splits, prepare_data, to_unit_float
+from clat.errors import ClatError, ConfigError
+from clat.evaluate import evaluate
+from clat.layers import Layer, find_layers
+from clat.methods import EpochContext, create_method
+from clat.models import build_model, model_info
+from clat.runs import RunDir
+from clat.stage import Stage, StepRunner
+
+log = logging.getLogger("clat")
+
+# Keys --resume may change: none of them changes what the finished run computes, except the learning rates,
+# which continue on the same schedule from the new value (the divergence remedy); the change is recorded.
+RESUME_OVERRIDABLE = ("pretrain.lr", "finetune.lr", "progress", "keep_checkpoints", "device", "eval.every", "compile")
+
+
+class TrainingDiverged(ClatError):
+    """The loss became NaN or infinite."""
+
+
+def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, force: bool = False, model: nn.Module | None = None,
+          data: Splits | None = None, until_epoch: int | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Run (or resume) the training described by ``cfg`` in ``run_dir``; returns the summary.
+
+    With ``resume=True`` the config saved in ``run_dir`` is used and training continues from the latest
+    valid checkpoint; ``overrides`` may change the keys in ``RESUME_OVERRIDABLE`` (a lower learning rate
+    after a divergence, say), recorded in the run's config and metrics. The run folder is locked for the
+    whole call (:mod:`clat.runs`). ``model`` (any ``nn.Module`` taking [0, 1] images) and ``data`` replace
+    the ones the config names; the model is trained in place.
+
+    ``until_epoch=N`` stops after the run's N-th epoch (its checkpoint written) and returns
+    ``{"finished": False, ...}``; ``resume=True`` later continues exactly where it stopped, so a long run
+    can be done in chunks (the same schedule as one uninterrupted run).
+
+    Under ``torchrun`` (or inside an initialized process group) every rank calls this and the run is
+    data-parallel (:mod:`clat.distributed`); only rank 0 writes files.
+    """
+    run_dir = Path(run_dir)
+    if until_epoch is not None and until_epoch < 1:
+        raise ConfigError(f"until_epoch must be >= 1, got {until_epoch}")
+    changed: dict = {}
+    if resume:
+        rd = RunDir(run_dir)
+        if not rd.config_path.is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); start it without --resume")
+        cfg = rd.read_config()
+        if overrides:
+            bad = [k for k in flat_keys(parse_overrides(overrides)) if k not in RESUME_OVERRIDABLE]
+            if bad:
+                raise ConfigError(f"--resume cannot change {', '.join(bad)} (the run would no longer be the one its config describes); "
+                                  f"it can change {', '.join(RESUME_OVERRIDABLE)}. Start a new run for anything else")
+            cfg, changed = override(cfg, overrides)
+    elif overrides:
+        raise ConfigError("overrides are given with the config of a new run (train(cfg, ...)); `overrides=` is for resume=True")
+    assert cfg is not None
+    with deterministic_algorithms(cfg.deterministic):
+        return _train(cfg, run_dir, resume=resume, force=force, model=model, data=data, until_epoch=until_epoch, changed=changed)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """``deterministic=true``: bit-identical runs on a GPU, so a resumed or chunked run equals an
+    uninterrupted one there too (on CPUs they are anyway). cuDNN uses deterministic kernels and no
+    autotuning, ``torch.use_deterministic_algorithms`` is on (``warn_only``: an op with no deterministic
+    kernel warns instead of stopping the run) and cuBLAS gets a fixed workspace. May cost speed (not measured); the
+    previous settings are restored afterwards."""
+    if not on:
+        yield
+        return
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
+
+
+def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None,
+           until_epoch: int | None, changed: dict) -> dict:
+    dinfo, dist_device = dist_mod.setup(cfg.device)
+    rd = RunDir(run_dir)
+    with rd.lock("train --resume" if resume else "train") if dinfo.is_main else contextlib.nullcontext():
+        run = _Run.build(cfg, rd, dist_device, resume=resume, force=force, model=model, data=data)
+        if dinfo.is_main:  # everything is validated: only now is anything removed, and does the run folder get its first file
+            rd.prepare(cfg, resume=resume, force=force, changed=changed)
+        return _train_locked(run, resume=resume, until_epoch=until_epoch, changed=changed)
+
+
+@dataclass
+class _Run:
+    """What the epochs need, built and checked before the run folder is touched."""
+
+    cfg: Config
+    rd: RunDir
+    model: nn.Module
+    splits: Splits
+    layers: list[Layer]
+    meta: dict
+    zoo_model: str | None
+    stages: list[tuple[str, StageConfig, int]] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def build(cls, cfg: Config, rd: RunDir, dist_device, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None) -> "_Run":
+        if not resume:
+            rd.check_new(force)
+        torch.manual_seed(cfg.seed)
+        device = dist_device or dist_mod.resolve_device(cfg.device)
+        if model is None:
+            model_info(cfg.model.name)  # unknown names fail before any data is read
+        splits = data if data is not None else prepare_data(cfg)
+        zoo_model = cfg.model.name if model is None else None
+        if model is None:
+            model = build_model(cfg, splits.num_classes, device)
+            meta = {"model": cfg.model.name, "num_classes": splits.num_classes, "normalize": cfg.model.normalize}
+        else:
+            model = model.to(device)
+            if cfg.init:
+                load_into(model, read_state_dict(cfg.init), source=f"init checkpoint {cfg.init}")
+            meta = {"model": type(model).__name__, "num_classes": splits.num_classes, "custom": True}
+        model = dist_mod.check_batch_norm(model, device, cfg.sync_bn)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        dist_mod.broadcast_module(model)  # every rank starts from rank 0's weights
+        layers = find_layers(model, to_unit_float(splits.x_train[:2].to(device)), merge_norms=cfg.model.merge_norms)
+        run = cls(cfg, rd, model, splits, layers, meta, zoo_model, _stages(cfg), device)
+        for _, scfg, _ in run.stages:  # fail on a bad method setting now, not after hours of pretraining
+            run.method(scfg)
+        world, global_batch = dist_mod.info().world_size, cfg.data.batch_size * dist_mod.info().world_size
+        if world > 1 and len(splits.x_train) < global_batch:
+            raise ConfigError(f"{len(splits.x_train)} training images cannot fill one global batch of {global_batch} "
+                              f"(data.batch_size={cfg.data.batch_size} per rank x {world} ranks); lower data.batch_size")
+        return run
+
+    def method(self, scfg: StageConfig):
+        return create_method(scfg.method, self.cfg, self.layers, zoo_model=self.zoo_model)
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for _, s, _ in self.stages)
+
+    def stage_at(self, epoch: int) -> tuple[str, StageConfig, int]:
+        return next((n, s, f) for n, s, f in self.stages if f <= epoch < f + s.epochs)
+
+
+def _stages(cfg: Config) -> list[tuple[str, StageConfig, int]]:
+    """(name, config, first global epoch) of the stages with epochs > 0."""
+    out, start = [], 0
+    for name in ("pretrain", "finetune"):
+        s: StageConfig = getattr(cfg, name)
+        if s.epochs > 0:
+            out.append((name, s, start))
+            start += s.epochs
+    return out
+
+
+@dataclass
+class _Resumed:
+    """The checkpoint a resumed run continues from, until the stage it belongs to has taken it."""
+
+    weights: dict | None = None
+    state: dict | None = None
+    source: str = ""
+
+    @classmethod
+    def latest(cls, rd: RunDir) -> tuple["_Resumed", int]:
+        d = rd.checkpoints().latest_valid()
+        if d is None:
+            log.warning("no valid checkpoint in %s: starting from the beginning", rd.path)
+            return cls(), 0
+        state = load_state(rd.checkpoints().state(d))
+        log.info("resuming %s after epoch %d", rd.path, int(state["epoch"]) + 1)
+        return cls(read_state_dict(d / "model.safetensors"), state, str(d)), int(state["epoch"]) + 1
+
+
+def _enter_stage(run: _Run, name: str, scfg: StageConfig, loader: Loader, runner: StepRunner, resumed: _Resumed, changed: dict) -> Stage:
+    """The stage's method set up and its optimizer made, or (resumed inside it) all restored from the checkpoint.
+    A checkpoint from inside this stage holds the method's structure (LoRA adapters): set up first, then load.
+    Resumed at a stage boundary, an uninterrupted run sets the stage up with the RNG as the previous stage left
+    it (LoRA draws its adapters from it), which is the state the checkpoint holds."""
+    mid_stage = resumed.state is not None and resumed.state["stage"] == name
+    if resumed.weights is not None and not mid_stage:
+        load_into(run.model, resumed.weights, source=resumed.source)
+    if resumed.state is not None and not mid_stage:
+        rng.set_state(resumed.state["rng"])
+    stage = Stage.from_config(run.model, run.method(scfg), scfg, len(loader), runner)
+    if mid_stage:
+        load_into(run.model, resumed.weights, source=resumed.source)
+        stage.load_state_dict(resumed.state, new_lr=scfg.lr if f"{name}.lr" in changed else None)
+        rng.set_state(resumed.state["rng"])  # after the set-up, whose draws the checkpoint's RNG replaces
+    resumed.weights, resumed.state = None, None
+    return stage
+
+
+def _train_locked(run: _Run, *, resume: bool, until_epoch: int | None, changed: dict) -> dict:
+    cfg, rd, dinfo = run.cfg, run.rd, dist_mod.info()
+    loader = Loader(run.splits.x_train, run.splits.y_train, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
+                    # several ranks: full global batches only, so that every step averages equal shares
+                    drop_last=dinfo.world_size > 1 or len(run.splits.x_train) >= 2 * cfg.data.batch_size, seed=cfg.seed,
+                    device=run.device, rank=dinfo.rank, world_size=dinfo.world_size)
+    runner = StepRunner(run.model, run.device, precision=cfg.precision, channels_last=cfg.channels_last)
+    if cfg.compile:
+        run.model.compile()
+    resumed, start_epoch = _Resumed.latest(rd) if resume else (_Resumed(), 0)
+    if dinfo.is_main:
+        rd.truncate_metrics(start_epoch)
+    if resume and start_epoch >= run.total_epochs and rd.finished():
+        log.info("%s has already finished: nothing to resume", rd.path)
+        return rd.summary()
+    stage, stage_name, t_run = None, None, time.time()
+    stop = run.total_epochs if until_epoch is None else min(until_epoch, run.total_epochs)
+    for epoch in range(start_epoch, stop):
+        name, scfg, first = run.stage_at(epoch)
+        if name != stage_name:  # entering a stage (or resuming inside one)
+            stage, stage_name = _enter_stage(run, name, scfg, loader, runner, resumed, changed), name
+        row = _run_epoch(run, stage, loader, epoch, name, scfg, first)
+        if changed and epoch == start_epoch:
+            row["resume_overrides"] = changed
+        if dinfo.is_main:
+            log.info(_format_row(row))
+            rd.append_metrics(row)
+            state = {"epoch": epoch, "stage": name, **stage.state_dict(), "rng": rng.get_state()}
+            rd.checkpoints(cfg.keep_checkpoints).save(epoch, run.model, state, {**run.meta, "stage": name, "method": scfg.method})
+    if stop < run.total_epochs:  # a chunk of a longer run: continue it with resume=True
+        dist_mod.barrier()
+        return {"run_dir": str(rd.path), "finished": False, "epochs_done": max(stop, start_epoch), "epochs": run.total_epochs}
+    if resumed.weights is not None:  # resumed after the last epoch's checkpoint, before the final files
+        load_into(run.model, resumed.weights, source=resumed.source)
+    return _finish(run, time.time() - t_run)
+
+
+def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, scfg: StageConfig, first: int) -> dict:
+    """One epoch of ``stage``; its metrics row (validation included when due)."""
+    cfg, dinfo = run.cfg, dist_mod.info()
+    t0 = time.time()
+    ctx = EpochContext(epoch, epoch - first, run.splits.sampler(lambda: rng.epoch_generator(cfg.seed, epoch, 2), run.device), rng.epoch_generator(cfg.seed, epoch, 1))
+    events = stage.begin_epoch(ctx)
+    trainable = stage.trainable_params()
+    loader.set_epoch(epoch)
+    batches = loader
+    if cfg.progress and dinfo.is_main:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}/{run.total_epochs} {scfg.method}", leave=False)
+    sums: dict[str, torch.Tensor] = {}
+    n_steps = 0
+    for x, y in batches:
+        for k, v in stage.step(x, y).items():
+            sums[k] = sums.get(k, 0) + v
+        n_steps += 1
+    train_metrics = _mean_over_ranks({k: v / max(n_steps, 1) for k, v in sums.items()})
+    dist_mod.broadcast_module(run.model, buffers_only=True)  # BatchNorm statistics: rank 0's
+    if not all(math.isfinite(v) for v in train_metrics.values()):
+        raise _diverged(run, epoch, name, scfg, train_metrics)
+    train_time = time.time() - t0
+    n_val = min(cfg.eval.n_examples, len(run.splits.x_val))
+    if epoch - first == scfg.epochs - 1:
+        events.update(stage.method.on_stage_end(run.model, lambda m: _validate(m, cfg, run.splits, n_val, stage.runner.autocast)))
+    row = {"epoch": epoch + 1, "stage": name, "method": scfg.method, "lr": stage.lr, "train": train_metrics,
+           "trainable_params": trainable, "total_params": sum(p.numel() for p in run.model.parameters()),
+           "optimizer_state_bytes": stage.optimizer_state_bytes(), "epoch_time_s": train_time, **events, **stage.method.log_fields()}
+    if n_val and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == run.total_epochs):
+        row["val"] = _held_out(run.model, cfg, run.splits, n_val, stage.runner.autocast, progress=cfg.progress and dinfo.is_main)
+    row["time_s"] = time.time() - t0
+    if dinfo.world_size > 1:
+        row["world_size"] = dinfo.world_size
+    return row
+
+
+def _diverged(run: _Run, epoch: int, name: str, scfg: StageConfig, train_metrics: dict) -> TrainingDiverged:
+    last = run.rd.checkpoints().list()
+    return TrainingDiverged(
+        f"the training loss became {train_metrics.get('loss')} in epoch {epoch + 1}"
+        + (f"; the last good checkpoint ({last[-1].name}) is kept. Lower the learning rate and continue from it: "
+           f"clat train --resume {run.rd.path} {name}.lr={scfg.lr / 10:g}" if last else
+           f"; no checkpoint was written yet: lower the learning rate ({name}.lr={scfg.lr / 10:g}) and start again with --force"))
+
+
+def _finish(run: _Run, wall: float) -> dict:
+    """The final weights and summary (rank 0; the other ranks return once they exist)."""
+    rd, dinfo = run.rd, dist_mod.info()
+    if not dinfo.is_main:
+        dist_mod.barrier()
+        return rd.summary()
+    save_weights(rd.weights_path, run.model, run.meta)
+    rows = rd.metrics()
+    overrides = [r["resume_overrides"] for r in rows if "resume_overrides" in r]
+    summary = {
+        "run_dir": str(rd.path),
+        "data": run.splits.name,
+        "model": run.meta,
+        "epochs": run.total_epochs,
+        "final_val": rows[-1].get("val") if rows else None,
+        "selection_history": [r["selection"] for r in rows if "selection" in r],
+        "trainable_params_last": rows[-1]["trainable_params"] if rows else None,
+        "total_params": sum(p.numel() for p in run.model.parameters()),
+        "layers": len(run.layers),
+        "wall_time_s_this_session": wall,
+        "train_time_s": sum(r["time_s"] for r in rows),
+        "world_size": dinfo.world_size,
+        "precision": run.cfg.precision,
+        **({"resume_overrides": overrides} if overrides else {}),
+        "finished": True,
+    }
+    atomic_write_text(rd.summary_path, json.dumps(summary, indent=2))
+    dist_mod.barrier()
+    return summary
+
+
+def _format_row(row: dict) -> str:
+    parts = [f"epoch {row['epoch']:3d} {row['method']:<8s}", f"loss {row['train'].get('loss', float('nan')):.4f}"]
+    if "val" in row:
+        parts.append(f"val clean {row['val']['clean_acc']:.3f} pgd {row['val']['pgd_acc']:.3f}")
+    parts.append(f"trainable {row['trainable_params']:,}")
+    if row.get("selected"):
+        parts.append(f"layers {','.join(row['selected'])}")
+    parts.append(f"{row['time_s']:.1f}s")
+    return " | ".join(parts)
+
+
+def _mean_over_ranks(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Epoch means of the training metrics, averaged over the ranks (one read-back per epoch)."""
+    if not metrics:
+        return {}
+    keys = sorted(metrics)
+    v = dist_mod.all_reduce_(torch.stack([metrics[k].detach().float() for k in keys]), op="mean")
+    return dict(zip(keys, v.tolist()))
+
+
+def _held_out(model: nn.Module, cfg: Config, splits: Splits, n_val: int, autocast, progress: bool = False) -> dict:
+    """Clean and PGD accuracy on the first ``n_val`` validation images; several ranks split
+    them and sum the counts. Random starts are seeded per example, so the result does not
+    depend on the number of ranks or the batch size, and the global RNG is not touched."""
+    i = dist_mod.info()
+    lo, hi = n_val * i.rank // i.world_size, n_val * (i.rank + 1) // i.world_size
+    counts = torch.zeros(2, dtype=torch.float64)
+    if hi > lo:
+        a = cfg.attack
+        with autocast():
+            r = evaluate(model, splits.x_val[lo:hi], splits.y_val[lo:hi], eps=a.eps, alpha=a.alpha, steps=cfg.eval.steps,
+                         restarts=cfg.eval.restarts, norm=a.norm, batch_size=cfg.data.eval_batch_size, progress=progress, desc="val",
+                         seed=cfg.seed, index_offset=lo)
+        counts[:] = torch.tensor([r["clean_correct"], r["pgd_correct"]], dtype=torch.float64)
+    dev = next(model.parameters()).device
+    counts = dist_mod.all_reduce_(counts.to(dev)).cpu() if i.enabled else counts
+    return {"clean_acc": counts[0].item() / n_val, "pgd_acc": counts[1].item() / n_val, "n": n_val}
+
+
+def _validate(model: nn.Module, cfg: Config, splits: Splits, n_val: int, autocast=contextlib.nullcontext) -> dict:
+    if n_val == 0:
+        raise ConfigError("this method chooses on the validation split, but it is empty: set data.val_size and eval.n_examples > 0")
+    r = _held_out(model, cfg, splits, n_val, autocast)
+    return {"clean_acc": r["clean_acc"], "pgd_acc": r["pgd_acc"]}

@@ -1,0 +1,42 @@
+"""Random number generators of a run: the global state a checkpoint saves, and the seeded per-epoch streams."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def epoch_generator(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator of its own for (run seed, epoch, stream): 1 = the method's draws (random layers), 2 = the
+    criticality sample. Independent of the global RNG, so re-computing an epoch draws the same numbers."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + epoch * 7919 + stream)
+    return g
+
+
+def get_state() -> dict:
+    """Every RNG a training step may touch (clat itself draws only from torch's), in
+    containers that load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        v, internal, gauss = state["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
