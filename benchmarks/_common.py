@@ -310,7 +310,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 def forward_fraction(model: nn.Module, layer, x: torch.Tensor) -> tuple[float, int, int]:
     """p = FLOPs of a forward pass that stops right after ``layer`` (clat.FeatureExtractor,
     stop_early=True, the pass CLAT's attack runs) / FLOPs of a full forward pass."""
-    from clat.layers import FeatureExtractor
+    from clat.features import FeatureExtractor
 
     ext = FeatureExtractor(model, [layer])
     was = model.training

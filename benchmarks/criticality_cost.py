@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import clat  # noqa: E402
-from clat.config import AttackConfig, CriticalityConfig  # noqa: E402
+from clat.config import AttackConfig  # noqa: E402
+from clat.methods.clat import CriticalityConfig  # noqa: E402
 from clat.methods import PGDAT  # noqa: E402
 
 N_TRAIN = 50_000  # CIFAR-10 training images

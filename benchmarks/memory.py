@@ -101,7 +101,8 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
     import torch
 
     import clat
-    from clat.config import AttackConfig, ClatConfig
+    from clat.config import AttackConfig
+    from clat.methods.clat import ClatConfig
     from clat.methods import CLAT, PGDAT
 
     dev = C.device()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from clat.methods import label, list_methods
+
 OUT = Path("configs/paper")
 # Table 1: model -> list of (baseline X, fine-tuning method or None); paper defaults k per model live in the registry.
 TABLE1 = {
@@ -39,8 +41,7 @@ def write(path: Path, header: str, cfg: dict) -> None:
 
 PAPER_NAME = {"densenet121": "DN121", "resnet50": "RN50", "wrn34_10": "WRN34-10", "vgg19": "VGG19", "resnet18": "RN18",
               "preact_resnet18": "PreAct RN18", "wrn70_16": "WRN70-16"}
-METHOD_NAME = {"pgd_at": "PGD-AT", "trades": "TRADES", "mart": "MART", "awp": "AWP", "score": "SCORE", "fast_at": "Fast-AT",
-               "clat": "CLAT", "rift": "RiFT", "lora": "LoRA", "clat_fast": "CLAT (Fast)"}
+METHOD_NAME = {**{m: label(m) for m in list_methods()}, "clat_fast": "CLAT (Fast)"}
 
 
 def main() -> None:

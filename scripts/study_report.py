@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from clat.report import figure, save_figure
+from clat.plots import figure, save_figure
 from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, LEGACY_DEVICE, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, RUNS, SEEDS, STUDY, TEXT, best_row, plan, read_json
 
 

@@ -19,7 +19,9 @@ from clat.checkpoint import load_into, load_model, read_state_dict, save_weights
 from clat.config import load_config
 from clat.criticality import compute_criticality
 from clat.errors import CheckpointError
-from clat.layers import BN_TYPES, FeatureExtractor, find_layers, set_bn_train_mode
+from clat.layers import BN_TYPES, find_layers
+from clat.features import FeatureExtractor
+from clat.trainable import set_bn_train_mode
 from clat.methods import EpochContext, create_method
 from clat.models import create_model
 from clat.loop import train

@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 from clat.attacks import Threat, feature_distance, fgsm_rs, perturb, pgd
 from clat.errors import ConfigError
-from clat.layers import FeatureExtractor, find_layers
+from clat.layers import find_layers
+from clat.features import FeatureExtractor
 from clat.models import create_model
 
 EPS = 8 / 255

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clat.config import AttackConfig, load_config
-from clat.layers import set_bn_train_mode
+from clat.trainable import set_bn_train_mode
 from clat.methods import AWP, MART, PGDAT, SCORE, TRADES, create_method
 from clat.models import create_model
 

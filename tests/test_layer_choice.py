@@ -19,7 +19,8 @@ from clat import criticality as crit_mod
 from clat.config import AttackConfig, load_config
 from clat.criticality import compute_criticality
 from clat.errors import ConfigError, DataError
-from clat.layers import find_layers, resolve_layers, set_bn_train_mode, unassigned_parameters
+from clat.layers import find_layers, resolve_layers, unassigned_parameters
+from clat.trainable import set_bn_train_mode
 from clat.methods import EpochContext, create_method
 from clat.models import create_model, list_models
 from tests.test_any_model import ANY_MODELS, TVResNet

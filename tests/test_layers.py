@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.layers import BN_TYPES, FeatureExtractor, find_layers, freeze_all_but, frozen_bn_statistics, layer_parameter_names, resolve_layers
+from clat.layers import BN_TYPES, find_layers, layer_parameter_names, resolve_layers
+from clat.features import FeatureExtractor
+from clat.trainable import freeze_all_but, frozen_bn_statistics
 from clat.errors import ConfigError
 from clat.models import create_model, list_models
 

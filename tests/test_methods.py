@@ -2,12 +2,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clat.config import Config, load_config
 from clat.layers import find_layers
 from clat.methods import CLAT, EpochContext, create_method, list_methods
 from clat.models import create_model
 from clat.stage import Stage
+from clat.loop import train as clat_train
 
 VARIANTS = [(m, []) for m in list_methods()] + [
     ("clat", ["clat.ce_on=adv"]),
@@ -113,3 +115,58 @@ def test_k_too_large_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="clat.k=9"):
         _setup("clat", ["clat.k=9"])
+
+
+def test_a_new_baseline_is_one_file(monkeypatch, tmp_path, capsys):
+    """Adding a method = one file: its config section, checks, label and registration live with the class.
+    Registered here (as a user's file would), it trains, takes overrides, is listed and labelled in reports."""
+    from dataclasses import dataclass
+
+    import clat.config as config_mod
+    from clat.cli import main
+    from clat.errors import ConfigError
+    from clat.methods import PGDAT, registry
+    from clat.report import run_report
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # forget it after the test
+    monkeypatch.setattr(config_mod, "_SECTIONS", dict(config_mod._SECTIONS))
+
+    # ---- the whole of the new file -------------------------------------------------------
+    @dataclass
+    class HalfConfig:
+        weight: float = 0.5  # weight of the clean CE next to the adversarial one
+
+        def check(self, need):
+            need(0 <= self.weight <= 1, f"half_at.weight must be in [0, 1], got {self.weight}")
+
+    @registry.register_method("half_at", label="Half-AT", section=HalfConfig, baseline=True)
+    class HalfAT(PGDAT):
+        """Half-AT: a mix of clean and adversarial cross-entropy (a test's toy baseline)."""
+
+        def __init__(self, attack, weight):
+            super().__init__(attack)
+            self.weight = weight
+
+        @classmethod
+        def from_config(cls, ctx):
+            return cls(ctx.cfg.attack, ctx.cfg.half_at.weight)
+
+        def objective(self, model, x, x_adv, y):
+            loss, metrics = super().objective(model, x, x_adv, y)
+            return (1 - self.weight) * loss + self.weight * F.cross_entropy(model(x), y), metrics
+    # ----------------------------------------------------------------------------------------
+
+    cfg = load_config(None, ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=200", "data.val_size=50", "data.test_size=20",
+                             "data.batch_size=50", "attack.steps=1", "eval.n_examples=20", "eval.steps=1", "pretrain.epochs=1",
+                             "pretrain.method=half_at", "half_at.weight=0.25", "finetune.epochs=1", "finetune.method=clat", "clat.ce_on=base",
+                             "clat.criticality.steps=1", "clat.criticality.batch_size=10", "progress=false"])
+    assert cfg.half_at.weight == 0.25 and "half_at:\n  weight: 0.25" in config_mod.dump_yaml(cfg)
+    with pytest.raises(ConfigError, match=r"half_at.weight must be in \[0, 1\]"):
+        load_config(None, ["half_at.weight=2"])
+    summary = clat_train(cfg, tmp_path / "run")
+    assert summary["finished"]
+    base = create_method("clat", cfg, find_layers(create_model("tiny_cnn"))).base  # clat.ce_on=base wraps the new baseline
+    assert isinstance(base, HalfAT) and base.weight == 0.25
+    assert "Half-AT" in run_report(tmp_path / "run").read_text()
+    assert main(["methods"]) == 0
+    assert "half_at    Half-AT: a mix of clean and adversarial cross-entropy" in capsys.readouterr().out

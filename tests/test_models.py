@@ -14,7 +14,8 @@ import torch
 
 from clat.config import load_config
 from clat.criticality import compute_criticality
-from clat.layers import BN_TYPES, find_layers, layer_parameter_names, set_bn_train_mode
+from clat.layers import BN_TYPES, find_layers, layer_parameter_names
+from clat.trainable import set_bn_train_mode
 from clat.methods import EpochContext, create_method
 from clat.models import create_model, list_models, model_info
 

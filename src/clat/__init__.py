@@ -18,7 +18,9 @@ from clat.criticality import CriticalityResult, compute_criticality, select_rand
 from clat.data import Splits
 from clat.errors import CheckpointError, ClatError, ConfigError, DataError
 from clat.evaluate import evaluate
-from clat.layers import FeatureExtractor, Layer, find_layers, freeze_all_but, resolve_layers
+from clat.layers import find_layers, Layer, resolve_layers
+from clat.features import FeatureExtractor
+from clat.trainable import freeze_all_but
 from clat.loop import train
 from clat.methods import CLAT, Method, create_method, list_methods
 from clat.models import create_model, list_models

@@ -11,7 +11,7 @@ Inputs live in [0, 1] pixel space; every iterate satisfies ``‖δ‖ ≤ ε`` a
 
 Example::
 
-    x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)
+    x_adv = pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10)  # (the defaults: ThreatModel())
 """
 
 from __future__ import annotations
@@ -86,6 +86,23 @@ def _attack_loss_scale(x: torch.Tensor) -> float:
 
 def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The attacker a model is trained and judged against: an ℓ∞ or ℓ2 ball of radius ``eps`` around the
+    image (in [0, 1] pixel space), searched by ``steps`` PGD steps of size ``alpha`` from a random start.
+    ``ThreatModel()`` is clat's default everywhere (the paper's ℓ∞ 8/255, step 2/255, PGD-10); a run's
+    ``attack:`` section (:class:`clat.config.AttackConfig`) starts from it."""
+
+    norm: Norm = "linf"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    random_start: bool = True
+
+
+DEFAULT_THREAT = ThreatModel()
 
 
 @dataclass(frozen=True)
@@ -185,16 +202,16 @@ def pgd(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float = 8 / 255,
-    alpha: float = 2 / 255,
-    steps: int = 10,
-    norm: Norm = "linf",
-    random_start: bool = True,
+    eps: float = DEFAULT_THREAT.eps,
+    alpha: float = DEFAULT_THREAT.alpha,
+    steps: int = DEFAULT_THREAT.steps,
+    norm: Norm = DEFAULT_THREAT.norm,
+    random_start: bool = DEFAULT_THREAT.random_start,
 ) -> torch.Tensor:
     """Untargeted PGD on the cross-entropy (Madry et al. 2018). Returns ``x_adv``."""
     return perturb(ce_objective(model, y), x, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start)
 
 
-def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, alpha: float | None = None) -> torch.Tensor:
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = DEFAULT_THREAT.eps, alpha: float | None = None) -> torch.Tensor:
     """FGSM with a random start and step 1.25 ε (Wong et al. 2020)."""
     return perturb(ce_objective(model, y), x, eps=eps, alpha=alpha if alpha is not None else 1.25 * eps, steps=1)

@@ -21,6 +21,7 @@ from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
+from clat.attacks import DEFAULT_THREAT, ThreatModel
 from clat.errors import ConfigError
 
 
@@ -51,10 +52,13 @@ class DataConfig:
 class AttackConfig:
     """The training threat model (and the default evaluation one)."""
 
-    eps: float = 8 / 255
-    alpha: float = 2 / 255  # step size
-    steps: int = 10
-    norm: Literal["linf", "l2"] = "linf"
+    eps: float = DEFAULT_THREAT.eps
+    alpha: float = DEFAULT_THREAT.alpha  # step size
+    steps: int = DEFAULT_THREAT.steps
+    norm: Literal["linf", "l2"] = DEFAULT_THREAT.norm
+
+    def threat(self) -> ThreatModel:
+        return ThreatModel(self.norm, self.eps, self.alpha, self.steps)
 
 
 @dataclass
@@ -71,75 +75,6 @@ class StageConfig:
 
 
 @dataclass
-class CriticalityConfig:
-    batch_size: int = 100  # fresh random training images per (re)selection
-    denominator: Literal["upstream", "previous", "input"] = "upstream"  # Eq. 6: upstream (default), previous in execution order, or the post-activation input (ablations)
-    scaling: Literal["n", "sqrt_n", "none"] = "n"  # 1/N_i (paper), 1/sqrt(N_i) or none
-    point: Literal["post_bn", "pre_bn"] = "post_bn"
-    include_classifier: bool = False
-    steps: int = 10  # PGD steps of the criticality perturbation (eps/alpha from `attack`)
-
-
-@dataclass
-class ClatConfig:
-    k: int | None = None  # number of critical layers; None: the model's paper default
-    lam: float = 0.1  # λ of Eq. 9 (when lam_mode is fixed); chosen by the sweep in docs/lambda_sweep.md
-    lam_mode: Literal["fixed", "auto"] = "fixed"  # auto: λ = rho * CE / L_C measured at each (re)selection
-    rho: float = 1.0
-    selection: Literal["critical", "random"] = "critical"
-    dynamic: bool = True  # re-select every `reselect_every` epochs (Algorithm 1); false: select once
-    reselect_every: int = 10
-    layers: list[int | str] = field(default_factory=list)  # pin these layers (names, or indices given as integers) instead of selecting
-    exclude: list[int | str] = field(default_factory=list)  # never select these
-    ce_on: Literal["clean", "adv", "base"] = "clean"  # CE term of Eq. 9: clean input, x+δ*, or the base method's loss
-    base: str | None = None  # base method for ce_on=base (default: the pretrain method)
-    inner: Literal["pgd", "fast"] = "pgd"  # inner maximisation: PGD or one FGSM-RS step ("CLAT (Fast)")
-    distance_scaling: Literal["none", "n", "sqrt_n"] = "none"  # Eq. 8 has no 1/N_i
-    freeze_bn_stats: bool = False  # also keep the selected layers' BN running statistics fixed
-    criticality: CriticalityConfig = field(default_factory=CriticalityConfig)
-
-
-@dataclass
-class TradesConfig:
-    beta: float = 6.0  # weight of the robust (KL) term
-    attack_mode: Literal["eval", "train"] = "eval"  # model mode while crafting the attack: eval as the reference code; train (batch statistics, running ones frozen) as clat 0.1
-
-
-@dataclass
-class MartConfig:
-    beta: float = 6.0  # weight of the misclassification-weighted KL term
-    attack_mode: Literal["eval", "train"] = "eval"  # model mode while crafting the attack: eval as the reference code; train as clat 0.1
-
-
-@dataclass
-class ScoreConfig:
-    beta: float = 6.0  # weight of the squared-error robust term
-
-
-@dataclass
-class AwpConfig:
-    base: Literal["pgd_at", "trades"] = "pgd_at"  # the method AWP wraps
-    gamma: float = 5e-3  # relative size of the weight perturbation
-    warmup: int = 0  # epochs of the stage before AWP starts
-
-
-@dataclass
-class RiftConfig:
-    weight_eps: float = 0.1  # MRC: weight perturbation bound, relative to the layer's weight norm
-    steps: int = 5  # MRC: gradient-ascent steps on the weight perturbation
-    batch_size: int = 256  # training images used for MRC
-    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    tolerance: float = 0.005  # allowed drop of validation PGD accuracy when choosing α
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0  # peft's lora_alpha: the adapter's output is scaled by alpha / rank
-    layers: list[int | str] = field(default_factory=list)  # layers to adapt (names, or indices given as integers); empty: every conv layer
-
-
-@dataclass
 class EvalConfig:
     """Per-epoch metrics on the held-out split."""
 
@@ -149,20 +84,35 @@ class EvalConfig:
     every: int = 1  # evaluate every N epochs (and always at the last)
 
 
-@dataclass
+# Each method's own section of the config (``clat:``, ``trades:``, ...), registered by the method's file
+# (:func:`clat.methods.registry.register_method`): name -> dataclass. A section reads and writes like a field.
+_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, cls: type) -> None:
+    """``cls`` (a dataclass, with an optional ``check(self, cfg)`` raising ConfigError) becomes ``cfg.<name>``."""
+    if name in {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"config section {name!r} would hide the config key of the same name")
+    if _SECTIONS.get(name, cls) is not cls:
+        raise ValueError(f"config section {name!r} is registered already (by {_SECTIONS[name].__module__})")
+    _SECTIONS[name] = cls
+
+
+def _sections() -> dict[str, type]:
+    import clat.methods  # noqa: F401  (the method files register their sections on import)
+
+    return _SECTIONS
+
+
+@dataclass(eq=False)
 class Config:
+    """A run: the fields below, and one section per registered method (``cfg.clat``, ``cfg.trades``, ...)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(method="pgd_at", epochs=50))
     finetune: StageConfig = field(default_factory=lambda: StageConfig(method="clat", epochs=50))
-    clat: ClatConfig = field(default_factory=ClatConfig)
-    trades: TradesConfig = field(default_factory=TradesConfig)
-    mart: MartConfig = field(default_factory=MartConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    awp: AwpConfig = field(default_factory=AwpConfig)
-    rift: RiftConfig = field(default_factory=RiftConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     init: str | None = None  # checkpoint to start from (ours, a state_dict file)
     seed: int = 0
@@ -174,6 +124,25 @@ class Config:
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPU data-parallel runs only)
     keep_checkpoints: int = 2  # epoch checkpoints kept in the run folder
     progress: bool = True  # progress bars
+
+    def __post_init__(self) -> None:
+        self.__dict__["sections"] = {name: cls() for name, cls in _sections().items()}
+
+    def __getattr__(self, name: str) -> Any:  # only when normal lookup fails: a method's section
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"config has no key {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            sections[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and to_dict(self) == to_dict(other)
 
 
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
@@ -245,7 +214,9 @@ def _build(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
         return obj
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}")
-    hints = get_type_hints(cls)
+    hints = dict(get_type_hints(cls))
+    if isinstance(obj, Config):
+        hints.update({name: type(section) for name, section in obj.sections.items()})
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in hints:
@@ -259,7 +230,14 @@ def _build(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config tree as plain data; a run config's method sections sit beside its fields, before ``eval``."""
+    d = dataclasses.asdict(cfg)
+    if not isinstance(cfg, Config):
+        return d
+    keys = list(d)
+    at = keys.index("eval")
+    sections = {name: dataclasses.asdict(section) for name, section in cfg.sections.items()}
+    return {**{k: d[k] for k in keys[:at]}, **sections, **{k: d[k] for k in keys[at:]}}
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -357,34 +335,23 @@ def validate(cfg: Config) -> None:
         need(0 <= s.momentum < 1, f"{name}.momentum must be in [0, 1), got {s.momentum}")
         need(s.weight_decay >= 0, f"{name}.weight_decay must be >= 0, got {s.weight_decay}")
     need(cfg.pretrain.epochs + cfg.finetune.epochs >= 1, "pretrain.epochs + finetune.epochs is 0: nothing to train")
-    c = cfg.clat
-    need(c.k is None or c.k >= 1, f"clat.k must be >= 1, got {c.k}")
-    need(c.lam >= 0, f"clat.lam must be >= 0, got {c.lam}")
-    need(c.rho > 0, f"clat.rho must be > 0, got {c.rho}")
-    need(c.reselect_every >= 1, f"clat.reselect_every must be >= 1, got {c.reselect_every}")
-    need(c.criticality.batch_size >= 1, f"clat.criticality.batch_size must be >= 1, got {c.criticality.batch_size}")
-    need(c.criticality.steps >= 1, f"clat.criticality.steps must be >= 1, got {c.criticality.steps}")
-    for name in ("trades", "mart", "score"):
-        need(getattr(cfg, name).beta >= 0, f"{name}.beta must be >= 0, got {getattr(cfg, name).beta}")
-    need(cfg.awp.gamma >= 0, f"awp.gamma must be >= 0, got {cfg.awp.gamma}")
-    need(cfg.awp.warmup >= 0, f"awp.warmup must be >= 0, got {cfg.awp.warmup}")
-    r = cfg.rift
-    need(r.weight_eps > 0 and r.steps >= 1 and r.batch_size >= 1, "rift.weight_eps must be > 0, rift.steps and rift.batch_size >= 1")
-    need(bool(r.alphas) and all(0 <= a <= 1 for a in r.alphas), f"rift.alphas must be a non-empty list of values in [0, 1], got {r.alphas}")
-    need(cfg.lora.rank >= 1 and cfg.lora.alpha > 0, f"lora.rank must be >= 1 and lora.alpha > 0, got {cfg.lora.rank}, {cfg.lora.alpha}")
     e = cfg.eval
     need(e.n_examples >= 0, f"eval.n_examples must be >= 0, got {e.n_examples}")
     need(e.steps >= 1 and e.restarts >= 1 and e.every >= 1, "eval.steps, eval.restarts and eval.every must be >= 1")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device) is not None, f"device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
+    for section in cfg.sections.values():  # each method checks its own section
+        if hasattr(section, "check"):
+            section.check(need)
 
 
 def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
     """Every float value of the config tree (lists included), with its dotted key."""
     out: list[tuple[str, float]] = []
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
+    names = [f.name for f in dataclasses.fields(obj)] + (list(obj.sections) if isinstance(obj, Config) else [])
+    for name in names:
+        v = getattr(obj, name)
+        key = f"{prefix}{name}"
         if dataclasses.is_dataclass(v):
             out += _numbers(v, key + ".")
         elif isinstance(v, float):

@@ -40,7 +40,8 @@ from torch import nn
 from clat.attacks import pgd
 from clat.config import AttackConfig
 from clat.errors import ConfigError
-from clat.layers import FeatureExtractor, FeaturePoint, Layer, Tap
+from clat.layers import FeaturePoint, Layer, Tap
+from clat.features import FeatureExtractor
 
 Denominator = Literal["upstream", "previous", "input"]
 Scaling = Literal["n", "sqrt_n", "none"]

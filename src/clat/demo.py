@@ -27,7 +27,8 @@ from clat.data import to_unit_float
 from clat.errors import ConfigError
 from clat.evaluate import evaluate
 from clat.layers import find_layers
-from clat.report import criticality_rows, markdown_table, plot_criticality, plot_curves, read_run, run_report
+from clat.plots import plot_criticality, plot_curves
+from clat.report import criticality_rows, markdown_table, read_run, run_report
 from clat.runs import RunDir
 from clat.data import prepare_data
 from clat.loop import train

@@ -34,7 +34,9 @@ from torch import nn
 from clat.attacks import perturb, pgd
 from clat.config import AttackConfig
 from clat.criticality import distance, scale, compute_criticality
-from clat.layers import FeatureExtractor, Layer, Tap, eval_mode
+from clat.layers import Layer, Tap
+from clat.features import FeatureExtractor
+from clat.trainable import eval_mode
 
 ESTIMATORS = ("paper", "input", "previous", "sqrt_n", "no_scaling", "exact_eq5", "fisher", "rift", "params", "depth")
 LABELS = {

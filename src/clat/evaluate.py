@@ -31,9 +31,9 @@ from typing import Iterable, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from clat.attacks import Norm, Threat, ce_objective, perturb
+from clat.attacks import ce_objective, DEFAULT_THREAT, Norm, perturb, Threat
 from clat.data import to_unit_float
-from clat.layers import eval_mode
+from clat.trainable import eval_mode
 from clat.errors import ClatError, ConfigError
 
 AutoAttackVersion = Literal["standard", "plus", "rand", "apgd-ce"]
@@ -121,8 +121,8 @@ def pgd_correct(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float = 8 / 255,
-    alpha: float = 2 / 255,
+    eps: float = DEFAULT_THREAT.eps,
+    alpha: float = DEFAULT_THREAT.alpha,
     steps: int = 10,
     restarts: int = 1,
     norm: Norm = "linf",
@@ -172,8 +172,8 @@ def evaluate(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float = 8 / 255,
-    alpha: float = 2 / 255,
+    eps: float = DEFAULT_THREAT.eps,
+    alpha: float = DEFAULT_THREAT.alpha,
     steps: int = 10,
     restarts: int = 1,
     norm: Norm = "linf",
@@ -263,8 +263,8 @@ def transfer_matrix(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float = 8 / 255,
-    alpha: float = 2 / 255,
+    eps: float = DEFAULT_THREAT.eps,
+    alpha: float = DEFAULT_THREAT.alpha,
     steps: int = 10,
     restarts: int = 1,
     norm: Norm = "linf",
@@ -353,7 +353,7 @@ def autoattack(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float = 8 / 255,
+    eps: float = DEFAULT_THREAT.eps,
     norm: Norm = "linf",
     version: AutoAttackVersion = "standard",
     apgd_restarts: int | None = None,
@@ -454,7 +454,7 @@ def square_correct(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float = 8 / 255,
+    eps: float = DEFAULT_THREAT.eps,
     norm: Norm = "linf",
     n_queries: int = 1000,
     batch_size: int = 256,

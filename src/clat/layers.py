@@ -134,11 +134,11 @@ _POINTS: tuple[FeaturePoint, FeaturePoint] = ("post_bn", "pre_bn")
 _Key = tuple[int, int]  # (id(tensor), tensor._version): one version of one tensor
 
 
-def _key(t: torch.Tensor) -> _Key:
+def tensor_key(t: torch.Tensor) -> _Key:
     return (id(t), t._version)
 
 
-def _func_name(func) -> str:
+def func_name(func) -> str:
     name = getattr(func, "__name__", None) or type(func).__name__
     owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
     return f"{getattr(owner, '__name__', '')}.{name}".lstrip(".") if isinstance(owner, type) else str(name)
@@ -154,7 +154,7 @@ def _readable(func: str) -> str:
     return short
 
 
-def _tensors(tree) -> list[torch.Tensor]:
+def tensors_in(tree) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -168,7 +168,7 @@ class _Tracer(TorchFunctionMode):
         self.count = 0
         self.paused = 0
         self.keep: list[torch.Tensor] = [root]
-        self.root = _key(root)
+        self.root = tensor_key(root)
         self.producer: dict[_Key, tuple[int, int, torch.Tensor]] = {}  # key -> (op, slot, tensor)
         self.data_inputs: dict[int, list[_Key]] = {}  # op -> distinct data-input keys
         self.funcs: dict[int, str] = {}
@@ -182,23 +182,23 @@ class _Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.paused:
             return func(*args, **kwargs)
-        ins = _tensors((args, kwargs))
-        before = [(_key(t), t) for t in ins]
+        ins = tensors_in((args, kwargs))
+        before = [(tensor_key(t), t) for t in ins]
         out = func(*args, **kwargs)
         n = self.count
         self.count += 1
         data = list(dict.fromkeys(k for k, _ in before if self.is_data(k)))
         if not data:
             return out
-        outs = _tensors(out)
-        slots = outs + [t for (k, t) in before if _key(t) != k]  # outputs, then inputs modified in place
+        outs = tensors_in(out)
+        slots = outs + [t for (k, t) in before if tensor_key(t) != k]  # outputs, then inputs modified in place
         self.keep.extend(ins)
         self.keep.extend(outs)
         self.data_inputs[n] = data
-        self.funcs[n] = _func_name(func)
+        self.funcs[n] = func_name(func)
         self.where[n] = self.modules[-1] if self.modules else ""
         for s, t in enumerate(slots):
-            self.producer.setdefault(_key(t), (n, s, t))
+            self.producer.setdefault(tensor_key(t), (n, s, t))
         return out
 
     @contextmanager
@@ -245,12 +245,12 @@ def find_layers(
                 return
             x = args[0]
             order.append(mod)
-            info[mod] = {"calls": 1, "in_shape": tuple(x.shape[1:]), "in_key": _key(x)}
+            info[mod] = {"calls": 1, "in_shape": tuple(x.shape[1:]), "in_key": tensor_key(x)}
 
     def post_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         with tracer.pause():
             d = info[mod]
-            k = _key(out)
+            k = tensor_key(out)
             if "out_key" not in d:
                 d["out_shape"] = tuple(out.shape[1:])
                 d["out_key"] = k
@@ -259,7 +259,7 @@ def find_layers(
 
     def norm_pre_hook(mod: nn.Module, args: tuple) -> None:
         with tracer.pause():
-            src = conv_out.get(_key(args[0]))
+            src = conv_out.get(tensor_key(args[0]))
             if src is not None and src not in norm_of and mod not in norm_of.values():
                 norm_of[src] = mod
 
@@ -267,8 +267,8 @@ def find_layers(
         with tracer.pause():
             for conv, norm in norm_of.items():
                 if norm is mod:
-                    info[conv].setdefault("norm_out_key", _key(out))
-                    outputs.setdefault(mod, []).append(_key(out))
+                    info[conv].setdefault("norm_out_key", tensor_key(out))
+                    outputs.setdefault(mod, []).append(tensor_key(out))
 
     def enter(mod: nn.Module, args: tuple) -> None:
         tracer.modules.append(names.get(mod, "?"))
@@ -450,150 +450,6 @@ def resolve_layers(layers: Sequence[Layer], selectors: Iterable[str | int]) -> l
     return out
 
 
-class TapCapture(TorchFunctionMode):
-    """Capture the tensors of some :class:`Tap` s during a forward pass, by counting torch
-    operations exactly as discovery did (the pass must run the same sequence of
-    operations; a mismatch is an error, never a wrong tensor). Use as a context manager
-    around the forward pass; the tensors are in ``.values`` (tap -> tensor)."""
-
-    def __init__(self, taps: Iterable[Tap]) -> None:
-        super().__init__()
-        self.want: dict[int, list[Tap]] = {}
-        for t in taps:
-            self.want.setdefault(t.op, []).append(t)
-        self.count = 0
-        self.values: dict[Tap, torch.Tensor] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        wanted = self.want.get(self.count)
-        if wanted is None:
-            self.count += 1
-            return func(*args, **kwargs)
-        before = [(_key(t), t) for t in _tensors((args, kwargs))]
-        out = func(*args, **kwargs)
-        n = self.count
-        self.count += 1
-        slots = _tensors(out) + [t for (k, t) in before if _key(t) != k]
-        for tap in wanted:
-            name = _func_name(func)
-            t = slots[tap.slot] if tap.slot < len(slots) else None
-            if name != tap.func or t is None or tuple(t.shape[1:]) != tap.shape:
-                raise ConfigError(
-                    f"the model ran a different sequence of operations than when its layers were found (operation {n} is {name}, "
-                    f"expected {tap.func} with a sample shape of {tap.shape}): its forward pass depends on the input. "
-                    "Measure criticality with clat.criticality.denominator=input instead"
-                )
-            self.values[tap] = t.clone() if tap.inplace_after else t
-        return out
-
-    def check_complete(self) -> None:
-        missing = [t for ts in self.want.values() for t in ts if t not in self.values]
-        if missing:
-            raise ConfigError(f"the forward pass ended before operation {missing[0].op} ({missing[0].where}) ran; "
-                              "measure criticality with clat.criticality.denominator=input instead")
-
-
-class _StopForward(Exception):
-    """Raised from a hook once every requested feature is captured."""
-
-
-@dataclass
-class Features:
-    """Outputs of one (possibly truncated) forward pass."""
-
-    outputs: dict[str, torch.Tensor]  # layer name -> feature
-    inputs: dict[str, torch.Tensor]  # layer name -> the tensor the layer read (if requested)
-    logits: torch.Tensor | None  # None when the pass stopped early
-    taps: dict[Tap, torch.Tensor] | None = None  # the requested taps' tensors (if requested)
-
-
-class FeatureExtractor:
-    """Capture the features of some layers in one forward pass.
-
-    ``stop_early=True`` ends the pass right after the deepest requested feature:
-    the rest of the network is not run (the feature attack of CLAT needs only the
-    network up to its deepest critical layer). The captured values are exactly
-    those of a full pass. Hooks live only for the duration of a call, so the
-    model is left untouched between calls. ``taps`` are further tensors of the
-    pass (e.g. the residual sums that feed layers) captured by :class:`TapCapture`.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: Sequence[Layer],
-        *,
-        point: FeaturePoint = "post_bn",
-        capture_inputs: bool = False,
-        taps: Iterable[Tap] = (),
-    ) -> None:
-        if not layers:
-            raise ConfigError("FeatureExtractor needs at least one layer")
-        self.model = model
-        self.layers = list(layers)
-        self.point = point
-        self.capture_inputs = capture_inputs
-        self.taps = list(dict.fromkeys(taps))
-        modules = dict(model.named_modules())
-        self._out_mod = {layer.name: modules[layer.output_module(point)] for layer in self.layers}
-        self._in_mod = {layer.name: modules[layer.name] for layer in self.layers}
-        self._clone = {layer.name: (layer.tap(point).inplace_after if layer.tap(point) is not None else layer.inplace_after) for layer in self.layers}
-
-    def __call__(self, x: torch.Tensor, *, stop_early: bool = True) -> Features:
-        outputs: dict[str, torch.Tensor] = {}
-        inputs: dict[str, torch.Tensor] = {}
-        wanted = len(self.layers)
-        handles = []
-        if self.taps and stop_early:
-            raise ValueError("taps are captured on full forward passes only (stop_early=False)")
-
-        def done() -> bool:
-            return len(outputs) == wanted and (not self.capture_inputs or len(inputs) == wanted)
-
-        def make_out_hook(name: str):
-            def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-                if name not in outputs:
-                    with torch._C.DisableTorchFunction():  # not an operation of the model's own pass
-                        outputs[name] = out.clone() if self._clone[name] else out
-                    if stop_early and done():
-                        raise _StopForward
-
-            return hook
-
-        def make_in_hook(name: str):
-            def hook(mod: nn.Module, args: tuple) -> None:
-                if name not in inputs:
-                    inputs[name] = args[0]
-
-            return hook
-
-        capture = TapCapture(self.taps) if self.taps else None
-        try:
-            for layer in self.layers:
-                handles.append(self._out_mod[layer.name].register_forward_hook(make_out_hook(layer.name)))
-                if self.capture_inputs:
-                    handles.append(self._in_mod[layer.name].register_forward_pre_hook(make_in_hook(layer.name)))
-            try:
-                # eager even when the model was compiled in place (``model.compile()``): the
-                # hooks above, and the early stop they raise, need the module-by-module forward
-                if capture is not None:
-                    with capture:
-                        logits = self.model._call_impl(x)
-                    capture.check_complete()
-                else:
-                    logits = self.model._call_impl(x)
-            except _StopForward:
-                logits = None
-        finally:
-            for h in handles:
-                h.remove()
-        if not done():
-            missing = [layer.name for layer in self.layers if layer.name not in outputs]
-            raise ConfigError(f"layers {missing} did not run in the forward pass; were they found on this model?")
-        return Features(outputs, inputs, logits, capture.values if capture is not None else None)
-
-
 def layer_parameter_names(model: nn.Module, layers: Iterable[Layer]) -> list[str]:
     """Qualified parameter names belonging to ``layers`` (conv/linear and merged BN)."""
     modules = dict(model.named_modules())
@@ -603,71 +459,6 @@ def layer_parameter_names(model: nn.Module, layers: Iterable[Layer]) -> list[str
             for p_name, _ in modules[mod_name].named_parameters(recurse=False):
                 names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
     return names
-
-
-def freeze_all_but(model: nn.Module, layers: Iterable[Layer]) -> int:
-    """``requires_grad`` on the parameters of ``layers`` only; returns the trainable count."""
-    keep = set(layer_parameter_names(model, layers))
-    n = 0
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in keep)
-        if name in keep:
-            n += p.numel()
-    return n
-
-
-def unfreeze_all(model: nn.Module) -> int:
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return sum(p.numel() for p in model.parameters())
-
-
-def set_bn_train_mode(model: nn.Module, trainable_bns: Iterable[str] | None) -> None:
-    """``model.train()``, then BatchNorm modules outside ``trainable_bns`` back to eval so
-    their running statistics stay fixed. ``None`` means every BatchNorm trains."""
-    model.train()
-    if trainable_bns is None:
-        return
-    keep = set(trainable_bns)
-    for name, m in model.named_modules():
-        if isinstance(m, BN_TYPES) and name not in keep:
-            m.eval()
-
-
-@contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """The whole model(s) in eval mode (running statistics, no dropout) for the block; every
-    module's own train/eval flag is restored afterwards (frozen BatchNorms stay frozen)."""
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
-
-
-@contextmanager
-def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in train mode keep normalizing with batch statistics, but
-    their running statistics are not updated (attack iterations must not pollute them)."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, BN_TYPES) and m.training and m.track_running_stats:
-            saved.append((m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None))
-            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
-    try:
-        yield
-    finally:
-        for m, momentum, nbt in saved:
-            m.momentum = momentum
-            if nbt is not None:
-                m.num_batches_tracked.copy_(nbt)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def layers_table(layers: Sequence[Layer]) -> list[Mapping[str, object]]:

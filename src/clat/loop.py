@@ -33,7 +33,7 @@ from clat.config import Config, StageConfig, flat_keys, override, parse_override
 from clat.data import Loader, Splits, prepare_data, to_unit_float
 from clat.errors import ClatError, ConfigError
 from clat.evaluate import evaluate
-from clat.layers import Layer, find_layers
+from clat.layers import find_layers, Layer
 from clat.methods import EpochContext, create_method
 from clat.models import build_model, model_info
 from clat.runs import RunDir

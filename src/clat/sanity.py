@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import Norm, Threat
+from clat.attacks import DEFAULT_THREAT, Norm, Threat
 from clat.errors import ConfigError
 from clat.evaluate import batches, check_inputs, eps_sweep, pgd_correct, pgd_examples, seeded_start, square_correct
-from clat.layers import eval_mode
+from clat.trainable import eval_mode
 
 BANNER = "possible gradient masking"
 
@@ -82,8 +82,8 @@ def sanity_checks(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float = 8 / 255,
-    alpha: float = 2 / 255,
+    eps: float = DEFAULT_THREAT.eps,
+    alpha: float = DEFAULT_THREAT.alpha,
     steps: int = 10,
     restarts: int = 3,
     norm: Norm = "linf",

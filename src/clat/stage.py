@@ -25,7 +25,7 @@ from torch import nn
 
 from clat import distributed as dist_mod
 from clat.attacks import batch_shard
-from clat.layers import set_bn_train_mode
+from clat.trainable import set_bn_train_mode
 from clat.methods.base import EpochContext, Method
 
 

@@ -296,7 +296,7 @@ def render(out: str | Path, title: str | None = None) -> Path:
 
 
 def plot_oracle(sw: dict, path: Path, title: str | None = None) -> Path | None:
-    from clat.report import figure, save_figure
+    from clat.plots import figure, save_figure
 
     gains = oracle(sw)
     if not gains:

@@ -12,16 +12,36 @@ a hook around the step (``after_backward``), not a new loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import nn
 
 from clat.config import AttackConfig
-from clat.layers import frozen_bn_statistics
+from clat.trainable import frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, EpochContext, Method
+from clat.methods.registry import register_method
 
 
+@dataclass
+class AwpConfig:
+    base: Literal["pgd_at", "trades"] = "pgd_at"  # the method AWP wraps
+    gamma: float = 5e-3  # relative size of the weight perturbation
+    warmup: int = 0  # epochs of the stage before AWP starts
+
+    def check(self, need) -> None:
+        need(self.gamma >= 0, f"awp.gamma must be >= 0, got {self.gamma}")
+        need(self.warmup >= 0, f"awp.warmup must be >= 0, got {self.warmup}")
+
+
+@register_method("awp", label="AWP", section=AwpConfig, baseline=True)
 class AWP(Method):
-    name = "awp"
+    @classmethod
+    def from_config(cls, ctx) -> "AWP":
+        c = ctx.cfg.awp
+        return cls(ctx.cfg.attack, ctx.baseline(c.base, "awp.base"), c.gamma, c.warmup)
+
 
     def __init__(self, attack: AttackConfig, base: AdversarialMethod, gamma: float = 5e-3, warmup: int = 0) -> None:
         super().__init__(attack)

@@ -34,6 +34,11 @@ class Method:
     def __init__(self, attack: AttackConfig) -> None:
         self.attack = attack
 
+    @classmethod
+    def from_config(cls, ctx) -> "Method":
+        """The method as a run config describes it (``ctx``: :class:`clat.methods.registry.BuildContext`)."""
+        return cls(ctx.cfg.attack)
+
     def setup(self, model: nn.Module) -> None:
         """Called once when the stage starts, before the optimizer is built (LoRA adds its adapters here)."""
 

@@ -22,17 +22,23 @@ objective, as AWP around "X + CLAT".
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import feature_distance, perturb
-from clat.config import AttackConfig, ClatConfig
+from clat.config import AttackConfig
 from clat.criticality import compute_criticality, eligible_mask, select_random
 from clat.distributed import broadcast_object
 from clat.errors import ConfigError
-from clat.layers import FeatureExtractor, Layer, freeze_all_but, frozen_bn_statistics, resolve_layers, warn_unassigned
+from clat.layers import Layer, resolve_layers, warn_unassigned
+from clat.features import FeatureExtractor
+from clat.trainable import freeze_all_but, frozen_bn_statistics
 from clat.methods.base import EpochContext, Method, accuracy
+from clat.methods.registry import register_method
 
 
 def default_k(layers: list[Layer], zoo_model: str | None = None) -> int:
@@ -45,8 +51,54 @@ def default_k(layers: list[Layer], zoo_model: str | None = None) -> int:
     return max(1, round(0.05 * len(layers)))
 
 
+@dataclass
+class CriticalityConfig:
+    batch_size: int = 100  # fresh random training images per (re)selection
+    denominator: Literal["upstream", "previous", "input"] = "upstream"  # Eq. 6: upstream (default), previous in execution order, or the post-activation input (ablations)
+    scaling: Literal["n", "sqrt_n", "none"] = "n"  # 1/N_i (paper), 1/sqrt(N_i) or none
+    point: Literal["post_bn", "pre_bn"] = "post_bn"
+    include_classifier: bool = False
+    steps: int = 10  # PGD steps of the criticality perturbation (eps/alpha from `attack`)
+
+
+@dataclass
+class ClatConfig:
+    k: int | None = None  # number of critical layers; None: the model's paper default
+    lam: float = 0.1  # λ of Eq. 9 (when lam_mode is fixed); chosen by the sweep in docs/lambda_sweep.md
+    lam_mode: Literal["fixed", "auto"] = "fixed"  # auto: λ = rho * CE / L_C measured at each (re)selection
+    rho: float = 1.0
+    selection: Literal["critical", "random"] = "critical"
+    dynamic: bool = True  # re-select every `reselect_every` epochs (Algorithm 1); false: select once
+    reselect_every: int = 10
+    layers: list[int | str] = field(default_factory=list)  # pin these layers (names, or indices given as integers) instead of selecting
+    exclude: list[int | str] = field(default_factory=list)  # never select these
+    ce_on: Literal["clean", "adv", "base"] = "clean"  # CE term of Eq. 9: clean input, x+δ*, or the base method's loss
+    base: str | None = None  # base method for ce_on=base (default: the pretrain method)
+    inner: Literal["pgd", "fast"] = "pgd"  # inner maximisation: PGD or one FGSM-RS step ("CLAT (Fast)")
+    distance_scaling: Literal["none", "n", "sqrt_n"] = "none"  # Eq. 8 has no 1/N_i
+    freeze_bn_stats: bool = False  # also keep the selected layers' BN running statistics fixed
+    criticality: CriticalityConfig = field(default_factory=CriticalityConfig)
+
+    def check(self, need) -> None:
+        need(self.k is None or self.k >= 1, f"clat.k must be >= 1, got {self.k}")
+        need(self.lam >= 0, f"clat.lam must be >= 0, got {self.lam}")
+        need(self.rho > 0, f"clat.rho must be > 0, got {self.rho}")
+        need(self.reselect_every >= 1, f"clat.reselect_every must be >= 1, got {self.reselect_every}")
+        need(self.criticality.batch_size >= 1, f"clat.criticality.batch_size must be >= 1, got {self.criticality.batch_size}")
+        need(self.criticality.steps >= 1, f"clat.criticality.steps must be >= 1, got {self.criticality.steps}")
+
+
+@register_method("clat", label="CLAT", section=ClatConfig, needs_layers=True)
 class CLAT(Method):
-    name = "clat"
+    @classmethod
+    def from_config(cls, ctx) -> "CLAT":
+        cfg = ctx.cfg
+        base = None
+        if cfg.clat.ce_on == "base":
+            base = ctx.baseline(cfg.clat.base or cfg.pretrain.method, "clat.ce_on=base (clat.base, or else pretrain.method)")
+        k = ctx.default_k if ctx.default_k is not None else default_k(ctx.layers, ctx.zoo_model)
+        return cls(cfg.attack, cfg.clat, ctx.layers, default_k=k, base=base)
+
 
     def __init__(self, attack: AttackConfig, cfg: ClatConfig, layers: list[Layer], *, default_k: int, base: Method | None = None) -> None:
         super().__init__(attack)

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from clat.attacks import fgsm_rs
-from clat.layers import frozen_bn_statistics
+from clat.trainable import frozen_bn_statistics
 from clat.methods.pgd_at import PGDAT
+from clat.methods.registry import register_method
 
 
+@register_method("fast_at", label="Fast-AT", baseline=True)
 class FastAT(PGDAT):
-    name = "fast_at"
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with frozen_bn_statistics(model):

@@ -11,15 +11,18 @@ plain model again (same keys as before, loadable the same way).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import re
 
 from torch import nn
 
-from clat.config import AttackConfig, LoraConfig
+from clat.config import AttackConfig
 from clat.errors import ConfigError
 from clat.layers import Layer, resolve_layers
 from clat.methods.base import EpochContext
 from clat.methods.pgd_at import PGDAT
+from clat.methods.registry import register_method
 
 
 def _peft():
@@ -45,8 +48,22 @@ def merge_adapters(model: nn.Module) -> int:
     return n
 
 
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0  # peft's lora_alpha: the adapter's output is scaled by alpha / rank
+    layers: list[int | str] = field(default_factory=list)  # layers to adapt (names, or indices given as integers); empty: every conv layer
+
+    def check(self, need) -> None:
+        need(self.rank >= 1 and self.alpha > 0, f"lora.rank must be >= 1 and lora.alpha > 0, got {self.rank}, {self.alpha}")
+
+
+@register_method("lora", label="LoRA", section=LoraConfig, needs_layers=True)
 class LoRA(PGDAT):
-    name = "lora"
+    @classmethod
+    def from_config(cls, ctx) -> "LoRA":
+        return cls(ctx.cfg.attack, ctx.cfg.lora, ctx.layers)
+
 
     def __init__(self, attack: AttackConfig, cfg: LoraConfig, layers: list[Layer]) -> None:
         super().__init__(attack)

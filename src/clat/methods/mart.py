@@ -8,15 +8,19 @@ already gets wrong on clean inputs weigh more. Follows the reference code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import ce_objective, perturb, randn_like
 from clat.config import AttackConfig
-from clat.layers import eval_mode, frozen_bn_statistics
+from clat.trainable import eval_mode, frozen_bn_statistics
 from clat.methods.base import accuracy
 from clat.methods.pgd_at import PGDAT
+from clat.methods.registry import register_method
 
 
 def mart_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,8 +36,21 @@ def mart_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, b
     return bce + beta * robust, bce, robust
 
 
+@dataclass
+class MartConfig:
+    beta: float = 6.0  # weight of the misclassification-weighted KL term
+    attack_mode: Literal["eval", "train"] = "eval"  # model mode while crafting the attack: eval as the reference code; train as clat 0.1
+
+    def check(self, need) -> None:
+        need(self.beta >= 0, f"mart.beta must be >= 0, got {self.beta}")
+
+
+@register_method("mart", label="MART", section=MartConfig, baseline=True)
 class MART(PGDAT):
-    name = "mart"
+    @classmethod
+    def from_config(cls, ctx) -> "MART":
+        return cls(ctx.cfg.attack, ctx.cfg.mart.beta, ctx.cfg.mart.attack_mode)
+
 
     def __init__(self, attack: AttackConfig, beta: float = 6.0, attack_mode: str = "eval") -> None:
         super().__init__(attack)

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import pgd
-from clat.layers import frozen_bn_statistics
+from clat.trainable import frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, accuracy
+from clat.methods.registry import register_method
 
 
+@register_method("pgd_at", label="PGD-AT", baseline=True)
 class PGDAT(AdversarialMethod):
-    name = "pgd_at"
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.attack

@@ -14,16 +14,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import pgd
-from clat.config import AttackConfig, RiftConfig
+from clat.config import AttackConfig
 from clat.criticality import eligible_mask
 from clat.distributed import broadcast_object
-from clat.layers import Layer, freeze_all_but, warn_unassigned
+from clat.layers import Layer, warn_unassigned
+from clat.trainable import freeze_all_but
 from clat.methods.base import EpochContext, Method, accuracy
+from clat.methods.registry import register_method
 
 
 def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -67,8 +71,25 @@ def module_robust_criticality(model: nn.Module, layers: list[Layer], x_adv: torc
     return out
 
 
+@dataclass
+class RiftConfig:
+    weight_eps: float = 0.1  # MRC: weight perturbation bound, relative to the layer's weight norm
+    steps: int = 5  # MRC: gradient-ascent steps on the weight perturbation
+    batch_size: int = 256  # training images used for MRC
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    tolerance: float = 0.005  # allowed drop of validation PGD accuracy when choosing α
+
+    def check(self, need) -> None:
+        need(self.weight_eps > 0 and self.steps >= 1 and self.batch_size >= 1, "rift.weight_eps must be > 0, rift.steps and rift.batch_size >= 1")
+        need(bool(self.alphas) and all(0 <= a <= 1 for a in self.alphas), f"rift.alphas must be a non-empty list of values in [0, 1], got {self.alphas}")
+
+
+@register_method("rift", label="RiFT", section=RiftConfig, needs_layers=True)
 class RiFT(Method):
-    name = "rift"
+    @classmethod
+    def from_config(cls, ctx) -> "RiFT":
+        return cls(ctx.cfg.attack, ctx.cfg.rift, ctx.layers)
+
 
     def __init__(self, attack: AttackConfig, cfg: RiftConfig, layers: list[Layer]) -> None:
         super().__init__(attack)

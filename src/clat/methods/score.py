@@ -8,14 +8,29 @@ probabilities. Here: natural term ‖softmax(f(x)) − onehot(y)‖², robust te
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from clat.methods.trades import TRADES
+from clat.methods.registry import register_method
 
 
+@dataclass
+class ScoreConfig:
+    beta: float = 6.0  # weight of the squared-error robust term
+
+    def check(self, need) -> None:
+        need(self.beta >= 0, f"score.beta must be >= 0, got {self.beta}")
+
+
+@register_method("score", label="SCORE", section=ScoreConfig, baseline=True)
 class SCORE(TRADES):
-    name = "score"
+    @classmethod
+    def from_config(cls, ctx) -> "SCORE":
+        return cls(ctx.cfg.attack, ctx.cfg.score.beta)
+
 
     def divergence(self, logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Tensor:
         return (F.softmax(logits_adv, dim=1) - probs_clean).pow(2).sum(1)

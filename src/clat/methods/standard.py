@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clat.methods.base import Method, accuracy
+from clat.methods.registry import register_method
 
 
+@register_method("standard", label="Standard", baseline=True)
 class Standard(Method):
-    name = "standard"
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)

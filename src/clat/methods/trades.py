@@ -9,14 +9,18 @@ prediction; the robust term is the KL summed over classes and averaged over the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import perturb, randn_like
 from clat.config import AttackConfig
-from clat.layers import eval_mode, frozen_bn_statistics
+from clat.trainable import eval_mode, frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, accuracy
+from clat.methods.registry import register_method
 
 
 def kl_per_sample(logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Tensor:
@@ -24,8 +28,21 @@ def kl_per_sample(logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.
     return F.kl_div(F.log_softmax(logits_adv, dim=1), probs_clean, reduction="none").sum(1)
 
 
+@dataclass
+class TradesConfig:
+    beta: float = 6.0  # weight of the robust (KL) term
+    attack_mode: Literal["eval", "train"] = "eval"  # model mode while crafting the attack: eval as the reference code; train (batch statistics, running ones frozen) as clat 0.1
+
+    def check(self, need) -> None:
+        need(self.beta >= 0, f"trades.beta must be >= 0, got {self.beta}")
+
+
+@register_method("trades", label="TRADES", section=TradesConfig, baseline=True)
 class TRADES(AdversarialMethod):
-    name = "trades"
+    @classmethod
+    def from_config(cls, ctx) -> "TRADES":
+        return cls(ctx.cfg.attack, ctx.cfg.trades.beta, ctx.cfg.trades.attack_mode)
+
 
     def __init__(self, attack: AttackConfig, beta: float = 6.0, attack_mode: str = "eval") -> None:
         super().__init__(attack)

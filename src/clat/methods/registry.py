@@ -1,0 +1,110 @@
+"""The method registry: each method's file registers its class, label and config section here.
+
+Adding a method is one file::
+
+    @dataclass
+    class MyConfig:                         # its section of the run config: cfg.my_at.beta, `my_at.beta=2`
+        beta: float = 1.0
+
+        def check(self, need):              # optional range checks, run by config.validate
+            need(self.beta >= 0, f"my_at.beta must be >= 0, got {self.beta}")
+
+    @register_method("my_at", label="My-AT", section=MyConfig, baseline=True)
+    class MyAT(PGDAT):
+        @classmethod
+        def from_config(cls, ctx):          # optional: the default passes the run's attack config only
+            return cls(ctx.cfg.attack, ctx.cfg.my_at.beta)
+
+and it trains (``finetune.method=my_at``), is listed by ``clat methods`` and labelled in reports.
+``tests/test_methods.py`` registers one from the test itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from clat.errors import ConfigError
+
+if TYPE_CHECKING:
+    from clat.config import Config
+    from clat.layers import Layer
+    from clat.methods.base import Method
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    cls: type
+    label: str  # how reports and tables name it
+    section: type | None  # its config dataclass (cfg.<name>), if it has settings
+    baseline: bool  # a full-model method, usable alone and as the X of "X + CLAT" (clat.base) or of AWP
+    needs_layers: bool  # works on the model's layers (CLAT, RiFT, LoRA)
+
+    @property
+    def description(self) -> str:
+        """The first line of the class's docstring, else of its module's (one file per method)."""
+        doc = self.cls.__dict__.get("__doc__") or sys.modules[self.cls.__module__].__doc__ or ""
+        return doc.strip().splitlines()[0] if doc.strip() else self.label
+
+
+@dataclass
+class BuildContext:
+    """What a method's ``from_config`` may use: the run config, the model's layers (None for a baseline
+    built alone), the zoo model's name (None: a model of the user's) and an explicit default k."""
+
+    cfg: Config
+    layers: list[Layer] | None = None
+    zoo_model: str | None = None
+    default_k: int | None = None
+
+    def baseline(self, name: str, needed_by: str) -> Method:
+        """The full-model baseline ``name`` built from the same config (the X that AWP or CLAT wraps)."""
+        info = _REGISTRY.get(name)
+        if info is None or not info.baseline or name == "standard":
+            raise ConfigError(f"{needed_by} needs an adversarial baseline: {', '.join(adversarial_baselines())}; got {name!r}")
+        return info.cls.from_config(BuildContext(self.cfg, None, self.zoo_model, self.default_k))
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register_method(name: str, *, label: str, section: type | None = None, baseline: bool = False,
+                    needs_layers: bool = False) -> Callable[[type], type]:
+    """Class decorator: the method ``name`` (see the module docstring)."""
+
+    def deco(cls: type) -> type:
+        old = _REGISTRY.get(name)
+        if old is not None and old.cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method {name!r} is registered already ({old.cls.__module__}.{old.cls.__qualname__})")
+        if section is not None:
+            from clat.config import register_section
+
+            register_section(name, section)
+        cls.name = name
+        _REGISTRY[name] = MethodInfo(name, cls, label, section, baseline, needs_layers)
+        return cls
+
+    return deco
+
+
+def method_info(name: str) -> MethodInfo:
+    info = _REGISTRY.get(name)
+    if info is None:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}")
+    return info
+
+
+def list_methods() -> list[str]:
+    return list(_REGISTRY)
+
+
+def adversarial_baselines() -> list[str]:
+    return [n for n, i in _REGISTRY.items() if i.baseline and n != "standard"]
+
+
+def label(name: str) -> str:
+    """A method's label for reports; an unknown name (a run of another version) as it is."""
+    info = _REGISTRY.get(name)
+    return info.label if info is not None else name
