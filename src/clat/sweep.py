@@ -150,7 +150,8 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
         _write(out / "estimators.json", {"images": settings.estimator_images, "scores": est, "time_s": time.time() - t0})
         log(f"estimators computed in {time.time() - t0:.0f} s")
 
-    items = [(i, s) for s in settings.seeds for i in chosen] + ([(None, s) for s in settings.seeds] if settings.reference else [])
+    # seed by seed, each seed's reference (full-model PGD-AT) right after its layers: a partial sweep is already a whole comparison
+    items = [(i, s) for s in settings.seeds for i in [*chosen, *([None] if settings.reference else [])]]
     done = 0
     for layer, seed in items:
         name = f"{'full' if layer is None else f'{layer:02d}'}_s{seed}"
