@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from clat.attacks import ThreatModel
 from clat.runs import RunDir
+
+# The threat model of every evaluation of the study (ℓ∞ 8/255, step 2/255: the paper's; the arms train under the same ε)
+THREAT = ThreatModel()
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "study"
@@ -391,7 +393,7 @@ def evaluate_weights(weights: Path, out_dir: Path, budget: Budget, name: str) ->
         budget.check()
         # in two parts, so that PGD is also known on exactly the images AutoAttack sees
         parts = [(0, N_TEST_AA), (N_TEST_AA, N_TEST_PGD)]
-        r = [evaluate(model, x[a:b], y[a:b], eps=8 / 255, alpha=2 / 255, steps=PGD["steps"], restarts=PGD["restarts"],
+        r = [evaluate(model, x[a:b], y[a:b], eps=THREAT.eps, alpha=THREAT.alpha, norm=THREAT.norm, steps=PGD["steps"], restarts=PGD["restarts"],
                       batch_size=500, seed=0, index_offset=a) for a, b in parts if b > a]
         n = sum(p["n"] for p in r)
         r = {"n": n, "clean_acc": sum(p["clean_correct"] for p in r) / n, "pgd_acc": sum(p["pgd_correct"] for p in r) / n,
@@ -404,7 +406,7 @@ def evaluate_weights(weights: Path, out_dir: Path, budget: Budget, name: str) ->
         f = out_dir / f"aa_{i:05d}.json"
         if not f.is_file():
             budget.check()
-            r = autoattack(model, x[i : i + AA_CHUNK], y[i : i + AA_CHUNK], eps=8 / 255, version="standard", batch_size=AA_CHUNK, seed=i)
+            r = autoattack(model, x[i : i + AA_CHUNK], y[i : i + AA_CHUNK], eps=THREAT.eps, norm=THREAT.norm, version="standard", batch_size=AA_CHUNK, seed=i)
             write_json(f, {**r, "device": device_label()})
             log(f"{name}: AutoAttack images {i}-{i + AA_CHUNK}: {r['robust_acc']:.3f} ({r['time_s']:.0f} s)")
         chunks.append(read_json(f))

@@ -6,7 +6,6 @@ renders without training.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
