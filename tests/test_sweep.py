@@ -33,6 +33,9 @@ def test_layer_sweep_runs_resumes_and_reports(ckpt, tmp_path, capsys):
     assert main(argv) == 0
     items = sorted(p.name for p in (out / "items").glob("*.json"))
     assert items == ["00_s0.json", "00_s1.json", "01_s0.json", "01_s1.json", "02_s0.json", "02_s1.json", "full_s0.json", "full_s1.json"]
+    # seed by seed, each seed's reference right after its layers (a sweep stopped half-way is a whole comparison)
+    order = [p.name for p in sorted((out / "items").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)]
+    assert order == ["00_s0.json", "01_s0.json", "02_s0.json", "full_s0.json", "00_s1.json", "01_s1.json", "02_s1.json", "full_s1.json"]
     one = json.loads((out / "items" / "01_s0.json").read_text())
     assert one["trainable_params"] < 20_000 and one["val"]["n"] == 20 and one["name"] == find_layers(create_model("tiny_cnn"))[1].name
     before = {p.name: p.read_bytes() for p in (out / "items").glob("*.json")}
