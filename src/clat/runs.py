@@ -130,15 +130,6 @@ class RunDir:
     def checkpoints(self, keep: int = 1) -> Checkpoints:
         return Checkpoints(self.path, keep)
 
-    @property
-    def weights_path(self) -> Path:
-        """The final weights (written when the run finishes)."""
-        return self.path / "model.safetensors"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / "summary.json"
-
     def finished(self) -> bool:
         return self.summary_path.is_file()
 
@@ -149,7 +140,7 @@ class RunDir:
         """The final weights, else those of the latest epoch checkpoint."""
         if self.weights_path.is_file():
             return self.weights_path
-        found = sorted((self.path / "checkpoints").glob("epoch_*/model.safetensors"))
+        found = [d / "model.safetensors" for d in self.checkpoints().list() if (d / "model.safetensors").is_file()]
         return found[-1] if found else None
 
     def export(self, dst: str | Path, *, weights_of: set[int] = frozenset(), extra: tuple[str, ...] = ()) -> str:
@@ -248,6 +239,15 @@ class RunDir:
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     # -- layout -------------------------------------------------------------------------------
+    @property
+    def weights_path(self) -> Path:
+        """The final weights (written when the run finishes)."""
+        return self.path / "model.safetensors"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
