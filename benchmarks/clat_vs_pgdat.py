@@ -66,22 +66,19 @@ SETTINGS = {
 class ClatFullForwardAttack(CLAT):
     """(a) off: the feature attack runs the whole network (stop_early=False)."""
 
-    def attack_features(self, model, x, target):
+    def attack_features(self, model, x, target, shard=None):
         assert self.cfg.inner == "pgd"
         ext = self.extractor(model)
-        a = self.attack
         with frozen_bn_statistics(model):
-            return perturb(lambda xa: feature_distance(ext(xa, stop_early=False).outputs, target, self._scale), x,
-                           eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm)
+            return perturb(lambda xa: feature_distance(ext(xa, stop_early=False).outputs, target, self._scale), x, self.threat, shard=shard)
 
 
 class ClatCleanPerStep(CLAT):
     """(b) off: the clean target features are recomputed (no grad) in every attack step."""
 
-    def attack_features(self, model, x, target):
+    def attack_features(self, model, x, target, shard=None):
         assert self.cfg.inner == "pgd"
         ext = self.extractor(model)
-        a = self.attack
 
         def objective(xa):
             with torch.no_grad():
@@ -89,7 +86,7 @@ class ClatCleanPerStep(CLAT):
             return feature_distance(ext(xa).outputs, clean_target, self._scale)
 
         with frozen_bn_statistics(model):
-            return perturb(objective, x, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm)
+            return perturb(objective, x, self.threat, shard=shard)
 
 
 class ClatAllWeightGrads(CLAT):
@@ -114,8 +111,8 @@ class ClatAllWeightGrads(CLAT):
 class ClatBackwardToInput(CLAT):
     """(d) off: the clean input requires grad, so the CE backward runs down to the input."""
 
-    def loss(self, model, x, y):
-        return super().loss(model, x.detach().requires_grad_(True), y)
+    def loss(self, model, x, y, shard=None):
+        return super().loss(model, x.detach().requires_grad_(True), y, shard)
 
 
 VARIANTS = {

@@ -47,7 +47,7 @@ def bench_model(name: str, bs: int, crit_n: int, repeats: int, min_time: float) 
     trainer = C.Trainer(PGDAT(a), C.fresh_copy(base))
 
     def select():
-        clat.compute_criticality(crit_model, layers, xc, yc, attack=a, steps=cc.steps, denominator=cc.denominator,
+        clat.compute_criticality(crit_model, layers, xc, yc, a.threat().replace(steps=cc.steps), denominator=cc.denominator,
                                  scaling=cc.scaling, point=cc.point, include_classifier=cc.include_classifier)
 
     times = C.interleaved({"criticality": select, "pgd_at_step": lambda: trainer.step(xb, yb)}, repeats, warmup=1,

@@ -168,9 +168,9 @@ def check_perturbation(name: str, model, x, y) -> float | None:
         atk = ProjectedGradientDescent(clf, eps=EPS, eps_step=ALPHA, max_iter=STEPS, num_random_init=1, batch_size=8, verbose=False)
         xa = torch.from_numpy(atk.generate(xs.cpu().numpy(), y=ys.cpu().numpy())).to(x.device)
     else:
-        from clat.attacks import pgd
+        from clat.attacks import ThreatModel, pgd
 
-        xa = pgd(m, xs, ys, eps=EPS, alpha=ALPHA, steps=STEPS)
+        xa = pgd(m, xs, ys, ThreatModel(eps=EPS, alpha=ALPHA, steps=STEPS))
     return float((xa - xs).abs().max())
 
 

@@ -103,7 +103,7 @@ def recompute(run: Path, arm: str, stage_epoch: int, branch: Path) -> dict:
     out = {}
     for den in dict.fromkeys([cc.denominator, "upstream"]):
         torch.set_rng_state(rng)  # the same PGD start for both
-        out[den] = compute_criticality(model, layers, x, y, attack=cfg.attack, steps=cc.steps, denominator=den, scaling=cc.scaling,
+        out[den] = compute_criticality(model, layers, x, y, cfg.attack.threat().replace(steps=cc.steps), denominator=den, scaling=cc.scaling,
                                        point=cc.point, include_classifier=cc.include_classifier)
     return {"layers": layers, "results": out, "denominator": cc.denominator, "k": len(cfg.clat.layers) or (cfg.clat.k or 1)}
 

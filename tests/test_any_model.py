@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from clat.attacks import ThreatModel
 import torch.nn.functional as F
 from torch import nn
 
@@ -219,7 +221,7 @@ def test_any_model_layers_criticality_and_clat_step(kind):
     assert [(l.name, l.bn_name) for l in layers] == expected
     assert layers[0].reads_model_input
     x, y = _batch()
-    res = compute_criticality(model, layers, x, y, steps=1)
+    res = compute_criticality(model, layers, x, y, ThreatModel(steps=1))
     assert len(res.criticality) == len(layers) and all(w >= 0 for w in res.weakness)
     assert not res.eligible[-1]  # the classifier
     method = _clat_step(model, layers)  # selected by criticality, k=1

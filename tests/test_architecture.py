@@ -147,4 +147,22 @@ def test_the_default_threat_model_is_written_once():
     assert AttackConfig().threat() == DEFAULT_THREAT
     import inspect
 
-    assert inspect.signature(pgd).parameters["eps"].default == DEFAULT_THREAT.eps
+    assert inspect.signature(pgd).parameters["threat"].default is DEFAULT_THREAT
+
+
+def test_the_threat_model_travels_whole():
+    """No function of the library takes the threat model as loose pieces (``eps=``, ``alpha=``, ``norm=``,
+    the attack's ``steps=``): attacks, evaluation, criticality, the sanity checks and the estimators take one
+    :class:`clat.attacks.ThreatModel`. (RiFT's weight-space ``eps`` is another quantity and has no ``alpha``.)
+    Nor does any attack steer its randomness through module state: the shard of a data-parallel batch is an
+    argument (``Shard``)."""
+    loose = []
+    for p in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = {a.arg for a in (*node.args.args, *node.args.kwonlyargs)}
+                if "eps" in names and ({"alpha", "norm"} & names) and node.name not in ("eps_str",):  # eps_str formats a number
+                    loose.append(f"{p.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert not loose, loose
+    tree = ast.parse((SRC / "attacks.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)] and "ContextVar" not in ast.unparse(tree)

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clat.attacks import Threat, feature_distance, fgsm_rs, perturb, pgd
+from clat.attacks import Shard, ThreatModel, feature_distance, fgsm_rs, perturb, pgd
 from clat.errors import ConfigError
 from clat.layers import find_layers
 from clat.features import FeatureExtractor
@@ -20,13 +20,13 @@ def _feature_attack(model, x, y, steps=5, norm="linf"):
     layers = find_layers(model)
     ext = FeatureExtractor(model, [layers[2]])
     target = {k: v.detach() for k, v in ext(x).outputs.items()}
-    return perturb(lambda xa: feature_distance(ext(xa).outputs, target), x, eps=EPS, alpha=2 / 255, steps=steps, norm=norm)
+    return perturb(lambda xa: feature_distance(ext(xa).outputs, target), x, ThreatModel(norm, EPS, 2 / 255, steps))
 
 
 ATTACKS = {
-    "pgd": lambda m, x, y: pgd(m, x, y, eps=EPS, steps=3),
-    "pgd_l2": lambda m, x, y: pgd(m, x, y, eps=0.5, alpha=0.2, steps=3, norm="l2"),
-    "fgsm_rs": lambda m, x, y: fgsm_rs(m, x, y, eps=EPS),
+    "pgd": lambda m, x, y: pgd(m, x, y, ThreatModel(eps=EPS, steps=3)),
+    "pgd_l2": lambda m, x, y: pgd(m, x, y, ThreatModel("l2", eps=0.5, alpha=0.2, steps=3)),
+    "fgsm_rs": lambda m, x, y: fgsm_rs(m, x, y, ThreatModel(eps=EPS)),
     "feature": lambda m, x, y: _feature_attack(m, x, y, steps=3),
 }
 
@@ -54,7 +54,7 @@ def test_pgd_increases_loss():
     ce = torch.nn.functional.cross_entropy
     with torch.no_grad():
         clean = ce(model(x), y)
-        adv = ce(model(pgd(model, x, y, steps=5)), y)
+        adv = ce(model(pgd(model, x, y, ThreatModel(steps=5))), y)
     assert adv > clean
 
 
@@ -84,7 +84,7 @@ def test_projection_property(eps, scale, norm, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(3, 2, 4, 4, generator=g)
     delta = (torch.rand(3, 2, 4, 4, generator=g) * 2 - 1) * scale
-    t = Threat(eps, norm)
+    t = ThreatModel(norm, eps)
     d = t.project(x, delta)
     xa = x + d
     assert xa.min() >= -1e-7 and xa.max() <= 1 + 1e-7
@@ -98,6 +98,36 @@ def test_projection_property(eps, scale, norm, seed):
 
 def test_bad_attack_parameters():
     with pytest.raises(ConfigError, match="eps"):
-        Threat(0.0)
+        ThreatModel(eps=0.0)
+    with pytest.raises(ConfigError, match="eps"):
+        ThreatModel(eps=float("nan"))
     with pytest.raises(ConfigError, match="steps"):
-        pgd(_model(), torch.rand(1, 3, 32, 32), torch.tensor([0]), steps=0)
+        ThreatModel(steps=0)
+    with pytest.raises(ConfigError, match="alpha"):
+        ThreatModel(alpha=-1.0)
+    with pytest.raises(ConfigError, match="norm"):
+        ThreatModel("l1")
+    with pytest.raises(ConfigError, match="steps"):
+        DEFAULT.replace(steps=0)
+    with pytest.raises(ConfigError, match="ThreatModel"):
+        pgd(_model(), torch.rand(1, 3, 32, 32), torch.tensor([0]), {"eps": 8 / 255})
+
+
+DEFAULT = ThreatModel()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_shards_of_a_batch_draw_what_the_whole_batch_draws(norm):
+    """Two ranks of a data-parallel step, each passed its Shard, take exactly the random starts one process
+    with the global batch takes (the RNG in the same state on both)."""
+    t = ThreatModel(norm, eps=0.5 if norm == "l2" else EPS)
+    x = torch.rand(6, 3, 4, 4)
+    torch.manual_seed(7)
+    whole = t.sample(x)
+    parts = []
+    for offset in (0, 3):
+        torch.manual_seed(7)
+        parts.append(t.sample(x[offset : offset + 3], Shard(offset, 6)))
+    assert torch.equal(torch.cat(parts), whole)
+    torch.manual_seed(7)
+    assert not torch.equal(t.sample(x[3:]), whole[3:])  # without its shard, the second rank would draw the first rank's numbers

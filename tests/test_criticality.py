@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+
+from clat.attacks import ThreatModel
 from torch import nn
 
 from clat.criticality import compute_criticality, eligible_mask, select_random
@@ -47,7 +49,7 @@ def test_criticality_on_conv_chain_with_bn_and_exclusion_of_classifier():
     model = create_model("tiny_cnn")
     layers = find_layers(model)
     x, y = torch.rand(10, 3, 32, 32), torch.randint(0, 10, (10,))
-    res = compute_criticality(model, layers, x, y, steps=2)
+    res = compute_criticality(model, layers, x, y, ThreatModel(steps=2))
     assert res.eligible == [True, True, True, True, False]
     assert all(math.isfinite(c) and c >= 0 for c in res.criticality)
     assert layers[-1] not in res.top_k(4)
@@ -65,7 +67,7 @@ def test_scaling_options_change_only_the_normalization():
     from clat.attacks import pgd
 
     model.eval()
-    x_adv = pgd(model, x, y, steps=2)
+    x_adv = pgd(model, x, y, ThreatModel(steps=2))
     a = compute_criticality(model, layers, x, y, x_adv=x_adv, scaling="n")
     b = compute_criticality(model, layers, x, y, x_adv=x_adv, scaling="none")
     for la, wa, wb in zip(layers, a.weakness, b.weakness):
@@ -75,7 +77,7 @@ def test_scaling_options_change_only_the_normalization():
 def test_model_mode_is_restored():
     model = create_model("tiny_cnn").train()
     layers = find_layers(model)
-    compute_criticality(model, layers, torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)), steps=1)
+    compute_criticality(model, layers, torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)), ThreatModel(steps=1))
     assert model.training
 
 

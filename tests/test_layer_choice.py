@@ -12,6 +12,8 @@ import warnings
 
 import pytest
 import torch
+
+from clat.attacks import ThreatModel
 import torch.nn.functional as F
 from torch import nn
 
@@ -161,13 +163,13 @@ def test_default_is_eq6_exactly_on_a_conv_bn_relu_chain(scaling):
     model = _trained_like(ConvBnReluChain())
     layers = find_layers(model)
     x, y = torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))
-    res = compute_criticality(model, layers, x, y, steps=3, scaling=scaling, include_classifier=True)
+    res = compute_criticality(model, layers, x, y, ThreatModel(steps=3), scaling=scaling, include_classifier=True)
     assert res.settings["denominator"] == "upstream"
     assert res.criticality[0] == res.weakness[0]  # C_0 = W_0
     for i in range(1, len(layers)):
         assert res.criticality[i] == res.weakness[i] / res.weakness[i - 1]  # bit for bit
     # the post-activation input (the earlier default) is a different number on this chain
-    old = compute_criticality(model, layers, x, y, x_adv=None, steps=3, scaling=scaling, denominator="input", include_classifier=True)
+    old = compute_criticality(model, layers, x, y, ThreatModel(steps=3), x_adv=None, scaling=scaling, denominator="input", include_classifier=True)
     assert any(abs(o / n - 1) > 0.05 for o, n in zip(old.criticality[1:], res.criticality[1:]))
 
 
@@ -226,14 +228,14 @@ def test_previous_and_input_remain_as_named_ablations():
 def test_criticality_attacks_with_the_runs_norm(monkeypatch):
     seen = []
     real = crit_mod.pgd
-    monkeypatch.setattr(crit_mod, "pgd", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    monkeypatch.setattr(crit_mod, "pgd", lambda *a, **k: (seen.append(a[3]), real(*a, **k))[1])
     model = create_model("tiny_cnn")
     layers = find_layers(model)
     cfg = load_config(None, ["attack.norm=l2", "attack.eps=0.5", "attack.alpha=0.1", "clat.criticality.steps=2", "clat.criticality.batch_size=4"])
     method = create_method("clat", cfg, layers, default_k=1)
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
     method.on_epoch_start(model, EpochContext(0, 0, lambda n: (x[:n], y[:n]), torch.Generator().manual_seed(0)))
-    assert seen == [{"eps": 0.5, "alpha": 0.1, "steps": 2, "norm": "l2"}]
+    assert seen == [ThreatModel("l2", eps=0.5, alpha=0.1, steps=2)]
     assert method.history[0]["denominator"] == "upstream"
 
 
@@ -285,7 +287,7 @@ def test_float_images_reach_criticality_unscaled(tmp_path, monkeypatch):
     from clat.loop import train
 
     seen = []
-    monkeypatch.setattr(crit_mod, "pgd", lambda model, x, y, **k: (seen.append(x.max().item()), x)[1])
+    monkeypatch.setattr(crit_mod, "pgd", lambda model, x, y, *a, **k: (seen.append(x.max().item()), x)[1])
     cfg = load_config(None, ["pretrain.epochs=0", "finetune.epochs=1", "attack.steps=1", "clat.criticality.batch_size=8",
                              "clat.criticality.steps=1", "data.batch_size=16", "eval.n_examples=0", "progress=false"])
     train(cfg, tmp_path / "run", model=create_model("tiny_cnn"), data=_float_splits())
@@ -468,9 +470,9 @@ def test_trades_and_mart_attack_in_eval_mode_like_the_reference(method_name, mon
     modes, starts = [], []
     model.register_forward_pre_hook(lambda m, a: modes.append(m.training))
 
-    def spy(objective, x, **k):
+    def spy(objective, x, *a, **k):
         starts.append(k.get("delta0"))
-        return real_perturb(objective, x, **k)
+        return real_perturb(objective, x, *a, **k)
 
     monkeypatch.setattr(trades_mod if method_name == "trades" else mart_mod, "perturb", spy)
     method = create_method(method_name, load_config(None, ["attack.steps=2"]))

@@ -12,6 +12,8 @@ import functools
 import pytest
 import torch
 
+from clat.attacks import ThreatModel
+
 from clat.config import load_config
 from clat.criticality import compute_criticality
 from clat.layers import BN_TYPES, find_layers, layer_parameter_names
@@ -204,7 +206,7 @@ def test_forward_backward_criticality_and_one_clat_step(name):
 def test_compute_criticality_directly():
     model, layers = _fresh("preact_resnet18")
     x, y = _batch()
-    res = compute_criticality(model, layers, x, y, steps=1)
+    res = compute_criticality(model, layers, x, y, ThreatModel(steps=1))
     assert len(res.criticality) == len(layers) and not res.eligible[-1]  # classifier excluded by default
     assert res.top_k(1)[0].index < len(layers) - 1
 
@@ -236,7 +238,7 @@ def test_pin_layers_by_index_and_exclude_on_zoo_models():
 def test_classifier_is_excluded_by_default_but_can_be_included_or_pinned():
     model, layers = _fresh("small_cnn")
     x, y = _batch()
-    assert compute_criticality(model, layers, x, y, steps=1, include_classifier=True).eligible == [True] * len(layers)
+    assert compute_criticality(model, layers, x, y, ThreatModel(steps=1), include_classifier=True).eligible == [True] * len(layers)
     method, _, changed, own = _clat_step(model, layers, 1, ["clat.layers=[classifier]"])
     assert [l.name for l in method.selected] == ["classifier"] and changed == own == {"classifier.weight", "classifier.bias"}
 

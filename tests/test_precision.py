@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from clat.attacks import pgd
+from clat.attacks import ThreatModel, pgd
 from clat.checkpoint import load_state, read_state_dict
 from clat.config import load_config
 from clat.models import create_model
@@ -45,7 +45,7 @@ def test_pgd_under_fp16_autocast_still_moves_every_pixel():
     x = torch.rand(4, 3, 32, 32)
     y = torch.randint(0, 10, (4,))
     with torch.autocast("cpu", dtype=torch.float16):
-        x_adv = pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=3, random_start=False)
+        x_adv = pgd(model, x, y, ThreatModel(steps=3, random_start=False))
     moved = ((x_adv - x).abs() > 1e-6).float().mean()
     assert moved > 0.9
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6

@@ -63,9 +63,9 @@ def test_estimators_on_a_model():
     model = create_model("tiny_cnn")
     layers = find_layers(model)
     x, y = torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))
-    from clat.config import AttackConfig
+    from clat.attacks import ThreatModel
 
-    est = compute_estimates(model, layers, x, y, attack=AttackConfig(), steps=1, rift_steps=1)
+    est = compute_estimates(model, layers, x, y, ThreatModel(steps=1), rift_steps=1)
     assert all(len(v) == len(layers) for v in est.values())
     assert est["params"] == [float(l.num_params) for l in layers] and est["depth"] == [float(l.index) for l in layers]
     assert all(v > 0 for v in est["fisher"]) and all(v > 0 for v in est["exact_eq5"])

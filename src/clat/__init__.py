@@ -9,15 +9,16 @@ Typical use::
     print([l.name for l in crit.top_k(1)])
     cfg = clat.load_config(overrides=["data.dataset=bundled", "pretrain.epochs=2", "finetune.epochs=2"])
     clat.train(cfg, "runs/example", model=model)
-    print(clat.evaluate(model, x_test, y_test))
+    print(clat.evaluate(model, x_test, y_test, clat.ThreatModel(steps=20)))   # one threat model value everywhere
 """
 
-from clat.attacks import fgsm_rs, perturb, pgd
+from clat.attacks import Shard, ThreatModel, fgsm_rs, perturb, pgd
 from clat.config import Config, load_config
 from clat.criticality import CriticalityResult, compute_criticality, select_random
 from clat.data import Splits
 from clat.errors import CheckpointError, ClatError, ConfigError, DataError
 from clat.evaluate import evaluate
+from clat.protocol import EvalProtocol, run_protocol
 from clat.layers import find_layers, Layer, resolve_layers
 from clat.features import FeatureExtractor
 from clat.trainable import freeze_all_but
@@ -29,8 +30,8 @@ from clat.sweep import SweepSettings, layer_sweep
 __version__ = "0.2.0"
 
 __all__ = [
-    "CLAT", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError",
-    "FeatureExtractor", "Layer", "Method", "Splits", "SweepSettings", "compute_criticality", "create_method", "create_model",
+    "CLAT", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "EvalProtocol",
+    "FeatureExtractor", "Layer", "Method", "Shard", "Splits", "SweepSettings", "ThreatModel", "compute_criticality", "create_method", "create_model",
     "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "layer_sweep", "list_methods", "list_models", "load_config",
-    "perturb", "pgd", "resolve_layers", "select_random", "train",
+    "perturb", "pgd", "resolve_layers", "run_protocol", "select_random", "train",
 ]

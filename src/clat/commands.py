@@ -8,16 +8,20 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from clat.errors import ClatError
 
+if TYPE_CHECKING:
+    from clat.attacks import ThreatModel
 
-def threat_of(args: argparse.Namespace, run_cfg, *, run_step: bool = False) -> tuple[object, str]:
+
+def threat_of(args: argparse.Namespace, run_cfg, *, run_step: bool = False) -> tuple["ThreatModel", str]:
     """The threat model of a command: the norm and ε the run was trained for (else ℓ∞ 8/255), with what
     the command line sets, and a line saying where it came from. The PGD step is ε/4 (2/255 at 8/255, the
     usual evaluation step) unless ``--alpha`` is given; ``run_step``: the run's own step (criticality, as
     CLAT measures it during training)."""
+    from clat.attacks import ThreatModel
     from clat.config import AttackConfig
 
     base = run_cfg.attack if run_cfg is not None else AttackConfig()
@@ -33,10 +37,11 @@ def threat_of(args: argparse.Namespace, run_cfg, *, run_step: bool = False) -> t
         raise ClatError(f"--eps {a.eps:g} covers the whole [0, 1] image range under linf; images are in [0, 1] (8/255 is the usual radius)")
     if a.steps is not None and a.steps < 1:
         raise ClatError(f"--steps must be >= 1, got {a.steps}")
+    threat = ThreatModel(a.norm, a.eps, a.alpha, a.steps)
     source = "the run's training threat model" if run_cfg is not None else "the default threat model"
     if given:
         source += f", with {', '.join('--' + k for k in given)} from the command line"
-    return a, source
+    return threat, source
 
 
 def data_config(args: argparse.Namespace, run_cfg) -> "object":
@@ -135,7 +140,7 @@ def cmd_criticality(args: argparse.Namespace) -> int:
         raise ClatError(f"k={k} critical layers requested but {n_ok} layers are eligible for selection; choose k between 1 and {n_ok}")
     with writing([out / "criticality.json", out / "criticality.png"], "criticality"):
         result = compute_criticality(
-            model, layers, x, y, attack=threat, steps=args.steps,
+            model, layers, x, y, threat,
             denominator=args.denominator or cc.denominator, scaling=args.scaling or cc.scaling, point=cc.point,
             include_classifier=args.include_classifier,
         )
@@ -153,7 +158,7 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     return 0
 
 
-def _threat_str(a) -> str:
+def _threat_str(a: "ThreatModel") -> str:
     from clat.plots import eps_str
 
     return f"{'ℓ∞' if a.norm == 'linf' else 'ℓ2'} ε={eps_str(a.eps, a.norm)}, step {eps_str(a.alpha, a.norm)}"
@@ -245,70 +250,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_into(args, out, cfg, a, source)
 
 
-def _eval_into(args: argparse.Namespace, out: Path, cfg, a, source: str) -> int:
-    from clat.evaluate import autoattack, eps_sweep, evaluate
-    from clat.plots import eps_str
-    from clat.sanity import BANNER, autoattack_check, sanity_checks
+def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str) -> int:
+    from clat.checkpoint import atomic_write_text
     from clat.data import prepare_data
+    from clat.protocol import EvalProtocol, run_protocol
 
+    if args.square_queries < 0:
+        raise ClatError(f"--square-queries must be >= 0, got {args.square_queries}")
     device = _pick_device(args.device)
     model, meta = _load_checkpoint(args.checkpoint, args, device)
+    surrogates = {}
+    for i, sp in enumerate(args.surrogate if args.sanity else ()):
+        sur, _ = _load_checkpoint(sp, argparse.Namespace(model=None, num_classes=None, no_normalize=False), device)
+        surrogates[Path(sp).name if Path(sp).name not in surrogates else f"{Path(sp).name}#{i}"] = sur
     splits = prepare_data(cfg)
     x, y = _eval_images(args, splits)
-    progress = not args.quiet
-    print(f"threat model: {_threat_str(a)} ({source})")
-    common = dict(norm=a.norm, batch_size=args.batch_size, progress=progress)
-    res = evaluate(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, restarts=args.restarts, attack=not args.no_pgd,
-                   seed=args.seed, desc=f"PGD-{a.steps}", **common)
+    print(f"threat model: {_threat_str(threat)} ({source})")
+    protocol = EvalProtocol(threat, restarts=args.restarts, pgd=not args.no_pgd, apgd_ce=args.apgd_ce,
+                            autoattack=args.autoattack_version if args.autoattack else None, eps_sweep=tuple(args.eps_sweep or ()),
+                            sanity=args.sanity, square_queries=args.square_queries, seed=args.seed, batch_size=args.batch_size)
+    result = run_protocol(model, x, y, protocol, surrogates=surrogates, device=device, progress=not args.quiet)
+    res = result.to_dict()
     res.update({"checkpoint": meta["path"], "model": meta["model"], "split": args.split, "data": splits.name, "seed": args.seed,
-                "subset": args.n_examples is not None, "settings_tag": _eval_tag(args, a),
-                "threat_model": {"norm": a.norm, "eps": a.eps, "alpha": a.alpha, "steps": a.steps, "source": source}})
-    flags: list[str] = []
-    lines = [f"clean {100 * res['clean_acc']:.2f}%"]
-    if not args.no_pgd:
-        lines.append(f"PGD-{a.steps} {100 * res['pgd_acc']:.2f}% (worst case of {args.restarts} run(s); lowest run "
-                     f"{100 * res['pgd_acc_lowest_run']:.2f}%, {res['time_s']:.0f} s)")
-    for key, version, on in (("apgd_ce", "apgd-ce", args.apgd_ce), ("autoattack", args.autoattack_version, args.autoattack)):
-        if not on:
-            continue
-        aa = autoattack(model, x, y, eps=a.eps, norm=a.norm, version=version, batch_size=args.batch_size, seed=args.seed,
-                        device=device, progress=progress)
-        res[key] = aa
-        name = "APGD-CE" if key == "apgd_ce" else f"AutoAttack ({version})"
-        lines.append(f"{name} {100 * aa['robust_acc']:.2f}% ({aa['time_s']:.0f} s)")
-        flags += [f"{name} (pyautoattack's own check): {w}" for w in aa["warnings"]]
-        if not aa["within_eps"]:
-            flags.append(f"{name} returned perturbations of size {aa['max_perturbation']:.4g} > ε = {a.eps:.4g}")
-        if not args.no_pgd:
-            chk = autoattack_check(res["pgd_acc"], aa["robust_acc"], res["n"], name=name)
-            res.setdefault("checks", []).append(chk)
-            if chk["flag"]:
-                flags.append(f"{chk['title']}: {chk['message']}")
-    if args.eps_sweep:
-        sw = eps_sweep(model, x, y, args.eps_sweep, alpha_ratio=a.alpha / a.eps, steps=a.steps, seed=args.seed, **common)
-        res["eps_sweep"] = sw
-        lines.append("ε sweep: " + "  ".join(f"{eps_str(p['eps'], a.norm) if p['eps'] else 0}: {100 * p['acc']:.1f}%" for p in sw["points"]))
-    if args.sanity:
-        surrogates = {}
-        for i, sp in enumerate(args.surrogate):
-            sur, smeta = _load_checkpoint(sp, argparse.Namespace(model=None, num_classes=None, no_normalize=False), device)
-            surrogates[Path(sp).name if Path(sp).name not in surrogates else f"{Path(sp).name}#{i}"] = sur
-        if args.square_queries < 0:
-            raise ClatError(f"--square-queries must be >= 0, got {args.square_queries}")
-        san = sanity_checks(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, surrogates=surrogates,
-                            square_queries=args.square_queries, seed=args.seed, **common)
-        res["sanity"] = san
-        flags = [f"{BANNER}: {f}" for f in san["flags"]] + flags
-        san["flags"] = [f"{BANNER}: {f}" for f in san["flags"]]
-        lines.append(f"sanity checks: {len(san['checks']) - len(san['flags'])}/{len(san['checks'])} passed ({san['time_s']:.0f} s)")
-    res["flags"] = flags
-    from clat.checkpoint import atomic_write_text
-
+                "subset": args.n_examples is not None, "settings_tag": _eval_tag(args, threat),
+                "threat_model": {**threat.to_dict(), "source": source}})
     atomic_write_text(out, json.dumps(res, indent=2))
-    print("  ".join(lines[:2]) + f"  (n={res['n']})")
+    lines = result.summary_lines()
+    print("  ".join(lines[:2]) + f"  (n={result.n})")
     for line in lines[2:]:
         print(line)
-    for f in flags:
+    for f in result.flags:
         _warn(f)
     print(f"-> {out}")
     return 0
@@ -336,8 +307,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     x, y = _eval_images(args, splits)
     a, source = threat_of(args, run_config(args.checkpoints[0]))
     print(f"threat model: {_threat_str(a)} ({source})")
-    res = transfer_matrix(models, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, restarts=args.restarts, norm=a.norm,
-                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    res = transfer_matrix(models, x, y, a, restarts=args.restarts, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     res.update({"checkpoints": list(args.checkpoints), "data": splits.name, "split": args.split})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -380,11 +350,11 @@ def _stability_into(args: argparse.Namespace, sizes: list[int], out: Path, run_d
             source = f"mean epoch_time_s of the run's {len(rows)} PGD-AT epochs in metrics.jsonl"
     if epoch_time is None:
         a = cfg.attack
-        epoch_time = measure_pgd_at_epoch_time(model, splits.x_train, splits.y_train, batch_size=cfg.data.batch_size, attack=a)
+        epoch_time = measure_pgd_at_epoch_time(model, splits.x_train, splits.y_train, batch_size=cfg.data.batch_size, threat=a.threat())
         source = f"measured: PGD-AT (PGD-{a.steps}) steps of batch {cfg.data.batch_size}, extrapolated to {len(splits.x_train)} images"
     print(f"threat model: {_threat_str(threat)} ({threat_source})")
     res = criticality_stability(model, splits.x_train, splits.y_train, batch_sizes=sizes, repeats=args.repeats, reference_size=args.reference_size,
-                                k=args.k, attack=threat, steps=threat.steps, denominator=args.denominator or cfg.clat.criticality.denominator,
+                                k=args.k, threat=threat, denominator=args.denominator or cfg.clat.criticality.denominator,
                                 seed=args.seed, epoch_time_s=epoch_time,
                                 progress=not args.quiet)
     res.update({"epoch_time_source": source, "checkpoint": meta["path"], "model": meta["model"], "data": splits.name})

@@ -37,8 +37,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from clat.attacks import pgd
-from clat.config import AttackConfig
+from clat.attacks import DEFAULT_THREAT, ThreatModel, pgd
 from clat.errors import ConfigError
 from clat.layers import FeaturePoint, Layer, Tap
 from clat.features import FeatureExtractor
@@ -133,9 +132,8 @@ def compute_criticality(
     layers: Sequence[Layer],
     x: torch.Tensor,
     y: torch.Tensor,
+    threat: ThreatModel = DEFAULT_THREAT,
     *,
-    attack: AttackConfig | None = None,
-    steps: int | None = None,
     denominator: Denominator = "upstream",
     scaling: Scaling = "n",
     point: FeaturePoint = "post_bn",
@@ -145,8 +143,8 @@ def compute_criticality(
 ) -> CriticalityResult:
     """Criticality of every layer from one PGD perturbation of the batch ``(x, y)``.
 
-    ``attack`` is the threat model (norm, ε, step; default ℓ∞ 8/255, step 2/255) and
-    ``steps`` the PGD steps (default ``attack.steps``). The model runs in eval mode (its
+    ``threat`` is the attack's threat model (norm, ε, step, steps; CLAT passes its run's, with
+    ``clat.criticality.steps``). The model runs in eval mode (its
     mode is restored). ``x_adv`` may be given to reuse a perturbation (then no attack is
     run). ``x`` holds [0, 1] images.
     """
@@ -154,8 +152,6 @@ def compute_criticality(
         raise ConfigError(f"unknown criticality denominator {denominator!r}; use one of {', '.join(DENOMINATORS)}")
     if scaling not in ("n", "sqrt_n", "none"):
         raise ConfigError(f"unknown criticality scaling {scaling!r}; use 'n', 'sqrt_n' or 'none'")
-    a = attack if attack is not None else AttackConfig()
-    steps = a.steps if steps is None else steps
     index = {layer.index: i for i, layer in enumerate(layers)}
     taps: list[Tap] = []
     if denominator == "upstream":
@@ -172,7 +168,7 @@ def compute_criticality(
     model.eval()
     try:
         if x_adv is None:
-            x_adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=steps, norm=a.norm)
+            x_adv = pgd(model, x, y, threat)
         untraced = denominator == "upstream" and any(l.source(point).kind == "untraced" for l in layers)
         extractor = FeatureExtractor(model, layers, point=point, capture_inputs=denominator == "input" or untraced, taps=taps)
         with torch.no_grad():
@@ -208,7 +204,7 @@ def compute_criticality(
             w_src.append(distance(f_adv.taps[src.tap], f_clean.taps[src.tap]) * scale(src.tap.numel, scaling))
             sources.append(src.describe())
     c = [w[i] if math.isnan(d) else (w[i] / d if d > 0 else float("inf")) for i, d in enumerate(w_src)]
-    settings = {"eps": a.eps, "alpha": a.alpha, "steps": steps, "norm": a.norm, "denominator": denominator, "scaling": scaling,
+    settings = {"eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "norm": threat.norm, "denominator": denominator, "scaling": scaling,
                 "point": point, "batch_size": int(x.shape[0])}
     return CriticalityResult(list(layers), w, w_src, c, eligible_mask(layers, include_classifier=include_classifier, exclude=exclude),
                              settings, sources)

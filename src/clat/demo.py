@@ -22,6 +22,7 @@ import torch
 
 from clat.checkpoint import load_model
 from clat.config import load_config
+from clat.attacks import ThreatModel
 from clat.criticality import compute_criticality
 from clat.data import to_unit_float
 from clat.errors import ConfigError
@@ -119,7 +120,7 @@ def _run_demo(out: Path, s: DemoSettings, progress: bool) -> Path:
     layers = find_layers(model)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(splits.x_train), generator=g)[:100]
-    crit = compute_criticality(model, layers, to_unit_float(splits.x_train[idx]), splits.y_train[idx], attack=cfg.attack)
+    crit = compute_criticality(model, layers, to_unit_float(splits.x_train[idx]), splits.y_train[idx], cfg.attack.threat())
     crit_data = crit.to_dict(1)
     (out / "criticality.json").write_text(json.dumps(crit_data, indent=2))
     plot_criticality(crit_data, out / "criticality.png", f"Criticality after PGD-AT pretraining ({s.model}, 100 images)")
@@ -138,7 +139,7 @@ def _run_demo(out: Path, s: DemoSettings, progress: bool) -> Path:
     for name, path in [("pretrained (PGD-AT)", ckpt), ("+ CLAT", out / "clat" / "model.safetensors"), ("+ PGD-AT continued", out / "pgd_at_continued" / "model.safetensors")]:
         m, _ = load_model(path)
         torch.manual_seed(0)
-        r = evaluate(m, splits.x_test, splits.y_test, steps=s.eval_steps, batch_size=250, progress=progress, desc=name)
+        r = evaluate(m, splits.x_test, splits.y_test, ThreatModel(steps=s.eval_steps), batch_size=250, progress=progress, desc=name)
         results[name] = r
     (out / "results.json").write_text(json.dumps(results, indent=2))
     for d in ("pretrain", "clat", "pgd_at_continued"):

@@ -22,7 +22,7 @@ makes a changed trainable set need nothing at all.
 
 What else keeps the ranks identical:
 - random starts of attacks are drawn for the whole global batch on every rank
-  and sliced (:func:`clat.attacks.batch_shard`), so a run on N ranks takes the
+  and sliced (:class:`clat.attacks.Shard`, passed by the step to ``method.loss``), so a run on N ranks takes the
   same steps as one process with the global batch (exactly, up to float
   rounding, for models without BatchNorm; with BatchNorm each rank normalizes
   with its own batch statistics, as DDP does, unless ``sync_bn=true`` on GPUs);

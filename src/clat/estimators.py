@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import perturb, pgd
-from clat.config import AttackConfig
+from clat.attacks import ThreatModel, perturb, pgd
 from clat.criticality import distance, scale, compute_criticality
 from clat.layers import Layer, Tap
 from clat.features import FeatureExtractor
@@ -54,24 +53,24 @@ LABELS = {
 }
 
 
-def compute_estimates(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor, y: torch.Tensor, *, attack: AttackConfig,
-                      steps: int = 10, names: Sequence[str] = ESTIMATORS, rift_eps: float = 0.1, rift_steps: int = 5,
+def compute_estimates(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *,
+                      names: Sequence[str] = ESTIMATORS, rift_eps: float = 0.1, rift_steps: int = 5,
                       seed: int = 0) -> dict[str, list[float]]:
-    """Scores of every layer (same order as ``layers``) for each estimator in ``names``."""
+    """Scores of every layer (same order as ``layers``) for each estimator in ``names``; every attack runs under ``threat``."""
     out: dict[str, list[float]] = {}
     torch.manual_seed(seed)
     x_adv = None
     with eval_mode(model):
-        x_adv = pgd(model, x, y, eps=attack.eps, alpha=attack.alpha, steps=steps, norm=attack.norm)
+        x_adv = pgd(model, x, y, threat)
     variants = {"paper": ("upstream", "n"), "input": ("input", "n"), "previous": ("previous", "n"), "sqrt_n": ("upstream", "sqrt_n"),
                 "no_scaling": ("upstream", "none")}
     for name, (den, scaling) in variants.items():
         if name in names:
-            r = compute_criticality(model, layers, x, y, attack=attack, steps=steps, denominator=den, scaling=scaling, x_adv=x_adv,
+            r = compute_criticality(model, layers, x, y, threat, denominator=den, scaling=scaling, x_adv=x_adv,
                                     include_classifier=True)
             out[name] = r.criticality
     if "exact_eq5" in names:
-        out["exact_eq5"] = exact_criticality(model, layers, x, attack=attack, steps=steps)
+        out["exact_eq5"] = exact_criticality(model, layers, x, threat)
     if "fisher" in names:
         out["fisher"] = fisher(model, layers, x_adv, y)
     if "rift" in names:
@@ -86,32 +85,29 @@ def compute_estimates(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor
     return out
 
 
-def _max_weakness(model: nn.Module, x: torch.Tensor, extract: Callable[[torch.Tensor], torch.Tensor], numel: int, attack: AttackConfig,
-                  steps: int) -> float:
+def _max_weakness(model: nn.Module, x: torch.Tensor, extract: Callable[[torch.Tensor], torch.Tensor], numel: int, threat: ThreatModel) -> float:
     """W of Eq. 5 for one feature: the mean distance under the PGD attack that maximizes it (1/N scaling)."""
     with torch.no_grad():
         clean = extract(x).detach()
-    x_adv = perturb(lambda xa: (extract(xa) - clean).flatten(1).norm(dim=1), x, eps=attack.eps, alpha=attack.alpha, steps=steps,
-                    norm=attack.norm)
+    x_adv = perturb(lambda xa: (extract(xa) - clean).flatten(1).norm(dim=1), x, threat)
     with torch.no_grad():
         return distance(extract(x_adv), clean) * scale(numel, "n")
 
 
-def exact_criticality(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor, *, attack: AttackConfig, steps: int = 10) -> list[float]:
+def exact_criticality(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor, threat: ThreatModel) -> list[float]:
     """Eq. 6 on Eq. 5's weakness taken literally: every feature (each layer's, and each tensor that
     feeds a layer) under its own maximizing attack."""
     with eval_mode(model):
         w_layer: dict[int, float] = {}
         for layer in layers:
             ext = FeatureExtractor(model, [layer])
-            w_layer[layer.index] = _max_weakness(model, x, lambda xa, e=ext, n=layer.name: e(xa).outputs[n], layer.numel, attack, steps)
+            w_layer[layer.index] = _max_weakness(model, x, lambda xa, e=ext, n=layer.name: e(xa).outputs[n], layer.numel, threat)
         w_tap: dict[Tap, float] = {}
         for layer in layers:
             src = layer.source()
             if src.kind == "tensor" and src.tap is not None and src.tap not in w_tap:
                 ext = FeatureExtractor(model, [layer], taps=[src.tap])
-                w_tap[src.tap] = _max_weakness(model, x, lambda xa, e=ext, t=src.tap: e(xa, stop_early=False).taps[t], src.tap.numel,
-                                               attack, steps)
+                w_tap[src.tap] = _max_weakness(model, x, lambda xa, e=ext, t=src.tap: e(xa, stop_early=False).taps[t], src.tap.numel, threat)
     out = []
     for layer in layers:
         src = layer.source()

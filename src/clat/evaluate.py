@@ -31,7 +31,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from clat.attacks import ce_objective, DEFAULT_THREAT, Norm, perturb, Threat
+from clat.attacks import ce_objective, DEFAULT_THREAT, perturb, ThreatModel
 from clat.data import to_unit_float
 from clat.trainable import eval_mode
 from clat.errors import ClatError, ConfigError
@@ -50,20 +50,14 @@ def _key(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
-def seeded_start(shape: Sequence[int], indices: Sequence[int], *, eps: float, norm: Norm, seed: int, stream: object = 0) -> torch.Tensor:
-    """Random starts ``δ`` (CPU, float32) for the examples ``indices``: uniform in the
-    ℓ∞ ball, or uniform direction and radius in the ℓ2 ball (the distributions of
-    :meth:`clat.attacks.Threat.random_init`), one generator per example."""
+def seeded_start(shape: Sequence[int], indices: Sequence[int], threat: ThreatModel, *, seed: int, stream: object = 0) -> torch.Tensor:
+    """Random starts ``δ`` (CPU, float32) for the examples ``indices``, drawn by
+    :meth:`clat.attacks.ThreatModel.sample` with one generator per example."""
     out = torch.empty(len(indices), *shape)
     g = torch.Generator()
     for j, i in enumerate(indices):
         g.manual_seed(_key(seed, stream, int(i)))
-        if norm == "linf":
-            out[j].uniform_(-eps, eps, generator=g)
-        else:
-            d = torch.randn(tuple(shape), generator=g)
-            r = torch.rand((), generator=g)
-            out[j] = d / d.norm().clamp_min(1e-12) * r * eps
+        out[j] = threat.sample(out[j : j + 1], generator=g)[0]
     return out
 
 
@@ -72,11 +66,8 @@ def pgd_examples(
     x: torch.Tensor,
     y: torch.Tensor,
     indices: Sequence[int] | None,
+    threat: ThreatModel,
     *,
-    eps: float,
-    alpha: float,
-    steps: int,
-    norm: Norm,
     seed: int | None,
     stream: object = 0,
 ) -> torch.Tensor:
@@ -85,9 +76,9 @@ def pgd_examples(
     delta0 = None
     if seed is not None:
         assert indices is not None
-        delta0 = seeded_start(x.shape[1:], indices, eps=eps, norm=norm, seed=seed, stream=stream).to(x)
+        delta0 = seeded_start(x.shape[1:], indices, threat, seed=seed, stream=stream).to(x)
     try:
-        return perturb(ce_objective(model, y), x, eps=eps, alpha=alpha, steps=steps, norm=norm, delta0=delta0)
+        return perturb(ce_objective(model, y), x, threat, delta0=delta0)
     except RuntimeError as e:
         if "does not require grad" in str(e):
             raise ClatError(
@@ -120,12 +111,9 @@ def pgd_correct(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    threat: ThreatModel | None = DEFAULT_THREAT,
     *,
-    eps: float = DEFAULT_THREAT.eps,
-    alpha: float = DEFAULT_THREAT.alpha,
-    steps: int = 10,
     restarts: int = 1,
-    norm: Norm = "linf",
     batch_size: int = 256,
     seed: int | None = None,
     stream: object = 0,
@@ -136,7 +124,7 @@ def pgd_correct(
     """Per-example correctness: ``clean [n]`` and ``runs [restarts, n]`` (bool, CPU).
 
     ``runs[r, i]`` is True when example i is classified correctly both clean and after
-    run r's attack. ``eps == 0`` means no attack (``runs`` repeats ``clean``). ``index_offset``
+    run r's attack. ``threat=None`` means no attack (``runs`` repeats ``clean``). ``index_offset``
     is the position of ``x[0]`` in a larger set (seeded starts follow the example, so a
     set split into shards gives the same result as the whole)."""
     check_inputs(x, y, batch_size)
@@ -146,20 +134,20 @@ def pgd_correct(
     clean = torch.zeros(len(x), dtype=torch.bool)
     runs = torch.zeros(restarts, len(x), dtype=torch.bool)
     n_batches = math.ceil(len(x) / batch_size)
-    with eval_mode(model), progress_bar(n_batches * (restarts if eps > 0 else 1), desc, progress) as bar:
+    with eval_mode(model), progress_bar(n_batches * (restarts if threat is not None else 1), desc, progress) as bar:
         for b, (xb, yb) in enumerate(batches(x, y, batch_size, device)):
             sl = slice(b * batch_size, b * batch_size + len(xb))
             idx = range(index_offset + sl.start, index_offset + sl.stop)
             with torch.no_grad():
                 ok = (model(xb).argmax(1) == yb).cpu()
             clean[sl] = ok
-            if eps <= 0:
+            if threat is None:
                 runs[:, sl] = ok
                 if bar is not None:
                     bar.update(1)
                 continue
             for r in range(restarts):
-                x_adv = pgd_examples(model, xb, yb, idx, eps=eps, alpha=alpha, steps=steps, norm=norm, seed=seed, stream=(stream, r))
+                x_adv = pgd_examples(model, xb, yb, idx, threat, seed=seed, stream=(stream, r))
                 with torch.no_grad():
                     runs[r, sl] = ok & (model(x_adv).argmax(1) == yb).cpu()
                 if bar is not None:
@@ -171,12 +159,9 @@ def evaluate(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    threat: ThreatModel = DEFAULT_THREAT,
     *,
-    eps: float = DEFAULT_THREAT.eps,
-    alpha: float = DEFAULT_THREAT.alpha,
-    steps: int = 10,
     restarts: int = 1,
-    norm: Norm = "linf",
     batch_size: int = 256,
     attack: bool = True,
     progress: bool = False,
@@ -184,7 +169,7 @@ def evaluate(
     seed: int | None = None,
     index_offset: int = 0,
 ) -> dict:
-    """Clean and PGD-``steps`` accuracy of ``model`` on images ``x`` (uint8 or float in [0, 1]).
+    """Clean and PGD accuracy of ``model`` on images ``x`` (uint8 or float in [0, 1]) under ``threat``.
 
     Returns ``n``, ``clean_acc`` and, with ``attack``: ``pgd_acc`` (per-example worst
     case over the ``restarts`` runs), ``pgd_acc_per_restart`` (each run's accuracy),
@@ -195,12 +180,9 @@ def evaluate(
     check_inputs(x, y, batch_size)
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}")
-    if attack:
-        Threat(eps, norm)  # validates eps and norm before any work
     t0 = time.time()
     clean, runs = pgd_correct(
-        model, x, y, eps=eps if attack else 0.0, alpha=alpha, steps=steps, restarts=restarts if attack else 1, norm=norm,
-        batch_size=batch_size, seed=seed, progress=progress, desc=desc, index_offset=index_offset,
+        model, x, y, threat if attack else None, restarts=restarts if attack else 1, batch_size=batch_size, seed=seed, progress=progress, desc=desc, index_offset=index_offset,
     )
     n = len(x)
     out: dict = {"n": n, "clean_acc": clean.sum().item() / n, "clean_correct": int(clean.sum())}
@@ -214,7 +196,7 @@ def evaluate(
                 "pgd_acc_lowest_run": min(per_run),
                 "pgd_acc_mean_run": sum(per_run) / len(per_run),
                 "attack": {
-                    "name": "pgd", "norm": norm, "eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts,
+                    "name": "pgd", "norm": threat.norm, "eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "restarts": restarts,
                     "random_start": "per-example, seeded" if seed is not None else "global RNG", "seed": seed,
                 },
             }
@@ -228,31 +210,30 @@ def eps_sweep(
     x: torch.Tensor,
     y: torch.Tensor,
     eps_values: Sequence[float],
+    threat: ThreatModel = DEFAULT_THREAT,
     *,
-    alpha_ratio: float = 0.25,
-    steps: int = 10,
     restarts: int = 1,
-    norm: Norm = "linf",
     batch_size: int = 256,
     seed: int | None = 0,
     progress: bool = False,
 ) -> dict:
-    """PGD accuracy for each ε in ``eps_values`` (paper Figure 4); the step size is
-    ``alpha_ratio · ε`` (2/255 at 8/255 by default). ε = 0 gives the clean accuracy."""
+    """PGD accuracy for each ε in ``eps_values`` (paper Figure 4) under ``threat`` with its radius
+    changed: the step keeps ``threat``'s ratio to ε (2/255 at 8/255 by default). ε = 0 gives the clean accuracy."""
     if not eps_values:
         raise ConfigError("the ε sweep needs at least one ε")
     if any(e < 0 for e in eps_values):
         raise ConfigError(f"ε must be >= 0, got {list(eps_values)}")
     points = []
     t0 = time.time()
+    alpha_ratio = threat.alpha / threat.eps
     for e in sorted(eps_values):
         clean, runs = pgd_correct(
-            model, x, y, eps=e, alpha=max(alpha_ratio * e, 1e-12), steps=steps, restarts=restarts, norm=norm,
+            model, x, y, threat.replace(eps=e, alpha=alpha_ratio * e) if e > 0 else None, restarts=restarts,
             batch_size=batch_size, seed=seed, progress=progress, desc=f"ε={e:.4g}",
         )
         points.append({"eps": e, "alpha": alpha_ratio * e, "acc": runs.all(0).sum().item() / len(x)})
     return {
-        "n": len(x), "norm": norm, "steps": steps, "restarts": restarts, "alpha_ratio": alpha_ratio, "seed": seed,
+        "n": len(x), "norm": threat.norm, "steps": threat.steps, "restarts": restarts, "alpha_ratio": alpha_ratio, "seed": seed,
         "clean_acc": clean.sum().item() / len(x), "points": points, "time_s": time.time() - t0,
     }
 
@@ -262,12 +243,9 @@ def transfer_matrix(
     models: Mapping[str, nn.Module],
     x: torch.Tensor,
     y: torch.Tensor,
+    threat: ThreatModel = DEFAULT_THREAT,
     *,
-    eps: float = DEFAULT_THREAT.eps,
-    alpha: float = DEFAULT_THREAT.alpha,
-    steps: int = 10,
     restarts: int = 1,
-    norm: Norm = "linf",
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = False,
@@ -283,7 +261,6 @@ def transfer_matrix(
     if not names:
         raise ConfigError("the transfer matrix needs at least one model")
     check_inputs(x, y, batch_size)
-    Threat(eps, norm)
     mods = [models[n] for n in names]
     k = len(mods)
     robust = torch.zeros(k, k, dtype=torch.long)
@@ -303,7 +280,7 @@ def transfer_matrix(
                 dev = next(src.parameters()).device
                 ok = [c.clone() for c in clean_ok]
                 for r in range(restarts):
-                    x_adv = pgd_examples(src, xb.to(dev), yb.to(dev), idx, eps=eps, alpha=alpha, steps=steps, norm=norm, seed=seed, stream=(0, r))
+                    x_adv = pgd_examples(src, xb.to(dev), yb.to(dev), idx, threat, seed=seed, stream=(0, r))
                     for j, tgt in enumerate(mods):
                         tdev = next(tgt.parameters()).device
                         with torch.no_grad():
@@ -320,7 +297,7 @@ def transfer_matrix(
         "rows": "attacker (source of the PGD examples)",
         "columns": "victim (evaluated model)",
         "clean_acc": {names[j]: clean_n[j].item() / n for j in range(k)},
-        "attack": {"name": "pgd", "norm": norm, "eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts, "seed": seed},
+        "attack": {"name": "pgd", "norm": threat.norm, "eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "restarts": restarts, "seed": seed},
         "time_s": time.time() - t0,
     }
 
@@ -352,9 +329,8 @@ def autoattack(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    threat: ThreatModel = DEFAULT_THREAT,
     *,
-    eps: float = DEFAULT_THREAT.eps,
-    norm: Norm = "linf",
     version: AutoAttackVersion = "standard",
     apgd_restarts: int | None = None,
     batch_size: int = 256,
@@ -362,7 +338,8 @@ def autoattack(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> dict:
-    """Robust accuracy under AutoAttack (Croce & Hein 2020) from the ``pyautoattack`` package.
+    """Robust accuracy under AutoAttack (Croce & Hein 2020) from the ``pyautoattack`` package, in ``threat``'s
+    ball (its norm and ε; AutoAttack chooses its own steps).
 
     ``version="standard"`` runs APGD-CE, APGD-T, FAB-T and Square (the RobustBench
     protocol); ``"apgd-ce"`` runs APGD-CE alone (paper Table 8; ``apgd_restarts``
@@ -381,7 +358,7 @@ def autoattack(
     if version not in ("standard", "plus", "rand", "apgd-ce"):
         raise ConfigError(f"unknown AutoAttack version {version!r}; use standard, plus, rand or apgd-ce")
     check_inputs(x, y, batch_size)
-    Threat(eps, norm)
+    eps, norm = threat.eps, threat.norm
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     xf = to_unit_float(x).to(dev)
     yd = y.to(dev)
@@ -453,25 +430,23 @@ def square_correct(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    threat: ThreatModel = DEFAULT_THREAT,
     *,
-    eps: float = DEFAULT_THREAT.eps,
-    norm: Norm = "linf",
     n_queries: int = 1000,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = False,
 ) -> torch.Tensor:
     """Per-example correctness (bool, CPU) under the Square attack (Andriushchenko et al.
-    2020) of ``pyautoattack``: a score-based black-box attack (random search on the
+    2020) of ``pyautoattack`` in ``threat``'s ball: a score-based black-box attack (random search on the
     margin of the model's outputs; it never uses a gradient)."""
     try:
         from pyautoattack.square import SquareAttack
     except ImportError:
         raise ClatError("the Square attack needs the pyautoattack package (pip install 'pyautoattack>=0.2')") from None
     check_inputs(x, y, batch_size)
-    Threat(eps, norm)
     dev = next(model.parameters()).device
-    sq = SquareAttack(model, p_init=0.8, n_queries=n_queries, eps=eps, norm=_AA_NORM[norm], n_restarts=1, seed=seed,
+    sq = SquareAttack(model, p_init=0.8, n_queries=n_queries, eps=threat.eps, norm=_AA_NORM[threat.norm], n_restarts=1, seed=seed,
                       verbose=False, device=dev, resc_schedule=False)
     out = torch.zeros(len(x), dtype=torch.bool)
     with eval_mode(model), progress_bar(math.ceil(len(x) / batch_size), "Square (black-box)", progress) as bar:

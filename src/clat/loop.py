@@ -371,10 +371,9 @@ def _held_out(model: nn.Module, cfg: Config, splits: Splits, n_val: int, autocas
     lo, hi = n_val * i.rank // i.world_size, n_val * (i.rank + 1) // i.world_size
     counts = torch.zeros(2, dtype=torch.float64)
     if hi > lo:
-        a = cfg.attack
         with autocast():
-            r = evaluate(model, splits.x_val[lo:hi], splits.y_val[lo:hi], eps=a.eps, alpha=a.alpha, steps=cfg.eval.steps,
-                         restarts=cfg.eval.restarts, norm=a.norm, batch_size=cfg.data.eval_batch_size, progress=progress, desc="val",
+            r = evaluate(model, splits.x_val[lo:hi], splits.y_val[lo:hi], cfg.attack.threat().replace(steps=cfg.eval.steps),
+                         restarts=cfg.eval.restarts, batch_size=cfg.data.eval_batch_size, progress=progress, desc="val",
                          seed=cfg.seed, index_offset=lo)
         counts[:] = torch.tensor([r["clean_correct"], r["pgd_correct"]], dtype=torch.float64)
     dev = next(model.parameters()).device

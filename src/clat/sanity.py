@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import DEFAULT_THREAT, Norm, Threat
+from clat.attacks import DEFAULT_THREAT, ThreatModel
 from clat.errors import ConfigError
 from clat.evaluate import batches, check_inputs, eps_sweep, pgd_correct, pgd_examples, seeded_start, square_correct
 from clat.trainable import eval_mode
@@ -81,12 +81,9 @@ def sanity_checks(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    threat: ThreatModel = DEFAULT_THREAT,
     *,
-    eps: float = DEFAULT_THREAT.eps,
-    alpha: float = DEFAULT_THREAT.alpha,
-    steps: int = 10,
     restarts: int = 3,
-    norm: Norm = "linf",
     large_eps: float | None = None,
     surrogates: Mapping[str, nn.Module] | None = None,
     square_queries: int = 1000,
@@ -95,32 +92,32 @@ def sanity_checks(
     seed: int = 0,
     progress: bool = False,
 ) -> dict:
-    """Run every check on ``(x, y)``; returns ``{"checks": [...], "flags": [...], ...}``.
+    """Run every check on ``(x, y)`` under ``threat``; returns ``{"checks": [...], "flags": [...], ...}``.
 
     Each check has ``name``, ``title``, ``flag`` (True: possible gradient masking),
     ``message`` and ``values`` (the numbers behind it). ``square_queries=0`` skips
     the query-based black-box attack (the costliest check).
     """
     check_inputs(x, y, batch_size)
-    Threat(eps, norm)
-    if steps < 1 or restarts < 1:
-        raise ConfigError("sanity checks need steps >= 1 and restarts >= 1")
+    if restarts < 1:
+        raise ConfigError(f"sanity checks need restarts >= 1, got {restarts}")
+    eps, alpha, steps, norm = threat.eps, threat.alpha, threat.steps, threat.norm
     large = large_eps if large_eps is not None else (0.5 if norm == "linf" else 16.0)
     if large <= eps:
         raise ConfigError(f"the large ε of the sanity checks ({large}) must exceed ε ({eps})")
     t0 = time.time()
     n = len(x)
     slack = max(1, math.floor(tol * n))  # examples
-    common = dict(norm=norm, batch_size=batch_size, progress=progress)
+    common = dict(batch_size=batch_size, progress=progress)
     checks = []
 
     def acc(c: torch.Tensor) -> float:
         return c.sum().item() / n
 
     # white-box PGD: base, 5x steps (same starts), more restarts (other starts)
-    clean, base = pgd_correct(model, x, y, eps=eps, alpha=alpha, steps=steps, seed=seed, desc="sanity: PGD", **common)
-    _, longer = pgd_correct(model, x, y, eps=eps, alpha=alpha, steps=5 * steps, seed=seed, desc="sanity: 5x steps", **common)
-    _, multi = pgd_correct(model, x, y, eps=eps, alpha=alpha, steps=steps, restarts=restarts, seed=seed, stream="restarts", desc="sanity: restarts", **common)
+    clean, base = pgd_correct(model, x, y, threat, seed=seed, desc="sanity: PGD", **common)
+    _, longer = pgd_correct(model, x, y, threat.replace(steps=5 * steps), seed=seed, desc="sanity: 5x steps", **common)
+    _, multi = pgd_correct(model, x, y, threat, restarts=restarts, seed=seed, stream="restarts", desc="sanity: restarts", **common)
     base_ok, long_ok, multi_ok = base[0], longer[0], multi.all(0)
     white = base_ok & long_ok & multi_ok  # the strongest white-box result, per example
     d = long_ok.sum().item() - base_ok.sum().item()
@@ -141,7 +138,7 @@ def sanity_checks(
     # black-box: a query-based attack on the model's outputs, and transfer from surrogates
     bb: dict[str, float] = {}
     if square_queries > 0:
-        sq = square_correct(model, x, y, eps=eps, norm=norm, n_queries=square_queries, batch_size=batch_size, seed=seed, progress=progress)
+        sq = square_correct(model, x, y, threat, n_queries=square_queries, batch_size=batch_size, seed=seed, progress=progress)
         bb[f"Square, {square_queries} queries"] = acc(sq)
     tgt_dev = next(model.parameters()).device
     for name, sur in (surrogates or {}).items():
@@ -150,7 +147,7 @@ def sanity_checks(
         with eval_mode(model, sur):
             for b, (xb, yb) in enumerate(batches(x, y, batch_size, sur_dev)):
                 sl = slice(b * batch_size, b * batch_size + len(xb))
-                x_adv = pgd_examples(sur, xb, yb, range(sl.start, sl.stop), eps=eps, alpha=alpha, steps=steps, norm=norm, seed=seed, stream="transfer")
+                x_adv = pgd_examples(sur, xb, yb, range(sl.start, sl.stop), threat, seed=seed, stream="transfer")
                 with torch.no_grad():
                     ok[sl] = clean[sl] & (model(x_adv.to(tgt_dev)).argmax(1) == yb.to(tgt_dev)).cpu()
         bb[f"transfer from {name}"] = acc(ok)
@@ -164,7 +161,7 @@ def sanity_checks(
 
     # accuracy over ε: falls, and reaches ~0 at a huge ε
     eps_list = sorted({eps / 4, eps / 2, eps, 2 * eps, 4 * eps, large})
-    sweep = eps_sweep(model, x, y, eps_list, alpha_ratio=alpha / eps, steps=steps, seed=seed, **common)
+    sweep = eps_sweep(model, x, y, eps_list, threat, seed=seed, **common)
     accs = [p["acc"] for p in sweep["points"]]
     rises = [(sweep["points"][i]["eps"], sweep["points"][i + 1]["eps"]) for i in range(len(accs) - 1) if round((accs[i + 1] - accs[i]) * n) > slack]
     checks.append(_result(
@@ -187,7 +184,7 @@ def sanity_checks(
     with eval_mode(model), torch.no_grad():
         for b, (xb, yb) in enumerate(batches(x, y, batch_size, dev)):
             sl = slice(b * batch_size, b * batch_size + len(xb))
-            delta = seeded_start(xb.shape[1:], range(sl.start, sl.stop), eps=eps, norm=norm, seed=seed, stream=(0, 0)).to(xb)
+            delta = seeded_start(xb.shape[1:], range(sl.start, sl.stop), threat, seed=seed, stream=(0, 0)).to(xb)
             x_noise = (xb + delta).clamp(0, 1)
             noise_ok[sl] = clean[sl] & (model(x_noise).argmax(1) == yb).cpu()
     flag = noise_ok.sum().item() > 0 and base_ok.sum().item() >= noise_ok.sum().item()

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from clat.config import AttackConfig
+from clat.attacks import DEFAULT_THREAT, ThreatModel
 from clat.criticality import compute_criticality
 from clat.data import to_unit_float
 from clat.errors import ConfigError
@@ -25,19 +25,19 @@ def measure_pgd_at_epoch_time(
     *,
     n_train: int | None = None,
     batch_size: int = 128,
-    attack: AttackConfig | None = None,
+    threat: ThreatModel = DEFAULT_THREAT,
     n_batches: int = 3,
 ) -> float:
     """Seconds for one PGD-AT training epoch over ``n_train`` images (default ``len(x)``), extrapolated from
     ``n_batches`` timed steps of clat's PGD-AT stage (:class:`clat.stage.Stage`, the loop's own step) on a
-    copy of the model (the model itself is not changed). ``attack``: the run's threat model (default ℓ∞ 8/255)."""
+    copy of the model (the model itself is not changed). ``threat``: the run's threat model."""
     import copy
 
     from clat.methods import PGDAT
     from clat.stage import Stage
 
     m = copy.deepcopy(model)
-    stage = Stage(m, PGDAT(attack if attack is not None else AttackConfig()), lr=0.01)
+    stage = Stage(m, PGDAT(threat), lr=0.01)
     stage.model.train()
     device = next(m.parameters()).device
     xb, yb = to_unit_float(x[:batch_size].to(device)), y[:batch_size].to(device)
@@ -58,8 +58,7 @@ def criticality_stability(
     repeats: int = 5,
     reference_size: int = 500,
     k: int = 5,
-    attack: AttackConfig | None = None,
-    steps: int | None = None,
+    threat: ThreatModel = DEFAULT_THREAT,
     denominator: str = "upstream",
     seed: int = 0,
     epoch_time_s: float | None = None,
@@ -67,8 +66,7 @@ def criticality_stability(
 ) -> dict:
     """How stable the top-k critical layers are over random batches (paper Table 7).
 
-    ``attack`` is the threat model of the criticality perturbation (default ℓ∞ 8/255, step
-    2/255) and ``steps`` its PGD steps (default ``attack.steps``).
+    ``threat`` is the threat model of the criticality perturbation (its steps included).
 
     A reference ranking comes from ``reference_size`` images; for each batch size,
     ``repeats`` random batches (drawn from the rest of ``x``, so they never overlap
@@ -78,8 +76,6 @@ def criticality_stability(
     a fraction of ``epoch_time_s`` (one PGD-AT training epoch) when given. ``k`` is
     lowered to (eligible layers − 1) when it would cover every eligible layer.
     """
-    attack = attack if attack is not None else AttackConfig()
-    steps = attack.steps if steps is None else steps
     if repeats < 1 or reference_size < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError("criticality stability needs repeats >= 1, reference_size >= 1 and batch sizes >= 1")
     g = torch.Generator().manual_seed(seed)
@@ -92,7 +88,7 @@ def criticality_stability(
     def crit(idx: torch.Tensor):
         xb, yb = to_unit_float(x[idx].to(device)), y[idx].to(device)
         t0 = time.perf_counter()
-        res = compute_criticality(model, layers, xb, yb, attack=attack, steps=steps, denominator=denominator)
+        res = compute_criticality(model, layers, xb, yb, threat, denominator=denominator)
         return res, time.perf_counter() - t0
 
     layers = find_layers(model, to_unit_float(x[:2].to(device)))
@@ -135,7 +131,7 @@ def criticality_stability(
         "layers": [l.name for l in layers],
         "reference": {"size": len(ref_idx), "top_k": ref_top, "names": [layers[i].name for i in ref_top], "time_s": ref_time},
         "repeats": repeats,
-        "attack": {"eps": attack.eps, "alpha": attack.alpha, "steps": steps, "norm": attack.norm, "denominator": denominator},
+        "attack": {"eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "norm": threat.norm, "denominator": denominator},
         "seed": seed,
         "epoch_time_s": epoch_time_s,
         "rows": rows,

@@ -6,7 +6,7 @@ so there is one copy of the order that matters::
     Stage(model, method, ...)   every parameter trainable -> method.setup(model) -> SGD over all parameters
     stage.begin_epoch(ctx)      method.on_epoch_start (CLAT selects and freezes) -> frozen parameters lose their
                                 optimizer state -> BatchNorm train/eval modes as the method asks
-    stage.step(x, y)            autocast -> method.loss -> backward -> gradient sync -> method.after_backward
+    stage.step(x, y)            autocast -> method.loss (with the batch's shard) -> backward -> gradient sync -> method.after_backward
                                 -> optimizer step -> schedule step
 
 The trainable set is whatever has ``requires_grad`` after ``begin_epoch``: the optimizer holds every
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from clat import distributed as dist_mod
-from clat.attacks import batch_shard
+from clat.attacks import Shard
 from clat.trainable import set_bn_train_mode
 from clat.methods.base import EpochContext, Method
 
@@ -59,9 +59,9 @@ class StepRunner:
     def step(self, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        shard = batch_shard(self.rank * len(x), self.world * len(x)) if self.world > 1 else contextlib.nullcontext()
-        with shard, self.autocast():
-            loss, metrics = method.loss(self.model, x, y)
+        shard = Shard(self.rank * len(x), self.world * len(x)) if self.world > 1 else None
+        with self.autocast():
+            loss, metrics = method.loss(self.model, x, y, shard)
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.sync()

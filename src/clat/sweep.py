@@ -90,8 +90,8 @@ def _measure(model, splits, cfg: Config, s: SweepSettings) -> dict:
     n = len(splits.x_val) if s.n_val is None else min(s.n_val, len(splits.x_val))
     if n == 0:
         raise ConfigError("the layer sweep measures on the validation split, but it is empty: set data.val_size > 0")
-    a = cfg.attack
-    r = evaluate(model, splits.x_val[:n], splits.y_val[:n], eps=a.eps, alpha=a.eps / 4, steps=s.val_steps, norm=a.norm,
+    threat = cfg.attack.threat()
+    r = evaluate(model, splits.x_val[:n], splits.y_val[:n], threat.replace(alpha=threat.eps / 4, steps=s.val_steps),
                  batch_size=cfg.data.eval_batch_size, seed=0)
     return {"n": n, "clean_acc": r["clean_acc"], "pgd_acc": r["pgd_acc"], "attack": r["attack"]}
 
@@ -146,7 +146,7 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
         idx = torch.randperm(len(splits.x_train), generator=g)[: settings.estimator_images]
         x, y = to_unit_float(splits.x_train[idx].to(device)), splits.y_train[idx].to(device)
         t0 = time.time()
-        est = compute_estimates(model, layers, x, y, attack=base.attack, steps=base.clat.criticality.steps)
+        est = compute_estimates(model, layers, x, y, base.attack.threat().replace(steps=base.clat.criticality.steps))
         _write(out / "estimators.json", {"images": settings.estimator_images, "scores": est, "time_s": time.time() - t0})
         log(f"estimators computed in {time.time() - t0:.0f} s")
 

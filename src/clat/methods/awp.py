@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from clat.attacks import Shard
 from clat.config import AttackConfig
 from clat.trainable import frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, EpochContext, Method
@@ -61,8 +62,8 @@ class AWP(Method):
     def _weights(self, model: nn.Module) -> list[torch.Tensor]:
         return [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x_adv = self.base.adversarial(model, x, y)
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x_adv = self.base.adversarial(model, x, y, shard)
         if self._active and self.gamma > 0:
             weights = self._weights(model)
             with frozen_bn_statistics(model):  # statistics update once per step, in the real objective

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from clat.attacks import Shard, ThreatModel
 from clat.config import AttackConfig
 
 
@@ -31,8 +32,11 @@ class Method:
 
     name = "base"
 
-    def __init__(self, attack: AttackConfig) -> None:
-        self.attack = attack
+    def __init__(self, attack: AttackConfig | ThreatModel) -> None:
+        if isinstance(attack, ThreatModel):
+            attack = AttackConfig(eps=attack.eps, alpha=attack.alpha, steps=attack.steps, norm=attack.norm)
+        self.attack = attack  # the run's ``attack:`` section
+        self.threat: ThreatModel = attack.threat()  # the training threat model every attack of the method uses
 
     @classmethod
     def from_config(cls, ctx) -> "Method":
@@ -52,7 +56,9 @@ class Method:
             p.requires_grad_(True)
         return {}
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of a batch and the metrics to log. ``shard``: where ``x`` sits in a data-parallel
+        step's global batch; pass it to every random draw of an attack (``pgd(..., shard=shard)``)."""
         raise NotImplementedError
 
     def after_backward(self, model: nn.Module) -> None:
@@ -86,11 +92,11 @@ class AdversarialMethod(Method):
     as its CE term (``ce_on=base``).
     """
 
-    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.objective(model, x, self.adversarial(model, x, y), y)
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.objective(model, x, self.adversarial(model, x, y, shard), y)

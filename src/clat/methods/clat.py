@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import feature_distance, perturb
+from clat.attacks import Shard, feature_distance, perturb
 from clat.config import AttackConfig
 from clat.criticality import compute_criticality, eligible_mask, select_random
 from clat.distributed import broadcast_object
@@ -141,7 +141,7 @@ class CLAT(Method):
         cc = self.cfg.criticality
         x, y = ctx.sample_batch(cc.batch_size)
         result = compute_criticality(
-            model, self.layers, x, y, attack=self.attack, steps=cc.steps,
+            model, self.layers, x, y, self.threat.replace(steps=cc.steps),
             denominator=cc.denominator, scaling=cc.scaling, point=cc.point,
             include_classifier=cc.include_classifier, exclude=self.cfg.exclude,
         )
@@ -191,15 +191,14 @@ class CLAT(Method):
         return self._extractor
 
     # -- the objective ------------------------------------------------------------------
-    def attack_features(self, model: nn.Module, x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tensor:
+    def attack_features(self, model: nn.Module, x: torch.Tensor, target: dict[str, torch.Tensor], shard: Shard | None = None) -> torch.Tensor:
         """δ* of Eq. 8: maximise the feature distance to the (fixed) clean features."""
         ext = self.extractor(model)
-        a = self.attack
-        steps, alpha = (1, 1.25 * a.eps) if self.cfg.inner == "fast" else (a.steps, a.alpha)
+        threat = self.threat.replace(steps=1, alpha=1.25 * self.threat.eps) if self.cfg.inner == "fast" else self.threat
         with frozen_bn_statistics(model):
-            return perturb(lambda xa: feature_distance(ext(xa).outputs, target, self._scale), x, eps=a.eps, alpha=alpha, steps=steps, norm=a.norm)
+            return perturb(lambda xa: feature_distance(ext(xa).outputs, target, self._scale), x, threat, shard=shard)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not self.selected:
             raise RuntimeError("CLAT.loss called before any layer was selected (on_epoch_start)")
         ext = self.extractor(model)
@@ -207,7 +206,7 @@ class CLAT(Method):
         metrics: dict[str, torch.Tensor] = {}
         if ce_on == "base":  # first: a base method may perturb the weights for its loss (AWP); CLAT's term then sees them too
             assert self.base is not None
-            ce, base_metrics = self.base.loss(model, x, y)
+            ce, base_metrics = self.base.loss(model, x, y, shard)
             metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
             if self.lam == 0:  # the base loss alone on the selected layers (the layer sweep's PGD-AT objective): no feature term
                 metrics.update({"loss": ce.detach(), "ce": ce.detach()})
@@ -217,7 +216,7 @@ class CLAT(Method):
         else:
             clean = ext(x, stop_early=ce_on != "clean")  # clean features once per batch
         target = {n: f.detach() for n, f in clean.outputs.items()}
-        x_adv = self.attack_features(model, x, target)
+        x_adv = self.attack_features(model, x, target, shard)
         with frozen_bn_statistics(model):  # running statistics follow the clean data only (one update per step)
             adv = ext(x_adv, stop_early=ce_on != "adv")
         if ce_on == "adv":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clat.attacks import fgsm_rs
+from clat.attacks import Shard, fgsm_rs
 from clat.trainable import frozen_bn_statistics
 from clat.methods.pgd_at import PGDAT
 from clat.methods.registry import register_method
@@ -16,6 +16,6 @@ from clat.methods.registry import register_method
 @register_method("fast_at", label="Fast-AT", baseline=True)
 class FastAT(PGDAT):
 
-    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         with frozen_bn_statistics(model):
-            return fgsm_rs(model, x, y, eps=self.attack.eps)
+            return fgsm_rs(model, x, y, self.threat, shard=shard)

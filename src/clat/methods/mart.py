@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import ce_objective, perturb, randn_like
+from clat.attacks import Shard, ce_objective, perturb, randn_like
 from clat.config import AttackConfig
 from clat.trainable import eval_mode, frozen_bn_statistics
 from clat.methods.base import accuracy
@@ -57,10 +57,9 @@ class MART(PGDAT):
         self.beta = beta
         self.attack_mode = attack_mode
 
-    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a = self.attack
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         with eval_mode(model) if self.attack_mode == "eval" else frozen_bn_statistics(model):
-            return perturb(ce_objective(model, y), x, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm, delta0=0.001 * randn_like(x))
+            return perturb(ce_objective(model, y), x, self.threat, delta0=0.001 * randn_like(x, shard))
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits_adv = model(x_adv)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import pgd
+from clat.attacks import Shard, pgd
 from clat.trainable import frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, accuracy
 from clat.methods.registry import register_method
@@ -22,10 +22,9 @@ from clat.methods.registry import register_method
 @register_method("pgd_at", label="PGD-AT", baseline=True)
 class PGDAT(AdversarialMethod):
 
-    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a = self.attack
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         with frozen_bn_statistics(model):
-            return pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm)
+            return pgd(model, x, y, self.threat, shard=shard)
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x_adv)

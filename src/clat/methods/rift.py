@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import pgd
+from clat.attacks import Shard, pgd
 from clat.config import AttackConfig
 from clat.criticality import eligible_mask
 from clat.distributed import broadcast_object
@@ -112,8 +112,7 @@ class RiFT(Method):
         was = model.training
         model.eval()
         try:
-            a = self.attack
-            x_adv = pgd(model, x, y, eps=a.eps, alpha=a.alpha, steps=a.steps, norm=a.norm)
+            x_adv = pgd(model, x, y, self.threat)
             mrc = module_robust_criticality(model, self.layers, x_adv, y, eps=self.cfg.weight_eps, steps=self.cfg.steps)
         finally:
             model.train(was)
@@ -128,7 +127,7 @@ class RiFT(Method):
     def trainable_bns(self) -> list[str] | None:
         return [l.bn_name for l in self.selected if l.bn_name is not None]
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clat.attacks import Shard
 from clat.methods.base import Method, accuracy
 from clat.methods.registry import register_method
 
@@ -13,7 +14,7 @@ from clat.methods.registry import register_method
 @register_method("standard", label="Standard", baseline=True)
 class Standard(Method):
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import perturb, randn_like
+from clat.attacks import Shard, perturb, randn_like
 from clat.config import AttackConfig
 from clat.trainable import eval_mode, frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, accuracy
@@ -52,13 +52,11 @@ class TRADES(AdversarialMethod):
     def divergence(self, logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Tensor:
         return kl_per_sample(logits_adv, probs_clean)
 
-    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a = self.attack
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         with eval_mode(model) if self.attack_mode == "eval" else frozen_bn_statistics(model):
             with torch.no_grad():
                 p_clean = F.softmax(model(x), dim=1)
-            return perturb(lambda xa: self.divergence(model(xa), p_clean), x, eps=a.eps, alpha=a.alpha, steps=a.steps,
-                           norm=a.norm, delta0=0.001 * randn_like(x))
+            return perturb(lambda xa: self.divergence(model(xa), p_clean), x, self.threat, delta0=0.001 * randn_like(x, shard))
 
     def natural(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)
