@@ -96,7 +96,6 @@ LONG_FILES = {
     "layers.py": "layer discovery: the operation tracer and the provenance graph it builds are one algorithm",
     "report.py": "a run's report and the comparison of runs, from their JSON files",
     "runs.py": "the run-folder format: layout, checkpoints, manifest, lock, config, metrics",
-    "commands.py": "the four commands that attack a checkpoint share their threat-model, data and output resolution",
 }
 # Functions over ~80 lines, and why.
 LONG_FUNCTIONS = {
@@ -105,7 +104,6 @@ LONG_FUNCTIONS = {
     "autoattack": "argument checks, then one call of the reference implementation per chunk with its log parsed",
     "find_layers": "discovery in one pass: trace, then name, merge and order the layers",
     "criticality_stability": "the reference ranking and one loop over batch sizes and repeats",
-    "compute_criticality": "Eq. 5-6 over the layers, with each denominator variant spelled out",
     "layer_sweep": "the oracle's plan, resume and per-item loop",
 }
 
