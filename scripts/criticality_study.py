@@ -53,8 +53,9 @@ def pretrain(name: str, budget) -> None:
     spec = SWEEPS[name]
     if Path(spec["init"]).is_file():
         return
-    run = study.RUNS / f"{name}_pretrain"
-    study.run_training(run, load_config(spec["config"], [f"data.root={DATA_ROOT}"]), budget)
+    s = study.StudySettings.cpu()  # its runs/ and its study/partial/ for a pretraining cut short
+    run = s.runs / f"{name}_pretrain"
+    study.run_training(s, run, load_config(spec["config"], [f"data.root={DATA_ROOT}"]), budget)
     rows = study.rows_of(run)
     best = study.best_row(rows)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -33,135 +33,14 @@ import torch
 from clat.attacks import ThreatModel
 from clat.runs import RunDir
 
+# What a study is (its folders, seeds, epochs, attack sizes, the report's wording) is one StudySettings: the CPU
+# study, a paper-scale preset (--scale) or the toy check (--smoke). Every function below that depends on it takes
+# it as its first argument ``s``.
+from study_settings import (ARMS, CLAT_ARMS, DEVICE_FILE, LEGACY_DEVICE, PAPER_SCALE, REPO, TRADES_TRAIN_MODE, StudySettings, best_row, plan,
+                            read_json)
+
 # The threat model of every evaluation of the study (ℓ∞ 8/255, step 2/255: the paper's; the arms train under the same ε)
 THREAT = ThreatModel()
-
-REPO = Path(__file__).resolve().parents[1]
-RUNS = REPO / "runs" / "study"
-STUDY = REPO / "study"
-RESULTS = STUDY / "results"
-CKPTS = STUDY / "checkpoints"
-DOC = REPO / "docs" / "results.md"
-IMG = REPO / "docs" / "img"
-PRETRAIN_CFG = REPO / "configs" / "study" / "pgd_at_pretrain.yaml"
-IMG_PREFIX = "study_"  # the plots' file names in docs/img/
-
-SEEDS = (0, 1, 2, 3)  # 0-2 trained on the 2-core CPU; 3 on one H100 (scripts/study_gpu.sh), evaluated on both
-F_EPOCHS = 20  # epochs of every arm after the branch point
-ARM_SETTINGS = {"pretrain.epochs": 0, "finetune.epochs": F_EPOCHS, "finetune.lr": 0.01, "finetune.schedule": "cosine",
-                "clat.reselect_every": 4, "keep_checkpoints": 2}  # config overrides of every arm
-# A measurement kept beside the study: (run name, config, title, what it taught). Its run is the last work item.
-PILOT: tuple[str, Path, str, str] | None = (
-    "pilot_9k_pretrain", REPO / "configs" / "study" / "pilot_9k_pretrain.yaml", "First attempt: all 9,000 training images, 30 epochs",
-    "With all 9,000 training images this model underfits: accuracy on its own (weaker, PGD-5) training attack stays within a "
-    "few points of validation PGD-10 accuracy, and validation robustness stays on its plateau after the last decay instead of "
-    "falling. An underfit baseline would make the comparison "
-    "meaningless, so the study trains on fewer images for longer (below).")
-LAMBDAS = (0.01, 0.1, 1.0)  # swept on the validation split (seed 0) before the CLAT arms
-N_TEST_PGD = 2000  # every test image of the subset
-N_TEST_AA = 1000
-AA_CHUNK = 250
-PGD = {"steps": 20, "restarts": 5}
-
-# Settings the arms below were run with, named so that each arm stays one variant whatever the defaults become:
-# the criticality of clat 0.1 (denominator = the post-activation input; the paper's Eq. 6 is `upstream`), and
-# TRADES crafting its attack with batch statistics (clat 0.1; the reference code uses eval mode).
-INPUT_DENOMINATOR = "clat.criticality.denominator=input"
-PAPER_DENOMINATOR = "clat.criticality.denominator=upstream"
-TRADES_TRAIN_MODE = "trades.attack_mode=train"
-# arm name -> (branch checkpoint, finetune method, extra overrides, label)
-ARMS: dict[str, tuple[str, str, list[str], str]] = {
-    "pgd_at_cont": ("pgd_at", "pgd_at", [], "PGD-AT continued (full model)"),
-    "clat": ("pgd_at", "clat", [INPUT_DENOMINATOR], "CLAT (k=1, dynamic; clat 0.1's criticality)"),
-    "clat_random": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.selection=random"], "CLAT, random layers"),
-    "clat_nondynamic": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.dynamic=false"], "CLAT, non-dynamic"),
-    "clat_ce_adv": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.ce_on=adv"], "CLAT, CE on x+δ*"),
-    "rift": ("pgd_at", "rift", [], "RiFT"),
-    "lora": ("pgd_at", "lora", [], "LoRA (rank 8, every conv)"),
-    "trades_cont": ("trades", "trades", [TRADES_TRAIN_MODE], "TRADES continued (full model)"),
-    "trades_clat": ("trades", "clat", [INPUT_DENOMINATOR, TRADES_TRAIN_MODE], "TRADES + CLAT"),
-    # The paper's own criticality (Eq. 6 along the dataflow, clat 0.2's default) and a fair random control: with automatic λ
-    # the feature term has the same weight whatever layers are chosen (docs/criticality.md measures which layers help).
-    "clat_paper": ("pgd_at", "clat", [PAPER_DENOMINATOR], "CLAT, the paper's Eq. 6 (k=1, dynamic)"),
-    "clat_paper_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.lam_mode=auto"], "CLAT, Eq. 6, automatic λ"),
-    "clat_random_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.selection=random", "clat.lam_mode=auto"], "CLAT, random layers, automatic λ"),
-}
-CLAT_ARMS = {a for a, v in ARMS.items() if v[1] == "clat"}
-DATA_ROOT = REPO.parent / "shared" / "data"
-DATASET, DOWNLOAD, VERIFY = "cifar10", False, False  # the subset is JPEG-recovered: it cannot match the official MD5s
-EXTRA: list[str] = [f"data.root={DATA_ROOT}"]  # overrides added to every run (and the --smoke mode's tiny settings)
-# What docs/results*.md says about the setting (the paper-scale presets replace it).
-TEXT = {
-    "title": "the CIFAR-10 subset",
-    "data": "the CIFAR-10 subset in `../shared/data` (JPEG-recovered; 10,000 training and 2,000 test images). The study uses "
-            "its first 3,000 training images: 2,000 to train on and 1,000 held out (fixed split, `data.split_seed=0`) that "
-            "decide every choice below (with all 9,000 the model underfits: see the first attempt below); the 2,000 test "
-            "images are used only for the final evaluation.",
-    "model": "CIFAR ResNet-18 at 1/4 width (`resnet18_w16`, 0.70M parameters, 21 layers), PGD-AT (ε = 8/255, PGD-5 with step "
-             "2/255 in training), SGD momentum 0.9, weight decay 5e-4, batch 128, lr 0.1 divided by 10 at 50% and 75% of 80 epochs "
-             "(Rice et al.'s piecewise schedule), channels-last (`configs/study/pgd_at_pretrain.yaml`).",
-    "plot_title": "PGD-AT on the CIFAR-10 subset, ResNet-18 at 1/4 width",
-    "train_attack": "PGD-5",
-    "k": "k = 1, the paper's default for ResNet-18; dynamic re-selection every 4 epochs, i.e. 5 selections as in the paper's "
-         "50 epochs with re-selection every 10",
-    "machine": "2 CPU cores",
-    "command": ".venv/bin/python scripts/study.py",
-    "sessions": "The whole study needs several sessions of 2 hours.",
-}
-
-# The same study at paper scale, for a GPU: full CIFAR-10/100 (downloaded, MD5-verified), 50 epochs of PGD-AT (PGD-10),
-# then every arm 50 epochs. python scripts/study.py --scale cifar10_preact_resnet18 --data-root /data --hours 24
-PAPER_SCALE = {
-    "cifar10_preact_resnet18": ("cifar10", "PreAct ResNet-18 (`preact_resnet18`, 11.2M parameters)", 1),
-    "cifar10_wrn34_10": ("cifar10", "WideResNet-34-10 (`wrn34_10`, 46.2M parameters)", 2),
-    "cifar100_preact_resnet18": ("cifar100", "PreAct ResNet-18 (`preact_resnet18`, 11.2M parameters)", 1),
-    "cifar100_wrn34_10": ("cifar100", "WideResNet-34-10 (`wrn34_10`, 46.2M parameters)", 2),
-}
-
-
-def configure_paper(name: str, data_root: Path) -> None:
-    """Point the study at a paper-scale preset (``configs/study/paper/<name>.yaml``): its own runs/, study/ and
-    docs/results_<name>.md, F = 50 epochs per arm with re-selection every 10, PGD-20x5 on all 10,000 test images
-    and AutoAttack on the first 1,000 (in chunks of 500)."""
-    global RUNS, STUDY, RESULTS, CKPTS, DOC, PRETRAIN_CFG, IMG_PREFIX, F_EPOCHS, N_TEST_PGD, N_TEST_AA, AA_CHUNK
-    global DATA_ROOT, DATASET, DOWNLOAD, VERIFY, PILOT, SEEDS
-    dataset, model_text, k = PAPER_SCALE[name]
-    SEEDS = (0, 1, 2)
-    RUNS, STUDY, DOC = REPO / "runs" / f"study_{name}", REPO / "study" / "paper" / name, REPO / "docs" / f"results_{name}.md"
-    RESULTS, CKPTS = STUDY / "results", STUDY / "checkpoints"
-    PRETRAIN_CFG, IMG_PREFIX = REPO / "configs" / "study" / "paper" / f"{name}.yaml", f"study_{name}_"
-    F_EPOCHS, N_TEST_PGD, N_TEST_AA, AA_CHUNK = 50, 10_000, 1000, 500
-    ARM_SETTINGS.update({"finetune.epochs": F_EPOCHS, "clat.reselect_every": 10})
-    DATA_ROOT, DATASET, DOWNLOAD, VERIFY, PILOT = data_root, dataset, True, True, None
-    EXTRA[:] = [f"data.root={DATA_ROOT}"]
-    full = "CIFAR-10" if dataset == "cifar10" else "CIFAR-100"
-    TEXT.update({
-        "title": f"full {full} with {model_text.split(' (')[0]}",
-        "data": f"full {full} (50,000 training and 10,000 test images; downloaded and MD5-verified). 1,000 training images are "
-                "held out (fixed split, `data.split_seed=0`) and decide every choice below; the test images are used only for the "
-                "final evaluation.",
-        "model": f"{model_text}, PGD-AT (ε = 8/255, PGD-10 with step 2/255 in training), SGD momentum 0.9, weight decay 5e-4, "
-                 f"batch 128, lr 0.1 divided by 10 at 50% and 75% of 50 epochs (`configs/study/paper/{name}.yaml`).",
-        "plot_title": f"PGD-AT on {full}, {model_text.split(' (')[0]}",
-        "train_attack": "PGD-10",
-        "k": f"k = {k}, the paper's default for this model; dynamic re-selection every 10 epochs (5 selections, as in the paper)",
-        "machine": "the GPU",
-        "command": f"python scripts/study.py --scale {name} --data-root DATA",
-        "sessions": "A paper-scale arm is 50 GPU epochs: give `--hours` the length of the lease; the next call continues.",
-    })
-
-
-def configure_smoke(root: Path) -> None:
-    """Everything at toy size in ``root``: checks the whole pipeline in about a minute."""
-    global RUNS, STUDY, RESULTS, CKPTS, DOC, IMG, SEEDS, F_EPOCHS, LAMBDAS, N_TEST_PGD, N_TEST_AA, AA_CHUNK, PGD
-    RUNS, STUDY, DOC, IMG = root / "runs", root / "study", root / "results.md", root / "img"
-    RESULTS, CKPTS = STUDY / "results", STUDY / "checkpoints"
-    SEEDS, F_EPOCHS, LAMBDAS = (0, 1), 2, (0.1, 1.0)
-    N_TEST_PGD, N_TEST_AA, AA_CHUNK, PGD = 40, 8, 4, {"steps": 2, "restarts": 2}
-    ARM_SETTINGS["finetune.epochs"] = F_EPOCHS
-    EXTRA[:] = [f"data.root={DATA_ROOT}", "model.name=tiny_cnn", "data.train_size=260", "data.val_size=40", "pretrain.epochs=3", "eval.n_examples=40",
-                "eval.steps=2", "attack.steps=1", "data.batch_size=64", "clat.criticality.batch_size=20", "clat.criticality.steps=1",
-                "rift.batch_size=20", "rift.steps=1", "rift.alphas=[0.0,1.0]", "keep_checkpoints=3", "channels_last=false"]
 
 
 class OutOfTime(Exception):
@@ -170,10 +49,6 @@ class OutOfTime(Exception):
 
 def log(msg: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def read_json(p: Path):
-    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def write_json(p: Path, obj) -> None:
@@ -188,11 +63,6 @@ def device_label() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({torch.get_num_threads()} threads)"
-
-
-# Files written before the study recorded devices (2026-11-27) all came from the CPU study on 2 cores.
-LEGACY_DEVICE = "CPU (2 threads)"
-DEVICE_FILE = "study_device.json"  # in a run directory: the devices that trained it (kept with it in study/partial/)
 
 
 def note_device(run: Path) -> None:
@@ -223,50 +93,45 @@ class Budget:
 
 
 # -- training in chunks --------------------------------------------------------------------
-def partial_dir(run: Path) -> Path:
+def partial_dir(s: StudySettings, run: Path) -> Path:
     """Where an unfinished item's run is kept across sessions (committed; runs/ is not)."""
-    return STUDY / "partial" / run.name
+    return s.study / "partial" / run.name
 
 
-def save_partial(run: Path) -> None:
+def save_partial(s: StudySettings, run: Path) -> None:
     """Keep an unfinished run across sessions (runs/ is not committed): its config, metrics, latest
     checkpoint and the weights of its best validation epoch go to study/partial/<run>/."""
     from clat.runs import RunDir
 
     rows = rows_of(run)
     best = {best_row(rows)["epoch"] - 1} if rows and "val" in rows[0] else set()
-    dst = partial_dir(run)
+    dst = partial_dir(s, run)
     what = RunDir(run).export(dst, weights_of=best, extra=(DEVICE_FILE,))
     if what == "finished":
-        log(f"{run.name}: trained weights kept in {dst.relative_to(STUDY.parent)} until its evaluation is written")
+        log(f"{run.name}: trained weights kept in {dst.relative_to(s.study.parent)} until its evaluation is written")
     elif what:
-        log(f"{run.name}: unfinished run saved to {dst.relative_to(STUDY.parent)} (continues next session)")
+        log(f"{run.name}: unfinished run saved to {dst.relative_to(s.study.parent)} (continues next session)")
 
 
-def restore_partial(run: Path) -> None:
-    src = partial_dir(run)
+def restore_partial(s: StudySettings, run: Path) -> None:
+    src = partial_dir(s, run)
     if src.is_dir() and not run.exists():
         shutil.copytree(src, run)
-        log(f"{run.name}: continuing the run saved in {src.relative_to(STUDY.parent)}")
+        log(f"{run.name}: continuing the run saved in {src.relative_to(s.study.parent)}")
 
 
-def run_training(run: Path, cfg, budget: Budget, until: int | None = None, keep_partial: bool = False) -> None:
+def run_training(s: StudySettings, run: Path, cfg, budget: Budget, until: int | None = None, keep_partial: bool = False) -> None:
     """Train ``cfg`` in ``run`` one epoch per call of clat.train, resuming, until done (or ``until``).
     When the budget ends first, the run is saved to study/partial/ for the next session. ``keep_partial``:
     leave a saved copy there (the caller drops it once the item is finished: an arm's evaluation follows)."""
-    restore_partial(run)
+    restore_partial(s, run)
     try:
         _train_epochs(run, cfg, budget, until)
     except OutOfTime:
-        save_partial(run)
+        save_partial(s, run)
         raise
     if not keep_partial:
-        shutil.rmtree(partial_dir(run), ignore_errors=True)
-
-
-def best_row(rows: list[dict]) -> dict:
-    """The epoch of the highest validation PGD accuracy (the earlier one on ties): the branch point rule."""
-    return max(rows, key=lambda r: (r["val"]["pgd_acc"], -r["epoch"]))
+        shutil.rmtree(partial_dir(s, run), ignore_errors=True)
 
 
 def prune_checkpoints(run: Path) -> None:
@@ -303,76 +168,76 @@ def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
         log(f"{run.name}: epoch {done + 1}/{stop} in {time.time() - t0:.0f} s")
 
 
-def pretrain_cfg(method: str = "pgd_at"):
+def pretrain_cfg(s: StudySettings, method: str = "pgd_at"):
     from clat.config import load_config
 
-    return load_config(PRETRAIN_CFG, [f"pretrain.method={method}", *EXTRA, *([TRADES_TRAIN_MODE] if method == "trades" else [])])
+    return load_config(s.pretrain_cfg, [f"pretrain.method={method}", *s.extra, *([TRADES_TRAIN_MODE] if method == "trades" else [])])
 
 
-def branch_point() -> dict | None:
-    return read_json(RESULTS / "branch.json")
+def branch_point(s: StudySettings) -> dict | None:
+    return read_json(s.results / "branch.json")
 
 
-def do_pretraining(budget: Budget) -> dict:
+def do_pretraining(s: StudySettings, budget: Budget) -> dict:
     """PGD-AT for the whole schedule; P = the epoch of best validation PGD accuracy."""
-    b = branch_point()
+    b = branch_point(s)
     if b is not None:
         return b
-    run = RUNS / "pgd_at_pretrain"
-    cfg = pretrain_cfg()
-    run_training(run, cfg, budget)
+    run = s.runs / "pgd_at_pretrain"
+    cfg = pretrain_cfg(s)
+    run_training(s, run, cfg, budget)
     rows = rows_of(run)
     best = best_row(rows)
     p = best["epoch"]
-    CKPTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(RunDir(run).checkpoints().weights(p - 1), CKPTS / "pgd_at_branch.safetensors")
-    write_json(RESULTS / "pgd_at_pretrain.json", {"config": str(PRETRAIN_CFG.relative_to(REPO)), "rows": rows,
-                                                 "summary": RunDir(run).summary(), "train_devices": train_devices(run)})
+    s.ckpts.mkdir(parents=True, exist_ok=True)
+    shutil.copy(RunDir(run).checkpoints().weights(p - 1), s.ckpts / "pgd_at_branch.safetensors")
+    write_json(s.results / "pgd_at_pretrain.json", {"config": str(s.pretrain_cfg.relative_to(REPO)), "rows": rows,
+                                                   "summary": RunDir(run).summary(), "train_devices": train_devices(run)})
     b = {"epoch": p, "val": best["val"], "rule": "epoch of the highest validation PGD-10 accuracy (earliest on ties)",
          "last_val": rows[-1]["val"], "epochs": len(rows)}
-    write_json(RESULTS / "branch.json", b)
+    write_json(s.results / "branch.json", b)
     log(f"branch point: epoch {p} (val PGD {best['val']['pgd_acc']:.3f}, last epoch {rows[-1]['val']['pgd_acc']:.3f})")
     return b
 
 
-def do_pilot(budget: Budget) -> None:
-    if PILOT is None or (RESULTS / f"{PILOT[0]}.json").is_file():
+def do_pilot(s: StudySettings, budget: Budget) -> None:
+    if s.pilot is None or (s.results / f"{s.pilot[0]}.json").is_file():
         return
     from clat.config import load_config
 
-    run = RUNS / PILOT[0]
-    run_training(run, load_config(PILOT[1], EXTRA), budget)
-    write_json(RESULTS / f"{PILOT[0]}.json", {"config": str(PILOT[1].relative_to(REPO)), "rows": rows_of(run),
-                                             "summary": RunDir(run).summary()})
+    run = s.runs / s.pilot[0]
+    run_training(s, run, load_config(s.pilot[1], s.extra), budget)
+    write_json(s.results / f"{s.pilot[0]}.json", {"config": str(s.pilot[1].relative_to(REPO)), "rows": rows_of(run),
+                                                 "summary": RunDir(run).summary()})
 
 
-def do_trades_pretraining(budget: Budget, p: int) -> None:
-    if (CKPTS / "trades_branch.safetensors").is_file():
+def do_trades_pretraining(s: StudySettings, budget: Budget, p: int) -> None:
+    if (s.ckpts / "trades_branch.safetensors").is_file():
         return
-    run = RUNS / "trades_pretrain"
-    run_training(run, pretrain_cfg("trades"), budget, until=p)
-    shutil.copy(RunDir(run).checkpoints().weights(p - 1), CKPTS / "trades_branch.safetensors")
-    write_json(RESULTS / "trades_pretrain.json", {"rows": rows_of(run), "stopped_at": p})
+    run = s.runs / "trades_pretrain"
+    run_training(s, run, pretrain_cfg(s, "trades"), budget, until=p)
+    shutil.copy(RunDir(run).checkpoints().weights(p - 1), s.ckpts / "trades_branch.safetensors")
+    write_json(s.results / "trades_pretrain.json", {"rows": rows_of(run), "stopped_at": p})
 
 
-def arm_cfg(arm: str, seed: int, lam: float | None):
+def arm_cfg(s: StudySettings, arm: str, seed: int, lam: float | None):
     from clat.config import load_config
 
     branch, method, extra, _ = ARMS[arm]
-    over = [f"init={CKPTS / f'{branch}_branch.safetensors'}", f"finetune.method={method}", f"seed={seed}",
-            *(f"{k}={v}" for k, v in ARM_SETTINGS.items()), *extra]
+    over = [f"init={s.ckpts / f'{branch}_branch.safetensors'}", f"finetune.method={method}", f"seed={seed}",
+            *(f"{k}={v}" for k, v in s.arm_settings.items()), *extra]
     if branch == "trades":
         over.append("pretrain.method=trades")  # CLAT's base method (used only with clat.ce_on=base)
     if lam is not None:
         over.append(f"clat.lam={lam}")
-    return load_config(PRETRAIN_CFG, [*EXTRA, *over])
+    return load_config(s.pretrain_cfg, [*s.extra, *over])
 
 
 # -- evaluation ----------------------------------------------------------------------------
-def test_data():
+def test_data(s: StudySettings):
     from clat.data import load_cifar
 
-    return load_cifar(DATASET, DATA_ROOT, False, download=DOWNLOAD, verify=VERIFY)
+    return load_cifar(s.dataset, s.data_root, False, download=s.download, verify=s.verify)
 
 
 def load_weights(path: Path):
@@ -382,18 +247,18 @@ def load_weights(path: Path):
     return model.to(memory_format=torch.channels_last).eval()
 
 
-def evaluate_weights(weights: Path, out_dir: Path, budget: Budget, name: str) -> dict:
+def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Budget, name: str) -> dict:
     """Clean + PGD-20 (worst of 5) on all test images, standard AutoAttack on the first 1,000 (in chunks)."""
     from clat.evaluate import autoattack, evaluate
 
-    x, y = test_data()
+    x, y = test_data(s)
     model = load_weights(weights)
     pgd_file = out_dir / "pgd.json"
     if not pgd_file.is_file():
         budget.check()
         # in two parts, so that PGD is also known on exactly the images AutoAttack sees
-        parts = [(0, N_TEST_AA), (N_TEST_AA, N_TEST_PGD)]
-        r = [evaluate(model, x[a:b], y[a:b], eps=THREAT.eps, alpha=THREAT.alpha, norm=THREAT.norm, steps=PGD["steps"], restarts=PGD["restarts"],
+        parts = [(0, s.n_test_aa), (s.n_test_aa, s.n_test_pgd)]
+        r = [evaluate(model, x[a:b], y[a:b], eps=THREAT.eps, alpha=THREAT.alpha, norm=THREAT.norm, steps=s.pgd["steps"], restarts=s.pgd["restarts"],
                       batch_size=500, seed=0, index_offset=a) for a, b in parts if b > a]
         n = sum(p["n"] for p in r)
         r = {"n": n, "clean_acc": sum(p["clean_correct"] for p in r) / n, "pgd_acc": sum(p["pgd_correct"] for p in r) / n,
@@ -402,13 +267,13 @@ def evaluate_weights(weights: Path, out_dir: Path, budget: Budget, name: str) ->
         write_json(pgd_file, r)
         log(f"{name}: clean {r['clean_acc']:.3f} PGD {r['pgd_acc']:.3f} ({r['time_s']:.0f} s)")
     chunks = []
-    for i in range(0, N_TEST_AA, AA_CHUNK):
+    for i in range(0, s.n_test_aa, s.aa_chunk):
         f = out_dir / f"aa_{i:05d}.json"
         if not f.is_file():
             budget.check()
-            r = autoattack(model, x[i : i + AA_CHUNK], y[i : i + AA_CHUNK], eps=THREAT.eps, norm=THREAT.norm, version="standard", batch_size=AA_CHUNK, seed=i)
+            r = autoattack(model, x[i : i + s.aa_chunk], y[i : i + s.aa_chunk], eps=THREAT.eps, norm=THREAT.norm, version="standard", batch_size=s.aa_chunk, seed=i)
             write_json(f, {**r, "device": device_label()})
-            log(f"{name}: AutoAttack images {i}-{i + AA_CHUNK}: {r['robust_acc']:.3f} ({r['time_s']:.0f} s)")
+            log(f"{name}: AutoAttack images {i}-{i + s.aa_chunk}: {r['robust_acc']:.3f} ({r['time_s']:.0f} s)")
         chunks.append(read_json(f))
     pgd = read_json(pgd_file)
     n = sum(c["n"] for c in chunks)
@@ -421,79 +286,79 @@ def evaluate_weights(weights: Path, out_dir: Path, budget: Budget, name: str) ->
     }
 
 
-def do_reference(name: str, budget: Budget) -> None:
+def do_reference(s: StudySettings, name: str, budget: Budget) -> None:
     """The branch checkpoints themselves, evaluated like the arms ("before")."""
-    out = RESULTS / f"{name}_branch_eval.json"
+    out = s.results / f"{name}_branch_eval.json"
     if out.is_file():
         return
-    res = evaluate_weights(CKPTS / f"{name}_branch.safetensors", STUDY / "eval" / f"{name}_branch", budget, f"{name} branch")
+    res = evaluate_weights(s, s.ckpts / f"{name}_branch.safetensors", s.study / "eval" / f"{name}_branch", budget, f"{name} branch")
     write_json(out, res)
 
 
 # -- λ and the arms ------------------------------------------------------------------------
-def chosen_lambda() -> float | None:
-    d = read_json(RESULTS / "lambda.json")
+def chosen_lambda(s: StudySettings) -> float | None:
+    d = read_json(s.results / "lambda.json")
     return None if d is None else d["chosen"]
 
 
-def do_lambda_sweep(budget: Budget) -> float:
-    lam = chosen_lambda()
+def do_lambda_sweep(s: StudySettings, budget: Budget) -> float:
+    lam = chosen_lambda(s)
     if lam is not None:
         return lam
     finals = {}
-    for value in LAMBDAS:
-        run = RUNS / f"lam_{value:g}"
-        run_training(run, arm_cfg("clat", 0, value), budget)
+    for value in s.lambdas:
+        run = s.runs / f"lam_{value:g}"
+        run_training(s, run, arm_cfg(s, "clat", 0, value), budget)
         finals[value] = rows_of(run)[-1]["val"]
-    best = max(LAMBDAS, key=lambda v: (finals[v]["pgd_acc"], finals[v]["clean_acc"]))
-    write_json(RESULTS / "lambda.json", {"chosen": best, "final_val": {f"{v:g}": finals[v] for v in LAMBDAS}, "seed": 0,
-                                         "rule": "highest final validation PGD-10 accuracy (clean accuracy breaks ties)"})
-    log(f"λ = {best:g} ({ {f'{v:g}': round(finals[v]['pgd_acc'], 3) for v in LAMBDAS} })")
+    best = max(s.lambdas, key=lambda v: (finals[v]["pgd_acc"], finals[v]["clean_acc"]))
+    write_json(s.results / "lambda.json", {"chosen": best, "final_val": {f"{v:g}": finals[v] for v in s.lambdas}, "seed": 0,
+                                           "rule": "highest final validation PGD-10 accuracy (clean accuracy breaks ties)"})
+    log(f"λ = {best:g} ({ {f'{v:g}': round(finals[v]['pgd_acc'], 3) for v in s.lambdas} })")
     return best
 
 
-def do_arm(arm: str, seed: int, lam: float, budget: Budget) -> None:
-    out = RESULTS / f"{arm}_s{seed}.json"
+def do_arm(s: StudySettings, arm: str, seed: int, lam: float, budget: Budget) -> None:
+    out = s.results / f"{arm}_s{seed}.json"
     if out.is_file():
         return
-    run = RUNS / f"{arm}_s{seed}"
-    if arm == "clat" and seed == 0 and RunDir(RUNS / f"lam_{lam:g}").finished() and not run.exists():
-        shutil.copytree(RUNS / f"lam_{lam:g}", run)  # the sweep's run with the chosen λ is this arm's seed-0 run
-    run_training(run, arm_cfg(arm, seed, lam if arm in CLAT_ARMS else None), budget, keep_partial=True)
+    run = s.runs / f"{arm}_s{seed}"
+    if arm == "clat" and seed == 0 and RunDir(s.runs / f"lam_{lam:g}").finished() and not run.exists():
+        shutil.copytree(s.runs / f"lam_{lam:g}", run)  # the sweep's run with the chosen λ is this arm's seed-0 run
+    run_training(s, run, arm_cfg(s, arm, seed, lam if arm in CLAT_ARMS else None), budget, keep_partial=True)
     # The trained weights go to study/partial/ before the evaluation and stay until the result is written: a
     # session that ends or is killed during it must not leave them only in runs/, which is not committed.
     # (The finished attack chunks are kept in study/eval/ as they are done.)
-    if not RunDir(partial_dir(run)).finished():
-        save_partial(run)
-    res = evaluate_weights(RunDir(run).weights_path, STUDY / "eval" / run.name, budget, run.name)
+    if not RunDir(partial_dir(s, run)).finished():
+        save_partial(s, run)
+    res = evaluate_weights(s, RunDir(run).weights_path, s.study / "eval" / run.name, budget, run.name)
     summary = RunDir(run).summary()
     rows = rows_of(run)
     write_json(out, {"arm": arm, "seed": seed, "label": ARMS[arm][3], "lam": lam if arm in CLAT_ARMS else None, "test": res,
                      "trainable_params": summary["trainable_params_last"], "total_params": summary["total_params"],
                      "train_time_s": summary["train_time_s"], "train_devices": train_devices(run),
                      "rows": rows, "selection_history": summary["selection_history"]})
-    shutil.rmtree(partial_dir(run), ignore_errors=True)
+    shutil.rmtree(partial_dir(s, run), ignore_errors=True)
     log(f"{arm} seed {seed}: done")
 
 
-def supersede(items: list[str], why: str) -> None:
+def supersede(s: StudySettings, items: list[str], why: str) -> None:
     """Set finished arm items aside to be redone: their result goes to study/superseded/ (with ``why``), their
     attack chunks and any saved run with it, so that the next run of the study trains and evaluates them again."""
     for item in items:
-        res = RESULTS / f"{item}.json"
+        res = s.results / f"{item}.json"
         if not res.is_file():
-            raise SystemExit(f"study.py: --redo {item}: no finished item of that name in {_rel_study(RESULTS)} (names look like clat_s2)")
-    dst = STUDY / "superseded"
+            raise SystemExit(f"study.py: --redo {item}: no finished item of that name in {_rel_study(s.results)} (names look like clat_s2)")
+    dst = s.study / "superseded"
     for item in items:
-        d = read_json(RESULTS / f"{item}.json")
+        d = read_json(s.results / f"{item}.json")
         write_json(dst / f"{item}.json", {**d, "superseded_because": why, "superseded_on": time.strftime("%Y-%m-%d")})
-        (RESULTS / f"{item}.json").unlink()
-        if (STUDY / "eval" / item).is_dir():
+        (s.results / f"{item}.json").unlink()
+        if (s.study / "eval" / item).is_dir():
             shutil.rmtree(dst / "eval" / item, ignore_errors=True)
             (dst / "eval").mkdir(parents=True, exist_ok=True)
-            shutil.move(str(STUDY / "eval" / item), str(dst / "eval" / item))
-        shutil.rmtree(partial_dir(RUNS / item), ignore_errors=True)
-        shutil.rmtree(RUNS / item, ignore_errors=True)
+            shutil.move(str(s.study / "eval" / item), str(dst / "eval" / item))
+        shutil.rmtree(partial_dir(s, s.runs / item), ignore_errors=True)
+        shutil.rmtree(s.runs / item, ignore_errors=True)
         log(f"{item}: set aside in {_rel_study(dst)} ({why}); the study redoes it")
 
 
@@ -501,30 +366,25 @@ def _rel_study(p: Path) -> str:
     return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
 
 
-def plan() -> list[tuple[str, bool]]:
-    items = [(PILOT[0], (RESULTS / f"{PILOT[0]}.json").is_file())] if PILOT else []
-    items += [("pgd_at_pretrain", (RESULTS / "branch.json").is_file()),
-             ("trades_pretrain (to P)", (CKPTS / "trades_branch.safetensors").is_file()),
-             ("lambda sweep", (RESULTS / "lambda.json").is_file()),
-             ("eval pgd_at branch", (RESULTS / "pgd_at_branch_eval.json").is_file()),
-             ("eval trades branch", (RESULTS / "trades_branch_eval.json").is_file())]
-    items += [(f"{a} seed {s}", (RESULTS / f"{a}_s{s}.json").is_file()) for s in SEEDS for a in ARMS]
-    return items
-
-
-def run_all(budget: Budget, seeds: tuple[int, ...] | None = None, arms: list[str] | None = None) -> None:
+def run_all(s: StudySettings, budget: Budget, seeds: tuple[int, ...] | None = None, arms: list[str] | None = None) -> None:
     """Every work item in order. ``seeds``/``arms`` restrict the arm items to a subset: parallel workers (one
     per arm, say, on a GPU) each take their own; the shared items before them must be done already then."""
-    b = do_pretraining(budget)
-    do_trades_pretraining(budget, b["epoch"])
-    lam = do_lambda_sweep(budget)
-    do_reference("pgd_at", budget)
-    do_reference("trades", budget)
-    for seed in seeds or SEEDS:
-        for arm in arms or ARMS:
-            do_arm(arm, seed, lam, budget)
+    b = do_pretraining(s, budget)
+    do_trades_pretraining(s, budget, b["epoch"])
+    lam = do_lambda_sweep(s, budget)
+    do_reference(s, "pgd_at", budget)
+    do_reference(s, "trades", budget)
+    for seed in seeds or s.seeds:
+        for arm in arms or s.arms:
+            do_arm(s, arm, seed, lam, budget)
     if arms is None and seeds is None:
-        do_pilot(budget)
+        do_pilot(s, budget)
+
+
+def settings_of(args: argparse.Namespace) -> StudySettings:
+    """The study the command line names: the CPU study, a paper-scale preset (--scale), either at toy size (--smoke)."""
+    s = StudySettings.paper(args.scale, Path(args.data_root).resolve()) if args.scale else StudySettings.cpu()
+    return StudySettings.smoke(Path(args.smoke).resolve(), base=s) if args.smoke else s
 
 
 def main(argv=None) -> int:
@@ -535,7 +395,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", choices=sorted(PAPER_SCALE), help="the same study at paper scale on a GPU (configs/study/paper/)")
     ap.add_argument("--data-root", default=str(REPO / "data"), help="with --scale: where full CIFAR lives or is downloaded to")
     ap.add_argument("--smoke", metavar="DIR", help="the whole pipeline at toy size in DIR (a check of this script, ~2 min)")
-    ap.add_argument("--seeds", type=int, nargs="+", metavar="N", help=f"run the arms with these seeds only (default {' '.join(map(str, SEEDS))})")
+    ap.add_argument("--seeds", type=int, nargs="+", metavar="N", help=f"run the arms with these seeds only (default {' '.join(map(str, StudySettings.cpu().seeds))})")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM", help="run these arms only: " + ", ".join(ARMS))
     ap.add_argument("--no-report", action="store_true", help="do not render docs/results.md (parallel workers)")
     ap.add_argument("--check-shared", action="store_true", help="only check that the items all arms share are done (exit 1 if not)")
@@ -548,13 +408,9 @@ def main(argv=None) -> int:
         ap.error("--seeds/--arms start a worker on a subset of the items: add --no-report (render once, after all workers, with --report)")
     if args.seeds and min(args.seeds) < 0:
         ap.error("--seeds: seeds are non-negative integers")
-    if args.scale:
-        configure_paper(args.scale, Path(args.data_root).resolve())
-    if args.smoke:
-        configure_smoke(Path(args.smoke).resolve())
-    sys.modules.setdefault("study", sys.modules[__name__])  # study_report reads this module's (possibly --smoke) settings
+    s = settings_of(args)
     if args.seeds or args.arms or args.check_shared:
-        missing = [name for name, done in plan() if not done and " seed " not in name and name != (PILOT[0] if PILOT else None)]
+        missing = [name for name, done in plan(s) if not done and " seed " not in name and name != (s.pilot[0] if s.pilot else None)]
         if missing:  # else every worker would run them itself, in the same folders
             print(f"study.py: the items all arms share are not done yet ({', '.join(missing)}): run `python scripts/study.py` "
                   "(without --seeds/--arms) until the arms start, then start the workers", file=sys.stderr)
@@ -562,9 +418,9 @@ def main(argv=None) -> int:
         if args.check_shared:
             return 0
     if args.redo:
-        supersede(args.redo, args.why)
+        supersede(s, args.redo, args.why)
     if args.plan:
-        for name, done in plan():
+        for name, done in plan(s):
             print(f"[{'x' if done else ' '}] {name}")
         return 0
     if not args.report:
@@ -575,7 +431,7 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", message=".*without checking their checksums.*")
         t0 = time.time()
         try:
-            run_all(Budget(args.hours), tuple(args.seeds) if args.seeds else None, args.arms)
+            run_all(s, Budget(args.hours), tuple(args.seeds) if args.seeds else None, args.arms)
             log("the study is complete" if not (args.seeds or args.arms) else "this worker's items are done")
         except OutOfTime:
             log(f"time budget used ({(time.time() - t0) / 3600:.2f} h): run the same command again to continue")
@@ -583,9 +439,9 @@ def main(argv=None) -> int:
         return 0
     from study_report import render
 
-    render()
-    done = sum(d for _, d in plan())
-    log(f"{done}/{len(plan())} items done; report: {DOC}")
+    render(s)
+    done = sum(d for _, d in plan(s))
+    log(f"{done}/{len(plan(s))} items done; report: {s.doc}")
     return 0
 
 

@@ -6,7 +6,7 @@
 #
 #   bash scripts/study_gpu.sh 3 4 5            # the seeds; HOURS=0.12 bounds each worker (default 1)
 #
-# Settings (environment): PY (python), HOURS, ARMS (default: every arm of study.py), LOGS (worker logs),
+# Settings (environment): PY (python), HOURS, ARMS (default: every arm of scripts/study_settings.py), LOGS (worker logs),
 # STUDY_ARGS (passed to every worker, e.g. "--smoke DIR") with STUDY_DIR (the study/ folder it writes, to pack).
 #
 # With $OUT set (a lent device machine), what the workers wrote under study/ (results, attack chunks, trained
@@ -31,7 +31,7 @@ $PY -c "import clat" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-i
 [ -e ../shared ] || ln -s "$PWD/shared" ../shared 2>/dev/null || true
 mkdir -p "$LOGS" && touch "$LOGS/.start"  # pack() returns what is newer than this
 $PY -c "import torch, clat, pyautoattack; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" || exit 1
-ARMS=${ARMS:-$($PY -c "import sys; sys.path.insert(0, 'scripts'); import study; print(' '.join(study.ARMS))")} || exit 1
+ARMS=${ARMS:-$($PY -c "import sys; sys.path.insert(0, 'scripts'); import study_settings; print(' '.join(study_settings.ARMS))")} || exit 1
 # the items every arm shares (pretraining, λ, ...) must be done first, or nine workers would all run them
 $PY scripts/study.py $STUDY_ARGS --seeds "$@" --arms ${ARMS%% *} --no-report --check-shared || exit 1
 

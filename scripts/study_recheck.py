@@ -57,7 +57,11 @@ sys.path.insert(0, {scripts!r})
 import study
 from clat.loop import train
 arm, seed, until, run = {arm!r}, {seed}, {until}, {run!r}
-cfg = study.arm_cfg(arm, seed, study.chosen_lambda() if arm in study.CLAT_ARMS else None)
+if hasattr(study, "StudySettings"):
+    s = study.StudySettings.cpu()
+    cfg = study.arm_cfg(s, arm, seed, study.chosen_lambda(s) if arm in study.CLAT_ARMS else None)
+else:  # an older checkout's study.py (--code), whose settings were module globals
+    cfg = study.arm_cfg(arm, seed, study.chosen_lambda() if arm in study.CLAT_ARMS else None)
 cfg.keep_checkpoints, cfg.progress = 1000, False
 train(cfg, run, until_epoch=until, force=True)
 """
@@ -117,16 +121,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import study
 
+    s = study.StudySettings.cpu()
     work = Path(args.work or tempfile.mkdtemp(prefix="clat_recheck_"))
     rows = []
-    for h in hits(study.RESULTS):
+    for h in hits(s.results):
         row = {k: v for k, v in h.items() if k != "recorded"}
         rec = h["recorded"]
         if "clat.selection=random" in study.ARMS[h["arm"]][2]:
             from clat.layers import find_layers
             from clat.models import create_model
 
-            names = [l.name for l in find_layers(create_model(study.arm_cfg(h["arm"], h["seed"], None).model.name))]
+            names = [l.name for l in find_layers(create_model(study.arm_cfg(s, h["arm"], h["seed"], None).model.name))]
             row.update({"flagged": [names[i] for i in h["flagged_index"]], "changed": False,
                         "why": "random layers: the draw does not look at the criticality"})
             rows.append(row)
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
         run = work / h["item"]
         if h["stage_epoch"] > 0:
             replay(h["arm"], h["seed"], h["stage_epoch"], run, args.code)
-        branch = study.CKPTS / f"{study.ARMS[h['arm']][0]}_branch.safetensors"
+        branch = s.ckpts / f"{study.ARMS[h['arm']][0]}_branch.safetensors"
         r = recompute(run, h["arm"], h["stage_epoch"], branch)
         fixed = r["results"][r["denominator"]]
         names = [l.name for l in r["layers"]]

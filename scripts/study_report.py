@@ -1,16 +1,18 @@
 """Render docs/results.md and its plots from the study's JSON (study/results/), re-running nothing.
 
 Called by scripts/study.py at the end of every session; `python scripts/study.py --report` alone
-renders without training.
+renders without training. ``render(s)`` renders the study ``s`` (a ``StudySettings``): one function per
+section of the page, each given the settings and what is finished (``Finished``, read once).
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from clat.plots import figure, save_figure
-from study import ARMS, DOC, PAPER_SCALE, PILOT, PRETRAIN_CFG, REPO, F_EPOCHS, IMG, IMG_PREFIX, LAMBDAS, LEGACY_DEVICE, N_TEST_AA, N_TEST_PGD, PGD, RESULTS, RUNS, SEEDS, STUDY, TEXT, best_row, plan, read_json
+from study_settings import ARMS, LEGACY_DEVICE, PAPER_SCALE, REPO, StudySettings, best_row, plan, read_json
 
 
 def _rel(p: Path) -> Path:
@@ -63,25 +65,51 @@ def fmt(values: list[float]) -> str:
     return f"{100 * m:.1f}" + (f" ± {100 * h:.1f}" if h is not None else " (1 seed)")
 
 
-def arm_results() -> dict[str, dict[int, dict]]:
-    """Every finished arm run by seed: the planned SEEDS and any others a worker ran (``study.py --seeds``)."""
-    out: dict[str, dict[int, dict]] = {a: {} for a in ARMS}
-    for a in ARMS:
-        seeds = {int(f.stem[len(a) + 2:]) for f in RESULTS.glob(f"{a}_s*.json") if f.stem[len(a) + 2:].isdigit()}
-        for s in sorted(seeds | set(SEEDS)):
-            r = read_json(RESULTS / f"{a}_s{s}.json")
+def arm_results(s: StudySettings) -> dict[str, dict[int, dict]]:
+    """Every finished arm run by seed: the planned seeds and any others a worker ran (``study.py --seeds``)."""
+    out: dict[str, dict[int, dict]] = {a: {} for a in s.arms}
+    for a in s.arms:
+        seeds = {int(f.stem[len(a) + 2:]) for f in s.results.glob(f"{a}_s*.json") if f.stem[len(a) + 2:].isdigit()}
+        for seed in sorted(seeds | set(s.seeds)):
+            r = read_json(s.results / f"{a}_s{seed}.json")
             if r is not None:
-                out[a][s] = r
+                out[a][seed] = r
     return out
 
 
-def plot_overfitting(pre: dict, branch: dict | None, title: str, name: str) -> str:
+@dataclass(frozen=True)
+class Finished:
+    """What the study has finished, read once from its JSON."""
+
+    items: list[tuple[str, bool]]  # the work items and whether each is done
+    pre: dict | None  # the PGD-AT pretraining
+    branch: dict | None  # the branch point P
+    lam: dict | None  # the λ sweep
+    res: dict[str, dict[int, dict]]  # arm -> seed -> result
+    branches: dict[str, dict | None]  # the branch checkpoints (epoch P), evaluated
+
+    @property
+    def done(self) -> int:
+        return sum(d for _, d in self.items)
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.items)
+
+
+def read_finished(s: StudySettings) -> Finished:
+    return Finished(items=plan(s), pre=read_json(s.results / "pgd_at_pretrain.json"), branch=read_json(s.results / "branch.json"),
+                    lam=read_json(s.results / "lambda.json"), res=arm_results(s),
+                    branches={ref: read_json(s.results / f"{ref}_branch_eval.json") for ref in ("pgd_at", "trades")})
+
+
+def plot_overfitting(s: StudySettings, pre: dict, branch: dict | None, title: str, name: str) -> str:
     rows = pre["rows"]
     ep = [r["epoch"] for r in rows]
     ax = figure(7, 4).subplots()
     ax.plot(ep, [100 * r["val"]["pgd_acc"] for r in rows], "o-", ms=3, label="validation PGD-10 accuracy")
     ax.plot(ep, [100 * r["val"]["clean_acc"] for r in rows], "s-", ms=3, label="validation clean accuracy")
-    ax.plot(ep, [100 * r["train"]["adv_acc"] for r in rows], ":", label=f"training accuracy on {TEXT['train_attack']} examples")
+    ax.plot(ep, [100 * r["train"]["adv_acc"] for r in rows], ":", label=f"training accuracy on {s.text['train_attack']} examples")
     total = pre["summary"]["epochs"] if pre.get("summary") else len(rows)
     for e in (total // 2, (3 * total) // 4):
         ax.axvline(e + 0.5, color="grey", lw=0.8, ls="--")
@@ -92,10 +120,10 @@ def plot_overfitting(pre: dict, branch: dict | None, title: str, name: str) -> s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return save_figure(ax.figure, IMG / f"{IMG_PREFIX}{name}.png").name
+    return save_figure(ax.figure, s.img / f"{s.img_prefix}{name}.png").name
 
 
-def overfitting_text(pre: dict, branch: dict | None, title: str, name: str) -> list[str]:
+def overfitting_text(s: StudySettings, pre: dict, branch: dict | None, title: str, name: str) -> list[str]:
     """The plot of one pretraining run and what it shows: does validation robustness fall after its peak?"""
     rows = pre["rows"]
     best = best_row(rows)
@@ -108,7 +136,7 @@ def overfitting_text(pre: dict, branch: dict | None, title: str, name: str) -> l
     drop_avg = avg[peak] - avg[-1]
     n, p = last["val"]["n"], last["val"]["pgd_acc"]
     se = (p * (1 - p) / n) ** 0.5
-    out = [f"![{name}](img/{plot_overfitting(pre, branch, title, name)})", "",
+    out = [f"![{name}](img/{plot_overfitting(s, pre, branch, title, name)})", "",
            f"Validation PGD-10 accuracy peaks at epoch {best['epoch']} ({100 * best['val']['pgd_acc']:.1f}%) and ends at "
            f"{100 * last['val']['pgd_acc']:.1f}% after epoch {last['epoch']} ({100 * drop:.1f} points lower), while accuracy on the "
            f"training attack reaches {100 * last['train']['adv_acc']:.1f}% (training loss {last['train']['loss']:.2f}). "
@@ -127,7 +155,7 @@ def overfitting_text(pre: dict, branch: dict | None, title: str, name: str) -> l
     return out
 
 
-def plot_curves(res: dict[str, dict[int, dict]]) -> str | None:
+def plot_curves(s: StudySettings, res: dict[str, dict[int, dict]]) -> str | None:
     ax = figure(7, 4).subplots()
     drawn = False
     for i, (a, by_seed) in enumerate(res.items()):
@@ -146,10 +174,10 @@ def plot_curves(res: dict[str, dict[int, dict]]) -> str | None:
     ax.set_title("The arms after the branch point")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return save_figure(ax.figure, IMG / f"{IMG_PREFIX}curves.png").name
+    return save_figure(ax.figure, s.img / f"{s.img_prefix}curves.png").name
 
 
-def plot_criticality(run: dict) -> str | None:
+def plot_criticality(s: StudySettings, run: dict) -> str | None:
     hist = run["selection_history"]
     if not hist:
         return None
@@ -169,7 +197,7 @@ def plot_criticality(run: dict) -> str | None:
     ax.set_title(f"Criticality at each re-selection, CLAT arm, seed {run['seed']} (chosen: black edge)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    return save_figure(ax.figure, IMG / f"{IMG_PREFIX}criticality.png").name
+    return save_figure(ax.figure, s.img / f"{s.img_prefix}criticality.png").name
 
 
 def diff_cell(d: list[float]) -> str:
@@ -234,11 +262,11 @@ def compute_total(res: dict[str, dict[int, dict]], branches: dict[str, dict | No
             "the first attempt."]
 
 
-def discovery_section(res: dict[str, dict[int, dict]]) -> list[str]:
+def discovery_section(s: StudySettings, res: dict[str, dict[int, dict]]) -> list[str]:
     """What the layer-discovery bug of clat 0.1 changed (study/discovery_recheck.json, scripts/study_recheck.py) and
     the items redone because of it (study/superseded/), old against new."""
-    check = read_json(STUDY / "discovery_recheck.json")
-    superseded = {f.stem: read_json(f) for f in sorted((STUDY / "superseded").glob("*.json"))}
+    check = read_json(s.study / "discovery_recheck.json")
+    superseded = {f.stem: read_json(f) for f in sorted((s.study / "superseded").glob("*.json"))}
     if check is None and not superseded:
         return []
     n_sel = sum(len(r.get("selection_history") or []) for v in res.values() for r in v.values() if ARMS[r["arm"]][1] == "clat")
@@ -292,186 +320,172 @@ def discovery_section(res: dict[str, dict[int, dict]]) -> list[str]:
     return L
 
 
-def render() -> None:
-    IMG.mkdir(parents=True, exist_ok=True)
-    items = plan()
-    done = sum(d for _, d in items)
-    pre = read_json(RESULTS / "pgd_at_pretrain.json")
-    branch = read_json(RESULTS / "branch.json")
-    lam = read_json(RESULTS / "lambda.json")
-    res = arm_results()
-    branches = {ref: read_json(RESULTS / f"{ref}_branch_eval.json") for ref in ("pgd_at", "trades")}  # epoch P, evaluated
-    L: list[str] = []
-    w = L.append
-    w(f"# Does CLAT help? A controlled study on {TEXT['title']}")
-    w("")
-    w("<!-- generated by scripts/study_report.py from study/results/*.json; do not edit by hand -->")
-    w("")
-    complete = done == len(items)
-    w(f"**Status: {done} of {len(items)} work items done**" + (" — the study is complete." if complete else
-      " — the study is in progress; `python scripts/study.py` continues it (every finished piece is kept in `study/`)."))
-    w("")
-    w("## Design")
-    w("")
-    w(f"- **Data**: {TEXT['data']}")
-    w(f"- **Model and pretraining**: {TEXT['model']}")
-    w("- **Branch point P**: the pretraining epoch with the highest validation PGD-10 accuracy. Every arm starts from that "
-      f"checkpoint and trains {F_EPOCHS} more epochs with the same optimizer settings (SGD, lr 0.01 with cosine decay): "
-      f"PGD-AT continued on the full model; CLAT ({TEXT['k']}); CLAT with random layers; CLAT non-dynamic; "
-      "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "
-      "stopped at P, then CLAT, against TRADES continued. Added with clat 0.2: CLAT with the paper's Eq. 6 (fixed λ, and automatic "
-      "λ = ρ·CE/L_C set at each selection) and random layers with automatic λ, so that the random control gets the same λ rule.")
-    w("- **Criticality of the CLAT arms**: `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it "
-      "reads, after its activation), clat 0.1's default, named in every CLAT arm's config so that each arm stays one variant. "
-      "The paper's Eq. 6 (`upstream`, the default since clat 0.2) ranks the layers differently (see the table of the bug below); "
-      "arms with it are not run yet. TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's "
-      "choice; the reference code uses eval mode).")
-    w(f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in LAMBDAS)} on the validation split (seed 0), the best used by every CLAT arm.")
-    w(f"- **Seeds**: {len(SEEDS)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data order). "
-      "The final checkpoint of each arm is evaluated (no early stopping: every arm gets the same epochs).")
+def head(s: StudySettings, f: Finished) -> list[str]:
+    status = f"**Status: {f.done} of {len(f.items)} work items done**" + (" — the study is complete." if f.complete else
+             " — the study is in progress; `python scripts/study.py` continues it (every finished piece is kept in `study/`).")
+    return [f"# Does CLAT help? A controlled study on {s.text['title']}", "",
+            "<!-- generated by scripts/study_report.py from study/results/*.json; do not edit by hand -->", "", status, ""]
+
+
+def design_section(s: StudySettings, f: Finished) -> list[str]:
+    L = ["## Design", "",
+         f"- **Data**: {s.text['data']}",
+         f"- **Model and pretraining**: {s.text['model']}",
+         "- **Branch point P**: the pretraining epoch with the highest validation PGD-10 accuracy. Every arm starts from that "
+         f"checkpoint and trains {s.f_epochs} more epochs with the same optimizer settings (SGD, lr 0.01 with cosine decay): "
+         f"PGD-AT continued on the full model; CLAT ({s.text['k']}); CLAT with random layers; CLAT non-dynamic; "
+         "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "
+         "stopped at P, then CLAT, against TRADES continued. Added with clat 0.2: CLAT with the paper's Eq. 6 (fixed λ, and automatic "
+         "λ = ρ·CE/L_C set at each selection) and random layers with automatic λ, so that the random control gets the same λ rule.",
+         "- **Criticality of the CLAT arms**: `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it "
+         "reads, after its activation), clat 0.1's default, named in every CLAT arm's config so that each arm stays one variant. "
+         "The paper's Eq. 6 (`upstream`, the default since clat 0.2) ranks the layers differently (see the table of the bug below); "
+         "arms with it are not run yet. TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's "
+         "choice; the reference code uses eval mode).",
+         f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in s.lambdas)} on the validation split (seed 0), the best used by every CLAT arm.",
+         f"- **Seeds**: {len(s.seeds)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data order). "
+         "The final checkpoint of each arm is evaluated (no early stopping: every arm gets the same epochs)."]
+    res = f.res
     if len({train_device(r) for v in res.values() for r in v.values()}) > 1:
-        seeds = sorted({s for v in res.values() for s in v})
-        mixed = [s for s in seeds if len({train_device(v[s]) for v in res.values() if s in v}) > 1]
-        w(f"- **Machines**: trained with {devices_by_seed(res)} (the GPU with `scripts/study_gpu.sh`, one worker per arm), with the "
-          "same code, configs and fp32 arithmetic. "
-          + (f"Seed{'s' if len(mixed) > 1 else ''} {', '.join(map(str, mixed))} mixed machines between arms, so its paired "
-             "differences compare machines too." if mixed else
-             "All arms of a seed were trained on the same machine, so the paired comparison never compares machines.")
-          + " Where an arm's evaluation was split between machines, each attack chunk records its own (`study/eval/`).")
-    w(f"- **Evaluation** (test images): clean and PGD-{PGD['steps']} accuracy, worst case of {PGD['restarts']} restarts, on all "
-      f"{N_TEST_PGD:,}; standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; `pyautoattack`) on the first {N_TEST_AA:,}. "
-      "95% confidence intervals are Student-t intervals over seeds; the paired comparison takes per-seed differences.")
-    w("")
-    w("## Does PGD-AT overfit here?")
-    w("")
-    if PILOT is not None and (pilot := read_json(RESULTS / f"{PILOT[0]}.json")) is not None:
-        w(f"### {PILOT[2]} (`{_rel(PILOT[1])}`)")
-        w("")
-        L.extend(overfitting_text(pilot, None, PILOT[2], PILOT[0]))
-        w("")
-        w(PILOT[3])
-        w("")
-        w(f"### The study's pretraining (`{_rel(PRETRAIN_CFG)}`)")
-        w("")
-    if pre is None:
-        w("Not measured yet (the pretraining run is in progress).")
+        seeds = sorted({seed for v in res.values() for seed in v})
+        mixed = [seed for seed in seeds if len({train_device(v[seed]) for v in res.values() if seed in v}) > 1]
+        L.append(f"- **Machines**: trained with {devices_by_seed(res)} (the GPU with `scripts/study_gpu.sh`, one worker per arm), with the "
+                 "same code, configs and fp32 arithmetic. "
+                 + (f"Seed{'s' if len(mixed) > 1 else ''} {', '.join(map(str, mixed))} mixed machines between arms, so its paired "
+                    "differences compare machines too." if mixed else
+                    "All arms of a seed were trained on the same machine, so the paired comparison never compares machines.")
+                 + " Where an arm's evaluation was split between machines, each attack chunk records its own (`study/eval/`).")
+    L += [f"- **Evaluation** (test images): clean and PGD-{s.pgd['steps']} accuracy, worst case of {s.pgd['restarts']} restarts, on all "
+          f"{s.n_test_pgd:,}; standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; `pyautoattack`) on the first {s.n_test_aa:,}. "
+          "95% confidence intervals are Student-t intervals over seeds; the paired comparison takes per-seed differences.", ""]
+    return L
+
+
+def overfitting_section(s: StudySettings, f: Finished) -> list[str]:
+    L = ["## Does PGD-AT overfit here?", ""]
+    if s.pilot is not None and (pilot := read_json(s.results / f"{s.pilot[0]}.json")) is not None:
+        L += [f"### {s.pilot[2]} (`{_rel(s.pilot[1])}`)", "", *overfitting_text(s, pilot, None, s.pilot[2], s.pilot[0]), "", s.pilot[3], "",
+              f"### The study's pretraining (`{_rel(s.pretrain_cfg)}`)", ""]
+    if f.pre is None:
+        L.append("Not measured yet (the pretraining run is in progress).")
     else:
-        L.extend(overfitting_text(pre, branch, TEXT["plot_title"], "overfitting"))
-    w("")
-    if lam is not None:
-        w("## λ (validation split, seed 0)")
-        w("")
-        w("| λ | final val clean | final val PGD-10 |")
-        w("|---|---|---|")
-        for v, r in lam["final_val"].items():
-            w(f"| {v}{' (chosen)' if float(v) == lam['chosen'] else ''} | {100 * r['clean_acc']:.1f}% | {100 * r['pgd_acc']:.1f}% |")
-        w("")
-    w("## Results on the test images")
-    w("")
-    w("Mean ± 95% CI over seeds, in %. Trainable parameters are those of the last epoch; time is training time per arm, the mean "
-      "on each machine (× the number of seeds it trained).")
-    w("")
-    w(f"Clean and PGD on all {N_TEST_PGD:,} test images; AutoAttack on the first {N_TEST_AA:,}, with PGD on those same images "
-      "beside it (AutoAttack should never be above it).")
-    w("")
-    w(f"| arm | seeds | clean | PGD-{PGD['steps']} (worst of {PGD['restarts']}) | PGD, AA images | AutoAttack | trainable params | train time |")
-    w("|---|---|---|---|---|---|---|---|")
-    for ref, r in branches.items():
+        L += overfitting_text(s, f.pre, f.branch, s.text["plot_title"], "overfitting")
+    return L + [""]
+
+
+def lambda_section(f: Finished) -> list[str]:
+    if f.lam is None:
+        return []
+    return ["## λ (validation split, seed 0)", "", "| λ | final val clean | final val PGD-10 |", "|---|---|---|",
+            *(f"| {v}{' (chosen)' if float(v) == f.lam['chosen'] else ''} | {100 * r['clean_acc']:.1f}% | {100 * r['pgd_acc']:.1f}% |"
+              for v, r in f.lam["final_val"].items()), ""]
+
+
+def arm_row(a: str, v: list[dict]) -> str:
+    """One arm's row of the results table: its seeds' test accuracies, trainable parameters and training time."""
+    if not v:
+        return f"| {ARMS[a][3]} | 0 | — | — | — | — | — | — |"
+    tps, tot = sorted({x["trainable_params"] for x in v}), v[0]["total_params"]
+    # Layer choices can differ between seeds (random layers): show the range, not seed 0's count.
+    tp_txt = (f"{tps[0]:,} ({100 * tps[0] / tot:.1f}%)" if len(tps) == 1 else
+              f"{tps[0]:,}–{tps[-1]:,} ({100 * tps[0] / tot:.1f}–{100 * tps[-1] / tot:.1f}%)")
+    by_dev: dict[str, list[float]] = {}
+    for x in v:
+        by_dev.setdefault(short_device(train_device(x)), []).append(x["train_time_s"])
+    t_txt = " · ".join(f"{statistics.fmean(ts) / 60:.1f} min ({d} ×{len(ts)})" for d, ts in by_dev.items())
+    return (f"| {ARMS[a][3]} | {len(v)} | {fmt([x['test']['clean_acc'] for x in v])} | {fmt([x['test']['pgd20x5_acc'] for x in v])} | "
+            f"{fmt([x['test']['pgd20x5_acc_aa_images'] for x in v])} | {fmt([x['test']['aa_acc'] for x in v])} | {tp_txt} | {t_txt} |")
+
+
+def results_section(s: StudySettings, f: Finished) -> list[str]:
+    L = ["## Results on the test images", "",
+         "Mean ± 95% CI over seeds, in %. Trainable parameters are those of the last epoch; time is training time per arm, the mean "
+         "on each machine (× the number of seeds it trained).", "",
+         f"Clean and PGD on all {s.n_test_pgd:,} test images; AutoAttack on the first {s.n_test_aa:,}, with PGD on those same images "
+         "beside it (AutoAttack should never be above it).", "",
+         f"| arm | seeds | clean | PGD-{s.pgd['steps']} (worst of {s.pgd['restarts']}) | PGD, AA images | AutoAttack | trainable params | train time |",
+         "|---|---|---|---|---|---|---|---|"]
+    for ref, r in f.branches.items():
         if r is not None:
-            w(f"| *branch checkpoint ({'PGD-AT' if ref == 'pgd_at' else 'TRADES'}, epoch P)* | — | {100 * r['clean_acc']:.1f} | "
-              f"{100 * r['pgd20x5_acc']:.1f} | {100 * r['pgd20x5_acc_aa_images']:.1f} | {100 * r['aa_acc']:.1f} | — | — |")
-    for a, by_seed in res.items():
-        v = list(by_seed.values())
-        if not v:
-            w(f"| {ARMS[a][3]} | 0 | — | — | — | — | — | — |")
-            continue
-        tps, tot = sorted({x["trainable_params"] for x in v}), v[0]["total_params"]
-        # Layer choices can differ between seeds (random layers): show the range, not seed 0's count.
-        tp_txt = (f"{tps[0]:,} ({100 * tps[0] / tot:.1f}%)" if len(tps) == 1 else
-                  f"{tps[0]:,}–{tps[-1]:,} ({100 * tps[0] / tot:.1f}–{100 * tps[-1] / tot:.1f}%)")
-        by_dev: dict[str, list[float]] = {}
-        for x in v:
-            by_dev.setdefault(short_device(train_device(x)), []).append(x["train_time_s"])
-        t_txt = " · ".join(f"{statistics.fmean(ts) / 60:.1f} min ({d} ×{len(ts)})" for d, ts in by_dev.items())
-        w(f"| {ARMS[a][3]} | {len(v)} | {fmt([x['test']['clean_acc'] for x in v])} | {fmt([x['test']['pgd20x5_acc'] for x in v])} | "
-          f"{fmt([x['test']['pgd20x5_acc_aa_images'] for x in v])} | {fmt([x['test']['aa_acc'] for x in v])} | {tp_txt} | {t_txt} |")
-    w("")
-    w("### Paired comparison (per-seed difference, percentage points, mean ± 95% CI)")
-    w("")
-    L.extend(paired_table(res, PAIRS, "arm − reference"))
-    w("")
-    w("### CLAT against its ablations and the other parameter-efficient methods (per-seed difference, same form)")
-    w("")
-    L.extend(paired_table(res, CLAT_PAIRS, "CLAT − arm"))
-    w("")
-    w("### Each arm against early stopping (the branch checkpoint it started from; same form)")
-    w("")
-    w("What the arm's extra epochs bought over stopping at P. The branch checkpoint is one model evaluated on the same test "
-      "images, so the interval covers only the arm's variation over seeds.")
-    w("")
-    L.extend(branch_table(res, branches))
-    w("")
-    w("`*`: the 95% interval excludes 0.")
-    w("")
-    img = plot_curves(res)
+            L.append(f"| *branch checkpoint ({'PGD-AT' if ref == 'pgd_at' else 'TRADES'}, epoch P)* | — | {100 * r['clean_acc']:.1f} | "
+                     f"{100 * r['pgd20x5_acc']:.1f} | {100 * r['pgd20x5_acc_aa_images']:.1f} | {100 * r['aa_acc']:.1f} | — | — |")
+    return L + [arm_row(a, list(by_seed.values())) for a, by_seed in f.res.items()] + [""]
+
+
+def comparisons_section(f: Finished) -> list[str]:
+    return ["### Paired comparison (per-seed difference, percentage points, mean ± 95% CI)", "",
+            *paired_table(f.res, PAIRS, "arm − reference"), "",
+            "### CLAT against its ablations and the other parameter-efficient methods (per-seed difference, same form)", "",
+            *paired_table(f.res, CLAT_PAIRS, "CLAT − arm"), "",
+            "### Each arm against early stopping (the branch checkpoint it started from; same form)", "",
+            "What the arm's extra epochs bought over stopping at P. The branch checkpoint is one model evaluated on the same test "
+            "images, so the interval covers only the arm's variation over seeds.", "",
+            *branch_table(f.res, f.branches), "",
+            "`*`: the 95% interval excludes 0.", ""]
+
+
+def curves_and_layers_section(s: StudySettings, f: Finished) -> list[str]:
+    """The training curves of the arms, and the layers the CLAT arm chose at each selection."""
+    L = []
+    img = plot_curves(s, f.res)
     if img:
-        w("## Training curves")
-        w("")
-        w(f"![curves](img/{img})")
-        w("")
-    clat_runs = [r for s, r in sorted(res["clat"].items())]
+        L += ["## Training curves", "", f"![curves](img/{img})", ""]
+    clat_runs = [r for _, r in sorted(f.res.get("clat", {}).items())]
     if clat_runs:
-        w("## Critical layers over time (CLAT arm)")
-        w("")
-        w("| seed | " + " | ".join(f"selection {i + 1}" for i in range(len(clat_runs[0]["selection_history"]))) + " |")
-        w("|---|" + "---|" * len(clat_runs[0]["selection_history"]))
-        for r in clat_runs:
-            w(f"| {r['seed']} | " + " | ".join(f"{', '.join(h['selected'])} (C = {max(h['criticality'][i] for i in h['selected_index']):.2f})"
-                                             for h in r["selection_history"]) + " |")
-        w("")
-        img = plot_criticality(clat_runs[0])
+        n = len(clat_runs[0]["selection_history"])
+        L += ["## Critical layers over time (CLAT arm)", "",
+              "| seed | " + " | ".join(f"selection {i + 1}" for i in range(n)) + " |", "|---|" + "---|" * n]
+        L += [f"| {r['seed']} | " + " | ".join(f"{', '.join(h['selected'])} (C = {max(h['criticality'][i] for i in h['selected_index']):.2f})"
+                                              for h in r["selection_history"]) + " |" for r in clat_runs]
+        L.append("")
+        img = plot_criticality(s, clat_runs[0])
         if img:
-            w(f"![criticality](img/{img})")
-            w("")
-    L.extend(discovery_section(res))
-    w("## Conclusions")
-    w("")
-    conclusions = STUDY / "conclusions.md"  # written by hand once the numbers are in
+            L += [f"![criticality](img/{img})", ""]
+    return L
+
+
+def conclusions_section(s: StudySettings, f: Finished) -> list[str]:
+    conclusions = s.study / "conclusions.md"  # written by hand once the numbers are in
     if conclusions.is_file():
-        w(conclusions.read_text().strip())
-    elif not complete:
-        w("Not drawn yet: the study is incomplete, and partial numbers (fewer seeds, missing arms) would invite the wrong reading.")
+        text = conclusions.read_text().strip()
+    elif not f.complete:
+        text = "Not drawn yet: the study is incomplete, and partial numbers (fewer seeds, missing arms) would invite the wrong reading."
     else:
-        w("The study is complete; its conclusions are to be written into `study/conclusions.md` (rendered here).")
-    w("")
-    w("## Reproduce")
-    w("")
-    w("```bash")
-    w("make install                                   # the package (as `make test` does)")
-    w(f"{TEXT['command']} --hours 2    # repeat until it says the study is complete; resumes where it stopped")
-    w(f"{TEXT['command']} --report     # re-render this page from {_rel(RESULTS)}/")
-    w("```")
-    w("")
-    w(f"A clean clone holds every finished piece in `{_rel(STUDY)}/`, so these commands only re-render. To re-measure every number "
-      f"from scratch, remove `{_rel(STUDY)}/` and `{_rel(RUNS)}/` first: the same commands then redo the pretraining, the λ sweep "
-      "and every arm and evaluation. A seed's arms can also be trained on one GPU, one worker per arm, with "
-      "`bash scripts/study_gpu.sh SEED` (as seed 3 was).")
-    w("")
-    w("The same study at paper scale on a GPU (full CIFAR-10/100 downloaded and verified, 50 + 50 epochs): "
-      + ", ".join(f"`python scripts/study.py --scale {p} --data-root DATA`" for p in PAPER_SCALE)
-      + " (configs in `configs/study/paper/`; each renders its own `docs/results_<preset>.md`).")
-    w("")
+        text = "The study is complete; its conclusions are to be written into `study/conclusions.md` (rendered here)."
+    return ["## Conclusions", "", text, ""]
+
+
+def reproduce_section(s: StudySettings, f: Finished) -> list[str]:
     evals: dict[str, list[float]] = {}  # evaluation time per run, by the machine(s) that evaluated it
-    for v in res.values():
+    for v in f.res.values():
         for x in v.values():
             evals.setdefault(" + ".join(x["test"].get("eval_devices", [LEGACY_DEVICE])), []).append(x["test"]["eval_time_s"])
-    w("Measured cost: the training times are in the table above; evaluation adds "
-      + ("; ".join(f"{statistics.fmean(t) / 60:.0f} min per run on {d} ({len(t)} runs)" for d, t in evals.items()) if evals else "its own time")
-      + ". " + TEXT["sessions"])
-    w("")
-    L.extend(compute_total(res, branches, pre))
-    DOC.write_text("\n".join(L) + "\n")
+    cost = ("; ".join(f"{statistics.fmean(t) / 60:.0f} min per run on {d} ({len(t)} runs)" for d, t in evals.items()) if evals
+            else "its own time")
+    return ["## Reproduce", "", "```bash",
+            "make install                                   # the package (as `make test` does)",
+            f"{s.text['command']} --hours 2    # repeat until it says the study is complete; resumes where it stopped",
+            f"{s.text['command']} --report     # re-render this page from {_rel(s.results)}/",
+            "```", "",
+            f"A clean clone holds every finished piece in `{_rel(s.study)}/`, so these commands only re-render. To re-measure every number "
+            f"from scratch, remove `{_rel(s.study)}/` and `{_rel(s.runs)}/` first: the same commands then redo the pretraining, the λ sweep "
+            "and every arm and evaluation. A seed's arms can also be trained on one GPU, one worker per arm, with "
+            "`bash scripts/study_gpu.sh SEED` (as seed 3 was).", "",
+            "The same study at paper scale on a GPU (full CIFAR-10/100 downloaded and verified, 50 + 50 epochs): "
+            + ", ".join(f"`python scripts/study.py --scale {p} --data-root DATA`" for p in PAPER_SCALE)
+            + " (configs in `configs/study/paper/`; each renders its own `docs/results_<preset>.md`).", "",
+            f"Measured cost: the training times are in the table above; evaluation adds {cost}. " + s.text["sessions"], ""]
+
+
+def render(s: StudySettings) -> None:
+    """Write ``s.doc`` and its plots (in ``s.img``) from what the study has finished."""
+    s.img.mkdir(parents=True, exist_ok=True)
+    f = read_finished(s)
+    L = [*head(s, f), *design_section(s, f), *overfitting_section(s, f), *lambda_section(f), *results_section(s, f),
+         *comparisons_section(f), *curves_and_layers_section(s, f), *discovery_section(s, f.res), *conclusions_section(s, f),
+         *reproduce_section(s, f), *compute_total(f.res, f.branches, f.pre)]
+    s.doc.write_text("\n".join(L) + "\n")
 
 
 if __name__ == "__main__":
-    render()
+    render(StudySettings.cpu())

@@ -1,5 +1,8 @@
 """The study's one command (scripts/study.py) runs end to end at toy size and resumes."""
 
+import argparse
+import ast
+import dataclasses
 import importlib
 import json
 import shutil
@@ -11,21 +14,36 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+STUDY_SCRIPTS = ("study", "study_report", "study_settings")
+
+
 @pytest.fixture
 def study(monkeypatch):
-    """scripts/study.py imported afresh (its module globals are reconfigured by the tests), dropped afterwards."""
+    """scripts/study.py imported afresh (the tests replace some of its functions), dropped afterwards."""
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    for m in ("study", "study_report"):
+    for m in STUDY_SCRIPTS:
         sys.modules.pop(m, None)
     yield importlib.import_module("study")
-    for m in ("study", "study_report"):
+    for m in STUDY_SCRIPTS:
         sys.modules.pop(m, None)
+
+
+def test_the_study_scripts_import_as_a_tree():
+    """study.py imports study_report and study_settings; study_report imports study_settings, never study.py."""
+    imports = {}
+    for m in STUDY_SCRIPTS:
+        tree = ast.parse((REPO / "scripts" / f"{m}.py").read_text())
+        imports[m] = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(isinstance(n, ast.Global) for n in ast.walk(tree)), f"{m}.py rebinds a module global"
+    assert "study" not in imports["study_report"] | imports["study_settings"]
+    assert "study_report" not in imports["study_settings"]
 
 
 @pytest.mark.slow
 def test_study_pipeline_at_toy_size_renders_results_and_resumes(study, tmp_path, shared_cifar, monkeypatch):
-    monkeypatch.setattr(study, "ARMS", {k: study.ARMS[k] for k in ("pgd_at_cont", "clat", "trades_cont", "trades_clat")})
-    monkeypatch.setattr(study, "CLAT_ARMS", {"clat", "trades_clat"})
+    settings_of = study.settings_of  # four of the arms: the pipeline, not every arm
+    monkeypatch.setattr(study, "settings_of", lambda args: dataclasses.replace(settings_of(args), arms=("pgd_at_cont", "clat", "trades_cont", "trades_clat")))
     assert study.main(["--smoke", str(tmp_path), "--hours", "0"]) == 0  # budget spent at once: nothing done, report renders
     assert "0 of" in (tmp_path / "results.md").read_text()
     # parallel workers (--seeds/--arms) refuse to start before the items every arm shares are done
@@ -64,7 +82,7 @@ def test_study_pipeline_at_toy_size_renders_results_and_resumes(study, tmp_path,
         assert (tmp_path / "img" / img).stat().st_size > 1000
     # a session that ends during an arm's AutoAttack keeps the trained weights: a fresh clone re-runs only the missing chunk
     before = json.loads((tmp_path / "study" / "results" / "clat_s1.json").read_text())
-    study.save_partial(tmp_path / "runs" / "clat_s1")
+    study.save_partial(study.StudySettings.smoke(tmp_path), tmp_path / "runs" / "clat_s1")
     assert (tmp_path / "study" / "partial" / "clat_s1" / "model.safetensors").is_file()
     shutil.rmtree(tmp_path / "runs" / "clat_s1")
     (tmp_path / "study" / "results" / "clat_s1.json").unlink()
@@ -106,12 +124,12 @@ def test_study_gpu_script_runs_one_worker_per_arm_and_packs_what_they_wrote(stud
     script = ["bash", str(REPO / "scripts" / "study_gpu.sh"), "5"]
     r = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "not done yet" in r.stderr + r.stdout  # no shared items yet: no worker starts
-    study.configure_smoke(tmp_path)  # the items all arms share: pretraining, λ, the branch evaluations
+    s = study.StudySettings.smoke(tmp_path)  # the items all arms share: pretraining, λ, the branch evaluations
     budget = study.Budget(1)
-    study.do_trades_pretraining(budget, study.do_pretraining(budget)["epoch"])
-    study.do_lambda_sweep(budget)
-    study.do_reference("pgd_at", budget)
-    study.do_reference("trades", budget)
+    study.do_trades_pretraining(s, budget, study.do_pretraining(s, budget)["epoch"])
+    study.do_lambda_sweep(s, budget)
+    study.do_reference(s, "pgd_at", budget)
+    study.do_reference(s, "trades", budget)
     r = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all workers ended" in r.stdout
@@ -129,8 +147,8 @@ def test_study_gpu_script_runs_one_worker_per_arm_and_packs_what_they_wrote(stud
 def test_trained_arm_stays_in_partial_until_its_result_is_written(study, tmp_path, monkeypatch):
     """A session killed during an arm's evaluation (not only one whose budget ends) keeps the trained
     weights in study/partial/ (committed); only the written result lets them go."""
-    study.configure_smoke(tmp_path)
-    partial = study.STUDY / "partial" / "clat_s3"
+    s = study.StudySettings.smoke(tmp_path)
+    partial = s.study / "partial" / "clat_s3"
     partial.mkdir(parents=True)
     summary = {"trainable_params_last": 5, "total_params": 10, "train_time_s": 1.0, "selection_history": []}
     (partial / "summary.json").write_text(json.dumps(summary))
@@ -144,26 +162,26 @@ def test_trained_arm_stays_in_partial_until_its_result_is_written(study, tmp_pat
 
     monkeypatch.setattr(study, "evaluate_weights", killed)
     with pytest.raises(KeyboardInterrupt):
-        study.do_arm("clat", 3, 0.1, study.Budget(1))
+        study.do_arm(s, "clat", 3, 0.1, study.Budget(1))
     assert (partial / "model.safetensors").read_bytes() == b"weights"
-    assert (study.RUNS / "clat_s3" / "model.safetensors").is_file()  # restored for the evaluation
+    assert (s.runs / "clat_s3" / "model.safetensors").is_file()  # restored for the evaluation
 
     monkeypatch.setattr(study, "evaluate_weights", lambda *a: {"clean_acc": 0.5})
-    study.do_arm("clat", 3, 0.1, study.Budget(1))
-    assert json.loads((study.RESULTS / "clat_s3.json").read_text())["test"] == {"clean_acc": 0.5}
+    study.do_arm(s, "clat", 3, 0.1, study.Budget(1))
+    assert json.loads((s.results / "clat_s3.json").read_text())["test"] == {"clean_acc": 0.5}
     assert not partial.exists()
 
 
 def test_arm_trained_this_session_is_kept_in_partial_before_its_evaluation(study, tmp_path, monkeypatch):
     """An arm trained from scratch in this session has its weights copied to study/partial/ before the
     evaluation starts, so a session killed during the evaluation loses no training."""
-    study.configure_smoke(tmp_path)
+    s = study.StudySettings.smoke(tmp_path)
     summary = {"trainable_params_last": 5, "total_params": 10, "train_time_s": 1.0, "selection_history": []}
 
     def train(run, *a):
         if (run / "summary.json").is_file():
             return  # trained already (what clat.train does then)
-        assert not study.partial_dir(run).exists(), "a fresh arm: nothing saved yet"
+        assert not study.partial_dir(s, run).exists(), "a fresh arm: nothing saved yet"
         run.mkdir(parents=True, exist_ok=True)
         for name, text in (("config.yaml", "x: 1\n"), ("metrics.jsonl", json.dumps({"epoch": 1}) + "\n"),
                            ("summary.json", json.dumps(summary)), ("model.safetensors", "trained")):
@@ -177,15 +195,15 @@ def test_arm_trained_this_session_is_kept_in_partial_before_its_evaluation(study
 
     monkeypatch.setattr(study, "evaluate_weights", killed)
     with pytest.raises(KeyboardInterrupt):
-        study.do_arm("lora", 3, 0.1, study.Budget(1))
-    partial = study.partial_dir(study.RUNS / "lora_s3")
+        study.do_arm(s, "lora", 3, 0.1, study.Budget(1))
+    partial = study.partial_dir(s, s.runs / "lora_s3")
     assert (partial / "model.safetensors").read_text() == "trained"
     assert json.loads((partial / "summary.json").read_text()) == summary
     # the next session (a fresh clone: no runs/) evaluates those weights without training again
-    shutil.rmtree(study.RUNS / "lora_s3")
-    monkeypatch.setattr(study, "evaluate_weights", lambda path, *a: {"weights": path.read_text()})
-    study.do_arm("lora", 3, 0.1, study.Budget(1))
-    assert json.loads((study.RESULTS / "lora_s3.json").read_text())["test"] == {"weights": "trained"}
+    shutil.rmtree(s.runs / "lora_s3")
+    monkeypatch.setattr(study, "evaluate_weights", lambda _s, path, *a: {"weights": path.read_text()})
+    study.do_arm(s, "lora", 3, 0.1, study.Budget(1))
+    assert json.loads((s.results / "lora_s3.json").read_text())["test"] == {"weights": "trained"}
     assert not partial.exists()
 
 
@@ -193,20 +211,38 @@ def test_arm_trained_this_session_is_kept_in_partial_before_its_evaluation(study
 def test_paper_scale_presets_configure_every_arm(name, study, tmp_path):
     """--scale NAME points the same study at full CIFAR on a GPU: its own folders, 50-epoch arms, the model's k."""
     assert set(study.PAPER_SCALE) == {"cifar10_preact_resnet18", "cifar10_wrn34_10", "cifar100_preact_resnet18", "cifar100_wrn34_10"}
-    study.configure_paper(name, tmp_path / "data")
+    s = study.StudySettings.paper(name, tmp_path / "data")
     dataset, model = name.split("_", 1)
-    assert study.RUNS.name == f"study_{name}" and study.DOC.name == f"results_{name}.md" and study.STUDY.parts[-2:] == ("paper", name)
-    pre = study.pretrain_cfg()
+    assert s.runs.name == f"study_{name}" and s.doc.name == f"results_{name}.md" and s.study.parts[-2:] == ("paper", name)
+    pre = study.pretrain_cfg(s)
     assert (pre.model.name, pre.data.dataset, pre.pretrain.epochs, pre.attack.steps) == (model, dataset, 50, 10)
     assert pre.data.download and pre.data.root == str(tmp_path / "data")
     for arm in study.ARMS:
-        cfg = study.arm_cfg(arm, 1, 0.1 if arm in study.CLAT_ARMS else None)
+        cfg = study.arm_cfg(s, arm, 1, 0.1 if arm in study.CLAT_ARMS else None)
         assert cfg.finetune.epochs == 50 and cfg.pretrain.epochs == 0 and cfg.clat.reselect_every == 10 and cfg.seed == 1
         assert cfg.init.endswith(f"{study.ARMS[arm][0]}_branch.safetensors") and cfg.data.dataset == dataset
-    assert len(study.plan()) == 5 + 3 * len(study.ARMS) and not any(done for _, done in study.plan())
-    study.DOC, study.IMG = tmp_path / "results.md", tmp_path / "img"  # render the (empty) report outside docs/
-    sys.modules["study"] = study
-    importlib.import_module("study_report").render()
-    text = study.DOC.read_text()
+    assert len(study.plan(s)) == 5 + 3 * len(study.ARMS) and not any(done for _, done in study.plan(s))
+    s = dataclasses.replace(s, doc=tmp_path / "results.md", img=tmp_path / "img")  # render the (empty) report outside docs/
+    importlib.import_module("study_report").render(s)
+    text = s.doc.read_text()
     assert ("full CIFAR-100" if dataset == "cifar100" else "full CIFAR-10") in text and "subset" not in text
     assert f"--scale {name}" in text
+    # a preset is a study of its own: the CPU study's settings are untouched
+    cpu = study.StudySettings.cpu()
+    assert cpu == study.StudySettings() and cpu.f_epochs == 20 and cpu.arm_settings["clat.reselect_every"] == 4
+    assert cpu.text["title"] == "the CIFAR-10 subset" and cpu.runs == REPO / "runs" / "study"
+
+
+def test_smoke_settings_shrink_the_study_they_are_given(study, tmp_path):
+    """--smoke DIR alone is the CPU study at toy size; with --scale it is that preset at toy size."""
+    def args(scale=None, smoke=None):
+        return argparse.Namespace(scale=scale, data_root=str(tmp_path / "data"), smoke=smoke)
+
+    assert study.settings_of(args()) == study.StudySettings.cpu()
+    s = study.settings_of(args(smoke=str(tmp_path)))
+    assert s.doc == tmp_path / "results.md" and s.results == tmp_path / "study" / "results" and s.pilot == study.StudySettings.cpu().pilot
+    assert s.extra[0] == f"data.root={study.StudySettings.cpu().data_root}" and "model.name=tiny_cnn" in s.extra
+    assert s.arm_settings["finetune.epochs"] == 2 and s.arm_settings["clat.reselect_every"] == 4
+    p = study.settings_of(args("cifar100_wrn34_10", str(tmp_path)))
+    assert p.dataset == "cifar100" and p.pilot is None and p.arm_settings["clat.reselect_every"] == 10 and p.f_epochs == 2
+    assert p.extra[0] == f"data.root={(tmp_path / 'data').resolve()}" and p.runs == tmp_path / "runs"

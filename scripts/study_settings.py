@@ -1,0 +1,195 @@
+"""The settings of the study of docs/results.md, and what scripts/study.py and scripts/study_report.py both read.
+
+One ``StudySettings`` describes one study: ``StudySettings.cpu()`` the committed CPU study (the defaults),
+``StudySettings.paper(name, data_root)`` a paper-scale preset on a GPU, ``StudySettings.smoke(root)`` the
+whole pipeline at toy size. The study's functions take it as their first argument; nothing here changes after
+import. The scripts' imports form a tree: scripts/study.py imports this module and scripts/study_report.py;
+study_report imports this module, never study.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ROOT = REPO.parent / "shared" / "data"  # the CPU study's CIFAR-10 subset
+
+# Settings the arms below were run with, named so that each arm stays one variant whatever the defaults become:
+# the criticality of clat 0.1 (denominator = the post-activation input; the paper's Eq. 6 is `upstream`), and
+# TRADES crafting its attack with batch statistics (clat 0.1; the reference code uses eval mode).
+INPUT_DENOMINATOR = "clat.criticality.denominator=input"
+PAPER_DENOMINATOR = "clat.criticality.denominator=upstream"
+TRADES_TRAIN_MODE = "trades.attack_mode=train"
+# arm name -> (branch checkpoint, finetune method, extra overrides, label)
+ARMS: dict[str, tuple[str, str, list[str], str]] = {
+    "pgd_at_cont": ("pgd_at", "pgd_at", [], "PGD-AT continued (full model)"),
+    "clat": ("pgd_at", "clat", [INPUT_DENOMINATOR], "CLAT (k=1, dynamic; clat 0.1's criticality)"),
+    "clat_random": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.selection=random"], "CLAT, random layers"),
+    "clat_nondynamic": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.dynamic=false"], "CLAT, non-dynamic"),
+    "clat_ce_adv": ("pgd_at", "clat", [INPUT_DENOMINATOR, "clat.ce_on=adv"], "CLAT, CE on x+δ*"),
+    "rift": ("pgd_at", "rift", [], "RiFT"),
+    "lora": ("pgd_at", "lora", [], "LoRA (rank 8, every conv)"),
+    "trades_cont": ("trades", "trades", [TRADES_TRAIN_MODE], "TRADES continued (full model)"),
+    "trades_clat": ("trades", "clat", [INPUT_DENOMINATOR, TRADES_TRAIN_MODE], "TRADES + CLAT"),
+    # The paper's own criticality (Eq. 6 along the dataflow, clat 0.2's default) and a fair random control: with automatic λ
+    # the feature term has the same weight whatever layers are chosen (docs/criticality.md measures which layers help).
+    "clat_paper": ("pgd_at", "clat", [PAPER_DENOMINATOR], "CLAT, the paper's Eq. 6 (k=1, dynamic)"),
+    "clat_paper_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.lam_mode=auto"], "CLAT, Eq. 6, automatic λ"),
+    "clat_random_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.selection=random", "clat.lam_mode=auto"], "CLAT, random layers, automatic λ"),
+}
+CLAT_ARMS = {a for a, v in ARMS.items() if v[1] == "clat"}
+
+# The same study at paper scale, for a GPU: full CIFAR-10/100 (downloaded, MD5-verified), 50 epochs of PGD-AT (PGD-10),
+# then every arm 50 epochs. python scripts/study.py --scale cifar10_preact_resnet18 --data-root /data --hours 24
+# preset -> (dataset, model as the report names it, k)
+PAPER_SCALE = {
+    "cifar10_preact_resnet18": ("cifar10", "PreAct ResNet-18 (`preact_resnet18`, 11.2M parameters)", 1),
+    "cifar10_wrn34_10": ("cifar10", "WideResNet-34-10 (`wrn34_10`, 46.2M parameters)", 2),
+    "cifar100_preact_resnet18": ("cifar100", "PreAct ResNet-18 (`preact_resnet18`, 11.2M parameters)", 1),
+    "cifar100_wrn34_10": ("cifar100", "WideResNet-34-10 (`wrn34_10`, 46.2M parameters)", 2),
+}
+
+# Files written before the study recorded devices (2026-11-27) all came from the CPU study on 2 cores.
+LEGACY_DEVICE = "CPU (2 threads)"
+DEVICE_FILE = "study_device.json"  # in a run directory: the devices that trained it (kept with it in study/partial/)
+
+# A measurement kept beside the CPU study: (run name, config, title, what it taught). Its run is the last work item.
+CPU_PILOT = (
+    "pilot_9k_pretrain", REPO / "configs" / "study" / "pilot_9k_pretrain.yaml", "First attempt: all 9,000 training images, 30 epochs",
+    "With all 9,000 training images this model underfits: accuracy on its own (weaker, PGD-5) training attack stays within a "
+    "few points of validation PGD-10 accuracy, and validation robustness stays on its plateau after the last decay instead of "
+    "falling. An underfit baseline would make the comparison "
+    "meaningless, so the study trains on fewer images for longer (below).")
+# What docs/results.md says about the CPU study's setting (the paper-scale presets have their own).
+CPU_TEXT = {
+    "title": "the CIFAR-10 subset",
+    "data": "the CIFAR-10 subset in `../shared/data` (JPEG-recovered; 10,000 training and 2,000 test images). The study uses "
+            "its first 3,000 training images: 2,000 to train on and 1,000 held out (fixed split, `data.split_seed=0`) that "
+            "decide every choice below (with all 9,000 the model underfits: see the first attempt below); the 2,000 test "
+            "images are used only for the final evaluation.",
+    "model": "CIFAR ResNet-18 at 1/4 width (`resnet18_w16`, 0.70M parameters, 21 layers), PGD-AT (ε = 8/255, PGD-5 with step "
+             "2/255 in training), SGD momentum 0.9, weight decay 5e-4, batch 128, lr 0.1 divided by 10 at 50% and 75% of 80 epochs "
+             "(Rice et al.'s piecewise schedule), channels-last (`configs/study/pgd_at_pretrain.yaml`).",
+    "plot_title": "PGD-AT on the CIFAR-10 subset, ResNet-18 at 1/4 width",
+    "train_attack": "PGD-5",
+    "k": "k = 1, the paper's default for ResNet-18; dynamic re-selection every 4 epochs, i.e. 5 selections as in the paper's "
+         "50 epochs with re-selection every 10",
+    "machine": "2 CPU cores",
+    "command": ".venv/bin/python scripts/study.py",
+    "sessions": "The whole study needs several sessions of 2 hours.",
+}
+# The smoke check's config overrides: everything at toy size.
+TOY_OVERRIDES = ("model.name=tiny_cnn", "data.train_size=260", "data.val_size=40", "pretrain.epochs=3", "eval.n_examples=40",
+                 "eval.steps=2", "attack.steps=1", "data.batch_size=64", "clat.criticality.batch_size=20", "clat.criticality.steps=1",
+                 "rift.batch_size=20", "rift.steps=1", "rift.alphas=[0.0,1.0]", "keep_checkpoints=3", "channels_last=false")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything that makes one study: where it keeps its pieces, its sizes and what its report says.
+    The defaults are the committed CPU study; build one with ``cpu()``, ``paper()`` or ``smoke()``."""
+
+    runs: Path = REPO / "runs" / "study"  # training runs (not committed)
+    study: Path = REPO / "study"  # every finished piece (committed): results/, checkpoints/, eval/, partial/
+    doc: Path = REPO / "docs" / "results.md"
+    img: Path = REPO / "docs" / "img"
+    img_prefix: str = "study_"  # the plots' file names in img/
+    pretrain_cfg: Path = REPO / "configs" / "study" / "pgd_at_pretrain.yaml"
+    seeds: tuple[int, ...] = (0, 1, 2, 3)  # 0-2 trained on the 2-core CPU; 3 on one H100 (scripts/study_gpu.sh), evaluated on both
+    arms: tuple[str, ...] = tuple(ARMS)  # the arms of ARMS this study runs and reports
+    f_epochs: int = 20  # epochs of every arm after the branch point
+    reselect_every: int = 4  # epochs between CLAT's layer selections
+    lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)  # swept on the validation split (seed 0) before the CLAT arms
+    n_test_pgd: int = 2000  # every test image of the subset
+    n_test_aa: int = 1000
+    aa_chunk: int = 250
+    pgd: dict = field(default_factory=lambda: {"steps": 20, "restarts": 5})
+    pilot: tuple[str, Path, str, str] | None = CPU_PILOT
+    data_root: Path = DATA_ROOT
+    dataset: str = "cifar10"
+    download: bool = False
+    verify: bool = False  # the subset is JPEG-recovered: it cannot match the official MD5s
+    overrides: tuple[str, ...] = ()  # config overrides of every run after data.root (the smoke check's tiny settings)
+    text: dict = field(default_factory=lambda: dict(CPU_TEXT))  # what the report says about the setting
+
+    @property
+    def results(self) -> Path:
+        return self.study / "results"
+
+    @property
+    def ckpts(self) -> Path:
+        return self.study / "checkpoints"
+
+    @property
+    def extra(self) -> list[str]:
+        """Config overrides added to every run."""
+        return [f"data.root={self.data_root}", *self.overrides]
+
+    @property
+    def arm_settings(self) -> dict[str, object]:
+        """Config overrides of every arm."""
+        return {"pretrain.epochs": 0, "finetune.epochs": self.f_epochs, "finetune.lr": 0.01, "finetune.schedule": "cosine",
+                "clat.reselect_every": self.reselect_every, "keep_checkpoints": 2}
+
+    @classmethod
+    def cpu(cls) -> StudySettings:
+        """The committed study: the CIFAR-10 subset in ../shared/data on 2 CPU cores (docs/results.md)."""
+        return cls()
+
+    @classmethod
+    def paper(cls, name: str, data_root: Path) -> StudySettings:
+        """A paper-scale preset (``configs/study/paper/<name>.yaml``): its own runs/, study/ and
+        docs/results_<name>.md, F = 50 epochs per arm with re-selection every 10, PGD-20x5 on all 10,000 test images
+        and AutoAttack on the first 1,000 (in chunks of 500)."""
+        dataset, model_text, k = PAPER_SCALE[name]
+        full = "CIFAR-10" if dataset == "cifar10" else "CIFAR-100"
+        model = model_text.split(" (")[0]
+        text = {
+            "title": f"full {full} with {model}",
+            "data": f"full {full} (50,000 training and 10,000 test images; downloaded and MD5-verified). 1,000 training images are "
+                    "held out (fixed split, `data.split_seed=0`) and decide every choice below; the test images are used only for the "
+                    "final evaluation.",
+            "model": f"{model_text}, PGD-AT (ε = 8/255, PGD-10 with step 2/255 in training), SGD momentum 0.9, weight decay 5e-4, "
+                     f"batch 128, lr 0.1 divided by 10 at 50% and 75% of 50 epochs (`configs/study/paper/{name}.yaml`).",
+            "plot_title": f"PGD-AT on {full}, {model}",
+            "train_attack": "PGD-10",
+            "k": f"k = {k}, the paper's default for this model; dynamic re-selection every 10 epochs (5 selections, as in the paper)",
+            "machine": "the GPU",
+            "command": f"python scripts/study.py --scale {name} --data-root DATA",
+            "sessions": "A paper-scale arm is 50 GPU epochs: give `--hours` the length of the lease; the next call continues.",
+        }
+        return cls(runs=REPO / "runs" / f"study_{name}", study=REPO / "study" / "paper" / name, doc=REPO / "docs" / f"results_{name}.md",
+                   pretrain_cfg=REPO / "configs" / "study" / "paper" / f"{name}.yaml", img_prefix=f"study_{name}_", seeds=(0, 1, 2),
+                   f_epochs=50, reselect_every=10, n_test_pgd=10_000, n_test_aa=1000, aa_chunk=500, pilot=None,
+                   data_root=data_root, dataset=dataset, download=True, verify=True, text=text)
+
+    @classmethod
+    def smoke(cls, root: Path, base: StudySettings | None = None) -> StudySettings:
+        """``base`` (the CPU study by default) with everything at toy size in ``root``: checks the whole pipeline in
+        about a minute."""
+        return replace(base or cls(), runs=root / "runs", study=root / "study", doc=root / "results.md", img=root / "img",
+                       seeds=(0, 1), f_epochs=2, lambdas=(0.1, 1.0), n_test_pgd=40, n_test_aa=8, aa_chunk=4,
+                       pgd={"steps": 2, "restarts": 2}, overrides=TOY_OVERRIDES)
+
+
+def read_json(p: Path):
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def best_row(rows: list[dict]) -> dict:
+    """The epoch of the highest validation PGD accuracy (the earlier one on ties): the branch point rule."""
+    return max(rows, key=lambda r: (r["val"]["pgd_acc"], -r["epoch"]))
+
+
+def plan(s: StudySettings) -> list[tuple[str, bool]]:
+    """The work items of the study, in order, and whether each is done."""
+    items = [(s.pilot[0], (s.results / f"{s.pilot[0]}.json").is_file())] if s.pilot else []
+    items += [("pgd_at_pretrain", (s.results / "branch.json").is_file()),
+              ("trades_pretrain (to P)", (s.ckpts / "trades_branch.safetensors").is_file()),
+              ("lambda sweep", (s.results / "lambda.json").is_file()),
+              ("eval pgd_at branch", (s.results / "pgd_at_branch_eval.json").is_file()),
+              ("eval trades branch", (s.results / "trades_branch_eval.json").is_file())]
+    items += [(f"{a} seed {seed}", (s.results / f"{a}_s{seed}.json").is_file()) for seed in s.seeds for a in s.arms]
+    return items
