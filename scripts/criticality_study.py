@@ -89,6 +89,36 @@ def run_all(hours: float) -> None:
             return
 
 
+def without_first_layer() -> list[str]:
+    """A robustness check of the scores: the first layer reads the image, so Eq. 6 gives it C = W (a weakness, not a
+    ratio of weaknesses, on another scale) and every Eq. 6 variant ranks it last; where the oracle also ranks it
+    last, that one layer alone lifts ρ. Here each estimator is scored again without it."""
+    from clat.estimators import LABELS, score
+    from clat.sweep import load, oracle
+
+    L = ["## Without the first layer", "",
+         "The first layer reads the image, so Eq. 6 gives it C = W (a weakness, not a ratio of weaknesses, on another scale): every "
+         "Eq. 6 variant ranks it last whatever the network. Where the oracle also ranks it last, that one layer lifts ρ. Here the "
+         "estimators are scored again on the other layers only (same bootstrap).", "",
+         "| estimator | " + " | ".join(f"ρ {n} (95% CI)" for n in SWEEPS) + " |", "|---|" + "---|" * len(SWEEPS)]
+    rows: dict[str, list[str]] = {}
+    for name in SWEEPS:
+        out = OUT / name
+        if not (out / "sweep.json").is_file():
+            continue
+        sw = load(out)
+        gains = oracle(sw)
+        idx = sorted(gains)[1:]  # layer 0 reads the image in both networks
+        est = (sw["estimators"] or {}).get("scores", {})
+        for key in ["paper", "input", "exact_eq5", "fisher", "rift", "params", "depth"]:
+            if key in est and len(idx) >= 3:
+                r = score([est[key][i] for i in idx], [gains[i] for i in idx])
+                rows.setdefault(key, []).append(f"{r['rho']:+.2f} [{r['rho_ci'][0]:+.2f}, {r['rho_ci'][1]:+.2f}]")
+    for key, cells in rows.items():
+        L.append(f"| {LABELS[key]} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
 def render() -> None:
     from clat.sweep import load, render as render_sweep
 
@@ -110,6 +140,7 @@ def render() -> None:
         shutil.copy(out / "oracle.png", IMG / f"criticality_{name}.png") if (out / "oracle.png").is_file() else None
         body = report.read_text().split("\n", 2)[2].replace("![oracle](oracle.png)", f"![oracle](img/criticality_{name}.png)")
         L += [f"**{n_items} of {total} items done.**", "", body, ""]
+    L += without_first_layer()
     conclusions = OUT / "conclusions.md"
     L += ["## What the oracle says", "", conclusions.read_text().strip() if conclusions.is_file() else
           "Not drawn yet: the sweeps are incomplete.", ""]
