@@ -248,8 +248,9 @@ def load_weights(path: Path):
 
 
 def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Budget, name: str) -> dict:
-    """Clean + PGD-20 (worst of 5) on all test images, standard AutoAttack on the first 1,000 (in chunks)."""
-    from clat.evaluate import autoattack, evaluate
+    """Clean + PGD-20 (worst of 5) on all test images, standard AutoAttack on the first 1,000 (in chunks): clat's
+    evaluation protocol (:func:`clat.run_protocol`, what ``clat eval`` runs), in resumable parts."""
+    from clat.protocol import EvalProtocol, run_protocol
 
     x, y = test_data(s)
     model = load_weights(weights)
@@ -258,8 +259,8 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
         budget.check()
         # in two parts, so that PGD is also known on exactly the images AutoAttack sees
         parts = [(0, s.n_test_aa), (s.n_test_aa, s.n_test_pgd)]
-        r = [evaluate(model, x[a:b], y[a:b], eps=THREAT.eps, alpha=THREAT.alpha, norm=THREAT.norm, steps=s.pgd["steps"], restarts=s.pgd["restarts"],
-                      batch_size=500, seed=0, index_offset=a) for a, b in parts if b > a]
+        protocol = EvalProtocol(THREAT.replace(steps=s.pgd["steps"]), restarts=s.pgd["restarts"], batch_size=500, seed=0)
+        r = [run_protocol(model, x[a:b], y[a:b], protocol, index_offset=a).to_dict() for a, b in parts if b > a]
         n = sum(p["n"] for p in r)
         r = {"n": n, "clean_acc": sum(p["clean_correct"] for p in r) / n, "pgd_acc": sum(p["pgd_correct"] for p in r) / n,
              "pgd_acc_aa_images": r[0]["pgd_acc"], "n_aa_images": r[0]["n"], "attack": r[0]["attack"], "time_s": sum(p["time_s"] for p in r),
@@ -271,7 +272,8 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
         f = out_dir / f"aa_{i:05d}.json"
         if not f.is_file():
             budget.check()
-            r = autoattack(model, x[i : i + s.aa_chunk], y[i : i + s.aa_chunk], eps=THREAT.eps, norm=THREAT.norm, version="standard", batch_size=s.aa_chunk, seed=i)
+            protocol = EvalProtocol(THREAT, pgd=False, autoattack="standard", batch_size=s.aa_chunk, seed=i)
+            r = run_protocol(model, x[i : i + s.aa_chunk], y[i : i + s.aa_chunk], protocol).to_dict()["autoattack"]
             write_json(f, {**r, "device": device_label()})
             log(f"{name}: AutoAttack images {i}-{i + s.aa_chunk}: {r['robust_acc']:.3f} ({r['time_s']:.0f} s)")
         chunks.append(read_json(f))

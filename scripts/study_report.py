@@ -336,7 +336,9 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
          f"PGD-AT continued on the full model; CLAT ({s.text['k']}); CLAT with random layers; CLAT non-dynamic; "
          "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "
          "stopped at P, then CLAT, against TRADES continued. Added with clat 0.2: CLAT with the paper's Eq. 6 (fixed λ, and automatic "
-         "λ = ρ·CE/L_C set at each selection) and random layers with automatic λ, so that the random control gets the same λ rule.",
+         "λ = ρ·CE/L_C set at each selection) and random layers with automatic λ, so that the random control gets the same λ rule; "
+         "and CLAT on the deepest eligible layer with automatic λ (`clat.selection=deepest`), because depth predicted the layer "
+         "oracle of docs/criticality.md better than Eq. 6 on this network.",
          "- **Criticality of the CLAT arms**: `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it "
          "reads, after its activation), clat 0.1's default, named in every CLAT arm's config so that each arm stays one variant. "
          "The paper's Eq. 6 (`upstream`, the default since clat 0.2) ranks the layers differently (see the table of the bug below); "

@@ -561,3 +561,18 @@ def test_eval_never_replaces_a_result_silently(l2_run, capsys):
     from clat.report import read_run
 
     assert {"eval", "eval_test_n6_l2-0.5_pgd1x1_s0"} <= set(read_run(l2_run)["evals"])
+
+
+def test_deepest_selection_trains_the_last_eligible_layers():
+    """``clat.selection=deepest`` (the layer oracle's best predictor on ResNet-18/4): the k last eligible layers,
+    whatever the criticality says (which is still measured and logged)."""
+    model = create_model("tiny_cnn")
+    layers = find_layers(model)
+    cfg = load_config(None, ["clat.selection=deepest", "clat.k=2", "clat.criticality.steps=1", "clat.criticality.batch_size=4"])
+    method = create_method("clat", cfg, layers)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    ev = method.on_epoch_start(model, EpochContext(0, 0, lambda n: (x[:n], y[:n]), torch.Generator().manual_seed(0)))
+    eligible = [l.name for l, ok in zip(layers, method.eligible) if ok]
+    assert [l.name for l in method.selected] == eligible[-2:] and len(ev["selection"]["criticality"]) == len(layers)
+    with pytest.raises(ConfigError, match="selection"):
+        load_config(None, ["clat.selection=shallowest"])

@@ -67,7 +67,7 @@ class ClatConfig:
     lam: float = 0.1  # λ of Eq. 9 (when lam_mode is fixed); chosen by the sweep in docs/lambda_sweep.md
     lam_mode: Literal["fixed", "auto"] = "fixed"  # auto: λ = rho * CE / L_C measured at each (re)selection
     rho: float = 1.0
-    selection: Literal["critical", "random"] = "critical"
+    selection: Literal["critical", "random", "deepest"] = "critical"  # deepest: the k last eligible layers (the layer oracle's best predictor on ResNet-18, docs/criticality.md)
     dynamic: bool = True  # re-select every `reselect_every` epochs (Algorithm 1); false: select once
     reselect_every: int = 10
     layers: list[int | str] = field(default_factory=list)  # pin these layers (names, or indices given as integers) instead of selecting
@@ -149,6 +149,8 @@ class CLAT(Method):
             chosen = self.pinned
         elif self.cfg.selection == "random":
             chosen = select_random(self.layers, self.eligible, self.k, ctx.generator)
+        elif self.cfg.selection == "deepest":  # criticality is still measured, and logged beside the choice
+            chosen = [l for l, ok in zip(self.layers, self.eligible) if ok][-self.k :]
         else:
             chosen = result.top_k(self.k)
         # data-parallel runs: every rank trains rank 0's choice (GPU kernels need not be bit-identical across ranks)
