@@ -6,6 +6,7 @@ Nothing here re-implements clat: a benchmark trains through the Stage that ``cla
 
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime as _dt
 import json
@@ -140,6 +141,24 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- data
+def timing_parser(doc: str, models: Sequence[str], default: Sequence[str], repeats: str) -> argparse.ArgumentParser:
+    """The options every timing benchmark shares: --quick (tiny_cnn only), --models, --repeats, --min-time."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny_cnn only: a smoke test (< 1 min)")
+    ap.add_argument("--models", nargs="+", choices=list(models), help=f"default: {' '.join(default)} (--quick: tiny_cnn)")
+    ap.add_argument("--repeats", type=int, help=repeats)
+    ap.add_argument("--min-time", type=float, help="seconds per timed measurement at least (short calls are repeated; default 1, --quick 0.5)")
+    return ap
+
+
+def timing_args(ap: argparse.ArgumentParser, default: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parsed options with --min-time's default filled in, and the models to time."""
+    args = ap.parse_args()
+    if args.min_time is None:
+        args.min_time = 0.5 if args.quick else 1.0
+    return args, args.models or (["tiny_cnn"] if args.quick else list(default))
+
+
 def real_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``n`` training images in [0, 1] and labels: the CIFAR-10 subset bundled with clat
     (3,000 images; cycled if more are asked), or uniform noise if it cannot be read."""

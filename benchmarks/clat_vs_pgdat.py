@@ -34,7 +34,6 @@ clat.methods.CLAT (src/ is not touched), and timed against full CLAT in the same
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -214,18 +213,12 @@ def bench_model(name: str, bs: int, pinned: str, repeats: int, crit_n: int, flop
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny_cnn only, 3 rounds: a smoke test (< 1 min)")
-    ap.add_argument("--models", nargs="+", choices=list(SETTINGS), help="default: small_cnn resnet18 preact_resnet18 (--quick: tiny_cnn)")
-    ap.add_argument("--repeats", type=int, help="timed rounds per variant (default 5; --quick 3)")
+    default = ["small_cnn", "resnet18", "preact_resnet18"]
+    ap = C.timing_parser(__doc__, list(SETTINGS), default, "timed rounds per variant (default 5; --quick 3)")
     ap.add_argument("--batch-size", type=int, help="override the per-model batch size")
     ap.add_argument("--criticality-batch", type=int, default=100, help="images for the real selection (CLAT's default 100)")
-    ap.add_argument("--min-time", type=float, help="seconds per timed measurement at least (short steps are repeated; default 1, --quick 0.5)")
     ap.add_argument("--no-flop-count", action="store_true", help="skip counting the FLOPs of one full step of each method")
-    args = ap.parse_args()
-    if args.min_time is None:
-        args.min_time = 0.5 if args.quick else 1.0
-    models = args.models or (["tiny_cnn"] if args.quick else ["small_cnn", "resnet18", "preact_resnet18"])
+    args, models = C.timing_args(ap, default)
     info = C.env_info()
     C.header("CLAT fine-tuning step vs PGD-10 AT step (clat.methods.CLAT vs clat.methods.PGDAT)", info,
              "attack: linf eps=8/255 alpha=2/255 10 steps random start; SGD momentum 0.9; interleaved rounds, 1 warm-up step excluded;\n"

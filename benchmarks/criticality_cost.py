@@ -15,7 +15,6 @@ epoch (paper Table 7: 3.9%).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -70,18 +69,11 @@ def bench_model(name: str, bs: int, crit_n: int, repeats: int, min_time: float) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny_cnn only: a smoke test (< 1 min)")
-    ap.add_argument("--models", nargs="+", choices=["tiny_cnn", "small_cnn", "resnet18", "preact_resnet18"],
-                    help="default: small_cnn resnet18 (--quick: tiny_cnn)")
+    default = ["small_cnn", "resnet18"]
+    ap = C.timing_parser(__doc__, ["tiny_cnn", "small_cnn", "resnet18", "preact_resnet18"], default, "timed rounds (default 3)")
     ap.add_argument("--batch-size", type=int, default=128, help="PGD-AT training batch (default 128)")
     ap.add_argument("--criticality-batch", type=int, default=100, help="images per selection (CLAT's default 100)")
-    ap.add_argument("--repeats", type=int, help="timed rounds (default 3)")
-    ap.add_argument("--min-time", type=float, help="seconds per timed measurement at least (short calls are repeated; default 1, --quick 0.5)")
-    args = ap.parse_args()
-    if args.min_time is None:
-        args.min_time = 0.5 if args.quick else 1.0
-    models = args.models or (["tiny_cnn"] if args.quick else ["small_cnn", "resnet18"])
+    args, models = C.timing_args(ap, default)
     info = C.env_info()
     C.header("One criticality selection vs one PGD-AT epoch (CIFAR-10, 50,000 images)", info,
              f"selection: clat.compute_criticality, {args.criticality_batch} images, PGD-10; epoch: clat PGDAT steps at batch "

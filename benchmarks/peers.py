@@ -38,7 +38,6 @@ Target: ours >= 1.5x the fastest peer (img/s).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import sys
@@ -205,15 +204,8 @@ def bench_model(name: str, repeats: int, min_time: float, skip: dict[str, str]) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny_cnn only: a smoke test (< 1 min)")
-    ap.add_argument("--models", nargs="+", choices=list(SETTINGS), help="default: resnet18 small_cnn (--quick: tiny_cnn)")
-    ap.add_argument("--repeats", type=int, help="timed rounds (default 5; --quick 3)")
-    ap.add_argument("--min-time", type=float, help="seconds per timed measurement at least (short steps are repeated; default 1, --quick 0.5)")
-    args = ap.parse_args()
-    if args.min_time is None:
-        args.min_time = 0.5 if args.quick else 1.0
-    models = args.models or (["tiny_cnn"] if args.quick else ["resnet18", "small_cnn"])
+    default = ["resnet18", "small_cnn"]
+    args, models = C.timing_args(C.timing_parser(__doc__, list(SETTINGS), default, "timed rounds (default 5; --quick 3)"), default)
     info = C.env_info()
     skip = {p: why for p, (_, mod) in PEERS.items() if (why := available(mod)) is not None}
     C.header("PGD-AT training step: clat vs peer implementations", info,

@@ -143,13 +143,9 @@ def test_a_new_baseline_is_one_file(monkeypatch, tmp_path, capsys):
     class HalfAT(PGDAT):
         """Half-AT: a mix of clean and adversarial cross-entropy (a test's toy baseline)."""
 
-        def __init__(self, attack, weight):
+        def __init__(self, attack, weight):  # built from the config: attack section, then half_at's fields as keywords
             super().__init__(attack)
             self.weight = weight
-
-        @classmethod
-        def from_config(cls, ctx):
-            return cls(ctx.cfg.attack, ctx.cfg.half_at.weight)
 
         def objective(self, model, x, x_adv, y):
             loss, metrics = super().objective(model, x, x_adv, y)

@@ -269,17 +269,20 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     return tree
 
 
-def read_yaml(p: Path) -> Any:
-    """A YAML file's content (safe loader: no tags that build objects); a ConfigError saying what is wrong with it
-    (``not valid YAML at line 3 (...)``, ``not a text file``), for the caller to prefix with what the file is."""
+def read_yaml(p: Path, *, missing: str, what: str) -> Any:
+    """A YAML file's content (safe loader: no tags that build objects). One-line ConfigErrors: ``missing`` when there
+    is no such file; else ``what`` followed by what is wrong (``not valid YAML at line 3: ...``, ``not a readable
+    text file``)."""
+    if not p.is_file():
+        raise ConfigError(missing)
     try:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"not valid YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}") from None
+        raise ConfigError(f"{what}not valid YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}") from None
     except (UnicodeDecodeError, OSError) as e:
-        raise ConfigError(f"not a readable text file ({type(e).__name__})") from None
+        raise ConfigError(f"{what}not a readable text file ({type(e).__name__})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -287,12 +290,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = Config()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; see configs/ for examples")
-        try:
-            data = read_yaml(p)
-        except ConfigError as e:
-            raise ConfigError(f"config file {p} is {e}") from None
+        data = read_yaml(p, missing=f"config file {p} does not exist; see configs/ for examples", what=f"config file {p} is ")
         cfg = _build(Config, data or {}, "", cfg)
     cfg = _build(Config, parse_overrides(overrides), "", cfg)
     validate(cfg)

@@ -365,12 +365,7 @@ class RunDir:
         from clat.config import config_from_dict, read_yaml
 
         p = self.config_path
-        if not p.is_file():
-            raise ConfigError(f"{self.path} holds no run (no config.yaml)")
-        try:
-            data = read_yaml(p)
-        except ConfigError as e:
-            raise ConfigError(f"{p} is not a valid clat config: {e}") from None
+        data = read_yaml(p, missing=f"{self.path} holds no run (no config.yaml)", what=f"{p} is not a valid clat config: ")
         if not isinstance(data, dict):
             raise ConfigError(f"{p} is not a valid clat config: it must be a mapping of keys to values")
         try:

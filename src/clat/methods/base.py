@@ -40,8 +40,9 @@ class Method:
 
     @classmethod
     def from_config(cls, ctx) -> "Method":
-        """The method as a run config describes it (``ctx``: :class:`clat.methods.registry.BuildContext`)."""
-        return cls(ctx.cfg.attack)
+        """The method as a run config describes it (``ctx``: :class:`clat.methods.registry.BuildContext`): the run's
+        attack section, and the method's own section as keyword arguments (``trades.beta`` -> ``beta=``)."""
+        return cls(ctx.cfg.attack, **ctx.options(cls.name))
 
     def setup(self, model: nn.Module) -> None:
         """Called once when the stage starts, before the optimizer is built (LoRA adds its adapters here)."""

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import Shard, ce_objective, perturb, randn_like
-from clat.config import AttackConfig
 from clat.trainable import eval_mode, frozen_bn_statistics
 from clat.methods.base import accuracy
-from clat.methods.pgd_at import PGDAT
+from clat.methods.trades import TRADES
 from clat.methods.registry import register_method
 
 
@@ -46,16 +45,11 @@ class MartConfig:
 
 
 @register_method("mart", label="MART", section=MartConfig, baseline=True)
-class MART(PGDAT):
-    @classmethod
-    def from_config(cls, ctx) -> "MART":
-        return cls(ctx.cfg.attack, ctx.cfg.mart.beta, ctx.cfg.mart.attack_mode)
+class MART(TRADES):
+    """MART: misclassification-aware adversarial training (Wang et al. 2020).
 
-
-    def __init__(self, attack: AttackConfig, beta: float = 6.0, attack_mode: str = "eval") -> None:
-        super().__init__(attack)
-        self.beta = beta
-        self.attack_mode = attack_mode
+    It shares TRADES' β and attack mode (its constructor); its attack (PGD on the cross-entropy from
+    x + 0.001·N(0, I)) and its loss are its own."""
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         with eval_mode(model) if self.attack_mode == "eval" else frozen_bn_statistics(model):

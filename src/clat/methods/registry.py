@@ -11,9 +11,9 @@ Adding a method is one file::
 
     @register_method("my_at", label="My-AT", section=MyConfig, baseline=True)
     class MyAT(PGDAT):
-        @classmethod
-        def from_config(cls, ctx):          # optional: the default passes the run's attack config only
-            return cls(ctx.cfg.attack, ctx.cfg.my_at.beta)
+        def __init__(self, attack, beta=1.0):   # built from the config: the attack section, then MyConfig's fields
+            super().__init__(attack)            # as keywords (override from_config(cls, ctx) to build it otherwise)
+            self.beta = beta
 
 and it trains (``finetune.method=my_at``), is listed by ``clat methods`` and labelled in reports.
 ``tests/test_methods.py`` registers one from the test itself.
@@ -58,6 +58,13 @@ class BuildContext:
     layers: list[Layer] | None = None
     zoo_model: str | None = None
     default_k: int | None = None
+
+    def options(self, name: str) -> dict:
+        """The config section of method ``name`` as keyword arguments (empty when it has none)."""
+        import dataclasses
+
+        info = _REGISTRY.get(name)
+        return dataclasses.asdict(getattr(self.cfg, name)) if info is not None and info.section is not None else {}
 
     def baseline(self, name: str, needed_by: str) -> Method:
         """The full-model baseline ``name`` built from the same config (the X that AWP or CLAT wraps)."""

@@ -27,11 +27,6 @@ class ScoreConfig:
 
 @register_method("score", label="SCORE", section=ScoreConfig, baseline=True)
 class SCORE(TRADES):
-    @classmethod
-    def from_config(cls, ctx) -> "SCORE":
-        return cls(ctx.cfg.attack, ctx.cfg.score.beta)
-
-
     def divergence(self, logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Tensor:
         return (F.softmax(logits_adv, dim=1) - probs_clean).pow(2).sum(1)
 

@@ -39,11 +39,6 @@ class TradesConfig:
 
 @register_method("trades", label="TRADES", section=TradesConfig, baseline=True)
 class TRADES(AdversarialMethod):
-    @classmethod
-    def from_config(cls, ctx) -> "TRADES":
-        return cls(ctx.cfg.attack, ctx.cfg.trades.beta, ctx.cfg.trades.attack_mode)
-
-
     def __init__(self, attack: AttackConfig, beta: float = 6.0, attack_mode: str = "eval") -> None:
         super().__init__(attack)
         self.beta = beta

@@ -41,6 +41,13 @@ from clat.models.registry import register_model
 
 
 # -- Madry / TRADES layout ------------------------------------------------------------------
+
+def wrn_shape(depth: int, width: int) -> tuple[int, list[int]]:
+    """Blocks per group and the channels (stem, group 1-3) of a WRN-depth-width: depth = 6n + 4."""
+    if (depth - 4) % 6:
+        raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+    return (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0) -> None:
         super().__init__()
@@ -86,10 +93,7 @@ class WideResNet(nn.Module):
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int, normalize: nn.Module, drop_rate: float = 0.0) -> None:
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
-        n = (depth - 4) // 6
-        ch = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        n, ch = wrn_shape(depth, widen_factor)
         self.normalize = normalize
         self.conv1 = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
         self.block1 = NetworkBlock(n, ch[0], ch[1], 1, drop_rate)
@@ -161,10 +165,7 @@ class DMWideResNet(nn.Module):
 
     def __init__(self, depth: int, width: int, num_classes: int, normalize: nn.Module, activation: type[nn.Module] = nn.SiLU) -> None:
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
-        n = (depth - 4) // 6
-        ch = [16, 16 * width, 32 * width, 64 * width]
+        n, ch = wrn_shape(depth, width)
         self.normalize = normalize
         self.init_conv = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
         self.layer = nn.Sequential(
