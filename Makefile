@@ -17,6 +17,7 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip uninstall -y -q clat 2>/dev/null || true  # the distribution was called clat before 0.2 (now clat-at)
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 

@@ -97,7 +97,7 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("lr zero", ["train", "finetune.lr=0"], "finetune.lr must be > 0"),
         ("momentum one", ["train", "pretrain.momentum=1"], "momentum must be in [0, 1)"),
         ("trades beta", ["train", "trades.beta=-1"], "trades.beta must be >= 0"),
-        ("unknown model", ["train", *TINY, "model.name=vgg99"], "unknown model 'vgg99'; known models"),
+        ("unknown model", ["train", *TINY, "model.name=vgg99"], "unknown model 'vgg99'; did you mean vgg19? known models"),
         ("unknown method", ["train", *TINY, "finetune.method=fgsm9", "finetune.epochs=1"], "unknown method 'fgsm9'; known methods"),
         ("override no equals", ["train", *TINY, "clat.k"], "not of the form key=value"),
         ("override bad key", ["train", "clat..k=1"], "is not a dotted key"),

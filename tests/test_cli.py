@@ -86,7 +86,7 @@ def test_demo_fast(tmp_path):
     "argv,needle",
     [
         (["train", "nonexistent.yaml"], "does not exist"),
-        (["train", "model.name=vgg99", "data.dataset=bundled"], "unknown model 'vgg99'; known models"),
+        (["train", "model.name=vgg99", "data.dataset=bundled"], "unknown model 'vgg99'; did you mean vgg19? known models"),
         (["train", "finetune.method=nope", "data.dataset=bundled"], "unknown method"),
         (["train", "attack.eps=-1"], "attack.eps must be > 0"),
         (["train", "clat.k=0"], "clat.k must be >= 1"),

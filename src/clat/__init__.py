@@ -24,14 +24,14 @@ from clat.features import FeatureExtractor
 from clat.trainable import freeze_all_but
 from clat.loop import train
 from clat.methods import CLAT, Method, create_method, list_methods
-from clat.models import create_model, list_models
+from clat.models import Normalize, create_model, list_models, register_model
 from clat.sweep import SweepSettings, layer_sweep
 
 __version__ = "0.2.0"
 
 __all__ = [
     "CLAT", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "EvalProtocol",
-    "FeatureExtractor", "Layer", "Method", "Shard", "Splits", "SweepSettings", "ThreatModel", "compute_criticality", "create_method", "create_model",
+    "FeatureExtractor", "Layer", "Method", "Normalize", "Shard", "Splits", "SweepSettings", "ThreatModel", "compute_criticality", "create_method", "create_model",
     "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "layer_sweep", "list_methods", "list_models", "load_config",
-    "perturb", "pgd", "resolve_layers", "run_protocol", "select_random", "train",
+    "perturb", "pgd", "register_model", "resolve_layers", "run_protocol", "select_random", "train",
 ]

@@ -1,4 +1,5 @@
-"""The ``clat`` command line: train | criticality | eval | transfer | stability | report | demo | models | methods.
+"""The ``clat`` command line: train | criticality | eval | transfer | stability | layer-sweep | report | demo | models | methods |
+configs | config.
 
 Errors a user can cause print one or two lines (``clat: error: …``) and exit
 with code 2; nothing else in here knows about training.
@@ -75,10 +76,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="clat", description="Criticality-Leveraged Adversarial Training")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train from a YAML config (pretrain stage, then CLAT fine-tuning)")
-    t.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    t.add_argument("config", nargs="?", help="YAML file, or a packaged config by name (`clat configs`), e.g. paper/cifar10/rn18_pgdat_clat")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. clat.k=2 finetune.epochs=10")
     t.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint (overrides: only the "
@@ -172,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="overwrite an existing demo folder")
     d.add_argument("--fast", action="store_true", help="a much shorter run (smoke test; accuracies stay near chance)")
 
+    cs = sub.add_parser("configs", help="list the packaged configs (`clat train NAME` runs one)")
+    cs.add_argument("prefix", nargs="?", help="only names starting with this, e.g. paper/cifar10")
+    cf = sub.add_parser("config", help="`clat config show [CONFIG] [key=value ...]`: every key with its value, type, help and default")
+    cf = cf.add_subparsers(dest="action", required=True, parser_class=_Parser).add_parser(
+        "show", help="every key of the resolved config with its value, type, help and default")
+    cf.add_argument("config", nargs="?", help="YAML file or packaged config name (default: the defaults alone)")
+    cf.add_argument("overrides", nargs="*", help="key=value overrides")
+    cf.add_argument("--changed", action="store_true", help="only the keys that differ from the defaults")
+    cf.add_argument("--yaml", action="store_true", help="print the resolved config as YAML (what a run saves as config.yaml)")
+
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("methods", help="list the training methods")
     return p
@@ -190,11 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise ClatError("clat train needs a config file (see configs/), or --resume RUN_DIR")
-        overrides = list(args.overrides)
-        cfg_path = args.config
-        if "=" in cfg_path:  # only overrides given
-            overrides.insert(0, cfg_path)
-            cfg_path = None
+        cfg_path, overrides = _config_and_overrides(args.config, args.overrides)
         cfg = load_config(cfg_path, overrides)
         if args.quiet:
             cfg.progress = False
@@ -256,11 +264,7 @@ def cmd_layer_sweep(args: argparse.Namespace) -> int:
     if not args.report:
         from clat.config import load_config
 
-        overrides = list(args.overrides)
-        cfg_path = args.config
-        if cfg_path and "=" in cfg_path:
-            overrides.insert(0, cfg_path)
-            cfg_path = None
+        cfg_path, overrides = _config_and_overrides(args.config, args.overrides)
         cfg = load_config(cfg_path, overrides)
         settings = SweepSettings(epochs=args.epochs, seeds=list(args.seeds), objective=args.objective, lam=args.lam,
                                  lam_mode="auto" if args.lam_auto else "fixed", val_steps=args.val_steps, n_val=args.n_val,
@@ -276,6 +280,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     path = run_demo(args.out, force=args.force, fast=args.fast, progress=not args.quiet)
     print(f"demo report: {path}")
+    return 0
+
+
+def _version_line() -> str:
+    from clat import __version__
+
+    return f"clat {__version__}"
+
+
+def _config_and_overrides(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``clat train a=1 b=2`` has no config file: its first positional is an override."""
+    if config is not None and "=" in config:
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from clat.confighelp import CONFIGS, list_configs
+
+    names = [n for n in list_configs() if not args.prefix or n.startswith(args.prefix.removeprefix("configs/").rstrip("/"))]
+    if not names:
+        raise ClatError(f"no packaged config starts with {args.prefix!r}; `clat configs` lists them all")
+    for n in names:
+        first = next((ln[1:].strip() for ln in (CONFIGS / f"{n}.yaml").read_text().splitlines() if ln.startswith("#")), "")
+        print(f"{n:48s} {first}")
+    print(f"({len(names)} configs in {CONFIGS}; run one with `clat train NAME`)")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from clat.config import dump_yaml, load_config
+    from clat.confighelp import describe, render
+
+    config, overrides = _config_and_overrides(args.config, args.overrides)
+    cfg = load_config(config, overrides)
+    if args.yaml:
+        print(dump_yaml(cfg), end="")
+        return 0
+    print(f"# {config or 'defaults'}{' + ' + ' '.join(overrides) if overrides else ''}; * = differs from the default")
+    print(render(describe(cfg), only_changed=args.changed))
     return 0
 
 
@@ -305,7 +349,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train, "layer-sweep": cmd_layer_sweep, "criticality": cmd_criticality, "eval": cmd_eval, "transfer": cmd_transfer, "stability": cmd_stability, "report": cmd_report,
-    "demo": cmd_demo, "models": cmd_models, "methods": cmd_methods,
+    "demo": cmd_demo, "models": cmd_models, "methods": cmd_methods, "configs": cmd_configs, "config": cmd_config,
 }
 
 

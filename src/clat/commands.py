@@ -101,7 +101,7 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     from clat.criticality import compute_criticality, eligible_mask
     from clat.data import to_unit_float
     from clat.layers import find_layers
-    from clat.models import create_model, model_info
+    from clat.models import create_model
     from clat.plots import plot_criticality
     from clat.report import criticality_rows, text_table
     from clat.data import prepare_data
@@ -131,10 +131,12 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     layers = find_layers(model, x[:2], merge_norms=cfg.model.merge_norms)
     k = args.k
     if k is None:
+        from clat.methods.clat import default_k
+
         try:
-            k = model_info(meta["model"]).default_k
+            k = default_k(layers, meta["model"])
         except ClatError:
-            k = max(1, round(0.05 * len(layers)))
+            k = default_k(layers)
     n_ok = sum(eligible_mask(layers, include_classifier=args.include_classifier))
     if k > n_ok:
         raise ClatError(f"k={k} critical layers requested but {n_ok} layers are eligible for selection; choose k between 1 and {n_ok}")

@@ -43,8 +43,8 @@ class DataConfig:
     test_size: int | None = None  # use only the first N test images
     val_size: int = 1000  # held out from the training images for per-epoch metrics and choices
     split_seed: int | None = 0  # seed of the train/validation split, independent of `seed` (null: follow `seed`, as clat 0.1 did; warns)
-    batch_size: int = 128
-    eval_batch_size: int = 256
+    batch_size: int = 128  # training images per step (per rank under torchrun)
+    eval_batch_size: int = 256  # images per batch of the held-out evaluation (results do not depend on it)
     augment: bool = True  # random crop (4-pixel padding) + horizontal flip, on tensors
 
 
@@ -52,10 +52,10 @@ class DataConfig:
 class AttackConfig:
     """The training threat model (and the default evaluation one)."""
 
-    eps: float = DEFAULT_THREAT.eps
+    eps: float = DEFAULT_THREAT.eps  # radius of the perturbation ball (8/255 under linf; images are in [0, 1])
     alpha: float = DEFAULT_THREAT.alpha  # step size
-    steps: int = DEFAULT_THREAT.steps
-    norm: Literal["linf", "l2"] = DEFAULT_THREAT.norm
+    steps: int = DEFAULT_THREAT.steps  # PGD steps of the training attack
+    norm: Literal["linf", "l2"] = DEFAULT_THREAT.norm  # the norm of the threat model
 
     def threat(self) -> ThreatModel:
         return ThreatModel(self.norm, self.eps, self.alpha, self.steps)
@@ -66,11 +66,11 @@ class StageConfig:
     """One training phase: a method for some epochs with its own optimizer and schedule."""
 
     method: str = "pgd_at"  # see `clat methods`
-    epochs: int = 0
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    epochs: int = 0  # 0: the stage is skipped
+    lr: float = 0.1  # SGD learning rate at the start of the stage
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 weight decay (of the trained parameters)
+    nesterov: bool = False  # Nesterov momentum
     schedule: Literal["cosine", "constant", "piecewise"] = "cosine"  # per-step cosine decay over the stage; piecewise: x0.1 at 50% and 75% (Rice et al. 2020)
 
 
@@ -79,8 +79,8 @@ class EvalConfig:
     """Per-epoch metrics on the held-out split."""
 
     n_examples: int = 1000  # held-out images evaluated each epoch (<= val_size)
-    steps: int = 10
-    restarts: int = 1
+    steps: int = 10  # PGD steps of the per-epoch robust accuracy (the threat model is `attack`)
+    restarts: int = 1  # PGD restarts (an example counts as robust only if it survives all)
     every: int = 1  # evaluate every N epochs (and always at the last)
 
 
@@ -115,7 +115,7 @@ class Config:
     finetune: StageConfig = field(default_factory=lambda: StageConfig(method="clat", epochs=50))
     eval: EvalConfig = field(default_factory=EvalConfig)
     init: str | None = None  # checkpoint to start from (ours, a state_dict file)
-    seed: int = 0
+    seed: int = 0  # initialization, shuffling, augmentation and attack starts
     device: str = "auto"  # auto: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for every forward pass (attacks included); fp16 adds a GradScaler
     channels_last: bool = False  # NHWC model and inputs (faster convolutions on recent GPUs)
@@ -220,7 +220,10 @@ def _build(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in hints:
-            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(hints)}")
+            from clat.confighelp import suggest
+
+            raise ConfigError(f"unknown config key {key!r}{suggest(str(k), prefix, list(hints))}; valid keys here: {', '.join(hints)} "
+                              "(`clat config show` lists every key)")
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             setattr(obj, k, _build(tp, v, key, getattr(obj, k)))
@@ -286,11 +289,13 @@ def read_yaml(p: Path, *, missing: str, what: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- overrides, validated."""
+    """Defaults <- YAML file (a path, or a packaged config's name: :func:`list_configs`) <- overrides, validated."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        data = read_yaml(p, missing=f"config file {p} does not exist; see configs/ for examples", what=f"config file {p} is ")
+        from clat.confighelp import resolve_config
+
+        p = resolve_config(path)
+        data = read_yaml(p, missing=f"config file {p} does not exist", what=f"config file {p} is ")
         cfg = _build(Config, data or {}, "", cfg)
     cfg = _build(Config, parse_overrides(overrides), "", cfg)
     validate(cfg)

@@ -14,6 +14,7 @@ files belong to :mod:`clat.runs`; data to :mod:`clat.data`; devices and ranks to
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -35,7 +36,8 @@ from clat.errors import ClatError, ConfigError
 from clat.evaluate import evaluate
 from clat.layers import find_layers, Layer
 from clat.methods import EpochContext, create_method
-from clat.models import build_model, model_info
+from clat.models import PYTHON_MODEL, build_model, is_factory, model_info
+from clat.provenance import versions
 from clat.runs import RunDir
 from clat.stage import Stage, StepRunner
 
@@ -118,7 +120,7 @@ def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.M
     with rd.lock("train --resume" if resume else "train") if dinfo.is_main else contextlib.nullcontext():
         run = _Run.build(cfg, rd, dist_device, resume=resume, force=force, model=model, data=data)
         if dinfo.is_main:  # everything is validated: only now is anything removed, and does the run folder get its first file
-            rd.prepare(cfg, resume=resume, force=force, changed=changed)
+            rd.prepare(run.cfg, resume=resume, force=force, changed=changed)
         return _train_locked(run, resume=resume, until_epoch=until_epoch, changed=changed)
 
 
@@ -150,6 +152,9 @@ class _Run:
             model = build_model(cfg, splits.num_classes, device)
             meta = {"model": cfg.model.name, "num_classes": splits.num_classes, "normalize": cfg.model.normalize}
         else:
+            if not is_factory(cfg.model.name):  # the run's config says where its model came from (model_info explains on resume)
+                cfg = copy.deepcopy(cfg)
+                cfg.model.name = f"{PYTHON_MODEL}{type(model).__module__}.{type(model).__qualname__}"
             model = model.to(device)
             if cfg.init:
                 load_into(model, read_state_dict(cfg.init), source=f"init checkpoint {cfg.init}")
@@ -335,6 +340,7 @@ def _finish(run: _Run, wall: float) -> dict:
         "train_time_s": sum(r["time_s"] for r in rows),
         "world_size": dinfo.world_size,
         "precision": run.cfg.precision,
+        "versions": versions(),
         **({"resume_overrides": overrides} if overrides else {}),
         "finished": True,
     }

@@ -192,6 +192,7 @@ class RunDir:
         files removed and ``--resume`` overrides recorded in its config."""
         from clat.checkpoint import atomic_write_text
         from clat.config import dump_yaml
+        from clat.provenance import header
 
         self.path.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -200,7 +201,7 @@ class RunDir:
                 if gone:
                     log.info("--force: removed %s from %s (what clat wrote there; nothing else)", ", ".join(gone), self.path)
             self.record(*RUN_FILES)
-            atomic_write_text(self.config_path, dump_yaml(cfg))
+            atomic_write_text(self.config_path, header() + dump_yaml(cfg))
             return
         if not self.has_manifest():  # a run of clat 0.1: its own files, as they are now
             self.record(*[p.name for p in self.removable()], *RUN_FILES)
@@ -208,7 +209,7 @@ class RunDir:
         if stale:
             log.info("removed %d half-written temporary file(s) of an interrupted write", stale)
         if changed:
-            atomic_write_text(self.config_path, dump_yaml(cfg))
+            atomic_write_text(self.config_path, header() + dump_yaml(cfg))
             log.info("--resume with %s (recorded in config.yaml and metrics.jsonl)", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
     # -- metrics.jsonl: the one reader and writer ----------------------------------------------

@@ -47,7 +47,9 @@ def default_k(layers: list[Layer], zoo_model: str | None = None) -> int:
     if zoo_model is not None:
         from clat.models import model_info
 
-        return model_info(zoo_model).default_k
+        k = model_info(zoo_model).default_k
+        if k is not None:
+            return k
     return max(1, round(0.05 * len(layers)))
 
 
@@ -56,8 +58,8 @@ class CriticalityConfig:
     batch_size: int = 100  # fresh random training images per (re)selection
     denominator: Literal["upstream", "previous", "input"] = "upstream"  # Eq. 6: upstream (default), previous in execution order, or the post-activation input (ablations)
     scaling: Literal["n", "sqrt_n", "none"] = "n"  # 1/N_i (paper), 1/sqrt(N_i) or none
-    point: Literal["post_bn", "pre_bn"] = "post_bn"
-    include_classifier: bool = False
+    point: Literal["post_bn", "pre_bn"] = "post_bn"  # where a layer's feature is read: after its BatchNorm (default) or before
+    include_classifier: bool = False  # the last layer (the classifier) may be selected too
     steps: int = 10  # PGD steps of the criticality perturbation (eps/alpha from `attack`)
 
 
@@ -66,10 +68,10 @@ class ClatConfig:
     k: int | None = None  # number of critical layers; None: the model's paper default
     lam: float = 0.1  # λ of Eq. 9 (when lam_mode is fixed); chosen by the sweep in docs/lambda_sweep.md
     lam_mode: Literal["fixed", "auto"] = "fixed"  # auto: λ = rho * CE / L_C measured at each (re)selection
-    rho: float = 1.0
+    rho: float = 1.0  # lam_mode=auto: the ratio of the feature term to CE at each (re)selection
     selection: Literal["critical", "random", "deepest"] = "critical"  # deepest: the k last eligible layers (the layer oracle's best predictor on ResNet-18, docs/criticality.md)
     dynamic: bool = True  # re-select every `reselect_every` epochs (Algorithm 1); false: select once
-    reselect_every: int = 10
+    reselect_every: int = 10  # epochs between (re)selections (Algorithm 1: 10)
     layers: list[int | str] = field(default_factory=list)  # pin these layers (names, or indices given as integers) instead of selecting
     exclude: list[int | str] = field(default_factory=list)  # never select these
     ce_on: Literal["clean", "adv", "base"] = "clean"  # CE term of Eq. 9: clean input, x+δ*, or the base method's loss

@@ -50,7 +50,7 @@ def merge_adapters(model: nn.Module) -> int:
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
+    rank: int = 8  # rank of each adapter
     alpha: float = 16.0  # peft's lora_alpha: the adapter's output is scaled by alpha / rank
     layers: list[int | str] = field(default_factory=list)  # layers to adapt (names, or indices given as integers); empty: every conv layer
 

@@ -76,7 +76,7 @@ class RiftConfig:
     weight_eps: float = 0.1  # MRC: weight perturbation bound, relative to the layer's weight norm
     steps: int = 5  # MRC: gradient-ascent steps on the weight perturbation
     batch_size: int = 256  # training images used for MRC
-    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])  # interpolation weights tried between the start and the fine-tuned weights
     tolerance: float = 0.005  # allowed drop of validation PGD accuracy when choosing α
 
     def check(self, need) -> None:

@@ -9,7 +9,7 @@ The paper's zoo (CIFAR variants, 10 or 100 classes): ``resnet18``, ``preact_resn
 and ``tiny_cnn`` for CPU work. Sizes, layer counts and layout choices: docs/models.md.
 """
 
-from clat.models.registry import ModelInfo, create_model, list_models, model_info, register_model
+from clat.models.registry import PYTHON_MODEL, ModelInfo, Normalize, create_model, is_factory, list_models, model_info, register_model
 from clat.models import cifar_resnet as _cifar_resnet  # noqa: F401  (registers models)
 from clat.models import densenet as _densenet  # noqa: F401
 from clat.models import preact_resnet as _preact_resnet  # noqa: F401
@@ -33,4 +33,4 @@ def build_model(cfg, num_classes: int, device="cpu"):
     return model.to(device)
 
 
-__all__ = ["ModelInfo", "build_model", "create_model", "list_models", "model_info", "register_model"]
+__all__ = ["PYTHON_MODEL", "ModelInfo", "Normalize", "build_model", "is_factory", "create_model", "list_models", "model_info", "register_model"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -41,7 +42,7 @@ def default_normalization(num_classes: int) -> tuple[tuple[float, ...], tuple[fl
 class ModelInfo:
     name: str
     builder: Callable[..., nn.Module]
-    default_k: int  # the paper's number of critical layers for this model
+    default_k: int | None  # the paper's number of critical layers for this model (None: a model of the user's)
     description: str
 
 
@@ -62,10 +63,77 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_factory(name: str) -> bool:
+    """``package.module:factory``: a model the user's code builds (not the zoo's)."""
+    return ":" in name and not name.startswith(PYTHON_MODEL)
+
+
+# How a run records a model that was handed to ``clat.train(..., model=...)``: nothing can rebuild it from the name.
+PYTHON_MODEL = "python:"
+
+
 def model_info(name: str) -> ModelInfo:
+    """The zoo's entry for ``name``, or one for a ``package.module:factory`` spec (imported here, so a typo fails now)."""
+    if name.startswith(PYTHON_MODEL):
+        raise ConfigError(f"model.name={name}: this run's model was handed to clat.train(model=...) from Python, so clat cannot rebuild it; "
+                          f"pass the same model again (clat.train(None, RUN, resume=True, model=...)), or name it as model.name=package.module:factory "
+                          "(docs/models.md)")
+    if is_factory(name):
+        return ModelInfo(name, _import_factory(name), None, f"built by {name}")
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        import difflib
+
+        close = difflib.get_close_matches(name, list_models(), n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown model {name!r}; {hint}known models: {', '.join(list_models())}, or your own as package.module:factory")
     return _REGISTRY[name]
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    """``package.module:factory`` -> the callable. The current folder is searched too (as ``python -m`` would), so
+    ``model.name=mymodels:make_net`` finds ``./mymodels.py`` from the command line."""
+    import importlib
+    import os
+    import sys
+
+    module, _, attr = spec.partition(":")
+    ident = r"[A-Za-z_][A-Za-z0-9_]*"
+    if not re.fullmatch(rf"{ident}(\.{ident})*", module) or not re.fullmatch(rf"{ident}(\.{ident})*", attr):
+        raise ConfigError(f"model.name={spec!r} is neither a zoo model nor package.module:factory (e.g. mymodels:make_net)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"model.name={spec}: cannot import {module} ({e}); install it, or run from the folder that holds it, "
+                          "or add that folder to PYTHONPATH") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"model.name={spec}: {module} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"model.name={spec}: {attr} is not callable; name a function or class that returns an nn.Module")
+    return obj
+
+
+def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int, norm: nn.Module) -> nn.Module:
+    """A user's factory is given ``num_classes`` (and clat's ``normalize`` module) if its signature takes them."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs: dict = {}
+    if "num_classes" in params or var_kw:
+        kwargs["num_classes"] = num_classes
+    if "normalize" in params:
+        kwargs["normalize"] = norm
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name={name}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def create_model(
@@ -76,7 +144,9 @@ def create_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> nn.Module:
-    """Build a registered model. ``normalize=False`` gives a model that expects
+    """Build a registered model, or call a ``package.module:factory`` (given ``num_classes=`` and ``normalize=``
+    where its signature takes them; the model it returns must take [0, 1] images: put :class:`Normalize` first
+    in it if it expects normalized ones). ``normalize=False`` gives a model that expects
     inputs already normalized by the caller (e.g. third-party checkpoints trained
     on raw [0, 1] pixels, such as the AutoAttack example ResNet-18)."""
     info = model_info(name)
@@ -87,4 +157,6 @@ def create_model(
         norm: nn.Module = Normalize(mean or dm, std or ds)
     else:
         norm = nn.Identity()
+    if is_factory(name):
+        return _call_factory(name, info.builder, num_classes, norm)
     return info.builder(num_classes=num_classes, normalize=norm)

@@ -1,0 +1,175 @@
+"""The package as a user meets it: versions, packaged configs by name, `clat config show`, a model of one's own
+given as `package.module:factory` on the command line, and (slow) the built wheel in a fresh environment."""
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import clat
+from clat.cli import main
+from clat.config import Config, load_config
+from clat.confighelp import dotted_keys, list_configs
+from clat.confighelp import describe
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.dataset=bundled", "data.train_size=120", "data.val_size=40", "data.test_size=40", "attack.steps=1",
+        "clat.criticality.steps=1", "clat.criticality.batch_size=10", "data.batch_size=40", "eval.n_examples=20", "eval.steps=1",
+        "pretrain.epochs=1", "finetune.epochs=1", "clat.k=1"]
+
+
+def test_version_is_one_number_everywhere(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"clat {clat.__version__}"
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert meta["dynamic"] == ["version"] and meta["name"] == "clat-at"  # `clat` on PyPI is another project
+
+
+def test_packaged_configs_are_found_by_name(capsys):
+    names = list_configs()
+    assert "paper/cifar10/resnet18_pgd_at_clat" in names and "cpu/small_cnn_subset" in names
+    assert all(not n.endswith(".yaml") for n in names)
+    for spelled in ("cpu/small_cnn_subset", "cpu/small_cnn_subset.yaml", "configs/cpu/small_cnn_subset.yaml"):
+        assert load_config(spelled) == load_config(REPO / "configs" / "cpu" / "small_cnn_subset.yaml")
+    assert main(["configs", "paper/cifar100"]) == 0
+    out = capsys.readouterr().out
+    assert "paper/cifar100/resnet18_pgd_at_clat" in out and "paper/cifar10/" not in out
+    assert main(["train", "cpu/small_cnn_subst"]) == 2
+    assert "does not exist, and no packaged config has that name; did you mean cpu/small_cnn_subset" in capsys.readouterr().err
+
+
+def test_config_show_lists_every_key_with_type_help_and_default(capsys):
+    every = dotted_keys(Config())
+    docs = describe(Config())
+    assert sorted(d.key for d in docs) == sorted(every)
+    assert not [d.key for d in docs if not d.help], "every config key needs a one-line `# comment` beside its field"
+    assert main(["config", "show", "cpu/small_cnn_subset", "clat.k=2"]) == 0
+    out = capsys.readouterr().out
+    for key in every:
+        assert f" {key} " in out, key
+    line = next(ln for ln in out.splitlines() if " clat.k " in ln)
+    assert line.startswith("*") and "int | None" in line and "(default null)" in line
+    assert main(["config", "show", "--yaml", "clat.k=2"]) == 0
+    assert "k: 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, hint", [("clat.lamda=0.1", "clat.lam"), ("k=2", "clat.k"), ("model.nme=x", "model.name"),
+                                             ("pretrain.epoch=3", "pretrain.epochs")])
+def test_a_misspelled_key_gets_a_suggestion(override, hint, capsys):
+    assert main(["config", "show", override]) == 2
+    err = capsys.readouterr().err
+    assert f"did you mean {hint}" in err and err.count("\n") == 1
+
+
+MODULE = '''
+import torch
+from torch import nn
+import clat
+
+def make_net(num_classes=10):
+    return nn.Sequential(clat.Normalize([0.5] * 3, [0.25] * 3), nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+def not_a_model():
+    return 3
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """``usernets.py`` in the current folder, as a user's own file beside their command line."""
+    (tmp_path / "usernets.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    yield tmp_path
+    sys.modules.pop("usernets", None)
+
+
+def test_a_model_of_ones_own_from_the_command_line(user_module, capsys):
+    run = user_module / "run"
+    assert main(["-q", "train", "model.name=usernets:make_net", *TINY, "--run-dir", str(run), "--until-epoch", "1"]) == 0
+    assert "  name: usernets:make_net" in (run / "config.yaml").read_text()
+    assert main(["-q", "train", "--resume", str(run)]) == 0  # rebuilt from its name: no model= needed
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"]["model"] == "usernets:make_net" and summary["finished"]
+    assert summary["versions"]["clat"] == clat.__version__ and summary["versions"]["torch"] == torch.__version__
+    assert (run / "config.yaml").read_text().startswith(f"# written by clat {clat.__version__}")
+    capsys.readouterr()
+    assert main(["-q", "eval", str(run), "--n-examples", "10", "--steps", "1"]) == 0
+    assert json.loads((run / "eval.json").read_text())["model"] == "usernets:make_net"
+    assert main(["-q", "criticality", str(run), "--batch-size", "8", "--steps", "1"]) == 0
+    assert json.loads((run / "criticality.json").read_text())
+    assert main(["-q", "report", str(run)]) == 0
+
+
+@pytest.mark.parametrize("name, message", [("usernets:nope", "usernets has no 'nope'"), ("nosuchmodule:make", "cannot import nosuchmodule"),
+                                           ("usernets:not_a_model", "returned int, not an nn.Module"),
+                                           ("usernets:make net", "neither a zoo model nor package.module:factory"),
+                                           ("resnet_18", "did you mean resnet18")])
+def test_a_bad_model_name_is_one_line(user_module, name, message, capsys):
+    assert main(["-q", "train", f"model.name={name}", *TINY, "--run-dir", str(user_module / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (user_module / "bad").exists()
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_a_run_of_a_python_model_says_how_to_resume_it(tmp_path):
+    cfg = load_config(None, [*TINY, "finetune.epochs=0", "pretrain.epochs=2"])
+    clat.train(cfg, tmp_path / "run", model=_Net(), until_epoch=1)
+    assert cfg.model.name == "resnet18"  # the caller's config is left as it was
+    assert f"name: python:{__name__}._Net" in (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(clat.ConfigError, match=r"handed to clat.train\(model=...\)"):
+        clat.train(None, tmp_path / "run", resume=True)
+    assert clat.train(None, tmp_path / "run", resume=True, model=_Net())["finished"]
+
+
+@pytest.mark.slow
+def test_the_built_wheel_works_in_a_fresh_environment(tmp_path):
+    """Build the wheel (not editable), install it alone into a new virtual environment whose other packages come
+    from this one (so torch is not downloaded), and run a packaged paper config by name for one tiny step."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(REPO)],
+                   check=True, capture_output=True)
+    (wheel,) = dist.glob("clat_at-*.whl")
+    env_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    py = env_dir / "bin" / "python"
+    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    deps = Path(torch.__file__).parents[1]  # torch, numpy, ... of this environment; a plain path line does not run its .pth files
+    (site / "zz_deps.pth").write_text(f"{deps}\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    where = subprocess.check_output([str(py), "-c", "import clat, sys; print(clat.__file__)"], cwd=work, env=env, text=True)
+    assert where.startswith(str(site)), where  # the wheel, not this checkout
+    clat_cmd = env_dir / "bin" / "clat"
+    assert subprocess.check_output([str(clat_cmd), "--version"], env=env, text=True).strip() == f"clat {clat.__version__}"
+    names = subprocess.check_output([str(clat_cmd), "configs", "paper/cifar10"], env=env, text=True, cwd=work)
+    assert "paper/cifar10/resnet18_pgd_at_clat" in names
+    tiny = ["model.name=tiny_cnn", *TINY, "device=cpu", "precision=fp32"]
+    r = subprocess.run([str(clat_cmd), "-q", "train", "paper/cifar10/resnet18_pgd_at_clat", *tiny, "--run-dir", "run"],
+                       cwd=work, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    assert summary["finished"] and summary["versions"]["git_commit"] is None
+    for f in ("LICENSE", "CITATION.cff"):
+        assert any(f in n for n in subprocess.check_output([sys.executable, "-m", "zipfile", "-l", str(wheel)], text=True).splitlines()), f
+    assert (site / "clat" / "py.typed").is_file()
