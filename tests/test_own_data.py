@@ -19,7 +19,11 @@ from clat.config import load_config
 from clat.data import Splits, load_image_folder, load_npz, prepare_data
 from clat.errors import ClatError, ConfigError, DataError
 
-Image = pytest.importorskip("PIL.Image")
+try:
+    from PIL import Image
+except ImportError:  # Pillow is optional (the `images` extra): only the image-folder tests need it
+    Image = None
+needs_pillow = pytest.mark.skipif(Image is None, reason='Pillow is not installed (pip install "clat-at[images]")')
 
 CLASSES = ("cat", "dog", "emu")
 
@@ -144,6 +148,7 @@ def test_from_tensors_refuses_channels_last_and_bad_labels():
 # --------------------------------------------------------------------------- #
 
 
+@needs_pillow
 def test_image_folder_reads_classes_in_sorted_order_interleaved(tmp_path):
     root = write_folder(tmp_path / "imgs")
     (root / "train" / "cat" / "notes.txt").write_text("not an image")  # skipped
@@ -155,6 +160,7 @@ def test_image_folder_reads_classes_in_sorted_order_interleaved(tmp_path):
     assert s.class_names == names and s.num_classes == 3 and s.x_test.shape == (6, 3, 8, 8) and "imgs" in s.name
 
 
+@needs_pillow
 def test_image_folder_converts_grayscale_and_other_modes_to_rgb(tmp_path):
     root = write_folder(tmp_path / "imgs")
     Image.fromarray(np.full((8, 8), 60, np.uint8), "L").save(root / "train" / "dog" / "gray.png")
@@ -193,6 +199,7 @@ def _folder_cases(tmp: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
+@needs_pillow
 def test_bad_image_folders_fail_in_one_line_naming_the_path(tmp_path):
     for name, (root, message) in _folder_cases(tmp_path).items():
         with pytest.raises(DataError, match=message) as err:
@@ -201,7 +208,7 @@ def test_bad_image_folders_fail_in_one_line_naming_the_path(tmp_path):
 
 
 def test_missing_pillow_names_the_extra(tmp_path, monkeypatch):
-    root = write_folder(tmp_path / "imgs")
+    root = tmp_path / "imgs"
     monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` now raises ImportError
     with pytest.raises(DataError, match=r'pip install "clat-at\[images\]"'):
         load_image_folder(root, "train")
@@ -241,6 +248,7 @@ def test_bad_npz_files(tmp_path):
 # --------------------------------------------------------------------------- #
 
 
+@needs_pillow
 def test_prepare_data_reads_folder_and_npz_with_the_size_keys(tmp_path):
     root = write_folder(tmp_path / "imgs")
     s = prepare_data(load_config(None, ["data.dataset=folder", f"data.root={root}", "data.train_size=12", "data.test_size=3",
@@ -273,6 +281,7 @@ TRAIN_FAST = ["model.name=tiny_cnn", "pretrain.epochs=1", "finetune.epochs=1", "
               "progress=false"]
 
 
+@needs_pillow
 def test_train_and_eval_on_an_image_folder_through_the_cli(tmp_path, capsys):
     root = write_folder(tmp_path / "imgs")
     run = tmp_path / "run"
@@ -300,6 +309,7 @@ def test_python_train_on_own_tensors(tmp_path):
         clat.train(load_config(None, TRAIN_FAST + ["model.num_classes=10"]), tmp_path / "r2", data=splits)
 
 
+@needs_pillow
 def test_bad_own_data_through_the_cli_is_a_one_line_error(tmp_path, capsys):
     root = write_folder(tmp_path / "imgs")
     (root / "train" / "fox").mkdir()
