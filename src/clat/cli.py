@@ -23,8 +23,9 @@ log = logging.getLogger("clat")
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["bundled", "cifar10", "cifar100"], help="default: the run's data set, else bundled")
-    g.add_argument("--root", help="folder holding cifar-10-batches-py / cifar-100-python")
+    g.add_argument("--dataset", choices=["bundled", "cifar10", "cifar100", "folder", "npz"],
+                   help="default: the run's data set, else bundled; folder, npz: your own data in --root (docs/data.md)")
+    g.add_argument("--root", help="folder holding cifar-10-batches-py / cifar-100-python; the image folder (folder) or .npz file (npz)")
     g.add_argument("--download", action="store_true", help="download the official archive if missing (checksum verified)")
     g.add_argument("--no-verify", action="store_true", help="accept a local copy whose checksums are not the official ones (warns)")
 

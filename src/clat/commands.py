@@ -53,6 +53,8 @@ def data_config(args: argparse.Namespace, run_cfg) -> "object":
         cfg.data.val_size = 500
     if args.dataset:
         cfg.data.dataset = args.dataset
+        if run_cfg is None and args.dataset in ("folder", "npz"):
+            cfg.data.val_size = 0  # no run to follow: every training image is training data (however few)
     if args.root:
         cfg.data.root = args.root
     if args.download:

@@ -35,8 +35,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["bundled", "cifar10", "cifar100"] = "cifar10"  # bundled: the CIFAR-10 subset shipped in the package
-    root: str = "data"  # folder holding cifar-10-batches-py / cifar-100-python
+    dataset: Literal["bundled", "cifar10", "cifar100", "folder", "npz"] = "cifar10"  # bundled: the CIFAR-10 subset shipped in the package; folder, npz: your own data (docs/data.md)
+    root: str = "data"  # folder holding cifar-10-batches-py / cifar-100-python; folder: root/{train,test}/<class>/<image>; npz: the .npz file
     download: bool = False  # fetch the official archive (checksum verified) if missing
     verify: bool = True  # check official MD5s; false accepts a local copy that differs, with a warning
     train_size: int | None = None  # use only the first N training images (CPU studies)
@@ -331,6 +331,7 @@ def validate(cfg: Config) -> None:
     need(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
     need(d.train_size is None or d.train_size > d.val_size, f"data.train_size ({d.train_size}) must exceed data.val_size ({d.val_size})")
     need(d.test_size is None or d.test_size >= 1, f"data.test_size must be >= 1, got {d.test_size}")
+    need(not (d.download and d.dataset in ("folder", "npz")), f"data.download=true has nothing to download for data.dataset={d.dataset}: drop it")
     for name in ("pretrain", "finetune"):
         s: StageConfig = getattr(cfg, name)
         need(s.epochs >= 0, f"{name}.epochs must be >= 0, got {s.epochs}")

@@ -1,7 +1,8 @@
 """Training data: images as clat takes them, the train/validation/test splits of a run, augmentation and a fast loader.
 
 * Images are uint8 (0-255) or float in [0, 1], shaped [N, C, H, W] (:func:`check_images` where they enter,
-  :func:`to_unit_float` where a model reads them); the files they come from belong to :mod:`clat.cifar`.
+  :func:`to_unit_float` where a model reads them); the files they come from belong to :mod:`clat.cifar` (CIFAR)
+  and :mod:`clat.userdata` (your own: image folders, ``.npz`` files, arrays; docs/data.md).
 * Training data is small (CIFAR-10 is 150 MB as uint8), so the loader keeps
   the whole uint8 set on the device and builds float batches and the standard
   crop/flip augmentation there, vectorised (as airbench does), instead of
@@ -26,9 +27,12 @@ import torch.nn.functional as F
 from clat.cifar import (FILE_MD5, NUM_CLASSES, TARBALL_MD5, URLS, ChecksumWarning, DatasetName, load_bundled,  # noqa: F401  (public API)
                         load_cifar)
 from clat.errors import ConfigError, DataError
+from clat.userdata import (OWN_DATASETS, check_every_class_trained, check_labels, check_pair, class_count, images_from_numpy,
+                           labels_from_numpy, load_image_folder, load_npz, load_own, read_image_folders)
 
 __all__ = ["DatasetName", "NUM_CLASSES", "URLS", "TARBALL_MD5", "FILE_MD5", "ChecksumWarning", "load_cifar", "load_bundled",
-           "to_unit_float", "check_images", "train_val_split", "augment", "Loader", "Splits", "prepare_data"]
+           "to_unit_float", "check_images", "train_val_split", "augment", "Loader", "Splits", "prepare_data", "load_image_folder",
+           "load_npz"]
 
 # --------------------------------------------------------------------------- #
 # Splits and augmentation
@@ -299,7 +303,10 @@ class Loader:
 @dataclass
 class Splits:
     """A data set cut into training, validation and test parts. Images are uint8 (0-255) or float
-    in [0, 1], shaped [N, C, H, W]; labels are integers in [0, num_classes). Checked on creation."""
+    in [0, 1], shaped [N, C, H, W]; labels are integers in [0, num_classes). Checked on creation.
+
+    Build one from your own data with :meth:`from_tensors`, :meth:`from_numpy` or :meth:`from_folder`
+    (they carve the validation split as a run does); ``class_names[i]`` names class ``i`` when known."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -309,6 +316,7 @@ class Splits:
     y_test: torch.Tensor
     num_classes: int
     name: str
+    class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         for part in ("train", "val", "test"):
@@ -320,6 +328,49 @@ class Splits:
             if len(y) and not (0 <= int(y.min()) and int(y.max()) < self.num_classes):
                 raise DataError(f"Splits.y_{part} holds labels from {int(y.min())} to {int(y.max())}, outside 0..{self.num_classes - 1} "
                                 f"(num_classes={self.num_classes})")
+
+    @classmethod
+    def from_tensors(cls, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, *,
+                     val_size: int = 1000, split_seed: int = 0, num_classes: int | None = None, name: str = "custom",
+                     class_names: list[str] | None = None) -> "Splits":
+        """Splits of your own tensors: images ``[N, C, H, W]`` uint8 (0-255) or float in [0, 1], labels ``[N]`` (or
+        ``[N, 1]``) integer class indices. ``val_size`` training images, drawn with ``split_seed``, become the validation
+        split (:func:`train_val_split`, as :func:`prepare_data` does); ``num_classes`` defaults to the largest label + 1.
+        Checked, each a one-line DataError: image dtype, range and layout (a channels-last tensor is refused); both splits
+        non-empty with the same channels and size; one integer label >= 0 per image, below ``num_classes`` when given;
+        at least 2 classes, each with a training image; one ``class_names`` entry per class; ``0 <= val_size < N``."""
+        check_images(x_train, "x_train")
+        check_images(x_test, "x_test")
+        check_pair(x_train, x_test)
+        y_train = check_labels(y_train, len(x_train), "y_train", "x_train")
+        y_test = check_labels(y_test, len(x_test), "y_test", "x_test")
+        k = class_count(y_train, y_test, num_classes)
+        if class_names is not None and len(class_names) != k:
+            raise DataError(f"{len(class_names)} class_names for {k} classes: give one name per class")
+        check_every_class_trained(y_train, k, class_names)
+        tr, va = train_val_split(len(x_train), val_size, split_seed)
+        return cls(x_train[tr], y_train[tr], x_train[va], y_train[va], x_test, y_test, k, name,
+                   None if class_names is None else list(class_names))
+
+    @classmethod
+    def from_numpy(cls, x_train, y_train, x_test, y_test, *, val_size: int = 1000, split_seed: int = 0,
+                   num_classes: int | None = None, name: str = "custom", class_names: list[str] | None = None,
+                   channels_last: bool | None = None) -> "Splits":
+        """:meth:`from_tensors` of numpy arrays. Images are ``[N, H, W, C]`` or ``[N, C, H, W]``: channels-last when
+        the last dimension is 1 or 3 and the second is not, channels-first in the opposite case; when both or
+        neither are 1 or 3, pass ``channels_last``. ``[N, H, W]`` is one channel. uint8 (0-255) or float in [0, 1]
+        (float is stored as float32); labels of any integer dtype."""
+        return cls.from_tensors(images_from_numpy(x_train, "x_train", channels_last), labels_from_numpy(y_train, "y_train"),
+                                images_from_numpy(x_test, "x_test", channels_last), labels_from_numpy(y_test, "y_test"),
+                                val_size=val_size, split_seed=split_seed, num_classes=num_classes, name=name, class_names=class_names)
+
+    @classmethod
+    def from_folder(cls, root, *, val_size: int = 1000, split_seed: int = 0) -> "Splits":
+        """:meth:`from_tensors` of the image folder ``root/train/<class>/``, ``root/test/<class>/``
+        (:func:`clat.userdata.load_image_folder`: RGB uint8, one class per folder, sorted by name)."""
+        x_tr, y_tr, x_te, y_te, names = read_image_folders(root)
+        return cls.from_tensors(x_tr, y_tr, x_te, y_te, val_size=val_size, split_seed=split_seed, num_classes=len(names),
+                                name=f"image folder {root}", class_names=names)
 
     def sampler(self, generator_of_epoch, device: torch.device | str = "cpu"):
         """``sample(n)``: n random training images as float [0, 1] and their labels, drawn with the generator
@@ -333,9 +384,14 @@ class Splits:
 
 def prepare_data(cfg) -> Splits:
     """The splits a run config (:class:`clat.config.Config`) describes: the data set loaded, cut to size,
-    and the validation split carved from the training data with ``data.split_seed``."""
+    and the validation split carved from the training data with ``data.split_seed``. ``data.dataset=folder``
+    and ``npz`` read your own data from ``data.root`` (:func:`clat.userdata.load_own`) and go through
+    :meth:`Splits.from_tensors` and its checks."""
     d = cfg.data
-    if d.dataset == "bundled":
+    own = d.dataset in OWN_DATASETS
+    if own:
+        x_tr, y_tr, x_te, y_te, num_classes, name, class_names = load_own(cfg)
+    elif d.dataset == "bundled":
         x_tr, y_tr, x_te, y_te = load_bundled()
         num_classes, name = 10, "CIFAR-10 subset (JPEG-recovered, bundled)"
     else:
@@ -354,5 +410,8 @@ def prepare_data(cfg) -> Splits:
                           "checkpoint it starts from) may have trained on these validation images; set data.split_seed to a fixed value",
                           stacklevel=2)
     split_seed = cfg.seed if d.split_seed is None else d.split_seed
+    if own:
+        return Splits.from_tensors(x_tr, y_tr, x_te, y_te, val_size=d.val_size, split_seed=split_seed, num_classes=num_classes,
+                                   name=name, class_names=class_names)
     tr_idx, va_idx = train_val_split(len(x_tr), d.val_size, split_seed)
     return Splits(x_tr[tr_idx], y_tr[tr_idx], x_tr[va_idx], y_tr[va_idx], x_te, y_te, num_classes, name)
