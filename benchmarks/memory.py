@@ -17,10 +17,12 @@ steady-state peak: freed heap is returned (malloc_trim), the peak-RSS counter is
 (``/proc/self/clear_refs``), and the RSS high-water mark during the step minus the RSS
 before it is reported. Variants are interleaved over the repeats; medians.
 
-Note on CLAT's peak: CLAT keeps the clean forward graph (needed for its CE term) alive
-while its 10-step feature attack runs, whereas PGD-AT finishes its attack before the
-training forward; so CLAT's activation peak is not necessarily lower even though its
-gradients and optimizer state are ~95% smaller.
+Note on CLAT's peak: since 0.2, CLAT runs its 10-step feature attack before any forward
+pass that builds the update's graph (clat <= 0.2.0 kept the clean graph alive during the
+attack; gradients are identical, tests/test_methods.py), so its step peaks in the attack:
+a forward/backward up to the deepest selected layer with an input gradient. Its
+re-selection attacks the criticality batch in chunks of the training batch
+(``clat.criticality.chunk_size``, default ``data.batch_size``; here the benchmark's batch).
 
 Variants: ``full`` = clat.methods.PGDAT, every parameter trainable; ``clat`` =
 clat.methods.CLAT with the critical layer pinned (ResNet-18: layer 11,
@@ -114,7 +116,7 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
     if variant == "full":
         method, selection = PGDAT(attack), None
     else:
-        method = CLAT(attack, ClatConfig(layers=[pinned]), layers, default_k=1)
+        method = CLAT(attack, ClatConfig(layers=[pinned]), layers, default_k=1, chunk_size=bs)  # as from_config: data.batch_size
         selection = [pinned]
     xs, ys, _ = C.real_images(CRIT_N, seed=1)
     xs, ys = xs.to(dev), ys.to(dev)

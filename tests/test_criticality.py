@@ -95,3 +95,26 @@ def test_exclude_by_name():
     layers = find_layers(create_model("resnet18"))
     ok = eligible_mask(layers, exclude=["layer3.0.conv2"])
     assert not ok[11] and not ok[20] and sum(ok) == 19
+
+
+@pytest.mark.parametrize("model_name, denominator, norm", [("resnet18_w16", "upstream", "linf"), ("tiny_cnn", "input", "l2"),
+                                                           ("resnet18_w16", "previous", "linf")])
+def test_chunked_criticality_is_the_whole_batch_s(model_name, denominator, norm):
+    """A (re)selection attacks and measures its batch in chunks (peak memory of a chunk): the same perturbations
+    (the random starts are slices of one draw), the same criticality, and the RNG left where one attack leaves it."""
+    torch.manual_seed(0)
+    model = create_model(model_name)
+    layers = find_layers(model)
+    x, y = torch.rand(10, 3, 32, 32), torch.randint(0, 10, (10,))
+    threat = ThreatModel(norm, 8 / 255 if norm == "linf" else 0.5, 2 / 255 if norm == "linf" else 0.1, 3)
+    results, after = [], []
+    for chunk in (None, 4, 1):
+        torch.manual_seed(1)
+        results.append(compute_criticality(model, layers, x, y, threat, denominator=denominator, chunk_size=chunk))
+        after.append(torch.rand(3))
+    whole = results[0]
+    for r in results[1:]:
+        assert r.ranking == whole.ranking
+        torch.testing.assert_close(torch.tensor(r.criticality), torch.tensor(whole.criticality), rtol=1e-5, atol=1e-9, equal_nan=True)
+        torch.testing.assert_close(torch.tensor(r.weakness), torch.tensor(whole.weakness), rtol=1e-5, atol=1e-9)
+    assert all(torch.equal(a, after[0]) for a in after)

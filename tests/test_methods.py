@@ -93,6 +93,47 @@ def test_clat_feature_attack_runs_only_up_to_deepest_layer():
     assert calls == []
 
 
+def _graph_first_loss(method, model, x, y):
+    """CLAT's objective computed in the order of clat <= 0.2.0: the clean graph built first and kept alive while the
+    feature attack runs (the memory reference for CLAT.loss, which attacks first)."""
+    from clat.attacks import feature_distance
+    from clat.trainable import frozen_bn_statistics
+
+    ext, ce_on = method.extractor(model), method.cfg.ce_on
+    clean = ext(x, stop_early=ce_on != "clean")
+    x_adv = method.attack_features(model, x, {n: f.detach() for n, f in clean.outputs.items()})
+    with frozen_bn_statistics(model):
+        adv = ext(x_adv, stop_early=ce_on != "adv")
+    ce = F.cross_entropy((clean if ce_on == "clean" else adv).logits, y)
+    return ce + method.lam * feature_distance(adv.outputs, clean.outputs, method._scale).mean()
+
+
+@pytest.mark.parametrize("model_name,overrides", [("tiny_cnn", []), ("tiny_cnn", ["clat.ce_on=adv", "clat.k=2"]),
+                                                  ("resnet18_w16", ["clat.layers=[layer2.0.conv1, layer3.1.conv2]"]),
+                                                  ("resnet18_w16", ["clat.ce_on=adv", "clat.distance_scaling=n"])])
+def test_clat_attacks_before_the_update_graph_with_identical_gradients(model_name, overrides):
+    """CLAT.loss runs its feature attack before building the update's graph (so no graph is alive during the attack):
+    the gradients, the loss and the BN running statistics are bit-identical to the graph-first order."""
+    cfg = load_config(None, ["attack.steps=3", "clat.criticality.steps=1", "clat.criticality.batch_size=8", "clat.k=1", *overrides])
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    results = []
+    for graph_first in (False, True):
+        torch.manual_seed(1)
+        model = create_model(model_name)
+        method = create_method("clat", cfg, find_layers(model), default_k=1)
+        Stage(model, method, lr=0.01).begin_epoch(_ctx(x, y))
+        torch.manual_seed(2)
+        loss = _graph_first_loss(method, model, x, y) if graph_first else method.loss(model, x, y)[0]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        {k: v.clone() for k, v in model.state_dict().items()}))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and g0
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)  # running statistics updated once, by the clean batch
+
+
 def test_clat_reselects_on_schedule_and_not_when_non_dynamic():
     for dynamic, expect in [(True, [0, 10, 20]), (False, [0])]:
         cfg, model, method, x, y = _setup("clat", [f"clat.dynamic={str(dynamic).lower()}"])

@@ -37,7 +37,8 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from clat.attacks import DEFAULT_THREAT, ThreatModel, pgd
+from clat import rng
+from clat.attacks import DEFAULT_THREAT, Shard, ThreatModel, pgd
 from clat.errors import ConfigError
 from clat.layers import FeaturePoint, Layer, Tap
 from clat.features import FeatureExtractor
@@ -140,13 +141,16 @@ def compute_criticality(
     include_classifier: bool = False,
     exclude: Sequence[str | int] = (),
     x_adv: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> CriticalityResult:
     """Criticality of every layer from one PGD perturbation of the batch ``(x, y)``.
 
     ``threat`` is the attack's threat model (norm, ε, step, steps; CLAT passes its run's, with
     ``clat.criticality.steps``). The model runs in eval mode (its
     mode is restored). ``x_adv`` may be given to reuse a perturbation (then no attack is
-    run). ``x`` holds [0, 1] images.
+    run). ``x`` holds [0, 1] images. ``chunk_size``: attack and measure at most this many images
+    at a time (the peak memory of a batch of that size; the result is the whole batch's, see
+    :func:`_mean_distances`).
     """
     if denominator not in DENOMINATORS:
         raise ConfigError(f"unknown criticality denominator {denominator!r}; use one of {', '.join(DENOMINATORS)}")
@@ -167,16 +171,12 @@ def compute_criticality(
     was_training = model.training
     model.eval()
     try:
-        if x_adv is None:
-            x_adv = pgd(model, x, y, threat)
         untraced = denominator == "upstream" and any(l.source(point).kind == "untraced" for l in layers)
         extractor = FeatureExtractor(model, layers, point=point, capture_inputs=denominator == "input" or untraced, taps=taps)
-        with torch.no_grad():
-            f_clean = extractor(x, stop_early=False)
-            f_adv = extractor(x_adv, stop_early=False)
+        dist = _mean_distances(model, extractor, x, y, threat, x_adv, chunk_size)
     finally:
         model.train(was_training)
-    w = weakness_from_features(layers, f_clean.outputs, f_adv.outputs, scaling)
+    w = [dist["outputs"][layer.name] * scale(layer.numel, scaling) for layer in layers]
     nan = float("nan")
     w_src: list[float] = []
     sources: list[str] = []
@@ -191,7 +191,7 @@ def compute_criticality(
                 sources.append("model input (C = W)")
             else:
                 n_in = math.prod(layer.in_shape)
-                w_src.append(distance(f_adv.inputs[layer.name], f_clean.inputs[layer.name]) * scale(n_in, scaling))
+                w_src.append(dist["inputs"][layer.name] * scale(n_in, scaling))
                 sources.append("the tensor it reads")
         elif src.kind == "model_input":
             w_src.append(nan)
@@ -200,14 +200,45 @@ def compute_criticality(
             w_src.append(w[index[src.layer]])
             sources.append(f"layer {src.layer} ({layers[index[src.layer]].name})")
         else:
-            assert src.tap is not None and f_clean.taps is not None and f_adv.taps is not None
-            w_src.append(distance(f_adv.taps[src.tap], f_clean.taps[src.tap]) * scale(src.tap.numel, scaling))
+            assert src.tap is not None
+            w_src.append(dist["taps"][src.tap] * scale(src.tap.numel, scaling))
             sources.append(src.describe())
     c = [w[i] if math.isnan(d) else (w[i] / d if d > 0 else float("inf")) for i, d in enumerate(w_src)]
     settings = {"eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "norm": threat.norm, "denominator": denominator, "scaling": scaling,
                 "point": point, "batch_size": int(x.shape[0])}
     return CriticalityResult(list(layers), w, w_src, c, eligible_mask(layers, include_classifier=include_classifier, exclude=exclude),
                              settings, sources)
+
+
+def _mean_distances(model: nn.Module, extractor: FeatureExtractor, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                    x_adv: torch.Tensor | None, chunk: int | None) -> dict[str, dict]:
+    """``{"outputs" | "inputs" | "taps": {key: mean over the batch of ‖F(x+δ) − F(x)‖₂}}`` for what ``extractor``
+    captures, attacking (unless ``x_adv`` is given) and measuring ``chunk`` images at a time. The model is in eval
+    mode, so every image's attack and features are its own; each chunk's PGD draws its random start as a slice
+    of the whole batch's draw (:class:`clat.attacks.Shard`, from the same RNG state), so the perturbations are
+    those of one unchunked attack and the RNG ends where that attack leaves it."""
+    n = len(x)
+    chunk = n if chunk is None or chunk >= n else chunk
+    if chunk < 1:
+        raise ConfigError(f"criticality chunk size must be >= 1, got {chunk}")
+    state = rng.device_state(x.device)
+    sums: dict[str, dict] = {"outputs": {}, "inputs": {}, "taps": {}}
+    for off in range(0, n, chunk):
+        xc = x[off : off + chunk]
+        if x_adv is not None:
+            xa = x_adv[off : off + chunk]
+        elif chunk == n:
+            xa = pgd(model, xc, y, threat)
+        else:
+            rng.set_device_state(x.device, state)
+            xa = pgd(model, xc, y[off : off + chunk], threat, shard=Shard(off, n))
+        with torch.no_grad():
+            fc, fa = extractor(xc, stop_early=False), extractor(xa, stop_early=False)
+        for kind, acc in sums.items():
+            clean, adv = getattr(fc, kind), getattr(fa, kind)
+            for key in clean or {}:  # a chunk's mean, weighted by its size (one chunk: exactly distance())
+                acc[key] = acc.get(key, 0.0) + distance(adv[key], clean[key]) * len(xc)
+    return {kind: {key: v / n for key, v in acc.items()} for kind, acc in sums.items()}
 
 
 def select_random(layers: Sequence[Layer], eligible: Sequence[bool], k: int, generator: torch.Generator) -> list[Layer]:

@@ -61,6 +61,7 @@ class CriticalityConfig:
     point: Literal["post_bn", "pre_bn"] = "post_bn"  # where a layer's feature is read: after its BatchNorm (default) or before
     include_classifier: bool = False  # the last layer (the classifier) may be selected too
     steps: int = 10  # PGD steps of the criticality perturbation (eps/alpha from `attack`)
+    chunk_size: int | None = None  # images attacked and measured at once; null: data.batch_size, so a re-selection peaks no higher than a step (same result)
 
 
 @dataclass
@@ -88,6 +89,8 @@ class ClatConfig:
         need(self.reselect_every >= 1, f"clat.reselect_every must be >= 1, got {self.reselect_every}")
         need(self.criticality.batch_size >= 1, f"clat.criticality.batch_size must be >= 1, got {self.criticality.batch_size}")
         need(self.criticality.steps >= 1, f"clat.criticality.steps must be >= 1, got {self.criticality.steps}")
+        need(self.criticality.chunk_size is None or self.criticality.chunk_size >= 1,
+             f"clat.criticality.chunk_size must be >= 1 (or null), got {self.criticality.chunk_size}")
 
 
 @register_method("clat", label="CLAT", section=ClatConfig, needs_layers=True)
@@ -99,12 +102,14 @@ class CLAT(Method):
         if cfg.clat.ce_on == "base":
             base = ctx.baseline(cfg.clat.base or cfg.pretrain.method, "clat.ce_on=base (clat.base, or else pretrain.method)")
         k = ctx.default_k if ctx.default_k is not None else default_k(ctx.layers, ctx.zoo_model)
-        return cls(cfg.attack, cfg.clat, ctx.layers, default_k=k, base=base)
+        return cls(cfg.attack, cfg.clat, ctx.layers, default_k=k, base=base, chunk_size=cfg.clat.criticality.chunk_size or cfg.data.batch_size)
 
 
-    def __init__(self, attack: AttackConfig, cfg: ClatConfig, layers: list[Layer], *, default_k: int, base: Method | None = None) -> None:
+    def __init__(self, attack: AttackConfig, cfg: ClatConfig, layers: list[Layer], *, default_k: int, base: Method | None = None,
+                 chunk_size: int | None = None) -> None:
         super().__init__(attack)
         self.cfg = cfg
+        self.chunk_size = cfg.criticality.chunk_size or chunk_size  # of a (re)selection's criticality (None: the whole batch at once)
         self.layers = layers
         self.k = cfg.k if cfg.k is not None else default_k
         self.eligible = eligible_mask(layers, include_classifier=cfg.criticality.include_classifier, exclude=cfg.exclude)
@@ -145,7 +150,7 @@ class CLAT(Method):
         result = compute_criticality(
             model, self.layers, x, y, self.threat.replace(steps=cc.steps),
             denominator=cc.denominator, scaling=cc.scaling, point=cc.point,
-            include_classifier=cc.include_classifier, exclude=self.cfg.exclude,
+            include_classifier=cc.include_classifier, exclude=self.cfg.exclude, chunk_size=self.chunk_size,
         )
         if self.pinned:
             chosen = self.pinned
@@ -217,10 +222,18 @@ class CLAT(Method):
                 return ce, metrics
             with frozen_bn_statistics(model):  # the base loss's forward updated the statistics already
                 clean = ext(x, stop_early=True)
+            x_adv = self.attack_features(model, x, {n: f.detach() for n, f in clean.outputs.items()}, shard)
         else:
-            clean = ext(x, stop_early=ce_on != "clean")  # clean features once per batch
-        target = {n: f.detach() for n, f in clean.outputs.items()}
-        x_adv = self.attack_features(model, x, target, shard)
+            # The attack runs before any forward pass that builds a graph for the update, so no graph is alive
+            # during its steps (the step's peak memory is the attack's alone). Its target, the clean features,
+            # comes from a forward pass without a graph; the clean pass of the update then computes the same
+            # features again (same weights, same batch statistics): gradients are identical to building the graph
+            # first (tests/test_methods.py), at the cost of a forward pass up to the deepest selected layer.
+            with torch.no_grad(), frozen_bn_statistics(model):
+                target = ext(x, stop_early=True).outputs
+            x_adv = self.attack_features(model, x, target, shard)
+            del target
+            clean = ext(x, stop_early=ce_on != "clean")  # the clean pass updates the BN statistics (once per step)
         with frozen_bn_statistics(model):  # running statistics follow the clean data only (one update per step)
             adv = ext(x_adv, stop_early=ce_on != "adv")
         if ce_on == "adv":
