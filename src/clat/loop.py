@@ -276,7 +276,7 @@ def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int |
     if stop < run.total_epochs and not history.stopped:  # a chunk of a longer run: continue it with resume=True
         dist_mod.barrier()
         out = {"run_dir": str(rd.path), "finished": False, "epochs_done": max(stop, start_epoch), "epochs": run.total_epochs}
-    else:  # resumed after the last epoch's checkpoint, the final files are what is left to write
+    else:  # the run is done (all epochs, or an early stop); resumed after its last checkpoint, that checkpoint first
         stage = _restore_last(run, loader, runner, resumed, changed) if resumed.weights is not None else stage
         out = _finish(run, time.time() - t_run, stage, history)
     cbs.call("on_train_end", out)
@@ -360,7 +360,7 @@ def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) ->
     if not dinfo.is_main:
         dist_mod.barrier()
         return rd.summary()
-    save_weights(rd.weights_path, stage.method.plain_model(run.model) if stage is not None else run.model, run.meta)  # an early stop: LoRA merged
+    save_weights(rd.weights_path, stage.method.plain_model(run.model) if stage is not None else run.model, run.meta)  # stopped early: LoRA merged
     rows = rd.metrics()
     overrides = [r["resume_overrides"] for r in rows if "resume_overrides" in r]
     summary = {
