@@ -95,7 +95,9 @@ def test_force_replaces_clats_results_and_keeps_the_users(finished_run, tmp_path
 
 def test_force_recognises_a_run_of_clat_0_1_without_manifest(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
-    (run / ".clat-manifest.json").unlink()  # as clat 0.1 left its folders
+    (run / ".clat-manifest.json").unlink()  # as clat 0.1 left its folders (without the files later versions add)
+    shutil.rmtree(run / "best")
+    (run / "metrics.csv").unlink()
     (run / "eval.json").write_text("{}")
     (run / "keep.txt").write_text("mine")
     assert main([*Q, "train", *TINY, "--force", "--run-dir", str(run)]) == 0

@@ -8,11 +8,12 @@ Typical use::
     crit = clat.compute_criticality(model, layers, x, y)
     print([l.name for l in crit.top_k(1)])
     cfg = clat.load_config(overrides=["data.dataset=bundled", "pretrain.epochs=2", "finetune.epochs=2"])
-    clat.train(cfg, "runs/example", model=model)
+    clat.train(cfg, "runs/example", model=model)      # callbacks=[...]: clat.Callback objects; best/ holds the best epoch
     print(clat.evaluate(model, x_test, y_test, clat.ThreatModel(steps=20)))   # one threat model value everywhere
 """
 
 from clat.attacks import Shard, ThreatModel, fgsm_rs, perturb, pgd
+from clat.callbacks import Callback
 from clat.config import Config, load_config
 from clat.criticality import CriticalityResult, compute_criticality, select_random
 from clat.data import Splits
@@ -30,7 +31,7 @@ from clat.sweep import SweepSettings, layer_sweep
 __version__ = "0.2.0"
 
 __all__ = [
-    "CLAT", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "EvalProtocol",
+    "CLAT", "Callback", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "EvalProtocol",
     "FeatureExtractor", "Layer", "Method", "Normalize", "Shard", "Splits", "SweepSettings", "ThreatModel", "compute_criticality", "create_method", "create_model",
     "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "layer_sweep", "list_methods", "list_models", "load_config",
     "perturb", "pgd", "register_model", "resolve_layers", "run_protocol", "select_random", "train",

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(e)
     _data_args(e)
     e.add_argument("--split", choices=["test", "val"], default="test")
+    e.add_argument("--which", choices=["last", "best"], default="last",
+                   help="weights of a run folder: last (the final ones, default) or best (RUN/best/: the best held-out PGD accuracy)")
     _attack_args(e)
     e.add_argument("--restarts", type=int, default=1, help="PGD runs; accuracy of each, the lowest, and the per-example worst case (paper: >= 10)")
     e.add_argument("--no-pgd", action="store_true", help="skip clat's own PGD (clean accuracy is still measured)")
@@ -223,6 +225,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("final_val"):
         v = summary["final_val"]
         print(f"held-out: clean {100 * v['clean_acc']:.2f}%  PGD {100 * v['pgd_acc']:.2f}%  (n={v['n']})")
+    if summary.get("best_epoch"):
+        stopped = f"; stopped early after epoch {summary['epochs_done']} of {summary['epochs']}" if summary.get("stopped_early") else ""
+        print(f"best: epoch {summary['best_epoch']} (held-out PGD {100 * summary['best_value']:.2f}%) in {summary['run_dir']}/best{stopped}")
     return 0
 
 

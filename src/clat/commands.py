@@ -82,7 +82,7 @@ def writing(paths: Sequence[Path], command: str):
         return
     with run.lock(command):
         yield
-        run.record(*[p for p in paths if p.exists()])
+        run.record(*[p.resolve() for p in paths if p.exists()])  # record() takes a relative path as one inside the run folder
 
 
 def run_config(checkpoint: str | None):
@@ -212,7 +212,7 @@ def _eval_tag(args: argparse.Namespace, a) -> str:
     parts.append("nopgd" if args.no_pgd else f"pgd{a.steps}x{args.restarts}")
     parts += (["apgdce"] if args.apgd_ce else []) + ([f"aa-{args.autoattack_version}"] if args.autoattack else [])
     parts += (["sweep"] if args.eps_sweep else []) + (["sanity"] if args.sanity else []) + [f"s{args.seed}"]
-    return "_".join(parts)
+    return "_".join(parts + (["best"] if getattr(args, "which", "last") == "best" else []))  # last: the tag of clat before --which
 
 
 def _eval_out(args: argparse.Namespace, a) -> Path:
@@ -246,15 +246,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.restarts < 1:
         raise ClatError(f"--restarts must be >= 1, got {args.restarts}")
     _check_image_args(args)
+    best = _best_of(args)
     run_cfg = run_config(args.checkpoint)
     cfg = data_config(args, run_cfg)
     a, source = threat_of(args, run_cfg)
     out = _eval_out(args, a)  # cheap checks first: nothing is attacked to be lost afterwards
     with writing([out], "eval"):
-        return _eval_into(args, out, cfg, a, source)
+        return _eval_into(args, out, cfg, a, source, best)
 
 
-def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str) -> int:
+def _best_of(args: argparse.Namespace) -> dict | None:
+    """``--which best``: the run folder's best.json, checked against its weights (None for ``--which last``)."""
+    if args.which == "last":
+        return None
+    from clat.best import read_best
+    from clat.runs import RunDir
+
+    if not Path(args.checkpoint).is_dir():
+        raise ClatError(f"--which best reads RUN/best/ of a run folder, but {args.checkpoint} is a file; give the run folder, "
+                        "or evaluate the file as it is (without --which best)")
+    rd = RunDir(args.checkpoint)
+    return {**read_best(rd), "path": str(rd.best_weights)}
+
+
+def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str, best: dict | None = None) -> int:
     from clat.checkpoint import atomic_write_text
     from clat.data import prepare_data
     from clat.protocol import EvalProtocol, run_protocol
@@ -262,21 +277,22 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str) ->
     if args.square_queries < 0:
         raise ClatError(f"--square-queries must be >= 0, got {args.square_queries}")
     device = _pick_device(args.device)
-    model, meta = _load_checkpoint(args.checkpoint, args, device)
+    model, meta = _load_checkpoint(best["path"] if best else args.checkpoint, args, device)
     surrogates = {}
     for i, sp in enumerate(args.surrogate if args.sanity else ()):
         sur, _ = _load_checkpoint(sp, argparse.Namespace(model=None, num_classes=None, no_normalize=False), device)
         surrogates[Path(sp).name if Path(sp).name not in surrogates else f"{Path(sp).name}#{i}"] = sur
     splits = prepare_data(cfg)
     x, y = _eval_images(args, splits)
-    print(f"threat model: {_threat_str(threat)} ({source})")
+    print(f"threat model: {_threat_str(threat)} ({source})" + (f"; the best epoch's weights (epoch {best['epoch']})" if best else ""))
     protocol = EvalProtocol(threat, restarts=args.restarts, pgd=not args.no_pgd, apgd_ce=args.apgd_ce,
                             autoattack=args.autoattack_version if args.autoattack else None, eps_sweep=tuple(args.eps_sweep or ()),
                             sanity=args.sanity, square_queries=args.square_queries, seed=args.seed, batch_size=args.batch_size)
     result = run_protocol(model, x, y, protocol, surrogates=surrogates, device=device, progress=not args.quiet)
     res = result.to_dict()
     res.update({"checkpoint": meta["path"], "model": meta["model"], "split": args.split, "data": splits.name, "seed": args.seed,
-                "subset": args.n_examples is not None, "settings_tag": _eval_tag(args, threat),
+                "subset": args.n_examples is not None, "settings_tag": _eval_tag(args, threat), "which": args.which,
+                **({"best": {k: best[k] for k in ("epoch", "metric", "value")}} if best else {}),
                 "threat_model": {**threat.to_dict(), "source": source}})
     atomic_write_text(out, json.dumps(res, indent=2))
     lines = result.summary_lines()

@@ -84,6 +84,26 @@ class EvalConfig:
     every: int = 1  # evaluate every N epochs (and always at the last)
 
 
+@dataclass
+class EarlyStopConfig:
+    """Stop the run when the held-out PGD accuracy (``eval``) stops improving; off by default (docs/logging.md)."""
+
+    patience: int | None = None  # evaluations without an improvement before the run stops; null: never stop early
+    min_delta: float = 0.0  # an improvement must exceed this (an accuracy, 0.005 = half a point)
+
+
+@dataclass
+class LogConfig:
+    """Where the per-epoch metrics go besides metrics.jsonl (docs/logging.md)."""
+
+    console: bool = True  # one line per epoch on the `clat` logger (to stderr where the program configured no logging)
+    csv: bool = True  # metrics.csv in the run folder, rewritten from metrics.jsonl after each epoch
+    tensorboard: bool = False  # scalars in RUN/tensorboard (pip install "clat-at[tensorboard]")
+    wandb: bool = False  # a Weights & Biases run under RUN/wandb (pip install "clat-at[wandb]"; WANDB_MODE=offline for no network)
+    wandb_project: str = "clat"  # W&B project
+    wandb_entity: str | None = None  # W&B team or user; null: your default entity
+
+
 # Each method's own section of the config (``clat:``, ``trades:``, ...), registered by the method's file
 # (:func:`clat.methods.registry.register_method`): name -> dataclass. A section reads and writes like a field.
 _SECTIONS: dict[str, type] = {}
@@ -114,6 +134,8 @@ class Config:
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(method="pgd_at", epochs=50))
     finetune: StageConfig = field(default_factory=lambda: StageConfig(method="clat", epochs=50))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     init: str | None = None  # checkpoint to start from (ours, a state_dict file)
     seed: int = 0  # initialization, shuffling, augmentation and attack starts
     device: str = "auto"  # auto: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)
@@ -342,6 +364,12 @@ def validate(cfg: Config) -> None:
     e = cfg.eval
     need(e.n_examples >= 0, f"eval.n_examples must be >= 0, got {e.n_examples}")
     need(e.steps >= 1 and e.restarts >= 1 and e.every >= 1, "eval.steps, eval.restarts and eval.every must be >= 1")
+    es = cfg.early_stop
+    need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 (or null: no early stopping), got {es.patience}")
+    need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0, got {es.min_delta}")
+    need(es.patience is None or (e.n_examples > 0 and d.val_size > 0),
+         "early_stop.patience watches the held-out evaluation, which is off: set data.val_size and eval.n_examples > 0, or early_stop.patience=null")
+    need(cfg.log.wandb_project.strip() != "", "log.wandb_project must not be empty")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device) is not None, f"device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
     for section in cfg.sections.values():  # each method checks its own section

@@ -7,8 +7,9 @@ method's hooks return, and saves the stage's state. When CLAT re-selects layers 
 schedule carry on; only the optimizer state of parameters that became frozen is dropped.
 
 Read top to bottom: :func:`train` (resume or new) -> :func:`_train_locked` (validate everything, then
-prepare the folder, then the epochs) -> :func:`_run_epoch` -> :func:`_finish`. The run folder and its
-files belong to :mod:`clat.runs`; data to :mod:`clat.data`; devices and ranks to :mod:`clat.distributed`.
+prepare the folder, then the epochs) -> :func:`_run_epoch` -> :func:`_commit` -> :func:`_finish`. The run folder and
+its files belong to :mod:`clat.runs`; data to :mod:`clat.data`; devices and ranks to :mod:`clat.distributed`; the
+best epoch and early stopping to :mod:`clat.best`; callbacks and loggers to :mod:`clat.callbacks`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from torch import nn
 
 from clat import distributed as dist_mod
 from clat import rng
+from clat.best import ValHistory, save_best
+from clat.callbacks import Callbacks, console, format_row
 from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_weights
-from clat.config import Config, StageConfig, flat_keys, override, parse_overrides
+from clat.config import Config, StageConfig, flat_keys, override, parse_overrides, to_dict
 from clat.data import Loader, Splits, prepare_data, to_unit_float
 from clat.errors import ClatError, ConfigError
 from clat.evaluate import evaluate
@@ -45,7 +48,8 @@ log = logging.getLogger("clat")
 
 # Keys --resume may change: none of them changes what the finished run computes, except the learning rates,
 # which continue on the same schedule from the new value (the divergence remedy); the change is recorded.
-RESUME_OVERRIDABLE = ("pretrain.lr", "finetune.lr", "progress", "keep_checkpoints", "device", "eval.every", "compile")
+RESUME_OVERRIDABLE = ("pretrain.lr", "finetune.lr", "progress", "keep_checkpoints", "device", "eval.every", "compile",
+                      "log.console", "log.csv", "log.tensorboard", "log.wandb")
 
 
 class TrainingDiverged(ClatError):
@@ -53,7 +57,7 @@ class TrainingDiverged(ClatError):
 
 
 def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, force: bool = False, model: nn.Module | None = None,
-          data: Splits | None = None, until_epoch: int | None = None, overrides: Sequence[str] = ()) -> dict:
+          data: Splits | None = None, until_epoch: int | None = None, overrides: Sequence[str] = (), callbacks: Sequence = ()) -> dict:
     """Run (or resume) the training described by ``cfg`` in ``run_dir``; returns the summary.
 
     With ``resume=True`` the config saved in ``run_dir`` is used and training continues from the latest
@@ -65,6 +69,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
     ``until_epoch=N`` stops after the run's N-th epoch (its checkpoint written) and returns
     ``{"finished": False, ...}``; ``resume=True`` later continues exactly where it stopped, so a long run
     can be done in chunks (the same schedule as one uninterrupted run).
+
+    ``callbacks``: :class:`clat.Callback` objects, called on rank 0 after the loggers of ``cfg.log`` (:mod:`clat.callbacks`);
+    ``cfg.log.console`` prints a line per epoch (on stderr, unless the program configured logging).
 
     Under ``torchrun`` (or inside an initialized process group) every rank calls this and the run is
     data-parallel (:mod:`clat.distributed`); only rank 0 writes files.
@@ -87,8 +94,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
     elif overrides:
         raise ConfigError("overrides are given with the config of a new run (train(cfg, ...)); `overrides=` is for resume=True")
     assert cfg is not None
-    with deterministic_algorithms(cfg.deterministic):
-        return _train(cfg, run_dir, resume=resume, force=force, model=model, data=data, until_epoch=until_epoch, changed=changed)
+    with deterministic_algorithms(cfg.deterministic), console(cfg.log.console):
+        return _train(cfg, run_dir, resume=resume, force=force, model=model, data=data, until_epoch=until_epoch, changed=changed,
+                      callbacks=callbacks)
 
 
 @contextlib.contextmanager
@@ -114,14 +122,16 @@ def deterministic_algorithms(on: bool):
 
 
 def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None,
-           until_epoch: int | None, changed: dict) -> dict:
+           until_epoch: int | None, changed: dict, callbacks: Sequence) -> dict:
     dinfo, dist_device = dist_mod.setup(cfg.device)
     rd = RunDir(run_dir)
     with rd.lock("train --resume" if resume else "train") if dinfo.is_main else contextlib.nullcontext():
         run = _Run.build(cfg, rd, dist_device, resume=resume, force=force, model=model, data=data)
+        cbs = Callbacks.build(cfg, rd, callbacks, dinfo.is_main)
         if dinfo.is_main:  # everything is validated: only now is anything removed, and does the run folder get its first file
             rd.prepare(run.cfg, resume=resume, force=force, changed=changed)
-        return _train_locked(run, resume=resume, until_epoch=until_epoch, changed=changed)
+        with cbs:  # the loggers' files are closed however the run ends
+            return _train_locked(run, cbs, resume=resume, until_epoch=until_epoch, changed=changed)
 
 
 @dataclass
@@ -167,6 +177,8 @@ class _Run:
         run = cls(cfg, rd, model, splits, layers, meta, zoo_model, _stages(cfg), device)
         for _, scfg, _ in run.stages:  # fail on a bad method setting now, not after hours of pretraining
             run.method(scfg)
+        if cfg.early_stop.patience is not None and min(cfg.eval.n_examples, len(splits.x_val)) == 0:
+            raise ConfigError("early_stop.patience watches held-out images, but the validation split is empty; set early_stop.patience=null")
         world, global_batch = dist_mod.info().world_size, cfg.data.batch_size * dist_mod.info().world_size
         if world > 1 and len(splits.x_train) < global_batch:
             raise ConfigError(f"{len(splits.x_train)} training images cannot fill one global batch of {global_batch} "
@@ -233,7 +245,7 @@ def _enter_stage(run: _Run, name: str, scfg: StageConfig, loader: Loader, runner
     return stage
 
 
-def _train_locked(run: _Run, *, resume: bool, until_epoch: int | None, changed: dict) -> dict:
+def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int | None, changed: dict) -> dict:
     cfg, rd, dinfo = run.cfg, run.rd, dist_mod.info()
     loader = Loader(run.splits.x_train, run.splits.y_train, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
                     # several ranks: full global batches only, so that every step averages equal shares
@@ -245,29 +257,59 @@ def _train_locked(run: _Run, *, resume: bool, until_epoch: int | None, changed: 
     resumed, start_epoch = _Resumed.latest(rd) if resume else (_Resumed(), 0)
     if dinfo.is_main:
         rd.truncate_metrics(start_epoch)
-    if resume and start_epoch >= run.total_epochs and rd.finished():
+    history = ValHistory.of([r for r in rd.metrics() if r["epoch"] <= start_epoch], cfg.early_stop)  # on every rank: one decision
+    if resume and rd.finished() and (start_epoch >= run.total_epochs or history.stopped):
         log.info("%s has already finished: nothing to resume", rd.path)
         return rd.summary()
+    cbs.call("on_train_start", {"run_dir": str(rd.path), "config": to_dict(cfg), "resume": resume, "first_epoch": start_epoch + 1,
+                                "epochs": run.total_epochs, "model": run.meta})
     stage, stage_name, t_run = None, None, time.time()
     stop = run.total_epochs if until_epoch is None else min(until_epoch, run.total_epochs)
     for epoch in range(start_epoch, stop):
+        if history.stopped:
+            break
         name, scfg, first = run.stage_at(epoch)
         if name != stage_name:  # entering a stage (or resuming inside one)
             stage, stage_name = _enter_stage(run, name, scfg, loader, runner, resumed, changed), name
         row = _run_epoch(run, stage, loader, epoch, name, scfg, first)
         if changed and epoch == start_epoch:
             row["resume_overrides"] = changed
+        improved = history.add(row)
         if dinfo.is_main:
-            log.info(_format_row(row))
-            rd.append_metrics(row)
-            state = {"epoch": epoch, "stage": name, **stage.state_dict(), "rng": rng.get_state()}
-            rd.checkpoints(cfg.keep_checkpoints).save(epoch, run.model, state, {**run.meta, "stage": name, "method": scfg.method})
-    if stop < run.total_epochs:  # a chunk of a longer run: continue it with resume=True
+            _commit(run, stage, epoch, row, history.best if improved else None)
+            cbs.call("on_epoch_end", row)
+    if stop < run.total_epochs and not history.stopped:  # a chunk of a longer run: continue it with resume=True
         dist_mod.barrier()
-        return {"run_dir": str(rd.path), "finished": False, "epochs_done": max(stop, start_epoch), "epochs": run.total_epochs}
-    if resumed.weights is not None:  # resumed after the last epoch's checkpoint, before the final files
-        load_into(run.model, resumed.weights, source=resumed.source)
-    return _finish(run, time.time() - t_run)
+        out = {"run_dir": str(rd.path), "finished": False, "epochs_done": max(stop, start_epoch), "epochs": run.total_epochs}
+    else:  # the run is done (all epochs, or an early stop); resumed after its last checkpoint, that checkpoint first
+        stage = _restore_last(run, loader, runner, resumed, changed) if resumed.weights is not None else stage
+        out = _finish(run, time.time() - t_run, stage, history)
+    cbs.call("on_train_end", out)
+    return out
+
+
+def _commit(run: _Run, stage: Stage, epoch: int, row: dict, best: dict | None) -> None:
+    """Rank 0 writes the epoch: its row, the best weights if it is the new best, then the checkpoint. The checkpoint
+    comes last: a run killed before it redoes the epoch and writes the row and the best weights again."""
+    meta = {**run.meta, "stage": row["stage"], "method": row["method"]}
+    if run.cfg.log.console:
+        log.info(format_row(row))
+    run.rd.append_metrics(row)
+    if best is not None:
+        save_best(run.rd, stage.method.plain_model(run.model), meta, best)
+    state = {"epoch": epoch, "stage": row["stage"], **stage.state_dict(), "rng": rng.get_state()}
+    run.rd.checkpoints(run.cfg.keep_checkpoints).save(epoch, run.model, state, meta)
+
+
+def _restore_last(run: _Run, loader: Loader, runner: StepRunner, resumed: _Resumed, changed: dict) -> Stage | None:
+    """The checkpoint a run resumed after its last epoch ends with: a stage's last epoch holds the plain model; an early
+    stop inside a stage may hold the method's structure (LoRA's adapters), so the stage is set up to load it."""
+    epoch = int(resumed.state["epoch"])
+    name, scfg, first = run.stage_at(epoch)
+    if epoch - first < scfg.epochs - 1:
+        return _enter_stage(run, name, scfg, loader, runner, resumed, changed)
+    load_into(run.model, resumed.weights, source=resumed.source)
+    return None
 
 
 def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, scfg: StageConfig, first: int) -> dict:
@@ -317,47 +359,31 @@ def _diverged(run: _Run, epoch: int, name: str, scfg: StageConfig, train_metrics
            f"; no checkpoint was written yet: lower the learning rate ({name}.lr={scfg.lr / 10:g}) and start again with --force"))
 
 
-def _finish(run: _Run, wall: float) -> dict:
+def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) -> dict:
     """The final weights and summary (rank 0; the other ranks return once they exist)."""
     rd, dinfo = run.rd, dist_mod.info()
     if not dinfo.is_main:
         dist_mod.barrier()
         return rd.summary()
-    save_weights(rd.weights_path, run.model, run.meta)
+    save_weights(rd.weights_path, stage.method.plain_model(run.model) if stage is not None else run.model, run.meta)  # stopped early: LoRA merged
     rows = rd.metrics()
     overrides = [r["resume_overrides"] for r in rows if "resume_overrides" in r]
     summary = {
-        "run_dir": str(rd.path),
-        "data": run.splits.name,
-        "model": run.meta,
-        "epochs": run.total_epochs,
+        "run_dir": str(rd.path), "data": run.splits.name, "model": run.meta, "epochs": run.total_epochs,
         "final_val": rows[-1].get("val") if rows else None,
         "selection_history": [r["selection"] for r in rows if "selection" in r],
         "trainable_params_last": rows[-1]["trainable_params"] if rows else None,
-        "total_params": sum(p.numel() for p in run.model.parameters()),
-        "layers": len(run.layers),
+        "total_params": sum(p.numel() for p in run.model.parameters()), "layers": len(run.layers),
         "wall_time_s_this_session": wall,
         "train_time_s": sum(r["time_s"] for r in rows),
-        "world_size": dinfo.world_size,
-        "precision": run.cfg.precision,
-        "versions": versions(),
+        "world_size": dinfo.world_size, "precision": run.cfg.precision, "versions": versions(),
         **({"resume_overrides": overrides} if overrides else {}),
+        **history.summary(rows[-1]["epoch"] if rows else 0, run.total_epochs),
         "finished": True,
     }
     atomic_write_text(rd.summary_path, json.dumps(summary, indent=2))
     dist_mod.barrier()
     return summary
-
-
-def _format_row(row: dict) -> str:
-    parts = [f"epoch {row['epoch']:3d} {row['method']:<8s}", f"loss {row['train'].get('loss', float('nan')):.4f}"]
-    if "val" in row:
-        parts.append(f"val clean {row['val']['clean_acc']:.3f} pgd {row['val']['pgd_acc']:.3f}")
-    parts.append(f"trainable {row['trainable_params']:,}")
-    if row.get("selected"):
-        parts.append(f"layers {','.join(row['selected'])}")
-    parts.append(f"{row['time_s']:.1f}s")
-    return " | ".join(parts)
 
 
 def _mean_over_ranks(metrics: dict[str, torch.Tensor]) -> dict[str, float]:

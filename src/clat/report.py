@@ -199,11 +199,11 @@ def _aa_str(aa: dict) -> str:
 
 
 def eval_rows(evals: Mapping[str, dict]) -> tuple[list[str], list[list[Any]]]:
-    headers = ["file", "n", "clean", "PGD (worst case)", "PGD (lowest run)", "APGD-CE", "AutoAttack", "attack"]
+    headers = ["file", "weights", "n", "clean", "PGD (worst case)", "PGD (lowest run)", "APGD-CE", "AutoAttack", "attack"]
     rows = []
     for k, e in evals.items():
         rows.append([
-            k, e["n"], _pct(e.get("clean_acc"), 2), _pct(e.get("pgd_acc"), 2), _pct(e.get("pgd_acc_lowest_run"), 2),
+            k, f"best (epoch {e['best']['epoch']})" if "best" in e else e.get("which", ""), e["n"], _pct(e.get("clean_acc"), 2), _pct(e.get("pgd_acc"), 2), _pct(e.get("pgd_acc_lowest_run"), 2),
             _pct(e["apgd_ce"]["robust_acc"], 2) if "apgd_ce" in e else "", _pct(e["autoattack"]["robust_acc"], 2) if "autoattack" in e else "",
             _attack_str(e),
         ])
@@ -261,6 +261,32 @@ def _rel(p: Path, base: Path) -> str:
 
 
 # -- a run's report ---------------------------------------------------------------------------
+def _best(summary: dict | None, rows: list[dict]) -> tuple[int | None, float | None]:
+    """The best epoch and its held-out PGD accuracy: the summary's, else (an unfinished run) from the rows."""
+    if summary and "best_epoch" in summary:
+        return summary["best_epoch"], summary["best_value"]
+    from clat.best import ValHistory
+
+    b = ValHistory.of(rows).best
+    return (b["epoch"], b["value"]) if b else (None, None)
+
+
+def best_lines(summary: dict | None, rows: list[dict]) -> list[str]:
+    """Which epoch was best (``best/``), and whether the run stopped early."""
+    epoch, value = _best(summary, rows)
+    out = []
+    if epoch is not None:
+        out.append(f"Best held-out PGD accuracy (`val.pgd_acc`): **{_pct(value)}** at epoch {epoch}; its weights are in `best/` "
+                   "(`clat eval RUN --which best`).")
+    elif summary and summary.get("best_note"):
+        out.append(f"Best epoch: none ({summary['best_note']}).")
+    if summary and summary.get("stopped_early"):
+        es = summary.get("early_stop") or {}
+        out.append(f"Stopped early after epoch {summary['epochs_done']} of {summary['epochs']}: the held-out PGD accuracy did not improve by "
+                   f"more than {es.get('min_delta', 0):g} in {es.get('patience')} evaluations (early_stop).")
+    return [" ".join(out), ""] if out else []
+
+
 def run_report(run_dir: str | Path) -> Path:
     """Render ``report.md`` and ``plots/*.png`` of a run folder from its JSON files."""
     run_dir = Path(run_dir)
@@ -271,6 +297,7 @@ def run_report(run_dir: str | Path) -> Path:
     if run["summary"]:
         s = run["summary"]
         out += [f"Model `{s['model']['model']}` ({s['total_params']:,} parameters, {s['layers']} layers) on {s['data']}, {s['epochs']} epochs.", ""]
+    out += best_lines(run["summary"], rows)
 
     if run["evals"]:
         out += ["## Evaluation", ""]
@@ -301,12 +328,13 @@ def run_report(run_dir: str | Path) -> Path:
     out += ["## Training", "", f"![curves]({_rel(plot, run_dir)})", ""]
     headers = ["epoch", "stage", "method", "loss", "val clean", "val PGD", "trainable", "layers", "time (s)"]
     table = []
+    best_epoch = _best(run["summary"], rows)[0]
     for r in rows:
         v = r.get("val", {})
         table.append(
             [
                 r["epoch"], r["stage"], r["method"], r["train"].get("loss", float("nan")),
-                f"{100 * v['clean_acc']:.1f}%" if v else "", f"{100 * v['pgd_acc']:.1f}%" if v else "",
+                f"{100 * v['clean_acc']:.1f}%" if v else "", (f"{100 * v['pgd_acc']:.1f}%" + (" (best)" if r["epoch"] == best_epoch else "")) if v else "",
                 f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.1f}%)",
                 ", ".join(r.get("selected", [])) or "all", r["time_s"],
             ]

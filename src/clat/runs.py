@@ -26,7 +26,9 @@ Run folder::
     metrics.jsonl        one JSON line per epoch
     checkpoints/epoch_NNNN/{model.safetensors, state.pt, meta.json}   (NNNN: 0-based epoch)
     model.safetensors    final weights (with model metadata)
-    summary.json         final metrics, selection history
+    best/{model.safetensors, best.json}   weights of the best held-out PGD accuracy (clat.best)
+    summary.json         final metrics, selection history, best epoch, early stop
+    metrics.csv, tensorboard/, wandb/     the loggers of ``log:`` (clat.callbacks)
     .clat-manifest.json  what clat wrote here;  .clat.lock  the lock
 """
 
@@ -155,10 +157,12 @@ class RunDir:
             return ""
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
-        names = ["config.yaml", "metrics.jsonl", MANIFEST, *extra] + (["summary.json", "model.safetensors"] if self.finished() else [])
+        names = ["config.yaml", "metrics.jsonl", "metrics.csv", MANIFEST, *extra] + (["summary.json", "model.safetensors"] if self.finished() else [])
         for n in names:
             if (self.path / n).is_file():
                 shutil.copy(self.path / n, dst / n)
+        if self.best_dir.is_dir():  # the best epoch so far: a continued run compares with it
+            shutil.copytree(self.best_dir, dst / self.best_dir.name)
         if latest is None:
             return "finished"
         out = Checkpoints(dst)
@@ -256,6 +260,32 @@ class RunDir:
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def best_dir(self) -> Path:
+        """The weights of the best epoch (``model.safetensors``) and which epoch it was (``best.json``)."""
+        return self.path / "best"
+
+    @property
+    def best_weights(self) -> Path:
+        return self.best_dir / "model.safetensors"
+
+    @property
+    def best_info_path(self) -> Path:
+        return self.best_dir / "best.json"
+
+    @property
+    def csv_path(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def wandb_dir(self) -> Path:
+        """Where ``wandb.init(dir=RUN)`` keeps its files, and clat the run's W&B id."""
+        return self.path / "wandb"
 
     @property
     def manifest_path(self) -> Path:
@@ -377,11 +407,13 @@ class RunDir:
     @staticmethod
     def owner_of(path: str | Path) -> "RunDir | None":
         """The run a weights file (or run folder) belongs to: ``RUN``, ``RUN/model.safetensors`` or
-        ``RUN/checkpoints/epoch_N/model.safetensors`` where RUN holds a clat run; else None."""
+        ``RUN/checkpoints/epoch_N/model.safetensors`` or ``RUN/best/model.safetensors`` where RUN holds a clat run; else None."""
         p = Path(path)
         cands = [p] if p.is_dir() else []
         if p.is_file() and p.name == "model.safetensors":
             cands.append(p.parent)
+            if p.parent.name == "best":
+                cands.append(p.parent.parent)
             if p.parent.parent.name == "checkpoints" and re.fullmatch(r"epoch_\d+", p.parent.name):
                 cands.append(p.parent.parent.parent)
         for c in cands:

@@ -70,6 +70,11 @@ class Method:
         checkpoint; ``validate(model)`` gives clean and PGD accuracy on the validation split."""
         return {}
 
+    def plain_model(self, model: nn.Module) -> nn.Module:
+        """The model as the stage's end leaves it, for weights saved inside the stage (the best epoch, an early stop):
+        ``model`` itself, unless the method changes its structure during the stage (LoRA: a copy, adapters merged)."""
+        return model
+
     def log_fields(self) -> dict:
         """What the loop adds to each epoch's metrics row beyond the epoch's events (JSON-able)."""
         return {}

@@ -254,6 +254,9 @@ class CLAT(Method):
     def on_stage_end(self, model: nn.Module, validate) -> dict:
         return self.base.on_stage_end(model, validate) if self.base is not None else {}
 
+    def plain_model(self, model: nn.Module) -> nn.Module:
+        return self.base.plain_model(model) if self.base is not None else model
+
     def _auto_lambda(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         """λ = ρ · CE / L_C on the selection batch, so both terms start at a known ratio."""
         was = model.training

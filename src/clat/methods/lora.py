@@ -11,6 +11,7 @@ plain model again (same keys as before, loadable the same way).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import re
@@ -29,7 +30,7 @@ def _peft():
     try:
         import peft
     except ImportError:
-        raise ConfigError("the lora method needs the peft library: pip install 'clat[lora]' (or pip install peft)") from None
+        raise ConfigError('the lora method needs the peft library: pip install "clat-at[lora]" (or pip install peft)') from None
     return peft
 
 
@@ -88,6 +89,15 @@ class LoRA(PGDAT):
 
     def trainable_bns(self) -> list[str] | None:
         return []
+
+    def plain_model(self, model: nn.Module) -> nn.Module:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if not any(isinstance(m, BaseTunerLayer) for m in model.modules()):  # merged already (the stage's end)
+            return model
+        plain = copy.deepcopy(model)  # the training model keeps its adapters
+        merge_adapters(plain)
+        return plain
 
     def on_stage_end(self, model: nn.Module, validate) -> dict:
         n = merge_adapters(model)
