@@ -184,15 +184,19 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
 # --------------------------------------------------------------------------- training step
 class Trainer:
     """One method on its own copy of a model, trained by a :class:`clat.stage.Stage` (the loop's own set-up
-    and step) with SGD at the stage defaults' momentum and weight decay; ``step(x, y)`` is one training step."""
+    and step) with SGD at the stage defaults' momentum and weight decay; ``step(x, y)`` is one training step.
+    ``channels_last``: the memory format, resolved as ``clat train`` resolves it (default ``auto``: as shipped)."""
 
-    def __init__(self, method, model: nn.Module, *, selection: Sequence[str] | None = None, sample_batch=None) -> None:
+    def __init__(self, method, model: nn.Module, *, selection: Sequence[str] | None = None, sample_batch=None,
+                 channels_last: bool | str = "auto") -> None:
         from clat.methods.base import EpochContext
-        from clat.stage import Stage
+        from clat.stage import Stage, StepRunner, resolve_channels_last
 
         self.method = method
-        self.model = model
-        self.stage = Stage(model, method, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        dev = next(model.parameters()).device
+        cl = resolve_channels_last(channels_last, dev)  # default: as clat ships (config channels_last: auto, fp32)
+        self.model = model = model.to(memory_format=torch.channels_last) if cl else model
+        self.stage = Stage(model, method, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, runner=StepRunner(model, dev, channels_last=cl))
         self.opt = self.stage.optimizer
         if selection is not None:
             # Pinned layers: restore a selection (as on resume) so that on_epoch_start only freezes,

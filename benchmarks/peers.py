@@ -12,7 +12,8 @@ batch, backward and an SGD step (lr 0.01, momentum 0.9, weight decay 5e-4). Ever
 implementation trains its own copy of the same initial model on the same batch;
 the implementations are interleaved round by round, 1 warm-up step each excluded.
 
-- ours: ``clat.methods.PGDAT`` (method.loss + backward + SGD step, as clat.train runs it).
+- ours: clat as shipped: ``clat.methods.PGDAT`` trained by the loop's own Stage with the default config's
+  settings (``channels_last: auto``, i.e. NHWC on a CPU; benchmarks/cpu_defaults.py measured why).
   Attack in train mode (batch statistics) with BatchNorm running statistics frozen;
   input gradients only (``torch.autograd.grad``).
 - textbook: the loop most tutorials write: ``delta.requires_grad_()``,
@@ -20,10 +21,11 @@ the implementations are interleaved round by round, 1 warm-up step each excluded
   computed, then zeroed before the training step), sign step, clamp to the ε-ball and to
   [0, 1], then the optimizer step. Train mode throughout (running statistics updated by
   every attack forward).
-- torchattacks: ``torchattacks.PGD(model, eps=8/255, alpha=2/255, steps=10,
-  random_start=True)`` then CE + backward + SGD step. ``set_model_training_mode(
-  model_training=True, batchnorm_training=True)`` so its attack also uses batch
-  statistics like ours (its default is eval mode; it then also updates running statistics).
+- torchattacks: as its README shows it: ``torchattacks.PGD(model, eps=8/255, alpha=2/255, steps=10,
+  random_start=True)``, ``x_adv = atk(x, y)``, then CE + backward + SGD step. Its default attack mode:
+  the model is put in eval mode for the attack (BatchNorm running statistics) and back in train mode after.
+- torchattacks_train: the same with ``atk.set_model_training_mode(model_training=True, batchnorm_training=True)``,
+  so its attack uses batch statistics like ours (what a user reproducing Madry et al.'s train-mode attack sets).
 - ART: ``art.defences.trainer.AdversarialTrainerMadryPGD`` (eps=8/255, eps_step=2/255,
   max_iter=10, num_random_init=1) over an ``art.estimators.classification.PyTorchClassifier``
   (clip_values (0, 1)), timed as ``trainer.fit(x, y, nb_epochs=1, batch_size=B)`` on
@@ -64,7 +66,8 @@ def _sgd(model):
 
 def make_ours(model, x, y):
     t = C.Trainer(PGDAT(AttackConfig(eps=EPS, alpha=ALPHA, steps=STEPS)), model)
-    return lambda: t.step(x, y), {"attack_bn": "train mode (batch stats), running stats frozen", "param_grads_in_attack": False}
+    return lambda: t.step(x, y), {"attack_bn": "train mode (batch stats), running stats frozen", "param_grads_in_attack": False,
+                                  "channels_last": t.stage.runner.channels_last}
 
 
 def make_textbook(model, x, y):
@@ -89,6 +92,25 @@ def make_textbook(model, x, y):
 
 
 def make_torchattacks(model, x, y):
+    import torchattacks
+
+    opt = _sgd(model)
+    model.train()
+    atk = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)  # its defaults: eval-mode attack
+
+    def step():
+        x_adv = atk(x, y)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x_adv), y)
+        loss.backward()
+        opt.step()
+
+    meta = {"version": torchattacks.__version__, "attack_bn": "eval mode (running stats; torchattacks' default)", "param_grads_in_attack": False}
+    return step, meta
+
+
+def make_torchattacks_train(model, x, y):
+    """torchattacks with its attack switched to train-mode BatchNorm (batch statistics), ours' semantics."""
     import torchattacks
 
     opt = _sgd(model)
@@ -132,7 +154,7 @@ def make_art(model, x, y):
 
 
 PEERS = {"textbook": (make_textbook, None), "torchattacks": (make_torchattacks, "torchattacks"),
-         "art": (make_art, "art")}
+         "torchattacks_train": (make_torchattacks_train, "torchattacks"), "art": (make_art, "art")}
 
 
 def available(module: str | None) -> str | None:
@@ -152,12 +174,10 @@ def check_perturbation(name: str, model, x, y) -> float | None:
 
     m = copy.deepcopy(model).train()
     xs, ys = x[:8], y[:8]
-    if name == "torchattacks":
+    if name.startswith("torchattacks"):
         import torchattacks
 
-        atk = torchattacks.PGD(m, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)
-        atk.set_model_training_mode(model_training=True, batchnorm_training=True)
-        xa = atk(xs, ys)
+        xa = torchattacks.PGD(m, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)(xs, ys)
     elif name == "art":
         from art.attacks.evasion import ProjectedGradientDescent
         from art.estimators.classification import PyTorchClassifier

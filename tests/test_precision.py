@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+import clat
+
 from clat.attacks import ThreatModel, pgd
 from clat.checkpoint import load_state, read_state_dict
 from clat.config import load_config
@@ -56,3 +58,33 @@ def test_compiled_model_trains_pgd_at_and_clat(tmp_path):
     over = FAST + ["pretrain.epochs=1", "finetune.epochs=1", "compile=true"]
     s = train(load_config(None, over), tmp_path / "r", data=tiny_splits())
     assert s["selection_history"] and all(torch.isfinite(torch.tensor(r["train"]["loss"])) for r in _rows(tmp_path / "r"))
+
+
+def test_channels_last_auto_is_nhwc_on_a_cpu_and_explicit_values_win():
+    from clat.config import ConfigError
+    from clat.stage import resolve_channels_last
+
+    assert load_config(None, []).channels_last == "auto"  # the shipped default
+    assert resolve_channels_last("auto", "cpu") is True  # measured faster on every CPU-size zoo model
+    assert resolve_channels_last("auto", "cuda", "bf16") is True and resolve_channels_last("auto", "cuda", "fp16") is True
+    assert resolve_channels_last("auto", "cuda", "fp32") is False  # unmeasured: PyTorch's default kept
+    assert resolve_channels_last(False, "cpu") is False and resolve_channels_last(True, "cuda") is True
+    assert load_config(None, ["channels_last=false"]).channels_last is False
+    with pytest.raises(ConfigError, match="channels_last"):
+        load_config(None, ["channels_last=maybe"])
+
+
+@pytest.mark.parametrize("setting", ["auto", "false"])
+def test_default_run_trains_in_the_resolved_memory_format(tmp_path, setting):
+    seen = []
+    model = create_model("tiny_cnn", 10)
+
+    class Probe(clat.Callback):
+        def on_epoch_end(self, row):
+            conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            seen.append(conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous())
+
+    over = FAST + ["pretrain.epochs=1", "finetune.epochs=0", f"channels_last={setting}"]
+    train(load_config(None, over), tmp_path / "r", data=tiny_splits(), model=model, callbacks=[Probe()])
+    assert seen == [setting == "auto"]  # trained in NHWC on a CPU unless told otherwise
+    assert all(v.is_contiguous() for v in read_state_dict(tmp_path / "r" / "model.safetensors").values())

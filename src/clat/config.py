@@ -140,7 +140,7 @@ class Config:
     seed: int = 0  # initialization, shuffling, augmentation and attack starts
     device: str = "auto"  # auto: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for every forward pass (attacks included); fp16 adds a GradScaler
-    channels_last: bool = False  # NHWC model and inputs (faster convolutions on recent GPUs)
+    channels_last: bool | Literal["auto"] = "auto"  # NHWC model and inputs; auto: on a CPU (measured faster) and on a GPU with bf16/fp16, else off
     deterministic: bool = False  # bit-identical GPU runs and resumes (deterministic cuDNN/cuBLAS kernels; speed cost not measured); CPU runs are anyway
     compile: bool = False  # torch.compile the model (opt-in; CLAT's early-stopping feature passes run partly eager)
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPU data-parallel runs only)

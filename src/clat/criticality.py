@@ -232,12 +232,18 @@ def _mean_distances(model: nn.Module, extractor: FeatureExtractor, x: torch.Tens
         else:
             rng.set_device_state(x.device, state)
             xa = pgd(model, xc, y[off : off + chunk], threat, shard=Shard(off, n))
-        with torch.no_grad():
-            fc, fa = extractor(xc, stop_early=False), extractor(xa, stop_early=False)
-        for kind, acc in sums.items():
-            clean, adv = getattr(fc, kind), getattr(fa, kind)
-            for key in clean or {}:  # a chunk's mean, weighted by its size (one chunk: exactly distance())
-                acc[key] = acc.get(key, 0.0) + distance(adv[key], clean[key]) * len(xc)
+        # Every layer's clean and adversarial features are held at once, about twice what the attack's graph keeps
+        # (two saved tensors per layer): measured in quarters of the chunk, they stay below the attack's peak.
+        part = -(-len(xc) // 4)
+        for p0 in range(0, len(xc), part):
+            with torch.no_grad():
+                fc, fa = extractor(xc[p0 : p0 + part], stop_early=False), extractor(xa[p0 : p0 + part], stop_early=False)
+            m = len(xc[p0 : p0 + part])
+            for kind, acc in sums.items():
+                clean, adv = getattr(fc, kind), getattr(fa, kind)
+                for key in clean or {}:  # a part's mean, weighted by its size
+                    acc[key] = acc.get(key, 0.0) + distance(adv[key], clean[key]) * m
+            del fc, fa
     return {kind: {key: v / n for key, v in acc.items()} for kind, acc in sums.items()}
 
 

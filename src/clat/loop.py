@@ -42,7 +42,7 @@ from clat.methods import EpochContext, create_method
 from clat.models import PYTHON_MODEL, build_model, is_factory, model_info
 from clat.provenance import versions
 from clat.runs import RunDir
-from clat.stage import Stage, StepRunner
+from clat.stage import Stage, StepRunner, resolve_channels_last
 
 log = logging.getLogger("clat")
 
@@ -170,7 +170,7 @@ class _Run:
                 load_into(model, read_state_dict(cfg.init), source=f"init checkpoint {cfg.init}")
             meta = {"model": type(model).__name__, "num_classes": splits.num_classes, "custom": True}
         model = dist_mod.check_batch_norm(model, device, cfg.sync_bn)
-        if cfg.channels_last:
+        if resolve_channels_last(cfg.channels_last, device, cfg.precision):
             model = model.to(memory_format=torch.channels_last)
         dist_mod.broadcast_module(model)  # every rank starts from rank 0's weights
         layers = find_layers(model, to_unit_float(splits.x_train[:2].to(device)), merge_norms=cfg.model.merge_norms)
@@ -251,7 +251,7 @@ def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int |
                     # several ranks: full global batches only, so that every step averages equal shares
                     drop_last=dinfo.world_size > 1 or len(run.splits.x_train) >= 2 * cfg.data.batch_size, seed=cfg.seed,
                     device=run.device, rank=dinfo.rank, world_size=dinfo.world_size)
-    runner = StepRunner(run.model, run.device, precision=cfg.precision, channels_last=cfg.channels_last)
+    runner = StepRunner(run.model, run.device, precision=cfg.precision, channels_last=resolve_channels_last(cfg.channels_last, run.device, cfg.precision))
     if cfg.compile:
         run.model.compile()
     resumed, start_epoch = _Resumed.latest(rd) if resume else (_Resumed(), 0)

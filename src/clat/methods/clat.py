@@ -61,7 +61,7 @@ class CriticalityConfig:
     point: Literal["post_bn", "pre_bn"] = "post_bn"  # where a layer's feature is read: after its BatchNorm (default) or before
     include_classifier: bool = False  # the last layer (the classifier) may be selected too
     steps: int = 10  # PGD steps of the criticality perturbation (eps/alpha from `attack`)
-    chunk_size: int | None = None  # images attacked and measured at once; null: data.batch_size, so a re-selection peaks no higher than a step (same result)
+    chunk_size: int | None = None  # images attacked and measured at once (same result); null: a quarter of data.batch_size, so a re-selection peaks below a training step (benchmarks/memory.py)
 
 
 @dataclass
@@ -93,6 +93,15 @@ class ClatConfig:
              f"clat.criticality.chunk_size must be >= 1 (or null), got {self.criticality.chunk_size}")
 
 
+def reselection_chunk(batch_size: int) -> int:
+    """The default criticality chunk of a run: a quarter of its training batch. A chunk's attack runs the whole
+    model (a full-model input-gradient graph, like PGD-AT's attack), so at the full batch a re-selection peaked
+    1.3x above a CLAT step of ResNet-18 (benchmarks/memory.py); a quarter keeps it below CLAT's step unless the
+    critical layer is among the very first. The selection costs ~0.1% of an epoch, so the smaller chunks'
+    speed hardly matters."""
+    return max(1, batch_size // 4)
+
+
 @register_method("clat", label="CLAT", section=ClatConfig, needs_layers=True)
 class CLAT(Method):
     @classmethod
@@ -102,8 +111,7 @@ class CLAT(Method):
         if cfg.clat.ce_on == "base":
             base = ctx.baseline(cfg.clat.base or cfg.pretrain.method, "clat.ce_on=base (clat.base, or else pretrain.method)")
         k = ctx.default_k if ctx.default_k is not None else default_k(ctx.layers, ctx.zoo_model)
-        return cls(cfg.attack, cfg.clat, ctx.layers, default_k=k, base=base, chunk_size=cfg.clat.criticality.chunk_size or cfg.data.batch_size)
-
+        return cls(cfg.attack, cfg.clat, ctx.layers, default_k=k, base=base, chunk_size=cfg.clat.criticality.chunk_size or reselection_chunk(cfg.data.batch_size))
 
     def __init__(self, attack: AttackConfig, cfg: ClatConfig, layers: list[Layer], *, default_k: int, base: Method | None = None,
                  chunk_size: int | None = None) -> None:
