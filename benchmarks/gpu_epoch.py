@@ -47,6 +47,12 @@ VARIANTS: dict[str, tuple[str, list[str], int, int]] = {
     "wrn34_10_pgd_at_bf16_cl": ("wrn34_10_pgd_at.yaml", ["precision=bf16", "channels_last=true"], 2, 0),
     "preact_pgd_at_bf16_cl_compile": ("preact_resnet18_fast_at.yaml",
                                       ["pretrain.method=pgd_at", "precision=bf16", "channels_last=true", "compile=true"], 3, 0),
+    # 0.2: SGD is fused on a GPU by default (fused_optimizer=auto); this variant measures what that changed
+    "preact_pgd_at_bf16_cl_unfused": ("preact_resnet18_fast_at.yaml",
+                                      ["pretrain.method=pgd_at", "precision=bf16", "channels_last=true", "fused_optimizer=false"], 2, 0),
+    # CUDA graphs through torch.compile's cudagraph trees (never measured yet)
+    "preact_pgd_at_bf16_cl_reduce_overhead": ("preact_resnet18_fast_at.yaml",
+                                              ["pretrain.method=pgd_at", "precision=bf16", "channels_last=true", "compile=reduce-overhead"], 3, 0),
 }
 
 

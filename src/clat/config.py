@@ -142,7 +142,8 @@ class Config:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for every forward pass (attacks included); fp16 adds a GradScaler
     channels_last: bool | Literal["auto"] = "auto"  # NHWC model and inputs; auto: on a CPU (measured faster) and on a GPU with bf16/fp16, else off
     deterministic: bool = False  # bit-identical GPU runs and resumes (deterministic cuDNN/cuBLAS kernels; speed cost not measured); CPU runs are anyway
-    compile: bool = False  # torch.compile the model (opt-in; CLAT's early-stopping feature passes run partly eager)
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False  # torch.compile the model (opt-in; true = mode default; reduce-overhead: CUDA graphs on a GPU; CLAT's early-stopping feature passes run partly eager)
+    fused_optimizer: bool | Literal["auto"] = "auto"  # SGD's update as one fused kernel; auto: on a GPU (fewer kernel launches), off on a CPU
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPU data-parallel runs only)
     keep_checkpoints: int = 2  # epoch checkpoints kept in the run folder
     progress: bool = True  # progress bars
@@ -151,8 +152,7 @@ class Config:
         self.__dict__["sections"] = {name: cls() for name, cls in _sections().items()}
 
     def __getattr__(self, name: str) -> Any:  # only when normal lookup fails: a method's section
-        sections = self.__dict__.get("sections")
-        if sections is not None and name in sections:
+        if (sections := self.__dict__.get("sections")) is not None and name in sections:
             return sections[name]
         raise AttributeError(f"config has no key {name!r}")
 

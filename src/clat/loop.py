@@ -49,7 +49,7 @@ log = logging.getLogger("clat")
 # Keys --resume may change: none of them changes what the finished run computes, except the learning rates,
 # which continue on the same schedule from the new value (the divergence remedy); the change is recorded.
 RESUME_OVERRIDABLE = ("pretrain.lr", "finetune.lr", "progress", "keep_checkpoints", "device", "eval.every", "compile",
-                      "log.console", "log.csv", "log.tensorboard", "log.wandb")
+                      "log.console", "log.csv", "log.tensorboard", "log.wandb", "fused_optimizer")
 
 
 class TrainingDiverged(ClatError):
@@ -251,9 +251,9 @@ def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int |
                     # several ranks: full global batches only, so that every step averages equal shares
                     drop_last=dinfo.world_size > 1 or len(run.splits.x_train) >= 2 * cfg.data.batch_size, seed=cfg.seed,
                     device=run.device, rank=dinfo.rank, world_size=dinfo.world_size)
-    runner = StepRunner(run.model, run.device, precision=cfg.precision, channels_last=resolve_channels_last(cfg.channels_last, run.device, cfg.precision))
+    runner = StepRunner.from_config(run.model, run.device, cfg)
     if cfg.compile:
-        run.model.compile()
+        run.model.compile(mode=None if cfg.compile is True else cfg.compile)
     resumed, start_epoch = _Resumed.latest(rd) if resume else (_Resumed(), 0)
     if dinfo.is_main:
         rd.truncate_metrics(start_epoch)

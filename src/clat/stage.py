@@ -59,15 +59,25 @@ class StepRunner:
     host-device synchronisation (fp16's GradScaler is the exception: it checks for
     infinite gradients once per step)."""
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, precision: str = "fp32", channels_last: bool = False) -> None:
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, precision: str = "fp32", channels_last: bool = False,
+                 fused_optimizer: bool | str = False) -> None:
         device = torch.device(device)
         self.model = model
         self.channels_last = channels_last
+        # the stage's SGD runs as one fused kernel (auto: on a GPU, where the per-parameter launches of the default
+        # implementation cost time; on a CPU the update is <1% of an adversarial step and stays as it was)
+        self.fused = device.type == "cuda" if fused_optimizer == "auto" else bool(fused_optimizer)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.sync = dist_mod.GradientSync(model)
         self.rank, self.world = dist_mod.info().rank, dist_mod.info().world_size
+
+    @classmethod
+    def from_config(cls, model: nn.Module, device: torch.device | str, cfg) -> "StepRunner":
+        """The step a run's config (:class:`clat.config.Config`) describes: its precision, memory format, optimizer kernel."""
+        return cls(model, device, precision=cfg.precision, channels_last=resolve_channels_last(cfg.channels_last, device, cfg.precision),
+                   fused_optimizer=cfg.fused_optimizer)
 
     def step(self, method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -93,9 +103,10 @@ class Stage:
         for p in model.parameters():
             p.requires_grad_(True)
         method.setup(model)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_lambda(total_steps, schedule))
         self.runner = runner or StepRunner(model, next(model.parameters()).device)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                         fused=self.runner.fused or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_lambda(total_steps, schedule))
 
     @classmethod
     def from_config(cls, model: nn.Module, method: Method, scfg, steps_per_epoch: int, runner: StepRunner | None = None) -> "Stage":
