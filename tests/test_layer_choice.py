@@ -201,7 +201,9 @@ def test_residual_denominator_is_the_weakness_of_the_residual_sum():
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
     model.sums.clear()
     res = compute_criticality(model, layers, x, y, x_adv=x_adv)
-    clean_sum, adv_sum = model.sums[0], model.sums[1]  # the two passes of compute_criticality
+    # compute_criticality's passes: clean then adversarial, for each part of the batch it measures at once
+    clean_sum, adv_sum = torch.cat(model.sums[0::2]), torch.cat(model.sums[1::2])
+    assert len(clean_sum) == len(adv_sum) == len(x)
     w_sum = (adv_sum - clean_sum).flatten(1).norm(dim=1).mean().item() / clean_sum[0].numel()
     h = names.index("head")
     assert res.input_weakness[h] == pytest.approx(w_sum, rel=1e-6)
