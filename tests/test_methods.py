@@ -134,6 +134,37 @@ def test_clat_attacks_before_the_update_graph_with_identical_gradients(model_nam
     assert all(torch.equal(s0[k], s1[k]) for k in s0)  # running statistics updated once, by the clean batch
 
 
+@pytest.mark.parametrize("model_name,layer,blocks", [("resnet18", "layer3.0.conv2", ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]),
+                                                    ("tiny_cnn", "features.2.0", [])])
+def test_clat_recompute_gives_identical_gradients_and_checkpoints_the_blocks_before_the_layer(model_name, layer, blocks):
+    """clat.recompute=true (activation checkpointing in the feature attack, for memory): the same loss, gradients
+    and BN statistics, bit for bit; the blocks checkpointed are those the attack's forward runs through."""
+    from clat.features import recomputed_blocks
+
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    results = []
+    for recompute in ("false", "true"):
+        cfg = load_config(None, ["attack.steps=2", f"clat.layers=[{layer}]", f"clat.recompute={recompute}"])
+        torch.manual_seed(1)
+        model = create_model(model_name)
+        method = create_method("clat", cfg, find_layers(model), default_k=1)
+        Stage(model, method, lr=0.01).begin_epoch(_ctx(x, y))
+        torch.manual_seed(2)
+        loss = method.loss(model, x, y)[0]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        {k: v.clone() for k, v in model.state_dict().items()}))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and g0
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    with recomputed_blocks(model, [layer]) as found:
+        assert found[: len(blocks)] == blocks and (blocks or not found)  # a chain of Sequentials has no block to recompute
+        assert all("forward" in dict(model.named_modules())[b].__dict__ for b in found)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
+
+
 def test_clat_reselects_on_schedule_and_not_when_non_dynamic():
     for dynamic, expect in [(True, [0, 10, 20]), (False, [0])]:
         cfg, model, method, x, y = _setup("clat", [f"clat.dynamic={str(dynamic).lower()}"])

@@ -3,8 +3,10 @@ discovery traced (:class:`TapCapture`): what CLAT's feature attack and the criti
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -156,3 +158,36 @@ class FeatureExtractor:
             missing = [layer.name for layer in self.layers if layer.name not in outputs]
             raise ConfigError(f"layers {missing} did not run in the forward pass; were they found on this model?")
         return Features(outputs, inputs, logits, capture.values if capture is not None else None)
+
+
+@contextlib.contextmanager
+def recomputed_blocks(model: nn.Module, keep: Sequence[str]) -> Iterator[list[str]]:
+    """Inside the block, the model's blocks are activation-checkpointed: each keeps only its input and recomputes
+    its activations during the backward pass (``torch.utils.checkpoint``, non-reentrant). A block is the outermost
+    module, other than an ``nn.Sequential`` container, that holds two or more conv/linear layers and none of the
+    modules named in ``keep`` (the layers whose features are hooked, e.g. CLAT's critical layers, and their
+    parents). Values and gradients are those of the plain pass (recomputation repeats the same arithmetic; the
+    caller freezes BatchNorm statistics); memory drops, time rises by about one forward pass of the blocks.
+    Yields the names of the blocks (none for a plain chain such as VGG's ``features``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks: list[str] = []
+    for name, m in model.named_modules():
+        if not name or isinstance(m, nn.Sequential) or any(k == name or k.startswith(name + ".") for k in keep):
+            continue
+        if any(name.startswith(b + ".") for b in blocks):
+            continue
+        if sum(isinstance(c, (nn.Conv2d, nn.Linear)) for c in m.modules()) >= 2:
+            blocks.append(name)
+    modules = dict(model.named_modules())
+    saved = [(modules[b], modules[b].__dict__.get("forward")) for b in blocks]
+    for m, _ in saved:
+        m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
+    try:
+        yield blocks
+    finally:
+        for m, own in saved:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
