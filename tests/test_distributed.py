@@ -58,6 +58,9 @@ def _worker(rank, world, init_file, run_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         _run(run_dir, PER_RANK_BATCH)
+        # both ranks done with gloo before either tears the group down (once in CI a rank was aborted,
+        # "terminate called without an active exception", when the other exited mid-teardown)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
