@@ -182,6 +182,15 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- training step
+def as_shipped(model: nn.Module, channels_last: bool | str = "auto") -> tuple[nn.Module, bool]:
+    """``model`` in the memory format ``clat train`` resolves ``channels_last`` to on its device (default ``auto``:
+    as clat ships, fp32), and whether that is NHWC."""
+    from clat.stage import resolve_channels_last
+
+    cl = resolve_channels_last(channels_last, next(model.parameters()).device)
+    return (model.to(memory_format=torch.channels_last) if cl else model), cl
+
+
 class Trainer:
     """One method on its own copy of a model, trained by a :class:`clat.stage.Stage` (the loop's own set-up
     and step) with SGD at the stage defaults' momentum and weight decay; ``step(x, y)`` is one training step.
@@ -190,13 +199,13 @@ class Trainer:
     def __init__(self, method, model: nn.Module, *, selection: Sequence[str] | None = None, sample_batch=None,
                  channels_last: bool | str = "auto") -> None:
         from clat.methods.base import EpochContext
-        from clat.stage import Stage, StepRunner, resolve_channels_last
+        from clat.stage import Stage, StepRunner
 
         self.method = method
-        dev = next(model.parameters()).device
-        cl = resolve_channels_last(channels_last, dev)  # default: as clat ships (config channels_last: auto, fp32)
-        self.model = model = model.to(memory_format=torch.channels_last) if cl else model
-        self.stage = Stage(model, method, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, runner=StepRunner(model, dev, channels_last=cl))
+        model, cl = as_shipped(model, channels_last)
+        self.model = model
+        self.stage = Stage(model, method, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                           runner=StepRunner(model, next(model.parameters()).device, channels_last=cl))
         self.opt = self.stage.optimizer
         if selection is not None:
             # Pinned layers: restore a selection (as on resume) so that on_epoch_start only freezes,

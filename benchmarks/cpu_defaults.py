@@ -37,7 +37,7 @@ SETTINGS = {"tiny_cnn": 32, "small_cnn": 128, "vgg11_w16": 128, "resnet18_w16": 
 VARIANTS = ("contiguous", "channels_last", "channels_last+1thread")
 
 
-def make_step(name: str, base, x, y, variant: str):
+def make_step(base, x, y, variant: str):
     cl = variant.startswith("channels_last")
     model = C.fresh_copy(base)
     trainer = C.Trainer(PGDAT(AttackConfig(eps=8 / 255, alpha=2 / 255, steps=10)), model, channels_last=cl)
@@ -59,7 +59,7 @@ def bench_model(name: str, repeats: int, min_time: float) -> dict:
     base = C.build_model(name)
     x, y, data = C.real_images(bs)
     x, y = x.to(C.device()), y.to(C.device())
-    fns = {v: make_step(name, base, x, y, v) for v in VARIANTS}
+    fns = {v: make_step(base, x, y, v) for v in VARIANTS}
     times = C.interleaved(fns, repeats, warmup=1, min_time=min_time, label=name)
     med = {k: C.median(v) for k, v in times.items()}
     ratio = {k: C.median(C.paired_ratios(times["contiguous"], times[k])) for k in VARIANTS}  # speed-up over contiguous

@@ -99,6 +99,19 @@ def _trim_and_reset_peak() -> bool:
         return False
 
 
+def _rss_steady(fn) -> tuple[int | None, int | None]:
+    """Peak RSS during ``fn()`` minus the RSS before it, after returning freed heap and resetting the peak-RSS
+    counter (so one-time allocations of an earlier call are not counted), and that RSS before; (None, None)
+    where the counter cannot be reset."""
+    gc.collect()
+    if not _trim_and_reset_peak():
+        return None, None
+    base = _status_bytes("VmRSS")
+    fn()
+    hwm = _status_bytes("VmHWM")
+    return (hwm - base if base is not None and hwm is not None else None), base
+
+
 class _Mallinfo2(__import__("ctypes").Structure):
     _fields_ = [(n, __import__("ctypes").c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -180,10 +193,7 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
         # still decides what is kept, but the criticality of every layer is computed as CLAT does.
         from clat.methods.base import EpochContext
 
-        from clat.stage import resolve_channels_last
-
-        if resolve_channels_last("auto", dev):  # the model as a run holds it (channels_last: auto)
-            model = model.to(memory_format=torch.channels_last)
+        model, _ = C.as_shipped(model)  # the memory format a run holds it in
         before, cuda_before = _begin_peak(cuda)
         t0 = time.perf_counter()
         ctx = EpochContext(0, 0, lambda n: (xs[:n], ys[:n]), torch.Generator().manual_seed(0))
@@ -202,14 +212,7 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
             method.selected = []  # a pinned CLAT selects once; forget it so that the criticality runs again
             method.on_epoch_start(model, ctx)
 
-        gc.collect()
-        out["steady_peak_increase"] = None
-        if not cuda and _trim_and_reset_peak():
-            base = _status_bytes("VmRSS")
-            reselect()
-            hwm = _status_bytes("VmHWM")
-            if base is not None and hwm is not None:
-                out["steady_peak_increase"] = hwm - base
+        out["steady_peak_increase"] = None if cuda else _rss_steady(reselect)[0]
         out["in_use_peak"] = in_use_peak(reselect)
         return out
 
@@ -240,16 +243,11 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
     # Steady state: a second step, after returning freed memory and resetting the peak-RSS
     # counter, so that one-time allocations of the first step (kernel caches, lazily created
     # state) are not counted. Peak RSS during the step minus RSS before it.
-    gc.collect()
     out["steady_peak_increase"] = None
-    if not cuda and _trim_and_reset_peak():
-        base = _status_bytes("VmRSS")
-        trainer.step(x, y)
-        hwm = _status_bytes("VmHWM")
-        if base is not None and hwm is not None:
-            out["steady_peak_increase"] = hwm - base
-            out["steady_rss_before"] = base
     if not cuda:
+        out["steady_peak_increase"], base = _rss_steady(lambda: trainer.step(x, y))
+        if out["steady_peak_increase"] is not None:
+            out["steady_rss_before"] = base
         out["in_use_peak"] = in_use_peak(lambda: trainer.step(x, y))  # a third step: live heap bytes
     else:
         torch.cuda.synchronize()

@@ -41,6 +41,7 @@ Target: ours >= 1.5x the fastest peer (img/s).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import sys
 from pathlib import Path
@@ -91,12 +92,16 @@ def make_textbook(model, x, y):
     return step, {"attack_bn": "train mode (batch stats), running stats updated", "param_grads_in_attack": True}
 
 
-def make_torchattacks(model, x, y):
+def make_torchattacks(model, x, y, *, train_mode: bool = False):
+    """torchattacks as its README runs it (eval-mode attack); ``train_mode``: its attack switched to train-mode
+    BatchNorm (batch statistics), ours' semantics."""
     import torchattacks
 
     opt = _sgd(model)
     model.train()
     atk = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)  # its defaults: eval-mode attack
+    if train_mode:
+        atk.set_model_training_mode(model_training=True, batchnorm_training=True)
 
     def step():
         x_adv = atk(x, y)
@@ -105,28 +110,8 @@ def make_torchattacks(model, x, y):
         loss.backward()
         opt.step()
 
-    meta = {"version": torchattacks.__version__, "attack_bn": "eval mode (running stats; torchattacks' default)", "param_grads_in_attack": False}
-    return step, meta
-
-
-def make_torchattacks_train(model, x, y):
-    """torchattacks with its attack switched to train-mode BatchNorm (batch statistics), ours' semantics."""
-    import torchattacks
-
-    opt = _sgd(model)
-    model.train()
-    atk = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)
-    atk.set_model_training_mode(model_training=True, batchnorm_training=True)
-
-    def step():
-        x_adv = atk(x, y)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x_adv), y)
-        loss.backward()
-        opt.step()
-
-    meta = {"version": torchattacks.__version__, "attack_bn": "train mode (batch stats), running stats updated", "param_grads_in_attack": False}
-    return step, meta
+    bn = "train mode (batch stats), running stats updated" if train_mode else "eval mode (running stats; torchattacks' default)"
+    return step, {"version": torchattacks.__version__, "attack_bn": bn, "param_grads_in_attack": False}
 
 
 def make_art(model, x, y):
@@ -154,7 +139,7 @@ def make_art(model, x, y):
 
 
 PEERS = {"textbook": (make_textbook, None), "torchattacks": (make_torchattacks, "torchattacks"),
-         "torchattacks_train": (make_torchattacks_train, "torchattacks"), "art": (make_art, "art")}
+         "torchattacks_train": (functools.partial(make_torchattacks, train_mode=True), "torchattacks"), "art": (make_art, "art")}
 
 
 def available(module: str | None) -> str | None:

@@ -108,6 +108,27 @@ def _graph_first_loss(method, model, x, y):
     return ce + method.lam * feature_distance(adv.outputs, clean.outputs, method._scale).mean()
 
 
+def _clat_backward(model_name, cfg, x, y, loss_of):
+    """A fresh seeded model, CLAT's selection, ``loss_of(method, model)`` and its backward:
+    (loss, gradients, state_dict, model)."""
+    torch.manual_seed(1)
+    model = create_model(model_name)
+    method = create_method("clat", cfg, find_layers(model), default_k=1)
+    Stage(model, method, lr=0.01).begin_epoch(_ctx(x, y))
+    torch.manual_seed(2)
+    loss = loss_of(method, model)
+    loss.backward()
+    return (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+            {k: v.clone() for k, v in model.state_dict().items()}, model)
+
+
+def _assert_bit_identical(a, b):
+    (l0, g0, s0, _), (l1, g1, s1, _) = a, b
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and g0
+    assert all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
 @pytest.mark.parametrize("model_name,overrides", [("tiny_cnn", []), ("tiny_cnn", ["clat.ce_on=adv", "clat.k=2"]),
                                                   ("resnet18_w16", ["clat.layers=[layer2.0.conv1, layer3.1.conv2]"]),
                                                   ("resnet18_w16", ["clat.ce_on=adv", "clat.distance_scaling=n"])])
@@ -117,21 +138,9 @@ def test_clat_attacks_before_the_update_graph_with_identical_gradients(model_nam
     cfg = load_config(None, ["attack.steps=3", "clat.criticality.steps=1", "clat.criticality.batch_size=8", "clat.k=1", *overrides])
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    results = []
-    for graph_first in (False, True):
-        torch.manual_seed(1)
-        model = create_model(model_name)
-        method = create_method("clat", cfg, find_layers(model), default_k=1)
-        Stage(model, method, lr=0.01).begin_epoch(_ctx(x, y))
-        torch.manual_seed(2)
-        loss = _graph_first_loss(method, model, x, y) if graph_first else method.loss(model, x, y)[0]
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-                        {k: v.clone() for k, v in model.state_dict().items()}))
-    (l0, g0, s0), (l1, g1, s1) = results
-    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and g0
-    assert all(torch.equal(g0[k], g1[k]) for k in g0)
-    assert all(torch.equal(s0[k], s1[k]) for k in s0)  # running statistics updated once, by the clean batch
+    plain = _clat_backward(model_name, cfg, x, y, lambda method, model: method.loss(model, x, y)[0])
+    graph_first = _clat_backward(model_name, cfg, x, y, lambda method, model: _graph_first_loss(method, model, x, y))
+    _assert_bit_identical(plain, graph_first)  # running statistics updated once, by the clean batch
 
 
 @pytest.mark.parametrize("model_name,layer,blocks", [("resnet18", "layer3.0.conv2", ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]),
@@ -143,22 +152,10 @@ def test_clat_recompute_gives_identical_gradients_and_checkpoints_the_blocks_bef
 
     torch.manual_seed(0)
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    results = []
-    for recompute in ("false", "true"):
-        cfg = load_config(None, ["attack.steps=2", f"clat.layers=[{layer}]", f"clat.recompute={recompute}"])
-        torch.manual_seed(1)
-        model = create_model(model_name)
-        method = create_method("clat", cfg, find_layers(model), default_k=1)
-        Stage(model, method, lr=0.01).begin_epoch(_ctx(x, y))
-        torch.manual_seed(2)
-        loss = method.loss(model, x, y)[0]
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-                        {k: v.clone() for k, v in model.state_dict().items()}))
-    (l0, g0, s0), (l1, g1, s1) = results
-    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and g0
-    assert all(torch.equal(g0[k], g1[k]) for k in g0)
-    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    runs = [_clat_backward(model_name, load_config(None, ["attack.steps=2", f"clat.layers=[{layer}]", f"clat.recompute={r}"]), x, y,
+                           lambda method, model: method.loss(model, x, y)[0]) for r in ("false", "true")]
+    _assert_bit_identical(*runs)
+    model = runs[1][3]
     with recomputed_blocks(model, [layer]) as found:
         assert found[: len(blocks)] == blocks and (blocks or not found)  # a chain of Sequentials has no block to recompute
         assert all("forward" in dict(model.named_modules())[b].__dict__ for b in found)

@@ -236,9 +236,10 @@ def _mean_distances(model: nn.Module, extractor: FeatureExtractor, x: torch.Tens
         # (two saved tensors per layer): measured in quarters of the chunk, they stay below the attack's peak.
         part = -(-len(xc) // 4)
         for p0 in range(0, len(xc), part):
+            xp, ap = xc[p0 : p0 + part], xa[p0 : p0 + part]
             with torch.no_grad():
-                fc, fa = extractor(xc[p0 : p0 + part], stop_early=False), extractor(xa[p0 : p0 + part], stop_early=False)
-            m = len(xc[p0 : p0 + part])
+                fc, fa = extractor(xp, stop_early=False), extractor(ap, stop_early=False)
+            m = len(xp)
             for kind, acc in sums.items():
                 clean, adv = getattr(fc, kind), getattr(fa, kind)
                 for key in clean or {}:  # a part's mean, weighted by its size

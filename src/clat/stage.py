@@ -42,7 +42,7 @@ def cosine_lambda(total_steps: int, schedule: str) -> Callable[[int], float]:
 def resolve_channels_last(setting: bool | str, device: torch.device | str, precision: str = "fp32") -> bool:
     """The memory format a run trains in: ``channels_last`` as configured, ``auto`` resolved.
 
-    ``auto`` is NHWC on a CPU, where oneDNN's NHWC convolutions made clat's PGD-AT step 1.1-1.6x faster on every
+    ``auto`` is NHWC on a CPU, where oneDNN's NHWC convolutions made clat's PGD-AT step 1.17-1.49x faster on every
     CPU-size zoo model (``benchmarks/cpu_defaults.py``, results in docs/performance.md), and on a CUDA device with
     bf16/fp16 autocast (NVIDIA's guidance for Tensor Cores; our GPU timings used it, its own gain is unmeasured);
     NCHW otherwise (fp32 on a GPU: unmeasured, so PyTorch's default is kept)."""
