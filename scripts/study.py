@@ -272,8 +272,9 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
         f = out_dir / f"aa_{i:05d}.json"
         if not f.is_file():
             budget.check()
-            protocol = EvalProtocol(THREAT, pgd=False, autoattack="standard", batch_size=s.aa_chunk, seed=i)
-            r = run_protocol(model, x[i : i + s.aa_chunk], y[i : i + s.aa_chunk], protocol).to_dict()["autoattack"]
+            alone = s.aa_version == "apgd-ce"  # the smoke check's cheap stand-in (StudySettings.smoke)
+            protocol = EvalProtocol(THREAT, pgd=False, apgd_ce=alone, autoattack=None if alone else s.aa_version, batch_size=s.aa_chunk, seed=i)
+            r = run_protocol(model, x[i : i + s.aa_chunk], y[i : i + s.aa_chunk], protocol).to_dict()["apgd_ce" if alone else "autoattack"]
             write_json(f, {**r, "device": device_label()})
             log(f"{name}: AutoAttack images {i}-{i + s.aa_chunk}: {r['robust_acc']:.3f} ({r['time_s']:.0f} s)")
         chunks.append(read_json(f))

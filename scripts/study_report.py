@@ -339,11 +339,12 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
          "λ = ρ·CE/L_C set at each selection) and random layers with automatic λ, so that the random control gets the same λ rule; "
          "and CLAT on the deepest eligible layer with automatic λ (`clat.selection=deepest`), because depth predicted the layer "
          "oracle of docs/criticality.md better than Eq. 6 on this network.",
-         "- **Criticality of the CLAT arms**: `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it "
-         "reads, after its activation), clat 0.1's default, named in every CLAT arm's config so that each arm stays one variant. "
-         "The paper's Eq. 6 (`upstream`, the default since clat 0.2) ranks the layers differently (see the table of the bug below); "
-         "arms with it are not run yet. TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's "
-         "choice; the reference code uses eval mode).",
+         "- **Criticality of the CLAT arms**: the arms of clat 0.1 (CLAT, its non-dynamic and CE-on-x+δ* ablations, TRADES + CLAT) "
+         "use `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it reads, after its activation), "
+         "clat 0.1's default, named in every such arm's config so that each arm stays one variant. The arms added with clat 0.2 "
+         "use the paper's Eq. 6 (`denominator=upstream`, the default since clat 0.2), which ranks the layers differently (see the "
+         "table of the bug below); the random-layer and deepest-layer arms choose their layers without it (criticality is still measured and logged). "
+         "TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's choice; the reference code uses eval mode).",
          f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in s.lambdas)} on the validation split (seed 0), the best used by every CLAT arm.",
          f"- **Seeds**: {len(s.seeds)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data order). "
          "The final checkpoint of each arm is evaluated (no early stopping: every arm gets the same epochs)."]
@@ -357,8 +358,10 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
                     "differences compare machines too." if mixed else
                     "All arms of a seed were trained on the same machine, so the paired comparison never compares machines.")
                  + " Where an arm's evaluation was split between machines, each attack chunk records its own (`study/eval/`).")
+    aa_text = ("standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; `pyautoattack`)" if s.aa_version == "standard"
+               else f"AutoAttack version `{s.aa_version}` (`pyautoattack`)")
     L += [f"- **Evaluation** (test images): clean and PGD-{s.pgd['steps']} accuracy, worst case of {s.pgd['restarts']} restarts, on all "
-          f"{s.n_test_pgd:,}; standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; `pyautoattack`) on the first {s.n_test_aa:,}. "
+          f"{s.n_test_pgd:,}; {aa_text} on the first {s.n_test_aa:,}. "
           "95% confidence intervals are Student-t intervals over seeds; the paired comparison takes per-seed differences.", ""]
     return L
 

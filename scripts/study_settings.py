@@ -107,6 +107,7 @@ class StudySettings:
     n_test_pgd: int = 2000  # every test image of the subset
     n_test_aa: int = 1000
     aa_chunk: int = 250
+    aa_version: str = "standard"  # AutoAttack of the test evaluation (clat.evaluate.autoattack's version)
     pgd: dict = field(default_factory=lambda: {"steps": 20, "restarts": 5})
     pilot: tuple[str, Path, str, str] | None = CPU_PILOT
     data_root: Path = DATA_ROOT
@@ -170,9 +171,10 @@ class StudySettings:
     @classmethod
     def smoke(cls, root: Path, base: StudySettings | None = None) -> StudySettings:
         """``base`` (the CPU study by default) with everything at toy size in ``root``: checks the whole pipeline in
-        about a minute."""
+        about a minute. Its AutoAttack is APGD-CE alone: standard AutoAttack costs ~20 s per chunk even on 4 images of a
+        toy model (Square's 5,000 queries, 9 targets of APGD-T and FAB-T), and tests/test_evaluate.py runs it."""
         return replace(base or cls(), runs=root / "runs", study=root / "study", doc=root / "results.md", img=root / "img",
-                       seeds=(0, 1), f_epochs=2, lambdas=(0.1, 1.0), n_test_pgd=40, n_test_aa=8, aa_chunk=4,
+                       seeds=(0, 1), f_epochs=2, lambdas=(0.1, 1.0), n_test_pgd=40, n_test_aa=8, aa_chunk=4, aa_version="apgd-ce",
                        pgd={"steps": 2, "restarts": 2}, overrides=TOY_OVERRIDES)
 
 
