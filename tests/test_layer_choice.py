@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clat import criticality as crit_mod
-from clat.config import AttackConfig, load_config
+from clat.config import load_config
 from clat.criticality import compute_criticality
 from clat.errors import ConfigError, DataError
 from clat.layers import find_layers, resolve_layers, unassigned_parameters
