@@ -5,7 +5,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from clat.checkpoint import save_weights

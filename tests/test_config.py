@@ -1,5 +1,3 @@
-import dataclasses
-
 import pytest
 import yaml
 from hypothesis import given, settings

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clat.layers import BN_TYPES, find_layers, layer_parameter_names, resolve_layers

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from clat.config import Config, load_config
 from clat.layers import find_layers
-from clat.methods import CLAT, EpochContext, create_method, list_methods
+from clat.methods import EpochContext, create_method, list_methods
 from clat.models import create_model
 from clat.stage import Stage
 from clat.loop import train as clat_train

@@ -18,7 +18,7 @@ from clat.checkpoint import load_model, read_state_dict
 from clat.cli import main
 from clat.config import load_config
 from clat.data import Splits
-from clat.errors import ClatError, ConfigError
+from clat.errors import ConfigError
 from clat.loop import train
 from clat.runs import Checkpoints, RunDir
 
