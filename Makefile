@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/clat demo --force
 
 test: install
-	$(BIN)/python -m pytest -q -m "" tests
+	$(BIN)/python -m pytest -q -m "" --durations=15 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests
