@@ -29,6 +29,8 @@ CLAT_PAIRS = [("clat", a) for a in ("clat_random", "clat_nondynamic", "clat_ce_a
 # The paper's Eq. 6 against clat 0.1's criticality, and each CLAT against random layers with the same λ rule
 CLAT_PAIRS += [("clat_paper", "clat"), ("clat_paper", "clat_random"), ("clat_paper_auto", "clat_random_auto"), ("clat_paper", "rift"),
                ("clat_paper", "lora"), ("clat_paper_auto", "clat_paper")]
+# the layer oracle's best predictor on this network (depth) against Eq. 6 and random layers, all with automatic λ
+CLAT_PAIRS += [("clat_deepest_auto", "clat_paper_auto"), ("clat_deepest_auto", "clat_random_auto")]
 
 
 def train_device(r: dict) -> str:
@@ -345,7 +347,7 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
          "use the paper's Eq. 6 (`denominator=upstream`, the default since clat 0.2), which ranks the layers differently (see the "
          "table of the bug below); the random-layer and deepest-layer arms choose their layers without it (criticality is still measured and logged). "
          "TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's choice; the reference code uses eval mode).",
-         f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in s.lambdas)} on the validation split (seed 0), the best used by every CLAT arm.",
+         f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in s.lambdas)} on the validation split (seed 0), the best used by every CLAT arm with fixed λ (the arms with automatic λ set λ = ρ·CE/L_C at each selection, ρ = 1).",
          f"- **Seeds**: {len(s.seeds)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data order). "
          "The final checkpoint of each arm is evaluated (no early stopping: every arm gets the same epochs)."]
     res = f.res
