@@ -62,7 +62,8 @@ def device_label() -> str:
     """Where this process trains and evaluates, as the study records it (seeds can run on different machines)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU ({n} thread{'s' if n > 1 else ''})"
 
 
 def note_device(run: Path) -> None:

@@ -34,7 +34,7 @@ CLAT_PAIRS += [("clat_deepest_auto", "clat_paper_auto"), ("clat_deepest_auto", "
 
 
 def train_device(r: dict) -> str:
-    return " + ".join(r.get("train_devices") or [LEGACY_DEVICE])
+    return " + ".join(r.get("train_devices") or [LEGACY_DEVICE]).replace("(1 threads)", "(1 thread)")
 
 
 def short_device(dev: str) -> str:
@@ -353,11 +353,13 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
     res = f.res
     if len({train_device(r) for v in res.values() for r in v.values()}) > 1:
         seeds = sorted({seed for v in res.values() for seed in v})
-        mixed = [seed for seed in seeds if len({train_device(v[seed]) for v in res.values() if seed in v}) > 1]
+        kinds = {seed: sorted({short_device(d) for v in res.values() if seed in v
+                               for d in v[seed].get("train_devices") or [LEGACY_DEVICE]}) for seed in seeds}
+        mixed = [seed for seed in seeds if len(kinds[seed]) > 1]
         L.append(f"- **Machines**: trained with {devices_by_seed(res)} (the GPU with `scripts/study_gpu.sh`, one worker per arm), with the "
-                 "same code, configs and fp32 arithmetic. "
-                 + (f"Seed{'s' if len(mixed) > 1 else ''} {', '.join(map(str, mixed))} mixed machines between arms, so its paired "
-                    "differences compare machines too." if mixed else
+                 "same code, configs and fp32 arithmetic (a CPU's thread count changes only the order of its sums). "
+                 + ("; ".join(f"Seed {seed}'s arms ran on {' and '.join(kinds[seed])}" for seed in mixed)
+                    + ", so paired differences in that seed compare machines too." if mixed else
                     "All arms of a seed were trained on the same machine, so the paired comparison never compares machines.")
                  + " Where an arm's evaluation was split between machines, each attack chunk records its own (`study/eval/`).")
     aa_text = ("standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; `pyautoattack`)" if s.aa_version == "standard"
