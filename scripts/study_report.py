@@ -211,7 +211,7 @@ def diff_cell(d: list[float]) -> str:
 
 def devices(names: list[str] | None) -> str:
     """Recorded machines in short form (``CPU + H100``); results from before they were recorded ran on the CPU."""
-    return " + ".join(short_device(d) for d in names or [LEGACY_DEVICE])
+    return " + ".join(dict.fromkeys(short_device(d) for d in names or [LEGACY_DEVICE]))  # CPU at 2 then 1 thread: "CPU"
 
 
 def paired_table(res: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], head: str) -> list[str]:

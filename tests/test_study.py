@@ -246,3 +246,15 @@ def test_smoke_settings_shrink_the_study_they_are_given(study, tmp_path):
     p = study.settings_of(args("cifar100_wrn34_10", str(tmp_path)))
     assert p.dataset == "cifar100" and p.pilot is None and p.arm_settings["clat.reselect_every"] == 10 and p.f_epochs == 2
     assert p.extra[0] == f"data.root={(tmp_path / 'data').resolve()}" and p.runs == tmp_path / "runs"
+
+
+def test_report_names_machines_by_kind_not_by_cpu_thread_count(study):
+    """A CPU run resumed at another thread count is one machine ("CPU"), and a seed mixes machines only across kinds."""
+    report = importlib.import_module("study_report")
+    assert report.devices(["CPU (2 threads)", "CPU (1 thread)"]) == "CPU"
+    assert report.devices(["NVIDIA H100 80GB HBM3", "CPU (2 threads)"]) == "H100 + CPU"
+    assert report.train_device({"train_devices": ["CPU (1 threads)"]}) == "CPU (1 thread)"  # records written before the fix
+    cpu1, cpu2, h100 = (["CPU (1 threads)"], ["CPU (2 threads)"], ["NVIDIA H100 80GB HBM3"])
+    res = {"a": {0: {"train_devices": cpu2}, 1: {"train_devices": cpu2}},
+           "b": {0: {"train_devices": cpu1}, 1: {"train_devices": h100}}}
+    assert "seeds 0, 1 on CPU (2 threads); seed 0 on CPU (1 thread); seed 1 on NVIDIA H100" in report.devices_by_seed(res)
