@@ -249,7 +249,7 @@ def test_smoke_settings_shrink_the_study_they_are_given(study, tmp_path):
 
 
 def test_report_names_machines_by_kind_not_by_cpu_thread_count(study):
-    """A CPU run resumed at another thread count is one machine ("CPU"), and a seed mixes machines only across kinds."""
+    """A CPU run resumed at another thread count is one machine ("CPU"); records from before the fix read "1 thread"."""
     report = importlib.import_module("study_report")
     assert report.devices(["CPU (2 threads)", "CPU (1 thread)"]) == "CPU"
     assert report.devices(["NVIDIA H100 80GB HBM3", "CPU (2 threads)"]) == "H100 + CPU"
