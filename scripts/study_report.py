@@ -33,8 +33,13 @@ CLAT_PAIRS += [("clat_paper", "clat"), ("clat_paper", "clat_random"), ("clat_pap
 CLAT_PAIRS += [("clat_deepest_auto", "clat_paper_auto"), ("clat_deepest_auto", "clat_random_auto")]
 
 
+def device_names(names: list[str] | None) -> str:
+    """Recorded machines in full (``CPU (2 threads) + NVIDIA H100 80GB HBM3``); older records wrote "(1 threads)"."""
+    return " + ".join(names or [LEGACY_DEVICE]).replace("(1 threads)", "(1 thread)")
+
+
 def train_device(r: dict) -> str:
-    return " + ".join(r.get("train_devices") or [LEGACY_DEVICE]).replace("(1 threads)", "(1 thread)")
+    return device_names(r.get("train_devices"))
 
 
 def short_device(dev: str) -> str:
@@ -468,7 +473,7 @@ def reproduce_section(s: StudySettings, f: Finished) -> list[str]:
     evals: dict[str, list[float]] = {}  # evaluation time per run, by the machine(s) that evaluated it
     for v in f.res.values():
         for x in v.values():
-            evals.setdefault(" + ".join(x["test"].get("eval_devices", [LEGACY_DEVICE])), []).append(x["test"]["eval_time_s"])
+            evals.setdefault(device_names(x["test"].get("eval_devices")), []).append(x["test"]["eval_time_s"])
     cost = ("; ".join(f"{statistics.fmean(t) / 60:.0f} min per run on {d} ({len(t)} runs)" for d, t in evals.items()) if evals
             else "its own time")
     return ["## Reproduce", "", "```bash",

@@ -258,3 +258,7 @@ def test_report_names_machines_by_kind_not_by_cpu_thread_count(study):
     res = {"a": {0: {"train_devices": cpu2}, 1: {"train_devices": cpu2}},
            "b": {0: {"train_devices": cpu1}, 1: {"train_devices": h100}}}
     assert "seeds 0, 1 on CPU (2 threads); seed 0 on CPU (1 thread); seed 1 on NVIDIA H100" in report.devices_by_seed(res)
+    # the cost line groups evaluations by machine: old and new records of one 1-thread CPU are one group
+    evals = {"a": {s: {"test": {"eval_devices": d, "eval_time_s": 60.0 * (s + 1)}} for s, d in enumerate([cpu1, ["CPU (1 thread)"]])}}
+    text = "\n".join(report.reproduce_section(study.StudySettings.cpu(), report.Finished([], None, None, None, evals, {})))
+    assert "2 min per run on CPU (1 thread) (2 runs)" in text and "threads) (1 run" not in text
