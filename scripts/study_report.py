@@ -405,7 +405,7 @@ def arm_row(a: str, v: list[dict]) -> str:
               f"{tps[0]:,}–{tps[-1]:,} ({100 * tps[0] / tot:.1f}–{100 * tps[-1] / tot:.1f}%)")
     by_dev: dict[str, list[float]] = {}
     for x in v:
-        by_dev.setdefault(short_device(train_device(x)), []).append(x["train_time_s"])
+        by_dev.setdefault(devices(x.get("train_devices")), []).append(x["train_time_s"])
     t_txt = " · ".join(f"{statistics.fmean(ts) / 60:.1f} min ({d} ×{len(ts)})" for d, ts in by_dev.items())
     return (f"| {ARMS[a][3]} | {len(v)} | {fmt([x['test']['clean_acc'] for x in v])} | {fmt([x['test']['pgd20x5_acc'] for x in v])} | "
             f"{fmt([x['test']['pgd20x5_acc_aa_images'] for x in v])} | {fmt([x['test']['aa_acc'] for x in v])} | {tp_txt} | {t_txt} |")

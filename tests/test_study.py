@@ -262,3 +262,7 @@ def test_report_names_machines_by_kind_not_by_cpu_thread_count(study):
     evals = {"a": {s: {"test": {"eval_devices": d, "eval_time_s": 60.0 * (s + 1)}} for s, d in enumerate([cpu1, ["CPU (1 thread)"]])}}
     text = "\n".join(report.reproduce_section(study.StudySettings.cpu(), report.Finished([], None, None, None, evals, {})))
     assert "2 min per run on CPU (1 thread) (2 runs)" in text and "threads) (1 run" not in text
+    # a run trained on the CPU and resumed on a GPU is timed under both machines, not the first one alone
+    run = {"test": {"clean_acc": 0.4, "pgd20x5_acc": 0.2, "pgd20x5_acc_aa_images": 0.2, "aa_acc": 0.2},
+           "trainable_params": 10, "total_params": 100, "train_time_s": 120.0, "train_devices": cpu2 + h100}
+    assert "2.0 min (CPU + H100 ×1)" in report.arm_row("pgd_at_cont", [run])
