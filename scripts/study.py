@@ -36,8 +36,8 @@ from clat.runs import RunDir
 # What a study is (its folders, seeds, epochs, attack sizes, the report's wording) is one StudySettings: the CPU
 # study, a paper-scale preset (--scale) or the toy check (--smoke). Every function below that depends on it takes
 # it as its first argument ``s``.
-from study_settings import (ARMS, CLAT_ARMS, DEVICE_FILE, LEGACY_DEVICE, PAPER_SCALE, REPO, TRADES_TRAIN_MODE, StudySettings, best_row, plan,
-                            read_json)
+from study_settings import (ARMS, CLAT_ARMS, DEVICE_FILE, LEGACY_DEVICE, PAPER_SCALE, REPO, SCREEN_STAGES, TRADES_TRAIN_MODE, StudySettings,
+                            arm_items, best_row, item_done, plan, read_json, reference_done)
 
 # The threat model of every evaluation of the study (ℓ∞ 8/255, step 2/255: the paper's; the arms train under the same ε)
 THREAT = ThreatModel()
@@ -229,9 +229,15 @@ def arm_cfg(s: StudySettings, arm: str, seed: int, lam: float | None):
             *(f"{k}={v}" for k, v in s.arm_settings.items()), *extra]
     if branch == "trades":
         over.append("pretrain.method=trades")  # CLAT's base method (used only with clat.ce_on=base)
-    if lam is not None:
+    if lam is not None and not own_lam(arm):
         over.append(f"clat.lam={lam}")
     return load_config(s.pretrain_cfg, [*s.extra, *over])
+
+
+def own_lam(arm: str) -> float | None:
+    """The fixed λ an arm sets itself (``clat.lam=...`` among its overrides), else None (it takes the swept λ)."""
+    vals = [float(o.split("=", 1)[1]) for o in ARMS[arm][2] if o.startswith("clat.lam=")]
+    return vals[-1] if vals else None
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -248,55 +254,113 @@ def load_weights(path: Path):
     return model.to(memory_format=torch.channels_last).eval()
 
 
-def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Budget, name: str) -> dict:
+def _done(f: Path, records: bool) -> bool:
+    """An evaluation part is done when its JSON is written, and its per-image records beside it where they are kept."""
+    from clat.records import record_path
+
+    return f.is_file() and (not records or record_path(f).is_file())
+
+
+def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Budget, name: str, *, records: bool = False,
+                     stages: tuple[str, ...] | None = None) -> dict:
     """Clean + PGD-20 (worst of 5) on all test images, standard AutoAttack on the first 1,000 (in chunks): clat's
-    evaluation protocol (:func:`clat.run_protocol`, what ``clat eval`` runs), in resumable parts."""
+    evaluation protocol (:func:`clat.run_protocol`, what ``clat eval`` runs), in resumable parts. ``records``: keep each
+    part's per-image outcomes beside its JSON (``pgd.records.npz``, ``aa_00000.records.npz``); ``stages``: run only these
+    first stages of AutoAttack (a screening evaluation)."""
+    from clat.checkpoint import sha256
     from clat.protocol import EvalProtocol, run_protocol
+    from clat.records import EvalRecord, record_path, save_record
 
     x, y = test_data(s)
     model = load_weights(weights)
+    meta = {"data": f"{s.dataset} ({Path(s.data_root).name})", "split": "test", "item": name, "weights_sha256": sha256(weights)}
     pgd_file = out_dir / "pgd.json"
-    if not pgd_file.is_file():
+    if not _done(pgd_file, records):
         budget.check()
         # in two parts, so that PGD is also known on exactly the images AutoAttack sees
         parts = [(0, s.n_test_aa), (s.n_test_aa, s.n_test_pgd)]
         protocol = EvalProtocol(THREAT.replace(steps=s.pgd["steps"]), restarts=s.pgd["restarts"], batch_size=500, seed=0)
-        r = [run_protocol(model, x[a:b], y[a:b], protocol, index_offset=a).to_dict() for a, b in parts if b > a]
+        results = [run_protocol(model, x[a:b], y[a:b], protocol, index_offset=a) for a, b in parts if b > a]
+        r = [p.to_dict() for p in results]
         n = sum(p["n"] for p in r)
         r = {"n": n, "clean_acc": sum(p["clean_correct"] for p in r) / n, "pgd_acc": sum(p["pgd_correct"] for p in r) / n,
              "pgd_acc_aa_images": r[0]["pgd_acc"], "n_aa_images": r[0]["n"], "attack": r[0]["attack"], "time_s": sum(p["time_s"] for p in r),
-             "device": device_label()}
+             "device": device_label(), "records": records}
+        if records:
+            save_record(record_path(pgd_file), EvalRecord.concat([p.record(**meta) for p in results]))
         write_json(pgd_file, r)
         log(f"{name}: clean {r['clean_acc']:.3f} PGD {r['pgd_acc']:.3f} ({r['time_s']:.0f} s)")
     chunks = []
     for i in range(0, s.n_test_aa, s.aa_chunk):
         f = out_dir / f"aa_{i:05d}.json"
-        if not f.is_file():
+        if not _done(f, records):
             budget.check()
             alone = s.aa_version == "apgd-ce"  # the smoke check's cheap stand-in (StudySettings.smoke)
-            protocol = EvalProtocol(THREAT, pgd=False, apgd_ce=alone, autoattack=None if alone else s.aa_version, batch_size=s.aa_chunk, seed=i)
-            r = run_protocol(model, x[i : i + s.aa_chunk], y[i : i + s.aa_chunk], protocol).to_dict()["apgd_ce" if alone else "autoattack"]
-            write_json(f, {**r, "device": device_label()})
+            protocol = EvalProtocol(THREAT, pgd=False, apgd_ce=alone, autoattack=None if alone else s.aa_version, batch_size=s.aa_chunk, seed=i,
+                                    autoattack_stages=None if alone else stages)
+            result = run_protocol(model, x[i : i + s.aa_chunk], y[i : i + s.aa_chunk], protocol, index_offset=i)
+            r = result.to_dict()["apgd_ce" if alone else "autoattack"]
+            if records:
+                save_record(record_path(f), result.record(**meta))
+            write_json(f, {**r, "device": device_label(), "records": records})
             log(f"{name}: AutoAttack images {i}-{i + s.aa_chunk}: {r['robust_acc']:.3f} ({r['time_s']:.0f} s)")
         chunks.append(read_json(f))
     pgd = read_json(pgd_file)
     n = sum(c["n"] for c in chunks)
+    after = {a: sum(c["robust_acc_after"][a] * c["n"] for c in chunks) / n for a in chunks[0].get("robust_acc_after", {})}
     return {
         "clean_acc": pgd["clean_acc"], "pgd20x5_acc": pgd["pgd_acc"], "n_pgd": pgd["n"], "pgd20x5_acc_aa_images": pgd["pgd_acc_aa_images"],
         "aa_acc": sum(c["robust_acc"] * c["n"] for c in chunks) / n, "aa_clean_acc": sum(c["clean_acc"] * c["n"] for c in chunks) / n,
         "n_aa": n, "aa_library": chunks[0]["library"], "aa_warnings": sorted({w for c in chunks for w in c["warnings"]}),
+        "aa_attacks": chunks[0].get("attacks"), "aa_acc_after": after,
         "eval_time_s": pgd["time_s"] + sum(c["time_s"] for c in chunks),
         "eval_devices": sorted({c.get("device", LEGACY_DEVICE) for c in (pgd, *chunks)}),
+        "records": records,
     }
+
+
+def set_aside(s: StudySettings, result: Path, eval_dir: Path, why: str) -> None:
+    """Move a finished result (and its attack chunks) to study/superseded/ with ``why``, so that it is redone."""
+    dst = s.study / "superseded"
+    d = read_json(result)
+    write_json(dst / result.name, {**d, "superseded_because": why, "superseded_on": time.strftime("%Y-%m-%d")})
+    result.unlink()
+    if eval_dir.is_dir():
+        shutil.rmtree(dst / "eval" / eval_dir.name, ignore_errors=True)
+        (dst / "eval").mkdir(parents=True, exist_ok=True)
+        shutil.move(str(eval_dir), str(dst / "eval" / eval_dir.name))
+    log(f"{result.stem}: set aside in {_rel_study(dst)} ({why}); the study redoes it")
+
+
+RECORDS_WHY = "re-run to keep per-image records and the final weights (issue 34); the first run kept neither"
 
 
 def do_reference(s: StudySettings, name: str, budget: Budget) -> None:
     """The branch checkpoints themselves, evaluated like the arms ("before")."""
     out = s.results / f"{name}_branch_eval.json"
-    if out.is_file():
+    records = name in s.record_refs
+    if reference_done(s, name):
         return
-    res = evaluate_weights(s, s.ckpts / f"{name}_branch.safetensors", s.study / "eval" / f"{name}_branch", budget, f"{name} branch")
+    if out.is_file():
+        set_aside(s, out, s.study / "eval" / f"{name}_branch", RECORDS_WHY)
+    res = evaluate_weights(s, s.ckpts / f"{name}_branch.safetensors", s.study / "eval" / f"{name}_branch", budget, f"{name} branch",
+                           records=records)
     write_json(out, res)
+
+
+def keep_weights(src: Path, dst: Path) -> None:
+    """An arm's final weights, kept in the study in float16 (half the size; enough to re-evaluate or probe the model)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={**meta, "study_copy": "float16 copy of the run's float32 final weights"})
+    tmp.replace(dst)
 
 
 # -- λ and the arms ------------------------------------------------------------------------
@@ -323,8 +387,10 @@ def do_lambda_sweep(s: StudySettings, budget: Budget) -> float:
 
 def do_arm(s: StudySettings, arm: str, seed: int, lam: float, budget: Budget) -> None:
     out = s.results / f"{arm}_s{seed}.json"
-    if out.is_file():
+    if item_done(s, arm, seed):
         return
+    if out.is_file():  # a result of the first run, without the per-image records this arm needs now
+        supersede(s, [f"{arm}_s{seed}"], RECORDS_WHY)
     run = s.runs / f"{arm}_s{seed}"
     if arm == "clat" and seed == 0 and RunDir(s.runs / f"lam_{lam:g}").finished() and not run.exists():
         shutil.copytree(s.runs / f"lam_{lam:g}", run)  # the sweep's run with the chosen λ is this arm's seed-0 run
@@ -334,13 +400,20 @@ def do_arm(s: StudySettings, arm: str, seed: int, lam: float, budget: Budget) ->
     # (The finished attack chunks are kept in study/eval/ as they are done.)
     if not RunDir(partial_dir(s, run)).finished():
         save_partial(s, run)
-    res = evaluate_weights(s, RunDir(run).weights_path, s.study / "eval" / run.name, budget, run.name)
+    records = arm in s.record_arms
+    weights = s.study / "weights" / f"{run.name}.safetensors"
+    if records:
+        keep_weights(RunDir(run).weights_path, weights)
+    stages = SCREEN_STAGES if arm in s.screen_arms and s.aa_version == "standard" else None
+    res = evaluate_weights(s, RunDir(run).weights_path, s.study / "eval" / run.name, budget, run.name, records=records, stages=stages)
     summary = RunDir(run).summary()
     rows = rows_of(run)
-    write_json(out, {"arm": arm, "seed": seed, "label": ARMS[arm][3], "lam": lam if arm in CLAT_ARMS else None, "test": res,
+    lam_used = (own_lam(arm) if own_lam(arm) is not None else lam) if arm in CLAT_ARMS else None
+    write_json(out, {"arm": arm, "seed": seed, "label": ARMS[arm][3], "lam": lam_used, "test": res,
                      "trainable_params": summary["trainable_params_last"], "total_params": summary["total_params"],
                      "train_time_s": summary["train_time_s"], "train_devices": train_devices(run),
-                     "rows": rows, "selection_history": summary["selection_history"]})
+                     "rows": rows, "selection_history": summary["selection_history"], "records": records,
+                     **({"weights": _rel_study(weights)} if records else {})})
     shutil.rmtree(partial_dir(s, run), ignore_errors=True)
     log(f"{arm} seed {seed}: done")
 
@@ -352,18 +425,10 @@ def supersede(s: StudySettings, items: list[str], why: str) -> None:
         res = s.results / f"{item}.json"
         if not res.is_file():
             raise SystemExit(f"study.py: --redo {item}: no finished item of that name in {_rel_study(s.results)} (names look like clat_s2)")
-    dst = s.study / "superseded"
     for item in items:
-        d = read_json(s.results / f"{item}.json")
-        write_json(dst / f"{item}.json", {**d, "superseded_because": why, "superseded_on": time.strftime("%Y-%m-%d")})
-        (s.results / f"{item}.json").unlink()
-        if (s.study / "eval" / item).is_dir():
-            shutil.rmtree(dst / "eval" / item, ignore_errors=True)
-            (dst / "eval").mkdir(parents=True, exist_ok=True)
-            shutil.move(str(s.study / "eval" / item), str(dst / "eval" / item))
+        set_aside(s, s.results / f"{item}.json", s.study / "eval" / item, why)
         shutil.rmtree(partial_dir(s, s.runs / item), ignore_errors=True)
         shutil.rmtree(s.runs / item, ignore_errors=True)
-        log(f"{item}: set aside in {_rel_study(dst)} ({why}); the study redoes it")
 
 
 def _rel_study(p: Path) -> str:
@@ -378,8 +443,8 @@ def run_all(s: StudySettings, budget: Budget, seeds: tuple[int, ...] | None = No
     lam = do_lambda_sweep(s, budget)
     do_reference(s, "pgd_at", budget)
     do_reference(s, "trades", budget)
-    for seed in seeds or s.seeds:
-        for arm in arms or s.arms:
+    for arm, seed in arm_items(s):
+        if (seeds is None or seed in seeds) and (arms is None or arm in arms):
             do_arm(s, arm, seed, lam, budget)
     if arms is None and seeds is None:
         do_pilot(s, budget)

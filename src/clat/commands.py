@@ -180,16 +180,18 @@ def _load_checkpoint(path: str, args: argparse.Namespace, device):
     return load_model(path, model_name=args.model, num_classes=args.num_classes, normalize=False if args.no_normalize else None, device=device)
 
 
-def _eval_images(args: argparse.Namespace, splits):
-    """The test (or val) images, or a random subset of ``--n-examples`` drawn with ``--seed``."""
+def _eval_images(args: argparse.Namespace, splits, *, with_indices: bool = False):
+    """The test (or val) images, or a random subset of ``--n-examples`` drawn with ``--seed``
+    (and, ``with_indices``, the images' positions in their split)."""
     import torch
 
     _check_image_args(args)
     x, y = (splits.x_test, splits.y_test) if args.split == "test" else (splits.x_val, splits.y_val)
+    idx = torch.arange(len(x))
     if args.n_examples is not None:
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.n_examples]
         x, y = x[idx], y[idx]
-    return x, y
+    return (x, y, idx) if with_indices else (x, y)
 
 
 def _check_image_args(args: argparse.Namespace) -> None:
@@ -251,7 +253,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = data_config(args, run_cfg)
     a, source = threat_of(args, run_cfg)
     out = _eval_out(args, a)  # cheap checks first: nothing is attacked to be lost afterwards
-    with writing([out], "eval"):
+    from clat.records import record_path
+
+    with writing([out, record_path(out)], "eval"):
         return _eval_into(args, out, cfg, a, source, best)
 
 
@@ -283,7 +287,7 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str, be
         sur, _ = _load_checkpoint(sp, argparse.Namespace(model=None, num_classes=None, no_normalize=False), device)
         surrogates[Path(sp).name if Path(sp).name not in surrogates else f"{Path(sp).name}#{i}"] = sur
     splits = prepare_data(cfg)
-    x, y = _eval_images(args, splits)
+    x, y, indices = _eval_images(args, splits, with_indices=True)
     print(f"threat model: {_threat_str(threat)} ({source})" + (f"; the best epoch's weights (epoch {best['epoch']})" if best else ""))
     protocol = EvalProtocol(threat, restarts=args.restarts, pgd=not args.no_pgd, apgd_ce=args.apgd_ce,
                             autoattack=args.autoattack_version if args.autoattack else None, eps_sweep=tuple(args.eps_sweep or ()),
@@ -294,6 +298,12 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str, be
                 "subset": args.n_examples is not None, "settings_tag": _eval_tag(args, threat), "which": args.which,
                 **({"best": {k: best[k] for k in ("epoch", "metric", "value")}} if best else {}),
                 "threat_model": {**threat.to_dict(), "source": source}})
+    from clat.records import record_path, save_record
+
+    rec = record_path(out)  # per-image outcomes, so that two models can later be compared image by image (clat.records)
+    save_record(rec, result.record(indices.numpy(), data=splits.name, split=args.split, checkpoint=meta["path"], model=meta["model"],
+                                   which=args.which, eval_json=out.name))
+    res["records"] = rec.name
     atomic_write_text(out, json.dumps(res, indent=2))
     lines = result.summary_lines()
     print("  ".join(lines[:2]) + f"  (n={result.n})")

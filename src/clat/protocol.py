@@ -20,12 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from clat.attacks import DEFAULT_THREAT, ThreatModel
 from clat.errors import ConfigError
-from clat.evaluate import AutoAttackVersion, autoattack, eps_sweep, evaluate
+from clat.evaluate import AutoAttackVersion, autoattack_outcomes, eps_sweep, evaluate_outcomes
+from clat.records import EvalRecord
 from clat.sanity import BANNER, autoattack_check, sanity_checks
 
 
@@ -36,7 +38,9 @@ class EvalProtocol:
     accuracy only from clat's own code; ``apgd_ce`` / ``autoattack`` (a version: standard, plus, rand):
     pyautoattack's attacks; ``eps_sweep``: PGD accuracy at these radii; ``sanity``: the gradient-masking
     checks (:func:`clat.sanity.sanity_checks`, with ``square_queries`` of the black-box Square attack).
-    ``seed`` fixes every random start (results do not depend on ``batch_size``)."""
+    ``seed`` fixes every random start (results do not depend on ``batch_size``). ``autoattack_stages``: run only
+    the first stages of ``autoattack`` (e.g. ``("apgd-ce", "apgd-t")``, a cheaper screening whose verdict equals the
+    full version's after those stages, image for image)."""
 
     threat: ThreatModel = DEFAULT_THREAT
     restarts: int = 1
@@ -48,6 +52,7 @@ class EvalProtocol:
     square_queries: int = 1000
     seed: int = 0
     batch_size: int = 256
+    autoattack_stages: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.threat, ThreatModel):
@@ -60,11 +65,14 @@ class EvalProtocol:
             raise ConfigError(f"square_queries must be >= 0, got {self.square_queries}")
         if self.autoattack not in (None, "standard", "plus", "rand"):
             raise ConfigError(f"unknown AutoAttack version {self.autoattack!r}; use standard, plus or rand (apgd_ce=True for APGD-CE alone)")
+        if self.autoattack_stages is not None and self.autoattack is None:
+            raise ConfigError("autoattack_stages selects stages of AutoAttack: set autoattack (e.g. 'standard') too")
 
     def to_dict(self) -> dict:
         return {"threat": self.threat.to_dict(), "restarts": self.restarts, "pgd": self.pgd, "apgd_ce": self.apgd_ce,
                 "autoattack": self.autoattack, "eps_sweep": list(self.eps_sweep), "sanity": self.sanity,
-                "square_queries": self.square_queries, "seed": self.seed}
+                "square_queries": self.square_queries, "seed": self.seed,
+                **({"autoattack_stages": list(self.autoattack_stages)} if self.autoattack_stages is not None else {})}
 
 
 def _autoattack_flags(res: dict, key: str, aa: dict, protocol: EvalProtocol) -> list[str]:
@@ -93,6 +101,15 @@ class EvalResult:
     autoattack_acc: float | None
     flags: list[str]
     details: dict
+    outcomes: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)  # per image, True = correct
+    index_offset: int = 0
+
+    def record(self, indices: Sequence[int] | None = None, **meta) -> EvalRecord:
+        """The per-image outcomes as an :class:`~clat.records.EvalRecord`: ``clean``, ``pgd/run<r>``, ``pgd``, ``apgd-ce``,
+        ``aa/<stage>`` and ``aa``, as the protocol ran them. ``indices``: the images' positions in their split (default:
+        consecutive from ``index_offset``); ``meta``: what the caller knows (data, split, model, checkpoint)."""
+        idx = np.arange(self.index_offset, self.index_offset + self.n) if indices is None else np.asarray(indices)
+        return EvalRecord(idx, {k: v.numpy() for k, v in self.outcomes.items()}, {"protocol": self.details["protocol"], **meta})
 
     @property
     def robust_acc(self) -> float | None:
@@ -117,14 +134,20 @@ def run_protocol(model: nn.Module, x: torch.Tensor, y: torch.Tensor, protocol: E
     ``index_offset``: the position of ``x[0]`` in a larger set (seeded starts follow the example, so an
     evaluation in parts equals the whole)."""
     t = protocol.threat
-    res = evaluate(model, x, y, t, restarts=protocol.restarts, attack=protocol.pgd, batch_size=protocol.batch_size, seed=protocol.seed,
-                   progress=progress, desc=f"PGD-{t.steps}", index_offset=index_offset)
+    res, outcomes = evaluate_outcomes(model, x, y, t, restarts=protocol.restarts, attack=protocol.pgd, batch_size=protocol.batch_size,
+                                      seed=protocol.seed, progress=progress, desc=f"PGD-{t.steps}", index_offset=index_offset)
     flags: list[str] = []
     for key, version, on in (("apgd_ce", "apgd-ce", protocol.apgd_ce), ("autoattack", protocol.autoattack, protocol.autoattack is not None)):
         if on:
-            aa = autoattack(model, x, y, t, version=version, batch_size=protocol.batch_size, seed=protocol.seed, device=device, progress=progress)
+            aa, per_image = autoattack_outcomes(model, x, y, t, version=version, batch_size=protocol.batch_size, seed=protocol.seed,
+                                                device=device, progress=progress,
+                                                attacks=protocol.autoattack_stages if key == "autoattack" else None)
             res[key] = aa
             flags += _autoattack_flags(res, key, aa, protocol)
+            if key == "apgd_ce":
+                outcomes["apgd-ce"] = per_image["aa"]
+            else:
+                outcomes.update({k: v for k, v in per_image.items() if k != "aa/clean"})
     if protocol.eps_sweep:
         res["eps_sweep"] = eps_sweep(model, x, y, protocol.eps_sweep, t, seed=protocol.seed, batch_size=protocol.batch_size, progress=progress)
     if protocol.sanity:
@@ -137,7 +160,8 @@ def run_protocol(model: nn.Module, x: torch.Tensor, y: torch.Tensor, protocol: E
     res["protocol"] = protocol.to_dict()
     return EvalResult(n=res["n"], clean_acc=res["clean_acc"], pgd_acc=res.get("pgd_acc"),
                       apgd_ce_acc=res["apgd_ce"]["robust_acc"] if "apgd_ce" in res else None,
-                      autoattack_acc=res["autoattack"]["robust_acc"] if "autoattack" in res else None, flags=flags, details=res)
+                      autoattack_acc=res["autoattack"]["robust_acc"] if "autoattack" in res else None, flags=flags, details=res,
+                      outcomes=outcomes, index_offset=index_offset)
 
 
 def summary_lines(res: dict) -> list[str]:
