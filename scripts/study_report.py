@@ -11,8 +11,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 from clat.plots import figure, save_figure
-from study_settings import ARMS, LEGACY_DEVICE, PAPER_SCALE, REPO, StudySettings, best_row, plan, read_json
+from study_settings import ARMS, LEGACY_DEVICE, PAPER_SCALE, REPO, SCREEN_STAGES, StudySettings, best_row, plan, read_json
+from study_verdict import aa_time_per_chunk, primary_p, stage_gains, verdict
 
 
 def _rel(p: Path) -> Path:
@@ -208,8 +211,11 @@ def plot_criticality(s: StudySettings, run: dict) -> str | None:
 
 
 def diff_cell(d: list[float]) -> str:
-    """Differences (fractions) as a table cell: mean ± 95% CI in points, ``*`` where the interval excludes 0."""
+    """Differences (fractions) as a table cell: mean ± 95% CI in points, ``*`` where the interval excludes 0. Differences that
+    are identical in every seed get no interval (a "± 0.0" would read as infinite precision)."""
     m, h = mean_ci(d)
+    if h is not None and round(100 * h, 1) == 0:
+        return f"{round(100 * m, 1) + 0.0:+.1f} (equal in all {len(d)} seeds)"
     return (f"{round(100 * m, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
             + (f" ± {100 * h:.1f}" if h is not None else "") + (" *" if h is not None and abs(m) > h else ""))
 
@@ -273,7 +279,7 @@ def discovery_section(s: StudySettings, res: dict[str, dict[int, dict]]) -> list
     """What the layer-discovery bug of clat 0.1 changed (study/discovery_recheck.json, scripts/study_recheck.py) and
     the items redone because of it (study/superseded/), old against new."""
     check = read_json(s.study / "discovery_recheck.json")
-    superseded = {f.stem: read_json(f) for f in sorted((s.study / "superseded").glob("*.json"))}
+    superseded = {k: v for k, v in superseded_items(s).items() if not v["superseded_because"].startswith("re-run to keep per-image")}
     if check is None and not superseded:
         return []
     n_sel = sum(len(r.get("selection_history") or []) for v in res.values() for r in v.values() if ARMS[r["arm"]][1] == "clat")
@@ -325,6 +331,106 @@ def discovery_section(s: StudySettings, res: dict[str, dict[int, dict]]) -> list
         L += ["Items redone (old → new, test accuracy in %; the tables above use the new result):", "",
               "| item | why | clean | PGD-20×5 | AutoAttack | layers trained after the fix (per selection) |", "|---|---|---|---|---|---|", *rows, ""]
     return L
+
+
+def superseded_items(s: StudySettings) -> dict[str, dict]:
+    return {f.stem: read_json(f) for f in sorted((s.study / "superseded").glob("*.json"))}
+
+
+def _pts(x: float) -> str:
+    return f"{round(100 * x, 1) + 0.0:+.1f}"
+
+
+def _ci_txt(iv: dict | None) -> str:
+    """An interval as the verdict table shows it: ``+2.2 [+1.6, +2.7]`` in points (— where it was not computed)."""
+    if iv is None:
+        return "—"
+    lo, hi = iv["ci"]
+    if iv["n_seeds"] < 2 and iv["over"] == "seeds":
+        return f"{_pts(iv['estimate'])} (1 seed)"
+    if round(100 * (hi - lo), 1) == 0:
+        return f"{_pts(iv['estimate'])} (equal in all {iv['n_seeds']} seeds)"
+    return f"{_pts(iv['estimate'])} [{_pts(lo)}, {_pts(hi)}]"
+
+
+def _p_txt(p: float | None) -> str:
+    return "—" if p is None else ("< 0.0001" if p < 1e-4 else f"{p:.4f}" if p < 0.01 else f"{p:.3f}")
+
+
+def verdict_rows(v: dict, family: str) -> list[str]:
+    L = ["| comparison | seeds | Δ AutoAttack, over seeds | over seeds × images | p | Holm p | Δ clean, over seeds × images | "
+         "validation Δ PGD-10 (over seeds) | validation vs test |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in v["comparisons"]:
+        if c["family"] != family or "aa" not in c["metrics"]:
+            continue
+        aa, clean = c["metrics"]["aa"], c["metrics"]["clean"]
+        stage = "" if aa["outcome"] == "aa" else f" (after {aa['outcome'].split('/')[1].upper()})"
+        p = primary_p(c)
+        L.append(f"| {c['label']}{stage} | {len(c['seeds'])} | {_ci_txt(aa['over_seeds'])} | {_ci_txt(aa['seeds_images'])} | "
+                 f"{_p_txt(p)}{'' if aa['seeds_images'] else ' (seeds)'} | {_p_txt(c.get('p_holm'))} | "
+                 f"{_ci_txt(clean['seeds_images'] or clean['over_seeds'])}{'' if clean['seeds_images'] else ' (seeds)'} | "
+                 f"{_ci_txt(c['validation_pgd10'])} | {c['validation_pgd10']['agrees_with_test'] or '—'} |")
+    return L
+
+
+def verdict_section(s: StudySettings, f: Finished) -> list[str]:
+    """study/verdict.json (every comparison, both intervals, Holm over the primary family) and its tables."""
+    v = verdict(s, f.res, PAIRS + CLAT_PAIRS)
+    (s.study / "verdict.json").write_text(json.dumps(v, indent=1) + "\n")
+    g = stage_gains(s)
+    times = aa_time_per_chunk(s)
+    L = ["## Verdict: every comparison with its noise", "",
+         "Rendered from `study/verdict.json`. Each row is `a − b` on the test images, in percentage points. **Over seeds**: the mean "
+         "per-seed difference with its Student-t 95% interval; every seed is scored on the same images, so this interval leaves "
+         "out which images the test set happens to hold. **Over seeds × images**: a two-way bootstrap that resamples seeds and "
+         "test images independently (10,000 replicates; it needs both sides' per-image records, kept since issue 34; it is "
+         "mildly conservative). **p**: two-sided, from the seeds × images bootstrap where records exist (else the paired t-test "
+         "over seeds, marked); **Holm p**: adjusted over the primary family only. **Validation**: the same difference in "
+         "validation PGD-10 accuracy at the last epoch (the branch checkpoint: at the branch point), which chose every setting; "
+         "the last column says whether it points the same way as the test's AutoAttack difference.", "",
+         f"### Primary comparisons (declared before their re-runs{'' if v['primary_complete'] else '; not all finished yet'})", "",
+         *verdict_rows(v, "primary"), "",
+         "### Exploratory comparisons (not adjusted for multiplicity; read them as leads, not findings)", "",
+         *verdict_rows(v, "exploratory"), "",
+         "Rows marked *(after APGD-T)* compare a screening arm (scored with standard AutoAttack's first two stages) on those "
+         "stages for both sides; a standard evaluation's record holds its state after every stage, so both face the same attacks.", ""]
+    if g["chunks"]:
+        L += [f"**Is standard AutoAttack's second half needed here?** In {g['chunks']} standard AutoAttack chunks of this study "
+              f"({g['images']:,} image evaluations), FAB-T and Square fooled **{g['images_fooled_only_by_fab_t_or_square']}** images "
+              "that APGD-CE and APGD-T had not (from the library's logged accuracy after each stage, exact at 250 images a chunk)"
+              + (f"; the per-image records of {g['record_chunks']} chunks ({g['record_images']:,} images) confirm it image by image: "
+                 f"{g['record_images_fooled_only_by_fab_t_or_square']} such images" if g["record_chunks"] else "")
+              + ". The screening arms are therefore scored with APGD-CE + APGD-T only; the arms of the primary comparisons keep "
+              "standard AutoAttack."]
+        if times["standard"] and times["screening"]:
+            st, sc = statistics.fmean(times["standard"]), statistics.fmean(times["screening"])
+            L[-1] += (f" Measured: {sc / 60:.1f} min per {s.aa_chunk}-image chunk against {st / 60:.1f} min for standard AutoAttack "
+                      f"(means over {len(times['screening'])} and {len(times['standard'])} chunks of this study, same machine kind), "
+                      f"a saving of {100 * (1 - sc / st):.0f}%.")
+        L.append("")
+    L += reproduction_rows(s, f)
+    return L
+
+
+def reproduction_rows(s: StudySettings, f: Finished) -> list[str]:
+    """The first run's results of the re-run arms against the re-run (same code, settings and seed): does training reproduce?"""
+    rows = []
+    for item, old in superseded_items(s).items():
+        if not old["superseded_because"].startswith("re-run to keep per-image") or "arm" not in old:
+            continue
+        new = f.res.get(old["arm"], {}).get(old["seed"])
+        if new is None:
+            continue
+        same_layers = [h["selected"] for h in old["selection_history"]] == [h["selected"] for h in new["selection_history"]]
+        cells = [f"{100 * old['test'][k]:.1f} → {100 * new['test'][k]:.1f}" for k in ("clean_acc", "pgd20x5_acc", "aa_acc")]
+        rows.append(f"| {item} | {' | '.join(cells)} | {'yes' if same_layers else '**no**'} | "
+                    f"{max(abs(a['val']['pgd_acc'] - b['val']['pgd_acc']) for a, b in zip(old['rows'], new['rows'])) * 100:.1f} |")
+    if not rows:
+        return []
+    return ["**Does training reproduce?** The arms of the primary comparisons were re-trained (same code path, settings and seed; "
+            "another CPU thread count changes only the order of sums) to keep per-image records and weights:", "",
+            "| item | clean: first run → re-run | PGD-20×5 | AutoAttack | same layers selected | max |Δ| of validation PGD-10 over epochs (points) |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def head(s: StudySettings, f: Finished) -> list[str]:
@@ -496,7 +602,7 @@ def render(s: StudySettings) -> None:
     s.img.mkdir(parents=True, exist_ok=True)
     f = read_finished(s)
     L = [*head(s, f), *design_section(s, f), *overfitting_section(s, f), *lambda_section(f), *results_section(s, f),
-         *comparisons_section(f), *curves_and_layers_section(s, f), *discovery_section(s, f.res), *conclusions_section(s, f),
+         *verdict_section(s, f), *comparisons_section(f), *curves_and_layers_section(s, f), *discovery_section(s, f.res), *conclusions_section(s, f),
          *reproduce_section(s, f), *compute_total(f.res, f.branches, f.pre)]
     s.doc.write_text("\n".join(L) + "\n")
 

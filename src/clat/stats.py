@@ -103,6 +103,8 @@ def t_interval(diffs: Sequence[float]) -> Interval:
     if len(d) < 2:
         return Interval(m, (m, m), float("nan"), "seeds", len(d))
     sd = statistics.stdev(d)
+    if sd <= 1e-12 * max(abs(m), 1e-12):  # equal differences up to rounding
+        sd = 0.0
     h = t975(len(d) - 1) * sd / math.sqrt(len(d))
     if sd == 0:
         p = 1.0 if m == 0 else 0.0
@@ -131,11 +133,15 @@ def seeds_images_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 10_000
     s_n, i_n = d.shape
     est = float(d.mean())
     rng = np.random.default_rng(seed)
-    # mean over a (seeds x images) resample = (1/(S N)) sum_s sum_i d[s*, i*]: with counts per seed and per image,
-    # that is  w_s^T d w_i / (S N), computed for all replicates with two matrix products (no [B, S, N] tensor).
-    ws = rng.multinomial(s_n, np.full(s_n, 1.0 / s_n), size=n_boot).astype(np.float64)  # [B, S]
-    wi = rng.multinomial(i_n, np.full(i_n, 1.0 / i_n), size=n_boot).astype(np.float64)  # [B, N]
-    boot = np.einsum("bs,bs->b", ws, wi @ d.T) / (s_n * i_n)
+    boot = np.empty(n_boot)
+    dt = d.T.copy()  # [N, S]
+    for lo in range(0, n_boot, 500):  # in blocks of 500 replicates
+        b_n = min(500, n_boot - lo)
+        img = rng.integers(0, i_n, size=(b_n, i_n))  # each replicate's images, as counts per image (a [b, N] matrix)
+        counts = np.bincount((img + np.arange(b_n)[:, None] * i_n).ravel(), minlength=b_n * i_n).reshape(b_n, i_n)
+        per_seed = (counts @ dt) / i_n  # [b, S]: each seed's mean over the replicate's images
+        pick = rng.integers(0, s_n, size=(b_n, s_n))  # the replicate's seeds
+        boot[lo : lo + b_n] = np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     se = float(boot.std(ddof=1))
     p = 1.0 if se == 0 and est == 0 else (0.0 if se == 0 else math.erfc(abs(est) / se / math.sqrt(2)))
