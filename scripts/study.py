@@ -443,7 +443,9 @@ def run_all(s: StudySettings, budget: Budget, seeds: tuple[int, ...] | None = No
     lam = do_lambda_sweep(s, budget)
     do_reference(s, "pgd_at", budget)
     do_reference(s, "trades", budget)
-    for arm, seed in arm_items(s):
+    items = arm_items(s)
+    items += [(a, sd) for sd in seeds or () for a in s.arms if (a, sd) not in items]  # a worker's seeds beyond the plan
+    for arm, seed in items:
         if (seeds is None or seed in seeds) and (arms is None or arm in arms):
             do_arm(s, arm, seed, lam, budget)
     if arms is None and seeds is None:

@@ -364,7 +364,7 @@ def verdict_rows(v: dict, family: str) -> list[str]:
         if c["family"] != family or "aa" not in c["metrics"]:
             continue
         aa, clean = c["metrics"]["aa"], c["metrics"]["clean"]
-        stage = "" if aa["outcome"] == "aa" else f" (after {aa['outcome'].split('/')[1].upper()})"
+        stage = "" if "/" not in aa["outcome"] else f" (after {aa['outcome'].split('/')[1].upper()})"
         p = primary_p(c)
         L.append(f"| {c['label']}{stage} | {len(c['seeds'])} | {_ci_txt(aa['over_seeds'])} | {_ci_txt(aa['seeds_images'])} | "
                  f"{_p_txt(p)}{'' if aa['seeds_images'] else ' (seeds)'} | {_p_txt(c.get('p_holm'))} | "
@@ -376,6 +376,7 @@ def verdict_rows(v: dict, family: str) -> list[str]:
 def verdict_section(s: StudySettings, f: Finished) -> list[str]:
     """study/verdict.json (every comparison, both intervals, Holm over the primary family) and its tables."""
     v = verdict(s, f.res, PAIRS + CLAT_PAIRS)
+    s.study.mkdir(parents=True, exist_ok=True)
     (s.study / "verdict.json").write_text(json.dumps(v, indent=1) + "\n")
     g = stage_gains(s)
     times = aa_time_per_chunk(s)

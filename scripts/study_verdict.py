@@ -59,6 +59,8 @@ def item_record(s: StudySettings, item: str, which: str) -> EvalRecord | None:
 def outcome_for(s: StudySettings, a: str, b: str, metric: str) -> str:
     """The record outcome a metric compares: AutoAttack's final verdict, or its APGD-T stage when either side was screened
     with AutoAttack's first stages only (so that both sides face the same attacks)."""
+    if metric == "aa" and s.aa_version == "apgd-ce":
+        return "apgd-ce"  # the smoke check's stand-in for AutoAttack (StudySettings.smoke)
     if metric == "aa" and (a in s.screen_arms or b in s.screen_arms) and s.aa_version == "standard":
         return f"aa/{SCREEN_STAGES[-1]}"
     return METRICS[metric][1]
@@ -67,7 +69,7 @@ def outcome_for(s: StudySettings, a: str, b: str, metric: str) -> str:
 def _test_value(s: StudySettings, test: dict, metric: str, outcome: str, item: str) -> float:
     """A model's test accuracy for the comparison: from its result's ``test`` dict, or, where the comparison uses a stage of
     AutoAttack, the accuracy after that stage (the result's, else its chunks' logged ones)."""
-    if outcome in ("aa", "pgd", "clean"):
+    if outcome in ("aa", "pgd", "clean", "apgd-ce"):
         return test[METRICS[metric][0]]
     stage = outcome.split("/", 1)[1]
     after = test.get("aa_acc_after") or {}

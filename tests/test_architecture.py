@@ -90,7 +90,6 @@ def test_no_module_imports_a_private_name_of_another():
 
 # Files over ~400 lines, and why they stay whole.
 LONG_FILES = {
-    "evaluate.py": "every white-box and black-box evaluation (PGD with restarts, AutoAttack, Square, transfer, ε sweep) over one seeded batching",
     "cifar.py": "the official CIFAR files: safe unpickling, checksums, download with safe extraction, the bundled subset",
     "layers.py": "layer discovery: the operation tracer and the provenance graph it builds are one algorithm",
     "report.py": "a run's report and the comparison of runs, from their JSON files",

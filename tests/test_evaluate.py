@@ -11,7 +11,8 @@ from clat.cli import main
 from clat.data import load_bundled
 from clat.errors import ClatError
 from clat.attacks import ThreatModel
-from clat.evaluate import autoattack, eps_sweep, evaluate, pgd_correct, seeded_start, transfer_matrix
+from clat.autoattack import autoattack
+from clat.evaluate import eps_sweep, evaluate, pgd_correct, seeded_start, transfer_matrix
 from clat.stability import criticality_stability, measure_pgd_at_epoch_time
 from clat.models import create_model
 

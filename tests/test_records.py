@@ -10,7 +10,8 @@ import torch
 
 from clat.attacks import ThreatModel
 from clat.errors import ConfigError
-from clat.evaluate import autoattack_outcomes, evaluate_outcomes
+from clat.autoattack import autoattack_outcomes
+from clat.evaluate import evaluate_outcomes
 from clat.models import create_model
 from clat.protocol import EvalProtocol, run_protocol
 from clat.records import EvalRecord, load_record, paired_difference, record_path, save_record

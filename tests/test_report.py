@@ -87,7 +87,7 @@ def runs(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a report must not run an attack")
 
-    for mod, name in [("clat.attacks", "perturb"), ("clat.evaluate", "perturb"), ("clat.evaluate", "autoattack"),
+    for mod, name in [("clat.attacks", "perturb"), ("clat.evaluate", "perturb"), ("clat.autoattack", "autoattack"),
                       ("clat.criticality", "compute_criticality")]:
         monkeypatch.setattr(importlib.import_module(mod), name, refuse)
     return tmp_path

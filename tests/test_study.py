@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-STUDY_SCRIPTS = ("study", "study_report", "study_settings")
+STUDY_SCRIPTS = ("study", "study_report", "study_settings", "study_verdict")
 
 
 @pytest.fixture
@@ -38,6 +38,7 @@ def test_the_study_scripts_import_as_a_tree():
         assert not any(isinstance(n, ast.Global) for n in ast.walk(tree)), f"{m}.py rebinds a module global"
     assert "study" not in imports["study_report"] | imports["study_settings"]
     assert "study_report" not in imports["study_settings"]
+    assert not {"study", "study_report"} & imports["study_verdict"]
 
 
 @pytest.mark.slow
@@ -157,7 +158,7 @@ def test_trained_arm_stays_in_partial_until_its_result_is_written(study, tmp_pat
     monkeypatch.setattr(study, "arm_cfg", lambda *a: None)
     monkeypatch.setattr(study, "_train_epochs", lambda *a: None)  # already trained: nothing to do
 
-    def killed(*a):
+    def killed(*a, **k):
         raise KeyboardInterrupt  # what a session's end does to the process
 
     monkeypatch.setattr(study, "evaluate_weights", killed)
@@ -166,7 +167,7 @@ def test_trained_arm_stays_in_partial_until_its_result_is_written(study, tmp_pat
     assert (partial / "model.safetensors").read_bytes() == b"weights"
     assert (s.runs / "clat_s3" / "model.safetensors").is_file()  # restored for the evaluation
 
-    monkeypatch.setattr(study, "evaluate_weights", lambda *a: {"clean_acc": 0.5})
+    monkeypatch.setattr(study, "evaluate_weights", lambda *a, **k: {"clean_acc": 0.5})
     study.do_arm(s, "clat", 3, 0.1, study.Budget(1))
     assert json.loads((s.results / "clat_s3.json").read_text())["test"] == {"clean_acc": 0.5}
     assert not partial.exists()
@@ -190,7 +191,7 @@ def test_arm_trained_this_session_is_kept_in_partial_before_its_evaluation(study
     monkeypatch.setattr(study, "arm_cfg", lambda *a: None)
     monkeypatch.setattr(study, "_train_epochs", train)
 
-    def killed(*a):
+    def killed(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(study, "evaluate_weights", killed)
@@ -201,7 +202,7 @@ def test_arm_trained_this_session_is_kept_in_partial_before_its_evaluation(study
     assert json.loads((partial / "summary.json").read_text()) == summary
     # the next session (a fresh clone: no runs/) evaluates those weights without training again
     shutil.rmtree(s.runs / "lora_s3")
-    monkeypatch.setattr(study, "evaluate_weights", lambda _s, path, *a: {"weights": path.read_text()})
+    monkeypatch.setattr(study, "evaluate_weights", lambda _s, path, *a, **k: {"weights": path.read_text()})
     study.do_arm(s, "lora", 3, 0.1, study.Budget(1))
     assert json.loads((s.results / "lora_s3.json").read_text())["test"] == {"weights": "trained"}
     assert not partial.exists()
@@ -221,7 +222,8 @@ def test_paper_scale_presets_configure_every_arm(name, study, tmp_path):
         cfg = study.arm_cfg(s, arm, 1, 0.1 if arm in study.CLAT_ARMS else None)
         assert cfg.finetune.epochs == 50 and cfg.pretrain.epochs == 0 and cfg.clat.reselect_every == 10 and cfg.seed == 1
         assert cfg.init.endswith(f"{study.ARMS[arm][0]}_branch.safetensors") and cfg.data.dataset == dataset
-    assert len(study.plan(s)) == 5 + 3 * len(study.ARMS) and not any(done for _, done in study.plan(s))
+    extra = sum(len(set(seeds) - set(s.seeds)) for arm, seeds in s.extra_seeds.items() if arm in s.arms)
+    assert len(study.plan(s)) == 5 + len(s.seeds) * len(study.ARMS) + extra and not any(done for _, done in study.plan(s))
     s = dataclasses.replace(s, doc=tmp_path / "results.md", img=tmp_path / "img")  # render the (empty) report outside docs/
     importlib.import_module("study_report").render(s)
     text = s.doc.read_text()
@@ -266,3 +268,39 @@ def test_report_names_machines_by_kind_not_by_cpu_thread_count(study):
     run = {"test": {"clean_acc": 0.4, "pgd20x5_acc": 0.2, "pgd20x5_acc_aa_images": 0.2, "aa_acc": 0.2},
            "trainable_params": 10, "total_params": 100, "train_time_s": 120.0, "train_devices": cpu2 + h100}
     assert "2.0 min (CPU + H100 ×1)" in report.arm_row("pgd_at_cont", [run])
+
+
+@pytest.mark.slow
+def test_record_arms_keep_records_and_weights_and_the_verdict_uses_them(study, tmp_path, shared_cifar, monkeypatch):
+    """Issue 34: the arms of the primary comparisons keep per-image records and fp16 weights; a first-run result without
+    records is set aside (with its reason) and redone; study/verdict.json holds the seeds × images interval and Holm's p."""
+    import torch
+    from safetensors.torch import load_file
+
+    from clat.records import load_record
+
+    settings_of = study.settings_of
+    monkeypatch.setattr(study, "settings_of", lambda args: dataclasses.replace(settings_of(args), arms=("pgd_at_cont", "clat_paper_auto"),
+                                                                               extra_seeds={}))
+    assert study.main(["--smoke", str(tmp_path)]) == 0
+    st = tmp_path / "study"
+    for item in ("pgd_at_cont_s0", "pgd_at_cont_s1", "clat_paper_auto_s0", "clat_paper_auto_s1"):
+        r = json.loads((st / "results" / f"{item}.json").read_text())
+        assert r["records"] and Path(r["weights"]) == st / "weights" / f"{item}.safetensors"  # (relative to the repo in the real study)
+        rec = load_record(st / "eval" / item / "pgd.records.npz")
+        assert rec.n == 40 and {"clean", "pgd"} <= set(rec.outcomes) and rec.meta["item"] == item
+        assert abs(rec["pgd"].mean() - r["test"]["pgd20x5_acc"]) < 1e-9
+        w = load_file(str(st / "weights" / f"{item}.safetensors"))
+        assert all(v.dtype == torch.float16 for v in w.values() if v.is_floating_point())
+    v = json.loads((st / "verdict.json").read_text())
+    prim = {(c["a"], c["b"]): c for c in v["comparisons"] if c["family"] == "primary"}
+    c = prim[("clat_paper_auto", "pgd_at_cont")]
+    assert c["metrics"]["aa"]["seeds_images"] is not None and 0 <= c["p_holm"] <= 1
+    # a first-run result (no records) is set aside with its reason and redone with records
+    f = st / "results" / "pgd_at_cont_s1.json"
+    old = json.loads(f.read_text())
+    f.write_text(json.dumps({k: v for k, v in old.items() if k not in ("records", "weights")}))
+    assert study.main(["--smoke", str(tmp_path)]) == 0
+    assert json.loads(f.read_text())["records"]
+    aside = json.loads((st / "superseded" / "pgd_at_cont_s1.json").read_text())
+    assert aside["superseded_because"] == study.RECORDS_WHY and (st / "superseded" / "eval" / "pgd_at_cont_s1").is_dir()

@@ -26,7 +26,8 @@ from torch import nn
 
 from clat.attacks import DEFAULT_THREAT, ThreatModel
 from clat.errors import ConfigError
-from clat.evaluate import AutoAttackVersion, autoattack_outcomes, eps_sweep, evaluate_outcomes
+from clat.autoattack import AutoAttackVersion, autoattack_outcomes
+from clat.evaluate import eps_sweep, evaluate_outcomes
 from clat.records import EvalRecord
 from clat.sanity import BANNER, autoattack_check, sanity_checks
 

@@ -44,7 +44,8 @@ from torch import nn
 
 from clat.attacks import DEFAULT_THREAT, ThreatModel
 from clat.errors import ConfigError
-from clat.evaluate import batches, check_inputs, eps_sweep, pgd_correct, pgd_examples, seeded_start, square_correct
+from clat.autoattack import square_correct
+from clat.evaluate import batches, check_inputs, eps_sweep, pgd_correct, pgd_examples, seeded_start
 from clat.trainable import eval_mode
 
 BANNER = "possible gradient masking"
