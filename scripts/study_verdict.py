@@ -22,7 +22,7 @@ import numpy as np
 
 from clat.records import EvalRecord, load_record, record_path
 from clat.stats import holm, seeds_images_bootstrap, t_interval
-from study_settings import ARMS, PRIMARY, SCREEN_STAGES, StudySettings, read_json
+from study_settings import ARMS, SCREEN_STAGES, StudySettings, read_json
 
 BRANCH = "branch"  # the checkpoint every PGD-AT arm starts from (early stopping), as the right-hand side of a comparison
 # metric -> (the result's test key, the record's outcome, the record file(s) it is in)
