@@ -34,10 +34,10 @@ from clat.attacks import ThreatModel
 from clat.runs import RunDir
 
 # What a study is (its folders, seeds, epochs, attack sizes, the report's wording) is one StudySettings: the CPU
-# study, a paper-scale preset (--scale) or the toy check (--smoke). Every function below that depends on it takes
+# study, a paper-scale preset (--scale), a variant (--variant) or the toy check (--smoke). Every function below that depends on it takes
 # it as its first argument ``s``.
-from study_settings import (ARMS, CLAT_ARMS, DEVICE_FILE, LEGACY_DEVICE, PAPER_SCALE, REPO, SCREEN_STAGES, TRADES_TRAIN_MODE, StudySettings,
-                            arm_items, best_row, item_done, plan, read_json, reference_done)
+from study_settings import (ARMS, CLAT_ARMS, DEVICE_FILE, LEGACY_DEVICE, PAPER_SCALE, REPO, SCREEN_STAGES, TRADES_TRAIN_MODE, VARIANTS,
+                            StudySettings, arm_items, best_row, branch_row, item_done, plan, read_json, reference_done, uses_trades)
 
 # The threat model of every evaluation of the study (ℓ∞ 8/255, step 2/255: the paper's; the arms train under the same ε)
 THREAT = ThreatModel()
@@ -188,13 +188,14 @@ def do_pretraining(s: StudySettings, budget: Budget) -> dict:
     cfg = pretrain_cfg(s)
     run_training(s, run, cfg, budget)
     rows = rows_of(run)
-    best = best_row(rows)
+    best = branch_row(s, rows)
     p = best["epoch"]
     s.ckpts.mkdir(parents=True, exist_ok=True)
     shutil.copy(RunDir(run).checkpoints().weights(p - 1), s.ckpts / "pgd_at_branch.safetensors")
     write_json(s.results / "pgd_at_pretrain.json", {"config": str(s.pretrain_cfg.relative_to(REPO)), "rows": rows,
                                                    "summary": RunDir(run).summary(), "train_devices": train_devices(run)})
-    b = {"epoch": p, "val": best["val"], "rule": "epoch of the highest validation PGD-10 accuracy (earliest on ties)",
+    rule = "epoch of the highest validation PGD-10 accuracy (earliest on ties)" if s.branch == "best" else "the last epoch"
+    b = {"epoch": p, "val": best["val"], "rule": rule,
          "last_val": rows[-1]["val"], "epochs": len(rows)}
     write_json(s.results / "branch.json", b)
     log(f"branch point: epoch {p} (val PGD {best['val']['pgd_acc']:.3f}, last epoch {rows[-1]['val']['pgd_acc']:.3f})")
@@ -439,10 +440,12 @@ def run_all(s: StudySettings, budget: Budget, seeds: tuple[int, ...] | None = No
     """Every work item in order. ``seeds``/``arms`` restrict the arm items to a subset: parallel workers (one
     per arm, say, on a GPU) each take their own; the shared items before them must be done already then."""
     b = do_pretraining(s, budget)
-    do_trades_pretraining(s, budget, b["epoch"])
+    if uses_trades(s):
+        do_trades_pretraining(s, budget, b["epoch"])
     lam = do_lambda_sweep(s, budget)
     do_reference(s, "pgd_at", budget)
-    do_reference(s, "trades", budget)
+    if uses_trades(s):
+        do_reference(s, "trades", budget)
     items = arm_items(s)
     items += [(a, sd) for sd in seeds or () for a in s.arms if (a, sd) not in items]  # a worker's seeds beyond the plan
     for arm, seed in items:
@@ -454,7 +457,10 @@ def run_all(s: StudySettings, budget: Budget, seeds: tuple[int, ...] | None = No
 
 def settings_of(args: argparse.Namespace) -> StudySettings:
     """The study the command line names: the CPU study, a paper-scale preset (--scale), either at toy size (--smoke)."""
-    s = StudySettings.paper(args.scale, Path(args.data_root).resolve()) if args.scale else StudySettings.cpu()
+    if args.scale and args.variant:
+        raise SystemExit("study.py: --scale and --variant name two different studies: give one")
+    s = (StudySettings.paper(args.scale, Path(args.data_root).resolve()) if args.scale else
+         StudySettings.variant(args.variant) if args.variant else StudySettings.cpu())
     return StudySettings.smoke(Path(args.smoke).resolve(), base=s) if args.smoke else s
 
 
@@ -464,6 +470,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", action="store_true", help="list the work items and their state")
     ap.add_argument("--report", action="store_true", help="only render docs/results.md")
     ap.add_argument("--scale", choices=sorted(PAPER_SCALE), help="the same study at paper scale on a GPU (configs/study/paper/)")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the CPU study: a second network or the overfitted start")
     ap.add_argument("--data-root", default=str(REPO / "data"), help="with --scale: where full CIFAR lives or is downloaded to")
     ap.add_argument("--smoke", metavar="DIR", help="the whole pipeline at toy size in DIR (a check of this script, ~2 min)")
     ap.add_argument("--seeds", type=int, nargs="+", metavar="N", help=f"run the arms with these seeds only (default {' '.join(map(str, StudySettings.cpu().seeds))})")

@@ -445,7 +445,7 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
     L = ["## Design", "",
          f"- **Data**: {s.text['data']}",
          f"- **Model and pretraining**: {s.text['model']}",
-         "- **Branch point P**: the pretraining epoch with the highest validation PGD-10 accuracy. Every arm starts from that "
+         f"- **Branch point P**: {s.text.get('branch', 'the pretraining epoch with the highest validation PGD-10 accuracy')}. Every arm starts from that "
          f"checkpoint and trains {s.f_epochs} more epochs with the same optimizer settings (SGD, lr 0.01 with cosine decay): "
          f"PGD-AT continued on the full model; CLAT ({s.text['k']}); CLAT with random layers; CLAT non-dynamic; "
          "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "

@@ -79,6 +79,24 @@ PAPER_SCALE = {
     "cifar100_wrn34_10": ("cifar100", "WideResNet-34-10 (`wrn34_10`, 46.2M parameters)", 2),
 }
 
+# Variants of the CPU study (issue 34): its recipe, λ sweep and evaluation, with the arms of the primary comparisons only, on a
+# second network (VGG-11 at 1/4 width: a plain chain, where the layer oracle found Eq. 6 pointing the right way) or from the
+# last pretraining epoch (the paper fine-tunes after robust overfitting has set in; the CPU study starts at the best epoch).
+# variant -> (pretraining config, branch rule, title, model text, plot title)
+VARIANT_ARMS = RERUN_FOR_RECORDS
+VARIANTS = {
+    "vgg11_w16": ("vgg11_w16_pretrain.yaml", "best", "the CIFAR-10 subset with VGG-11 at 1/4 width",
+                  "CIFAR VGG-11 at 1/4 width (`vgg11_w16`, 0.68M parameters, a chain of 8 convolutions and 3 linear layers), the "
+                  "CPU study's PGD-AT recipe otherwise (`configs/study/vgg11_w16_pretrain.yaml`).",
+                  "PGD-AT on the CIFAR-10 subset, VGG-11 at 1/4 width"),
+    "resnet18_w16_last": ("pgd_at_pretrain.yaml", "last", "the CIFAR-10 subset, starting after robust overfitting",
+                          "the CPU study's ResNet-18 at 1/4 width and PGD-AT recipe (`configs/study/pgd_at_pretrain.yaml`); the arms "
+                          "start from its last (80th) epoch instead of its best validation epoch.",
+                          "PGD-AT on the CIFAR-10 subset, ResNet-18 at 1/4 width"),
+}
+BRANCH_TEXT = {"best": "the pretraining epoch with the highest validation PGD-10 accuracy",
+               "last": "the last pretraining epoch, after robust overfitting has set in (as in the paper)"}
+
 # Files written before the study recorded devices (2026-11-27) all came from the CPU study on 2 cores.
 LEGACY_DEVICE = "CPU (2 threads)"
 DEVICE_FILE = "study_device.json"  # in a run directory: the devices that trained it (kept with it in study/partial/)
@@ -148,6 +166,7 @@ class StudySettings:
     priority: tuple = PRIORITY
     primary: tuple = PRIMARY
     record_refs: tuple[str, ...] = ("pgd_at",)  # branch checkpoints re-evaluated with per-image records
+    branch: str = "best"  # where the arms start: "best" = the pretraining epoch of best validation PGD-10, "last" = its last epoch
 
     @property
     def results(self) -> Path:
@@ -201,6 +220,19 @@ class StudySettings:
                    data_root=data_root, dataset=dataset, download=True, verify=True, text=text)
 
     @classmethod
+    def variant(cls, name: str) -> StudySettings:
+        """A variant of the CPU study (``VARIANTS``): its own runs/, study/variants/<name>/ and docs/results_<name>.md, the
+        arms of the primary comparisons only, 4 seeds, every arm with per-image records and standard AutoAttack."""
+        cfg, branch, title, model, plot_title = VARIANTS[name]
+        text = {**CPU_TEXT, "title": title, "model": model, "plot_title": plot_title, "branch": BRANCH_TEXT[branch],
+                "command": f".venv/bin/python scripts/study.py --variant {name}"}
+        return cls(runs=REPO / "runs" / f"study_{name}", study=REPO / "study" / "variants" / name, doc=REPO / "docs" / f"results_{name}.md",
+                   pretrain_cfg=REPO / "configs" / "study" / cfg, img_prefix=f"study_{name}_", arms=VARIANT_ARMS, pilot=None,
+                   record_arms=frozenset(VARIANT_ARMS), screen_arms=frozenset(), extra_seeds={},
+                   priority=tuple(tuple(a for a in g if a in VARIANT_ARMS) for g in PRIORITY if set(g) & set(VARIANT_ARMS)),
+                   branch=branch, text=text)
+
+    @classmethod
     def smoke(cls, root: Path, base: StudySettings | None = None) -> StudySettings:
         """``base`` (the CPU study by default) with everything at toy size in ``root``: checks the whole pipeline in
         about a minute. Its AutoAttack is APGD-CE alone: standard AutoAttack costs ~20 s per chunk even on 4 images of a
@@ -214,6 +246,16 @@ def read_json(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def uses_trades(s: StudySettings) -> bool:
+    """Whether any arm of ``s`` starts from the TRADES branch (else the study needs no TRADES pretraining)."""
+    return any(ARMS[a][0] == "trades" for a in s.arms)
+
+
+def branch_row(s: StudySettings, rows: list[dict]) -> dict:
+    """The pretraining epoch the arms start from (``s.branch``)."""
+    return best_row(rows) if s.branch == "best" else rows[-1]
+
+
 def best_row(rows: list[dict]) -> dict:
     """The epoch of the highest validation PGD accuracy (the earlier one on ties): the branch point rule."""
     return max(rows, key=lambda r: (r["val"]["pgd_acc"], -r["epoch"]))
@@ -222,10 +264,11 @@ def best_row(rows: list[dict]) -> dict:
 def plan(s: StudySettings) -> list[tuple[str, bool]]:
     """The work items of the study, in order, and whether each is done."""
     items = [(s.pilot[0], (s.results / f"{s.pilot[0]}.json").is_file())] if s.pilot else []
+    refs = ("pgd_at", "trades") if uses_trades(s) else ("pgd_at",)
     items += [("pgd_at_pretrain", (s.results / "branch.json").is_file()),
-              ("trades_pretrain (to P)", (s.ckpts / "trades_branch.safetensors").is_file()),
+              *([("trades_pretrain (to P)", (s.ckpts / "trades_branch.safetensors").is_file())] if uses_trades(s) else []),
               ("lambda sweep", (s.results / "lambda.json").is_file()),
-              *((f"eval {ref} branch", reference_done(s, ref)) for ref in ("pgd_at", "trades"))]
+              *((f"eval {ref} branch", reference_done(s, ref)) for ref in refs)]
     items += [(f"{a} seed {seed}", item_done(s, a, seed)) for a, seed in arm_items(s)]
     return items
 

@@ -159,7 +159,7 @@ def verdict(s: StudySettings, res: dict[str, dict[int, dict]], pairs: list[tuple
         c["p_holm"] = p
     declared = [f"{label(a)} − {label(b)}" for a, b in s.primary]
     return {"generated_by": "scripts/study_report.py (scripts/study_verdict.py)", "network": s.text.get("network", "resnet18_w16"),
-            "start": "the pretraining epoch of best validation PGD-10 accuracy (P)",
+            "start": s.text.get("branch", "the pretraining epoch with the highest validation PGD-10 accuracy") + " (P)",
             "images": {"pgd": s.n_test_pgd, "aa": s.n_test_aa, "split": "test"},
             "primary_family": declared, "primary_complete": len(prim) == len(s.primary),
             "method": {"over_seeds": "mean of per-seed differences, Student-t 95% interval, paired t-test p",

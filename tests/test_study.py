@@ -304,3 +304,27 @@ def test_record_arms_keep_records_and_weights_and_the_verdict_uses_them(study, t
     assert json.loads(f.read_text())["records"]
     aside = json.loads((st / "superseded" / "pgd_at_cont_s1.json").read_text())
     assert aside["superseded_because"] == study.RECORDS_WHY and (st / "superseded" / "eval" / "pgd_at_cont_s1").is_dir()
+
+
+@pytest.mark.parametrize("name", ["vgg11_w16", "resnet18_w16_last"])
+def test_study_variants_run_the_primary_arms_on_their_own_folders(name, study, tmp_path):
+    """--variant NAME (issue 34): the CPU study's recipe on a second network or from the last pretraining epoch, the arms of
+    the primary comparisons only, each with records and standard AutoAttack, in folders of its own."""
+    s = study.StudySettings.variant(name)
+    assert s.study.parts[-2:] == ("variants", name) and s.doc.name == f"results_{name}.md" and s.runs.name == f"study_{name}"
+    assert set(s.arms) == set(sys.modules["study_settings"].VARIANT_ARMS) == set(s.record_arms) and not s.screen_arms and not s.extra_seeds
+    assert {a for a, b in s.primary} | {b for a, b in s.primary} - {"branch"} <= set(s.arms)
+    assert study.pretrain_cfg(s).model.name == ("vgg11_w16" if name == "vgg11_w16" else "resnet18_w16")
+    names = [n for n, _ in study.plan(s)]
+    assert "trades_pretrain (to P)" not in names and "eval trades branch" not in names
+    assert len(names) == 3 + len(s.seeds) * len(s.arms)
+    rows = [{"epoch": e, "val": {"pgd_acc": v}} for e, v in [(1, 0.1), (2, 0.3), (3, 0.2)]]
+    assert study.branch_row(s, rows)["epoch"] == (2 if name == "vgg11_w16" else 3)
+    for arm in s.arms:
+        assert study.arm_cfg(s, arm, 0, 0.1 if arm in study.CLAT_ARMS else None).model.name == study.pretrain_cfg(s).model.name
+    s = dataclasses.replace(s, doc=tmp_path / "results.md", img=tmp_path / "img", study=tmp_path / "study")
+    importlib.import_module("study_report").render(s)
+    assert BRANCH_WORDS[name] in (tmp_path / "results.md").read_text()
+
+
+BRANCH_WORDS = {"vgg11_w16": "highest validation PGD-10 accuracy", "resnet18_w16_last": "the last pretraining epoch"}
