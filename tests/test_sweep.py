@@ -38,6 +38,14 @@ def test_layer_sweep_runs_resumes_and_reports(ckpt, tmp_path, capsys):
     assert order == ["00_s0.json", "01_s0.json", "02_s0.json", "full_s0.json", "00_s1.json", "01_s1.json", "02_s1.json", "full_s1.json"]
     one = json.loads((out / "items" / "01_s0.json").read_text())
     assert one["trainable_params"] < 20_000 and one["val"]["n"] == 20 and one["name"] == find_layers(create_model("tiny_cnn"))[1].name
+    # every measurement keeps its per-image record beside its JSON (issue 34), keyed by validation-split positions
+    from clat.records import load_record, paired_difference
+
+    rec = load_record(out / "items" / "01_s0.records.npz")
+    assert rec.n == 20 and rec.meta["split"] == "val" and rec.meta["item"] == "01_s0" and list(rec.indices) == list(range(20))
+    assert abs(rec["pgd"].mean() - one["val"]["pgd_acc"]) < 1e-9 and abs(rec["clean"].mean() - one["val"]["clean_acc"]) < 1e-9
+    assert load_record(out / "start.records.npz").meta["item"] == "start"
+    assert paired_difference(rec, load_record(out / "items" / "full_s0.records.npz"), "pgd")
     before = {p.name: p.read_bytes() for p in (out / "items").glob("*.json")}
     assert main(argv) == 0  # done: a second call changes nothing
     assert {p.name: p.read_bytes() for p in (out / "items").glob("*.json")} == before

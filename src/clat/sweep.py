@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from clat.checkpoint import atomic_write_text
 from clat.config import Config
 from clat.errors import ConfigError
+from clat.records import record_path
 
 Objective = Literal["clat", "pgd_at"]
 
@@ -84,15 +86,23 @@ def _item_cfg(base: Config, s: SweepSettings, layer: int | None, seed: int) -> C
     return config_from_dict(d)
 
 
-def _measure(model, splits, cfg: Config, s: SweepSettings) -> dict:
-    from clat.evaluate import evaluate
+def _measure(model, splits, cfg: Config, s: SweepSettings, record: Path | None = None, **meta) -> dict:
+    """Clean and PGD-{val_steps} accuracy on the validation split; ``record``: where to keep the per-image outcomes
+    (:mod:`clat.records`, keyed by the images' positions in the validation split), written before the caller's JSON."""
+    from clat.evaluate import evaluate_outcomes
+    from clat.records import EvalRecord, save_record
 
     n = len(splits.x_val) if s.n_val is None else min(s.n_val, len(splits.x_val))
     if n == 0:
         raise ConfigError("the layer sweep measures on the validation split, but it is empty: set data.val_size > 0")
     threat = cfg.attack.threat()
-    r = evaluate(model, splits.x_val[:n], splits.y_val[:n], threat.replace(alpha=threat.eps / 4, steps=s.val_steps),
-                 batch_size=cfg.data.eval_batch_size, seed=0)
+    r, outcomes = evaluate_outcomes(model, splits.x_val[:n], splits.y_val[:n], threat.replace(alpha=threat.eps / 4, steps=s.val_steps),
+                                    batch_size=cfg.data.eval_batch_size, seed=0)
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        data = {"data": f"{cfg.data.dataset} ({Path(cfg.data.root).name})", "split": "val", "split_seed": cfg.data.split_seed}
+        save_record(record, EvalRecord(np.arange(n), {k: v.numpy() for k, v in outcomes.items()},
+                                       {"protocol": r["attack"], **data, **meta}))
     return {"n": n, "clean_acc": r["clean_acc"], "pgd_acc": r["pgd_acc"], "attack": r["attack"]}
 
 
@@ -137,7 +147,7 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
 
     if not (out / "start.json").is_file():
         model.eval()
-        _write(out / "start.json", _measure(model, splits, base, settings))
+        _write(out / "start.json", _measure(model, splits, base, settings, record_path(out / "start.json"), item="start"))
         log(f"start: {_json(out / 'start.json')}")
     if not (out / "estimators.json").is_file():
         from clat.estimators import compute_estimates
@@ -173,7 +183,7 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
         load_into(trained, read_state_dict(RunDir(run).weights_path), source=str(run))
         trained.eval()
         res = {"layer": layer, "name": "full model (PGD-AT)" if layer is None else layers[layer].name, "seed": seed,
-               "val": _measure(trained, splits, cfg, settings), "trainable_params": summary["trainable_params_last"],
+               "val": _measure(trained, splits, cfg, settings, record_path(f), item=name), "trainable_params": summary["trainable_params_last"],
                "train_time_s": summary["train_time_s"], "lam": [h.get("lam") for h in summary["selection_history"]]}
         _write(f, res)
         done += 1
