@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import clat
-from clat.checkpoint import load_init, load_state, read_state_dict, save_weights
+from clat.checkpoint import load_state, read_state_dict, save_weights
 from clat.config import load_config
 from clat.data import Splits
 from clat.errors import ConfigError
@@ -21,6 +21,7 @@ from clat.methods import EpochContext, create_method, list_methods
 from clat.models import create_model
 from clat.runs import Checkpoints
 from clat.stage import Stage, StepRunner, set_label_smoothing, warmup_lambda
+from clat.warmstart import load_init
 from tests.test_train import DET, FAST, assert_resume_matches_uninterrupted, tiny_splits
 
 RECIPE = ["finetune.optimizer=adamw", "finetune.lr=0.002", "finetune.weight_decay=0.05", "finetune.betas=[0.8, 0.99]",

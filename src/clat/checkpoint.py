@@ -284,7 +284,7 @@ def _apply_normalization(model: nn.Module, mean: tuple[float, ...], std: tuple[f
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint", keep: tuple[str, ...] = ()) -> None:
     """``model.load_state_dict(state)`` after :func:`adapt_state_dict`, with an error that says
     what does not fit. A normalization carried by the checkpoint replaces the model's. ``keep``: the model's
-    entries that keep their own values (a classifier that starts fresh, :func:`load_init`)."""
+    entries that keep their own values (a classifier that starts fresh: ``clat.warmstart.load_init``)."""
     state, notes = adapt_state_dict(model, state, source)
     own = model.state_dict()
     state = {**{k: v for k, v in state.items() if k not in keep}, **{k: own[k] for k in keep}}
@@ -309,39 +309,6 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
     if notes.get("dropped"):
         log.info("%s: dropped %d entries the model does not use (%s …)", source, len(notes["dropped"]), notes["dropped"][0])
     model.load_state_dict(state)
-
-
-def classifier_name(model: nn.Module, num_classes: int) -> str | None:
-    """The model's classifier: its last ``nn.Linear`` with ``num_classes`` outputs (None: it has none)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    return names[-1] if names else None
-
-
-def load_init(model: nn.Module, path: str | Path, num_classes: int, reset_head: bool = False) -> None:
-    """A run's ``init`` checkpoint loaded into ``model``. A classifier with another number of classes is an error that
-    names ``init_reset_head``; with ``reset_head`` the classifier keeps the model's fresh initialisation (said in the
-    log) and everything else is loaded."""
-    from clat.errors import ConfigError
-
-    source = f"init checkpoint {path}"
-    state = read_state_dict(path)
-    head = classifier_name(model, num_classes)
-    if head is None:
-        if reset_head:
-            raise ConfigError(f"init_reset_head=true, but the model has no nn.Linear with {num_classes} outputs (its classifier) to reset")
-        return load_into(model, state, source)
-    own = model.state_dict()
-    keys = tuple(k for k in (f"{head}.weight", f"{head}.bias") if k in own)
-    adapted, _ = adapt_state_dict(model, state, source)
-    theirs = adapted.get(f"{head}.weight")
-    if theirs is not None and theirs.shape != own[f"{head}.weight"].shape and not reset_head:
-        raise ConfigError(f"{source} has a classifier {head!r} with {theirs.shape[0]} outputs, the model {num_classes} classes: "
-                          "set init_reset_head=true to start that layer fresh and load everything else")
-    load_into(model, state, source, keep=keys if reset_head else ())
-    if reset_head:
-        was = f"{theirs.shape[0]} classes" if theirs is not None else "absent"
-        log.info("%s: loaded all but the classifier %r (there %s), which starts freshly initialised for %d classes", source, head, was,
-                 num_classes)
 
 
 def save_state(path: str | Path, state: dict) -> None:

@@ -1,7 +1,7 @@
 """THE training loop: every method, every stage, checkpoints and resume.
 
 A run is one or two stages, ``pretrain`` (a baseline such as PGD-AT) then ``finetune`` (CLAT, or any
-method), each a :class:`clat.stage.Stage`: its own SGD optimizer and schedule over the stage's steps.
+method), each a :class:`clat.stage.Stage`: its own optimizer (SGD or AdamW), schedule and EMA of the weights, if any.
 The loop knows nothing of any method: it asks the stage for the epoch's steps, logs the events the
 method's hooks return, and saves the stage's state. When CLAT re-selects layers the optimizer and
 schedule carry on; only the optimizer state of parameters that became frozen is dropped.
@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from clat import distributed as dist_mod
 from clat import rng
 from clat.best import ValHistory, save_best
 from clat.callbacks import Callbacks, LiveRun, console, format_row
-from clat.checkpoint import atomic_write_text, load_init, load_into, load_state, read_state_dict, save_weights
+from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_weights
 from clat.config import Config, StageConfig, flat_keys, override, parse_overrides, to_dict
 from clat.data import Loader, Splits, prepare_data, to_unit_float
 from clat.errors import ClatError, ConfigError
@@ -43,6 +42,7 @@ from clat.models import PYTHON_MODEL, build_model, is_factory, model_info
 from clat.provenance import versions
 from clat.runs import RunDir
 from clat.stage import Stage, StepRunner, resolve_channels_last
+from clat.warmstart import load_init
 
 log = logging.getLogger("clat")
 
@@ -94,31 +94,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
     elif overrides:
         raise ConfigError("overrides are given with the config of a new run (train(cfg, ...)); `overrides=` is for resume=True")
     assert cfg is not None
-    with deterministic_algorithms(cfg.deterministic), console(cfg.log.console):
+    with rng.deterministic_algorithms(cfg.deterministic), console(cfg.log.console):
         return _train(cfg, run_dir, resume=resume, force=force, model=model, data=data, until_epoch=until_epoch, changed=changed,
                       callbacks=callbacks)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(on: bool):
-    """``deterministic=true``: bit-identical runs on a GPU, so a resumed or chunked run equals an
-    uninterrupted one there too (on CPUs they are anyway). cuDNN uses deterministic kernels and no
-    autotuning, ``torch.use_deterministic_algorithms`` is on (``warn_only``: an op with no deterministic
-    kernel warns instead of stopping the run) and cuBLAS gets a fixed workspace. May cost speed (not measured); the
-    previous settings are restored afterwards."""
-    if not on:
-        yield
-        return
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
 
 
 def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None,
@@ -357,7 +335,7 @@ def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, s
             if live.stop_now and dinfo.world_size == 1:
                 getattr(batches, "close", lambda: None)()  # the progress bar
                 return None
-    train_metrics = _mean_over_ranks({k: v / max(n_steps, 1) for k, v in sums.items()})
+    train_metrics = dist_mod.mean_over_ranks({k: v / max(n_steps, 1) for k, v in sums.items()})
     dist_mod.broadcast_module(run.model, buffers_only=True)  # BatchNorm statistics: rank 0's
     if stage.ema is not None:
         dist_mod.broadcast_module(stage.ema.module, buffers_only=True)  # their average too
@@ -415,15 +393,6 @@ def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) ->
     atomic_write_text(rd.summary_path, json.dumps(summary, indent=2))
     dist_mod.barrier()
     return summary
-
-
-def _mean_over_ranks(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Epoch means of the training metrics, averaged over the ranks (one read-back per epoch)."""
-    if not metrics:
-        return {}
-    keys = sorted(metrics)
-    v = dist_mod.all_reduce_(torch.stack([metrics[k].detach().float() for k in keys]), op="mean")
-    return dict(zip(keys, v.tolist()))
 
 
 def _held_out(model: nn.Module, cfg: Config, splits: Splits, n_val: int, autocast, progress: bool = False) -> dict:

@@ -22,7 +22,7 @@ from clat.models import wide_resnet as _wide_resnet  # noqa: F401
 
 def build_model(cfg, num_classes: int, device="cpu"):
     """The zoo model a run config (:class:`clat.config.Config`) names, with ``init=`` loaded, on ``device``."""
-    from clat.checkpoint import load_init
+    from clat.warmstart import load_init
     from clat.errors import ConfigError
 
     if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
