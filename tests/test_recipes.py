@@ -1,9 +1,12 @@
 """Training recipes beyond SGD (issue 36): AdamW, warmup, an EMA of the weights, label smoothing, gradient clipping,
 factory keyword arguments (``model.kwargs``), a classifier reset for ``init``, and callbacks that act on the run."""
 
+import ast
 import json
 import logging
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +45,29 @@ def test_the_default_stage_is_clats_sgd_recipe():
     assert stage.ema is None and stage.grad_clip is None and stage.method.label_smoothing == 0.0
     assert "ema" not in stage.state_dict()
 
+
+def test_the_default_stage_trains_exactly_as_0_1s_sgd_and_lambdalr():
+    """The new options off, a stage's steps equal 0.1's hand-built SGD + LambdaLR bit for bit (weights and momentum)."""
+    from clat.stage import cosine_lambda
+
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    torch.manual_seed(0)
+    a = create_model("tiny_cnn")
+    b = create_model("tiny_cnn")
+    b.load_state_dict(a.state_dict())
+    stage = Stage(a, create_method("standard", load_config()), lr=0.1, total_steps=4, schedule="piecewise")
+    method = create_method("standard", load_config())
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(sgd, cosine_lambda(4, "piecewise"))
+    for _ in range(4):
+        stage.step(x, y)
+        sgd.zero_grad(set_to_none=True)
+        method.loss(b, x, y)[0].backward()
+        sgd.step()
+        sched.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(stage.optimizer.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
+               for p, q in zip(a.parameters(), b.parameters()))
 
 def test_adamw_gets_its_settings():
     cfg = load_config(None, ["finetune.optimizer=adamw", "finetune.betas=[0.8, 0.95]", "finetune.eps=1e-6", "finetune.weight_decay=0.05"])
@@ -409,3 +435,133 @@ def test_epoch_context_of_samples_the_training_data_reproducibly(as_):
     assert torch.equal(xa, x[ya].float() / 255)
     assert not torch.equal(EpochContext.of(4, data, seed=1).sample_batch(5)[1], ya)
     assert a.stage_epoch == 3 and EpochContext.of(3, data, stage_epoch=0).stage_epoch == 0
+
+
+def test_a_new_learning_rate_on_resume_continues_the_warmup_schedule():
+    """``clat train --resume RUN finetune.lr=...`` (the divergence remedy) inside or after a warmup: the same schedule from the new base."""
+    def stage():
+        return Stage(nn.Sequential(nn.Linear(2, 2)), create_method("standard", load_config()), lr=0.1, total_steps=10, schedule="cosine",
+                     warmup_steps=4)
+
+    f = warmup_lambda(4, 10, "cosine")
+    for at in (2, 6):
+        a = stage()
+        for _ in range(at):
+            a.optimizer.step()
+            a.scheduler.step()
+        b = stage()
+        b.load_state_dict(a.state_dict(), new_lr=0.05)
+        lrs = []
+        for _ in range(at, 10):
+            lrs.append(b.lr)
+            b.optimizer.step()
+            b.scheduler.step()
+        assert lrs == pytest.approx([0.05 * f(t) for t in range(at, 10)], rel=1e-9)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_trains_with_adamw_ema_smoothing_and_clipping(tmp_path, name):
+    if name == "lora":
+        pytest.importorskip("peft")
+    from clat.checkpoint import load_model
+
+    over = FAST + ["pretrain.epochs=1", "finetune.epochs=2", f"finetune.method={name}", "finetune.optimizer=adamw", "finetune.lr=1e-3",
+                   "finetune.ema_decay=0.9", "finetune.label_smoothing=0.1", "finetune.grad_clip=1.0", "finetune.warmup_epochs=1",
+                   "rift.batch_size=16", "rift.steps=1", "early_stop.patience=1"]
+    out = train(load_config(None, over), tmp_path / "run", data=tiny_splits())
+    assert out["finished"]
+    for weights in ("model.safetensors", "best/model.safetensors"):  # plain weights (LoRA merged) of the average
+        model, _ = load_model(tmp_path / "run" / weights)
+        assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+
+# -- an EMA stage killed for real (SIGKILL) and resumed: the same weights, the same best epoch -----------------------------
+
+@pytest.mark.slow
+def test_an_adamw_warmup_ema_run_killed_inside_its_stage_resumes_exactly(tmp_path):
+    """``clat train`` with AdamW + warmup + EMA + smoothing + clipping, SIGKILLed while the second fine-tuning epoch's checkpoint
+    is written (its weights on disk, its state not): the resume starts from the first fine-tuning epoch's checkpoint, inside the
+    EMA stage, and ends with the final and best weights of an uninterrupted run, byte for byte."""
+    import signal
+
+    from tests.test_kill_resume import OVERRIDES, _run
+
+    over = [*OVERRIDES, "pretrain.epochs=1", "finetune.epochs=3", "data.train_size=200", "eval.n_examples=30", *RECIPE]
+    rc, err = _run(["train", *over, "--run-dir", str(tmp_path / "ref")])
+    assert rc == 0, err
+    run = tmp_path / "killed"
+    rc, err = _run(["train", *over, "--run-dir", str(run)], "checkpoint", 3)
+    assert rc == -signal.SIGKILL, err
+    assert [r["epoch"] for r in _rows(run)] == [1, 2, 3]  # epoch 3's row is written, its checkpoint is not complete
+    rc, err = _run(["train", "--resume", str(run)])
+    assert rc == 0, err
+    assert "epoch_0002 is incomplete or corrupted" in err  # so the resume starts after epoch_0001: the first fine-tuning epoch
+    for f in ("model.safetensors", "best/model.safetensors"):
+        assert (run / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+    assert "ema" in load_state(Checkpoints(run).dir(3) / "state.pt")
+
+
+# -- docs/recipes.md ---------------------------------------------------------------------------------------------------------
+
+RECIPES_DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+
+
+def _doc_blocks() -> list[tuple[str, str, str]]:
+    """(mark, language, code) of each block of docs/recipes.md; mark: 'slow' where the line before says
+    ``<!-- doc-test: slow REASON -->``, else 'run'."""
+    found = re.findall(r"^(?:<!-- doc-test: (\w+) .+? -->\n)?```(\w+)\n(.*?)^```", RECIPES_DOC.read_text(), flags=re.S | re.M)
+    return [(mark or "run", lang, code) for mark, lang, code in found]
+
+
+def test_the_recipes_docs_commands_name_valid_keys():
+    """Every ``clat train`` of docs/recipes.md (and the Python block's overrides) is a valid config, checked in a moment."""
+    import shlex
+
+    checked = 0
+    for _, lang, code in _doc_blocks():
+        if lang == "bash":
+            for line in code.replace("\\\n", " ").splitlines():
+                if line.startswith("clat train "):
+                    args = [a for a in shlex.split(line, comments=True)[2:]]
+                    args = [a for i, a in enumerate(args) if not a.startswith("--") and not (i and args[i - 1] == "--run-dir")]
+                    load_config(args[0], args[1:])
+                    checked += 1
+        elif "clat.load_config(" in code:
+            name, overrides = re.search(r'clat\.load_config\("([^"]+)", (\[.*?\])\)', code).groups()
+            load_config(name, ast.literal_eval(overrides))
+            checked += 1
+    assert checked == 3
+
+
+DOC_DRIVER = r'''
+import json, subprocess, sys
+ns = {"__name__": "__main__"}
+for lang, code in json.load(open(sys.argv[1])):
+    first = code.split("\n", 1)[0]
+    if lang == "bash":
+        subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], check=True)
+    elif first.startswith("# ") and first.split()[1].rstrip(",").endswith(".py"):  # a file the reader saves
+        open(first.split()[1].rstrip(","), "w").write(code)
+    else:
+        exec(compile(code, "docs/recipes.md", "exec"), ns)
+'''
+
+
+@pytest.mark.slow
+def test_the_recipes_docs_blocks_run_as_written(tmp_path):
+    """Every block of docs/recipes.md, in order, in a fresh folder and process, as a reader runs them (slow: they train)."""
+    import os
+    import subprocess
+    import sys
+
+    blocks = [(lang, code) for _, lang, code in _doc_blocks()]
+    assert [lang for lang, _ in blocks] == ["bash", "python", "bash", "python"]
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    (tmp_path / "driver.py").write_text(DOC_DRIVER)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "driver.py", "blocks.json"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "loaded all but the classifier 'classifier.6' (there 100 classes)" in r.stderr + r.stdout
+    for run in ("recipe", "wide", "reset_head"):
+        assert (tmp_path / "runs" / run / "model.safetensors").is_file(), run
+    assert "  kwargs:\n    width: 32\n    depth: 3\n" in (tmp_path / "runs" / "wide" / "config.yaml").read_text()

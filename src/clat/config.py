@@ -152,7 +152,7 @@ class Config:
     channels_last: bool | Literal["auto"] = "auto"  # NHWC model and inputs; auto: on a CPU (measured faster) and on a GPU with bf16/fp16, else off
     deterministic: bool = False  # bit-identical GPU runs and resumes (deterministic cuDNN/cuBLAS kernels; speed cost not measured); CPU runs are anyway
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False  # torch.compile the model (opt-in; true = mode default; reduce-overhead: CUDA graphs on a GPU; CLAT's early-stopping feature passes run partly eager)
-    fused_optimizer: bool | Literal["auto"] = "auto"  # SGD's update as one fused kernel; auto: on a GPU (fewer kernel launches), off on a CPU
+    fused_optimizer: bool | Literal["auto"] = "auto"  # the optimizer step as one fused kernel; auto: on a GPU, not on a CPU
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPU data-parallel runs only)
     keep_checkpoints: int = 2  # epoch checkpoints kept in the run folder
     progress: bool = True  # progress bars

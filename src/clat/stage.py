@@ -102,7 +102,7 @@ class StepRunner:
         device = torch.device(device)
         self.model = model
         self.channels_last = channels_last
-        # the stage's SGD runs as one fused kernel (auto: on a GPU, where the per-parameter launches of the default
+        # the stage's optimizer runs as one fused kernel (auto: on a GPU, where the per-parameter launches of the default
         # implementation cost time; on a CPU the update is <1% of an adversarial step and stays as it was)
         self.fused = device.type == "cuda" if fused_optimizer == "auto" else bool(fused_optimizer)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
