@@ -351,6 +351,8 @@ def test_init_reset_head_refuses_what_is_not_the_head(tmp_path):
         load_init(create_model("tiny_cnn", 5), ckpt, 5, reset_head=True)
     with pytest.raises(ConfigError, match="no nn.Linear with 7 outputs"):
         load_init(create_model("tiny_cnn", 5), ckpt, 7, reset_head=True)
+    with pytest.raises(clat.CheckpointError, match="does not fit this model"):  # same classes, another model: not a classifier problem
+        load_init(create_model("tiny_cnn", 10), ckpt, 10)
 
 
 # -- callbacks that act on the run ------------------------------------------------------------------------------------------

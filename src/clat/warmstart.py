@@ -35,7 +35,8 @@ def load_init(model: nn.Module, path: str | Path, num_classes: int, reset_head: 
     keys = tuple(k for k in (f"{head}.weight", f"{head}.bias") if k in own)
     adapted, _ = adapt_state_dict(model, state, source)
     theirs = adapted.get(f"{head}.weight")
-    if theirs is not None and theirs.shape != own[f"{head}.weight"].shape and not reset_head:
+    # only another number of outputs is another number of classes; any other difference (another architecture) is load_into's error
+    if theirs is not None and theirs.dim() == 2 and theirs.shape[0] != num_classes and not reset_head:
         raise ConfigError(f"{source} has a classifier {head!r} with {theirs.shape[0]} outputs, the model {num_classes} classes: "
                           "set init_reset_head=true to start that layer fresh and load everything else")
     load_into(model, state, source, keep=keys if reset_head else ())
