@@ -91,6 +91,7 @@ def test_no_module_imports_a_private_name_of_another():
 # Files over ~400 lines, and why they stay whole.
 LONG_FILES = {
     "cifar.py": "the official CIFAR files: safe unpickling, checksums, download with safe extraction, the bundled subset",
+    "config.py": "every key of a run with its help comment (`clat config show`), YAML and override parsing, and the checks of the keys",
     "layers.py": "layer discovery: the operation tracer and the provenance graph it builds are one algorithm",
     "report.py": "a run's report and the comparison of runs, from their JSON files",
     "runs.py": "the run-folder format: layout, checkpoints, manifest, lock, config, metrics",

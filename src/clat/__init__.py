@@ -13,7 +13,7 @@ Typical use::
 """
 
 from clat.attacks import Shard, ThreatModel, fgsm_rs, perturb, pgd
-from clat.callbacks import Callback
+from clat.callbacks import Callback, LiveRun
 from clat.config import Config, load_config
 from clat.criticality import CriticalityResult, compute_criticality, select_random
 from clat.data import Splits
@@ -22,9 +22,10 @@ from clat.evaluate import evaluate
 from clat.protocol import EvalProtocol, run_protocol
 from clat.layers import find_layers, Layer, resolve_layers
 from clat.features import FeatureExtractor
-from clat.trainable import freeze_all_but
+from clat.trainable import freeze_all_but, set_bn_train_mode, unfreeze_all
 from clat.loop import train
-from clat.methods import CLAT, Method, create_method, list_methods
+from clat.methods import CLAT, EpochContext, Method, create_method, list_methods
+from clat.stage import Stage
 from clat.models import Normalize, create_model, list_models, register_model
 from clat.sweep import SweepSettings, layer_sweep
 
@@ -35,4 +36,6 @@ __all__ = [
     "FeatureExtractor", "Layer", "Method", "Normalize", "Shard", "Splits", "SweepSettings", "ThreatModel", "compute_criticality", "create_method", "create_model",
     "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "layer_sweep", "list_methods", "list_models", "load_config",
     "perturb", "pgd", "register_model", "resolve_layers", "run_protocol", "select_random", "train",
+    # a training loop of one's own (docs/own_loop.md) and callbacks that act on the run
+    "EpochContext", "LiveRun", "Stage", "set_bn_train_mode", "unfreeze_all",
 ]

@@ -2,10 +2,14 @@
 
 ``clat.train(cfg, run_dir, callbacks=[...])`` calls, on rank 0 only and in this order, the
 loggers the config selects and then the given callbacks: ``on_train_start(info)`` once the run
-folder is ready, ``on_epoch_end(row)`` after each epoch's row, best weights and checkpoint are
-written (``row``: a copy of the line added to ``metrics.jsonl``), ``on_train_end(summary)`` with
-what ``train`` returns (also after an ``until_epoch`` chunk). An exception in a callback stops the
-run like any other error; the checkpoints written so far are kept and ``resume=True`` continues.
+folder is ready, ``on_batch_end(batch)`` after each optimizer step, ``on_epoch_end(row)`` after each
+epoch's row, best weights and checkpoint are written (``row``: a copy of the line added to
+``metrics.jsonl``), ``on_train_end(summary)`` with what ``train`` returns (also after an
+``until_epoch`` chunk or a stop). Before ``on_train_start`` each callback that has ``set_run``
+(every :class:`Callback`) is given the :class:`LiveRun`: ``self.run.model``, ``self.run.optimizer``,
+and ``self.run.stop(reason)``, which ends the run cleanly (resumable, and the summary says a callback
+stopped it). An exception in a callback stops the run like any other error; the checkpoints written
+so far are kept and ``resume=True`` continues.
 
 Loggers: ``metrics.csv`` (rewritten from ``metrics.jsonl`` after each epoch, so it matches it after
 a kill and resume), TensorBoard (``RUN/tensorboard``) and Weights & Biases (``RUN/wandb``), the
@@ -26,21 +30,61 @@ from typing import Any, Iterator, Sequence
 from clat.errors import ConfigError
 from clat.runs import RunDir
 
-HOOKS = ("on_train_start", "on_epoch_end", "on_train_end")
+HOOKS = ("on_train_start", "on_batch_end", "on_epoch_end", "on_train_end")
 _SCALARS = (int, float, str, bool, type(None))
 
 
+class LiveRun:
+    """The training as it runs, for callbacks (``self.run``): the objects it trains with, where it is, and :meth:`stop`.
+
+    ``model`` is the module being trained (changing it changes the run); ``optimizer`` and ``scheduler`` are the current
+    stage's (None before the first epoch starts: each stage makes its own); ``ema_model`` is the stage's EMA of the
+    weights (``ema_decay``; the module that is evaluated and saved), else None. ``stage`` (pretrain/finetune),
+    ``epoch`` (1-based) and ``step`` (optimizer steps since the run began, 1-based) say where it is."""
+
+    def __init__(self, run_dir: str, model: Any) -> None:
+        self.run_dir, self.model = run_dir, model
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.ema_model: Any = None
+        self.stage: str | None = None
+        self.epoch = 0
+        self.step = 0
+        self.stop_reason: str | None = None
+        self.stop_now = False
+
+    def stop(self, reason: str = "", *, now: bool = False) -> None:
+        """End the run cleanly: after the current epoch (evaluated and checkpointed), or with ``now=True`` right after the
+        current step, leaving that epoch unfinished (a resumed run redoes it from the last checkpoint; in memory the model
+        keeps the weights of that step). Under several ranks a stop takes effect at the epoch's end. ``train`` returns
+        ``{"finished": False, "stopped_by": "callback: REASON", ...}``; ``resume=True`` continues the run."""
+        self.stop_reason = str(reason) or "no reason given"
+        self.stop_now = self.stop_now or now
+
+
 class Callback:
-    """Base class of training callbacks: override the hooks you need (each does nothing here)."""
+    """Base class of training callbacks: override the hooks you need (each does nothing here). ``self.run``: the
+    :class:`LiveRun` (model, optimizer, ``stop()``), set before ``on_train_start``."""
+
+    run: LiveRun | None = None
+
+    def set_run(self, run: LiveRun) -> None:
+        self.run = run
 
     def on_train_start(self, info: dict) -> None:
-        """``info``: run_dir, config (the resolved config as a dict), resume, first_epoch (1-based), epochs, model."""
+        """``info``: run_dir, config (the resolved config as a dict), resume, first_epoch (1-based), epochs, model (its
+        metadata; the module itself is ``self.run.model``)."""
+
+    def on_batch_end(self, batch: dict) -> None:
+        """After each optimizer step: ``batch`` holds epoch (1-based), stage, step (1-based, counted from the run's start),
+        batch (1-based within the epoch) and metrics (the step's training metrics as 0-dim tensors on the device:
+        ``.item()`` waits for the device, so read them only every so many steps on a GPU)."""
 
     def on_epoch_end(self, row: dict) -> None:
         """``row``: the epoch's metrics row (epoch is 1-based; ``val`` when it was evaluated)."""
 
     def on_train_end(self, summary: dict) -> None:
-        """``summary``: what ``train`` returns (``finished`` False after an ``until_epoch`` chunk)."""
+        """``summary``: what ``train`` returns (``finished`` False after an ``until_epoch`` chunk or a stop)."""
 
 
 def flat_row(row: dict, sep: str = ".", numbers_only: bool = False) -> dict[str, Any]:
@@ -178,13 +222,26 @@ class Callbacks:
 
     def __init__(self, callbacks: Sequence[Any] = ()) -> None:
         self.callbacks = list(callbacks)
+        self.live = LiveRun("", None)  # the training's, once it starts (clat.loop)
+        # the per-step hook only where a callback has its own (a step calls nothing otherwise)
+        self.batch_hooks = [cb.on_batch_end for cb in self.callbacks if callable(getattr(cb, "on_batch_end", None))
+                            and getattr(type(cb), "on_batch_end", None) is not Callback.on_batch_end]
+
+    def set_run(self, run: LiveRun) -> None:
+        for cb in self.callbacks:
+            if callable(getattr(cb, "set_run", None)):
+                cb.set_run(run)
+
+    def batch_end(self, batch: dict) -> None:
+        for hook in self.batch_hooks:
+            hook({**batch, "metrics": dict(batch["metrics"])})
 
     @classmethod
     def build(cls, cfg, rd: RunDir, user: Sequence[Any], is_main: bool) -> "Callbacks":
         """Checked before the run folder is touched: the callbacks given, the optional packages, and that no file or
         folder the loggers (and ``best/``) would write is one clat did not write."""
         if not isinstance(user, (list, tuple)):
-            raise ConfigError(f"callbacks must be a list of objects with on_train_start/on_epoch_end/on_train_end methods, got {type(user).__name__}")
+            raise ConfigError(f"callbacks must be a list of objects with {'/'.join(HOOKS)} methods, got {type(user).__name__}")
         for i, cb in enumerate(user):
             if not any(callable(getattr(cb, h, None)) for h in HOOKS):
                 raise ConfigError(f"callbacks[{i}] ({cb!r:.60}) has none of the methods {', '.join(HOOKS)}; subclass clat.Callback")

@@ -281,11 +281,13 @@ def _apply_normalization(model: nn.Module, mean: tuple[float, ...], std: tuple[f
     )
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint", keep: tuple[str, ...] = ()) -> None:
     """``model.load_state_dict(state)`` after :func:`adapt_state_dict`, with an error that says
-    what does not fit. A normalization carried by the checkpoint replaces the model's."""
+    what does not fit. A normalization carried by the checkpoint replaces the model's. ``keep``: the model's
+    entries that keep their own values (a classifier that starts fresh: ``clat.warmstart.load_init``)."""
     state, notes = adapt_state_dict(model, state, source)
     own = model.state_dict()
+    state = {**{k: v for k, v in state.items() if k not in keep}, **{k: own[k] for k in keep}}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
@@ -362,7 +364,8 @@ def load_model(
         raise CheckpointError(f"{weights} does not say which model it holds; pass --model NAME (see `clat models`)")
     n_cls = num_classes or meta.get("num_classes") or 10
     norm = normalize if normalize is not None else meta.get("normalize", True)
-    model = create_model(name, n_cls, normalize=norm, mean=meta.get("mean") if norm else None, std=meta.get("std") if norm else None)
+    model = create_model(name, n_cls, normalize=norm, mean=meta.get("mean") if norm else None, std=meta.get("std") if norm else None,
+                         kwargs=meta.get("kwargs"))
     load_into(model, read_state_dict(weights), source=str(weights))
     bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -386,6 +389,8 @@ def _check_meta(meta: dict, path: Path) -> None:
         raise bad("num_classes", "a positive integer")
     if "normalize" in meta and not isinstance(meta["normalize"], bool):
         raise bad("normalize", "true or false")
+    if "kwargs" in meta and not (isinstance(meta["kwargs"], dict) and all(isinstance(k, str) and k.isidentifier() for k in meta["kwargs"])):
+        raise bad("kwargs", "a mapping of keyword arguments")
     for f in ("mean", "std"):
         v = meta.get(f)
         if v is not None and not (isinstance(v, list) and 1 <= len(v) <= 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -31,6 +31,7 @@ class ModelConfig:
     num_classes: int | None = None  # None: from the data set
     normalize: bool = True  # normalization inside the model (inputs are [0, 1] pixels)
     merge_norms: bool = False  # also merge a GroupNorm/LayerNorm/InstanceNorm that directly follows a conv/linear into its layer (BatchNorm always is)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a model factory (model.kwargs.depth=10; YAML: a mapping)
 
 
 @dataclass
@@ -67,11 +68,18 @@ class StageConfig:
 
     method: str = "pgd_at"  # see `clat methods`
     epochs: int = 0  # 0: the stage is skipped
-    lr: float = 0.1  # SGD learning rate at the start of the stage
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 weight decay (of the trained parameters)
-    nesterov: bool = False  # Nesterov momentum
+    lr: float = 0.1  # learning rate at the start of the stage (after the warmup)
+    momentum: float = 0.9  # SGD momentum (optimizer=sgd)
+    weight_decay: float = 5e-4  # weight decay of the trained parameters: L2 for sgd, decoupled for adamw (where 0.05 is usual)
+    nesterov: bool = False  # Nesterov momentum (optimizer=sgd)
     schedule: Literal["cosine", "constant", "piecewise"] = "cosine"  # per-step cosine decay over the stage; piecewise: x0.1 at 50% and 75% (Rice et al. 2020)
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd (momentum, nesterov) or adamw (betas, eps); torch.optim's
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's running-average coefficients (optimizer=adamw)
+    eps: float = 1e-8  # AdamW's denominator term (optimizer=adamw)
+    warmup_epochs: int = 0  # linear warmup over the stage's first N epochs, per step from lr/(steps+1) to lr; `schedule` runs over the rest
+    ema_decay: float | None = None  # EMA of weights and buffers, per step (e.g. 0.999): evaluated, kept as best/last; null: off
+    label_smoothing: float = 0.0  # of the training loss's cross-entropy terms (attacks use plain labels)
+    grad_clip: float | None = None  # clip the gradient's total L2 norm to this before each step; null: off
 
 
 @dataclass
@@ -137,13 +145,14 @@ class Config:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     log: LogConfig = field(default_factory=LogConfig)
     init: str | None = None  # checkpoint to start from (ours, a state_dict file)
+    init_reset_head: bool = False  # init's classifier (last nn.Linear with num_classes outputs) starts fresh: another number of classes
     seed: int = 0  # initialization, shuffling, augmentation and attack starts
     device: str = "auto"  # auto: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for every forward pass (attacks included); fp16 adds a GradScaler
     channels_last: bool | Literal["auto"] = "auto"  # NHWC model and inputs; auto: on a CPU (measured faster) and on a GPU with bf16/fp16, else off
     deterministic: bool = False  # bit-identical GPU runs and resumes (deterministic cuDNN/cuBLAS kernels; speed cost not measured); CPU runs are anyway
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False  # torch.compile the model (opt-in; true = mode default; reduce-overhead: CUDA graphs on a GPU; CLAT's early-stopping feature passes run partly eager)
-    fused_optimizer: bool | Literal["auto"] = "auto"  # SGD's update as one fused kernel; auto: on a GPU (fewer kernel launches), off on a CPU
+    fused_optimizer: bool | Literal["auto"] = "auto"  # the optimizer step as one fused kernel; auto: on a GPU, not on a CPU
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPU data-parallel runs only)
     keep_checkpoints: int = 2  # epoch checkpoints kept in the run folder
     progress: bool = True  # progress bars
@@ -197,6 +206,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # keyword arguments (model.kwargs): names to plain YAML values, so that the run's config records them
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of names to values (YAML {{depth: 10}}, or {key}.depth=10), got {value!r}")
+        for k, v in value.items():
+            if not (isinstance(k, str) and k.isidentifier()):
+                raise ConfigError(f"{key}: {k!r} is not a keyword argument name")
+            if not _plain(v):
+                raise ConfigError(f"{key}.{k} must be plain data (numbers, strings, true/false, null, lists, mappings), "
+                                  f"got {type(v).__name__}")
+        return copy.deepcopy(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -230,6 +249,17 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
 
 
+def _plain(v: Any) -> bool:
+    """A value YAML writes and reads back as it is."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return v is None or isinstance(v, (str, int, bool))
+
+
 def _build(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
     obj = base if base is not None else cls()
     if data is None:
@@ -249,6 +279,8 @@ def _build(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             setattr(obj, k, _build(tp, v, key, getattr(obj, k)))
+        elif get_origin(tp) is dict:  # a mapping adds to what the file (or the defaults) gave: model.kwargs.depth=10 keeps the others
+            setattr(obj, k, {**getattr(obj, k), **coerce(v, tp, key)})
         else:
             setattr(obj, k, coerce(v, tp, key))
     return obj
@@ -360,6 +392,14 @@ def validate(cfg: Config) -> None:
         need(s.lr > 0, f"{name}.lr must be > 0, got {s.lr}")
         need(0 <= s.momentum < 1, f"{name}.momentum must be in [0, 1), got {s.momentum}")
         need(s.weight_decay >= 0, f"{name}.weight_decay must be >= 0, got {s.weight_decay}")
+        need(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), f"{name}.betas must be two numbers in [0, 1), got {s.betas}")
+        need(s.eps > 0, f"{name}.eps must be > 0, got {s.eps}")
+        need(not (s.nesterov and s.optimizer != "sgd"), f"{name}.nesterov=true is SGD's, but {name}.optimizer={s.optimizer}: drop it")
+        need(0 <= s.warmup_epochs and (s.epochs == 0 or s.warmup_epochs <= s.epochs),
+             f"{name}.warmup_epochs must be between 0 and {name}.epochs ({s.epochs}), got {s.warmup_epochs}")
+        need(s.ema_decay is None or 0 < s.ema_decay < 1, f"{name}.ema_decay must be in (0, 1) (0.999 is usual) or null, got {s.ema_decay}")
+        need(0 <= s.label_smoothing < 1, f"{name}.label_smoothing must be in [0, 1), got {s.label_smoothing}")
+        need(s.grad_clip is None or s.grad_clip > 0, f"{name}.grad_clip must be > 0 (a gradient norm) or null, got {s.grad_clip}")
     need(cfg.pretrain.epochs + cfg.finetune.epochs >= 1, "pretrain.epochs + finetune.epochs is 0: nothing to train")
     e = cfg.eval
     need(e.n_examples >= 0, f"eval.n_examples must be >= 0, got {e.n_examples}")
@@ -370,6 +410,9 @@ def validate(cfg: Config) -> None:
     need(es.patience is None or (e.n_examples > 0 and d.val_size > 0),
          "early_stop.patience watches the held-out evaluation, which is off: set data.val_size and eval.n_examples > 0, or early_stop.patience=null")
     need(cfg.log.wandb_project.strip() != "", "log.wandb_project must not be empty")
+    for k in ("num_classes", "normalize"):
+        need(k not in cfg.model.kwargs, f"model.kwargs.{k}: clat passes {k} to the factory itself; set model.{k} instead")
+    need(not cfg.init_reset_head or cfg.init is not None, "init_reset_head=true resets the classifier of init, but init is not set")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device) is not None, f"device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
     for section in cfg.sections.values():  # each method checks its own section

@@ -201,3 +201,12 @@ def check_batch_norm(model: nn.Module, device: torch.device, sync_bn: bool) -> n
     if device.type != "cuda":
         raise ConfigError("sync_bn=true needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU); drop it for CPU/gloo runs")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def mean_over_ranks(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Epoch means of the training metrics, averaged over the ranks (one read-back per epoch)."""
+    if not metrics:
+        return {}
+    keys = sorted(metrics)
+    v = all_reduce_(torch.stack([metrics[k].detach().float() for k in keys]), op="mean")
+    return dict(zip(keys, v.tolist()))

@@ -1,7 +1,7 @@
 """THE training loop: every method, every stage, checkpoints and resume.
 
 A run is one or two stages, ``pretrain`` (a baseline such as PGD-AT) then ``finetune`` (CLAT, or any
-method), each a :class:`clat.stage.Stage`: its own SGD optimizer and schedule over the stage's steps.
+method), each a :class:`clat.stage.Stage`: its own optimizer (SGD or AdamW), schedule and EMA of the weights, if any.
 The loop knows nothing of any method: it asks the stage for the epoch's steps, logs the events the
 method's hooks return, and saves the stage's state. When CLAT re-selects layers the optimizer and
 schedule carry on; only the optimizer state of parameters that became frozen is dropped.
@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 from clat import distributed as dist_mod
 from clat import rng
 from clat.best import ValHistory, save_best
-from clat.callbacks import Callbacks, console, format_row
+from clat.callbacks import Callbacks, LiveRun, console, format_row
 from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_weights
 from clat.config import Config, StageConfig, flat_keys, override, parse_overrides, to_dict
 from clat.data import Loader, Splits, prepare_data, to_unit_float
@@ -43,6 +42,7 @@ from clat.models import PYTHON_MODEL, build_model, is_factory, model_info
 from clat.provenance import versions
 from clat.runs import RunDir
 from clat.stage import Stage, StepRunner, resolve_channels_last
+from clat.warmstart import load_init
 
 log = logging.getLogger("clat")
 
@@ -94,31 +94,9 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
     elif overrides:
         raise ConfigError("overrides are given with the config of a new run (train(cfg, ...)); `overrides=` is for resume=True")
     assert cfg is not None
-    with deterministic_algorithms(cfg.deterministic), console(cfg.log.console):
+    with rng.deterministic_algorithms(cfg.deterministic), console(cfg.log.console):
         return _train(cfg, run_dir, resume=resume, force=force, model=model, data=data, until_epoch=until_epoch, changed=changed,
                       callbacks=callbacks)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(on: bool):
-    """``deterministic=true``: bit-identical runs on a GPU, so a resumed or chunked run equals an
-    uninterrupted one there too (on CPUs they are anyway). cuDNN uses deterministic kernels and no
-    autotuning, ``torch.use_deterministic_algorithms`` is on (``warn_only``: an op with no deterministic
-    kernel warns instead of stopping the run) and cuBLAS gets a fixed workspace. May cost speed (not measured); the
-    previous settings are restored afterwards."""
-    if not on:
-        yield
-        return
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
 
 
 def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None,
@@ -160,14 +138,15 @@ class _Run:
         zoo_model = cfg.model.name if model is None else None
         if model is None:
             model = build_model(cfg, splits.num_classes, device)
-            meta = {"model": cfg.model.name, "num_classes": splits.num_classes, "normalize": cfg.model.normalize}
+            meta = {"model": cfg.model.name, "num_classes": splits.num_classes, "normalize": cfg.model.normalize,
+                    **({"kwargs": cfg.model.kwargs} if cfg.model.kwargs else {})}  # clat eval rebuilds the model from them
         else:
             if not is_factory(cfg.model.name):  # the run's config says where its model came from (model_info explains on resume)
                 cfg = copy.deepcopy(cfg)
                 cfg.model.name = f"{PYTHON_MODEL}{type(model).__module__}.{type(model).__qualname__}"
             model = model.to(device)
             if cfg.init:
-                load_into(model, read_state_dict(cfg.init), source=f"init checkpoint {cfg.init}")
+                load_init(model, cfg.init, splits.num_classes, reset_head=cfg.init_reset_head)
             meta = {"model": type(model).__name__, "num_classes": splits.num_classes, "custom": True}
         model = dist_mod.check_batch_norm(model, device, cfg.sync_bn)
         if resolve_channels_last(cfg.channels_last, device, cfg.precision):
@@ -261,24 +240,38 @@ def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int |
     if resume and rd.finished() and (start_epoch >= run.total_epochs or history.stopped):
         log.info("%s has already finished: nothing to resume", rd.path)
         return rd.summary()
+    live = cbs.live = LiveRun(str(rd.path), run.model)
+    cbs.set_run(live)
     cbs.call("on_train_start", {"run_dir": str(rd.path), "config": to_dict(cfg), "resume": resume, "first_epoch": start_epoch + 1,
                                 "epochs": run.total_epochs, "model": run.meta})
-    stage, stage_name, t_run = None, None, time.time()
+    stage, stage_name, t_run, done = None, None, time.time(), start_epoch
     stop = run.total_epochs if until_epoch is None else min(until_epoch, run.total_epochs)
     for epoch in range(start_epoch, stop):
-        if history.stopped:
+        if history.stopped or dist_mod.broadcast_object(live.stop_reason) is not None:  # rank 0's callbacks decide for every rank
             break
         name, scfg, first = run.stage_at(epoch)
         if name != stage_name:  # entering a stage (or resuming inside one)
             stage, stage_name = _enter_stage(run, name, scfg, loader, runner, resumed, changed), name
-        row = _run_epoch(run, stage, loader, epoch, name, scfg, first)
+            live.optimizer, live.scheduler = stage.optimizer, stage.scheduler
+            live.ema_model = stage.ema.module if stage.ema is not None else None
+        row = _run_epoch(run, stage, loader, epoch, name, scfg, first, cbs)
+        if row is None:  # a callback stopped the run inside the epoch: it is not committed, a resumed run redoes it
+            break
         if changed and epoch == start_epoch:
             row["resume_overrides"] = changed
         improved = history.add(row)
         if dinfo.is_main:
             _commit(run, stage, epoch, row, history.best if improved else None)
             cbs.call("on_epoch_end", row)
-    if stop < run.total_epochs and not history.stopped:  # a chunk of a longer run: continue it with resume=True
+        done = epoch + 1
+    stopped = dist_mod.broadcast_object(live.stop_reason)
+    if stopped is not None and done < run.total_epochs and not history.stopped:  # stopped by a callback: resumable
+        dist_mod.barrier()
+        log.warning("a callback stopped the run after epoch %d of %d (%s); resume=True (clat train --resume %s) continues it", done,
+                    run.total_epochs, stopped, rd.path)
+        out = {"run_dir": str(rd.path), "finished": False, "epochs_done": done, "epochs": run.total_epochs,
+               "stopped_by": f"callback: {stopped}"}
+    elif stop < run.total_epochs and not history.stopped:  # a chunk of a longer run: continue it with resume=True
         dist_mod.barrier()
         out = {"run_dir": str(rd.path), "finished": False, "epochs_done": max(stop, start_epoch), "epochs": run.total_epochs}
     else:  # the run is done (all epochs, or an early stop); resumed after its last checkpoint, that checkpoint first
@@ -296,7 +289,7 @@ def _commit(run: _Run, stage: Stage, epoch: int, row: dict, best: dict | None) -
         log.info(format_row(row))
     run.rd.append_metrics(row)
     if best is not None:
-        save_best(run.rd, stage.method.plain_model(run.model), meta, best)
+        save_best(run.rd, stage.method.plain_model(stage.eval_model()), meta, best)
     state = {"epoch": epoch, "stage": row["stage"], **stage.state_dict(), "rng": rng.get_state()}
     run.rd.checkpoints(run.cfg.keep_checkpoints).save(epoch, run.model, state, meta)
 
@@ -312,8 +305,10 @@ def _restore_last(run: _Run, loader: Loader, runner: StepRunner, resumed: _Resum
     return None
 
 
-def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, scfg: StageConfig, first: int) -> dict:
-    """One epoch of ``stage``; its metrics row (validation included when due)."""
+def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, scfg: StageConfig, first: int,
+               cbs: Callbacks) -> dict | None:
+    """One epoch of ``stage``; its metrics row (validation included when due), or None when a callback stopped the run
+    inside it (``stop(now=True)``, one rank)."""
     cfg, dinfo = run.cfg, dist_mod.info()
     t0 = time.time()
     ctx = EpochContext(epoch, epoch - first, run.splits.sampler(lambda: rng.epoch_generator(cfg.seed, epoch, 2), run.device), rng.epoch_generator(cfg.seed, epoch, 1))
@@ -327,23 +322,35 @@ def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, s
         batches = tqdm(loader, desc=f"epoch {epoch + 1}/{run.total_epochs} {scfg.method}", leave=False)
     sums: dict[str, torch.Tensor] = {}
     n_steps = 0
+    live = cbs.live
+    live.stage, live.epoch = name, epoch + 1
     for x, y in batches:
-        for k, v in stage.step(x, y).items():
+        metrics = stage.step(x, y)
+        for k, v in metrics.items():
             sums[k] = sums.get(k, 0) + v
         n_steps += 1
-    train_metrics = _mean_over_ranks({k: v / max(n_steps, 1) for k, v in sums.items()})
+        live.step = epoch * len(loader) + n_steps
+        if cbs.batch_hooks:
+            cbs.batch_end({"epoch": epoch + 1, "stage": name, "step": live.step, "batch": n_steps, "metrics": metrics})
+            if live.stop_now and dinfo.world_size == 1:
+                getattr(batches, "close", lambda: None)()  # the progress bar
+                return None
+    train_metrics = dist_mod.mean_over_ranks({k: v / max(n_steps, 1) for k, v in sums.items()})
     dist_mod.broadcast_module(run.model, buffers_only=True)  # BatchNorm statistics: rank 0's
+    if stage.ema is not None:
+        dist_mod.broadcast_module(stage.ema.module, buffers_only=True)  # their average too
     if not all(math.isfinite(v) for v in train_metrics.values()):
         raise _diverged(run, epoch, name, scfg, train_metrics)
     train_time = time.time() - t0
     n_val = min(cfg.eval.n_examples, len(run.splits.x_val))
     if epoch - first == scfg.epochs - 1:
+        stage.use_average()  # with an EMA, the stage's result is its average: the model takes its weights
         events.update(stage.method.on_stage_end(run.model, lambda m: _validate(m, cfg, run.splits, n_val, stage.runner.autocast)))
     row = {"epoch": epoch + 1, "stage": name, "method": scfg.method, "lr": stage.lr, "train": train_metrics,
            "trainable_params": trainable, "total_params": sum(p.numel() for p in run.model.parameters()),
            "optimizer_state_bytes": stage.optimizer_state_bytes(), "epoch_time_s": train_time, **events, **stage.method.log_fields()}
     if n_val and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == run.total_epochs):
-        row["val"] = _held_out(run.model, cfg, run.splits, n_val, stage.runner.autocast, progress=cfg.progress and dinfo.is_main)
+        row["val"] = _held_out(stage.eval_model(), cfg, run.splits, n_val, stage.runner.autocast, progress=cfg.progress and dinfo.is_main)
     row["time_s"] = time.time() - t0
     if dinfo.world_size > 1:
         row["world_size"] = dinfo.world_size
@@ -365,6 +372,8 @@ def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) ->
     if not dinfo.is_main:
         dist_mod.barrier()
         return rd.summary()
+    if stage is not None:
+        stage.use_average()  # stopped early inside a stage with an EMA: the run ends with the average, as at a stage's end
     save_weights(rd.weights_path, stage.method.plain_model(run.model) if stage is not None else run.model, run.meta)  # stopped early: LoRA merged
     rows = rd.metrics()
     overrides = [r["resume_overrides"] for r in rows if "resume_overrides" in r]
@@ -384,15 +393,6 @@ def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) ->
     atomic_write_text(rd.summary_path, json.dumps(summary, indent=2))
     dist_mod.barrier()
     return summary
-
-
-def _mean_over_ranks(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Epoch means of the training metrics, averaged over the ranks (one read-back per epoch)."""
-    if not metrics:
-        return {}
-    keys = sorted(metrics)
-    v = dist_mod.all_reduce_(torch.stack([metrics[k].detach().float() for k in keys]), op="mean")
-    return dict(zip(keys, v.tolist()))
 
 
 def _held_out(model: nn.Module, cfg: Config, splits: Splits, n_val: int, autocast, progress: bool = False) -> dict:

@@ -1,7 +1,9 @@
-"""Random number generators of a run: the global state a checkpoint saves, and the seeded per-epoch streams."""
+"""Random number generators of a run: the global state a checkpoint saves, the seeded per-epoch streams, and deterministic kernels."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 
 import numpy as np
@@ -60,3 +62,25 @@ def set_device_state(device: torch.device | str, state: torch.Tensor) -> None:
         torch.mps.set_rng_state(state)
     else:
         torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """``deterministic=true``: bit-identical runs on a GPU, so a resumed or chunked run equals an
+    uninterrupted one there too (on CPUs they are anyway). cuDNN uses deterministic kernels and no
+    autotuning, ``torch.use_deterministic_algorithms`` is on (``warn_only``: an op with no deterministic
+    kernel warns instead of stopping the run) and cuBLAS gets a fixed workspace. May cost speed (not measured); the
+    previous settings are restored afterwards."""
+    if not on:
+        yield
+        return
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]

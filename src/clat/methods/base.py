@@ -10,9 +10,10 @@ optimizer, the schedule or the device; the loop derives the trainable set from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import Shard, ThreatModel
@@ -21,16 +22,45 @@ from clat.config import AttackConfig
 
 @dataclass
 class EpochContext:
+    """What a method's ``on_epoch_start`` may use. In a loop of one's own, :meth:`of` makes it from the training data."""
+
     epoch: int  # 0-based epoch of the whole run
     stage_epoch: int  # 0-based epoch within the current stage
     sample_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # n fresh random training images (no augmentation)
     generator: torch.Generator  # seeded per epoch: random choices stay reproducible on resume
+
+    @classmethod
+    def of(cls, epoch: int, data: Any, *, seed: int = 0, stage_epoch: int | None = None,
+           device: torch.device | str = "cpu") -> "EpochContext":
+        """The context of (0-based) ``epoch`` for a loop of one's own (docs/own_loop.md). ``data``: the training data, as an
+        ``(images, labels)`` pair of tensors, a torch ``Dataset`` of ``(image, label)`` pairs or a ``DataLoader`` (its
+        dataset; the dataset's own transforms apply). ``sample_batch(n)`` draws n random examples of it as float [0, 1]
+        images on ``device``; the draws and ``generator`` depend on ``seed`` and the epoch only, as in ``clat.train``, so
+        a re-run epoch selects the same layers. ``stage_epoch``: the epoch within the stage (default: ``epoch``)."""
+        from clat import rng
+
+        data = getattr(data, "dataset", data)  # a DataLoader: its dataset
+
+        def sample_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            from clat.data import to_unit_float
+
+            pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+            idx = torch.randperm(len(data[0]) if pair else len(data), generator=rng.epoch_generator(seed, epoch, 2))[:n]
+            if pair:
+                x, y = data[0][idx], data[1][idx]
+            else:
+                items = [data[int(i)] for i in idx]
+                x, y = torch.stack([torch.as_tensor(a) for a, _ in items]), torch.as_tensor([int(b) for _, b in items])
+            return to_unit_float(x).to(device), y.to(device)
+
+        return cls(epoch, epoch if stage_epoch is None else stage_epoch, sample_batch, rng.epoch_generator(seed, epoch, 1))
 
 
 class Method:
     """Base class: full-model training with the loss of a subclass."""
 
     name = "base"
+    label_smoothing = 0.0  # of the cross-entropy terms of the training loss (the stage's label_smoothing); attacks use plain labels
 
     def __init__(self, attack: AttackConfig | ThreatModel) -> None:
         if isinstance(attack, ThreatModel):
@@ -61,6 +91,10 @@ class Method:
         """The training loss of a batch and the metrics to log. ``shard``: where ``x`` sits in a data-parallel
         step's global batch; pass it to every random draw of an attack (``pgd(..., shard=shard)``)."""
         raise NotImplementedError
+
+    def ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy term of a training loss, with the method's label smoothing."""
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
     def after_backward(self, model: nn.Module) -> None:
         """Called between ``loss.backward()`` and ``optimizer.step()`` (AWP restores weights here)."""

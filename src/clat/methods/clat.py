@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import Shard, feature_distance, perturb
@@ -249,10 +248,10 @@ class CLAT(Method):
         with frozen_bn_statistics(model):  # running statistics follow the clean data only (one update per step)
             adv = ext(x_adv, stop_early=ce_on != "adv")
         if ce_on == "adv":
-            ce = F.cross_entropy(adv.logits, y)
+            ce = self.ce(adv.logits, y)
             metrics["adv_acc"] = accuracy(adv.logits, y)
         elif ce_on == "clean":
-            ce = F.cross_entropy(clean.logits, y)
+            ce = self.ce(clean.logits, y)
             metrics["acc"] = accuracy(clean.logits, y)
         lc = feature_distance(adv.outputs, clean.outputs, self._scale).mean()
         loss = ce + self.lam * lc
@@ -281,7 +280,7 @@ class CLAT(Method):
             with torch.no_grad():
                 adv = ext(x_adv, stop_early=True)
                 lc = feature_distance(adv.outputs, clean.outputs, self._scale).mean().item()
-                ce = F.cross_entropy(clean.logits, y).item()
+                ce = self.ce(clean.logits, y).item()
         finally:
             model.train(was)
         return self.cfg.rho * ce / lc if lc > 0 else self.cfg.lam

@@ -22,12 +22,13 @@ from clat.methods.trades import TRADES
 from clat.methods.registry import register_method
 
 
-def mart_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, boosted CE, weighted KL) of MART."""
+def mart_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float,
+              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, boosted CE, weighted KL) of MART (``label_smoothing``: of its CE term)."""
     adv_probs = F.softmax(logits_adv, dim=1)
     top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
     wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])  # most likely wrong class
-    bce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), wrong)
+    bce = F.cross_entropy(logits_adv, y, label_smoothing=label_smoothing) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), wrong)
     nat_probs = F.softmax(logits, dim=1)
     true_probs = nat_probs.gather(1, y.unsqueeze(1)).squeeze(1)
     kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(1)
@@ -59,5 +60,5 @@ class MART(TRADES):
         logits_adv = model(x_adv)
         with frozen_bn_statistics(model):
             logits = model(x)
-        loss, bce, robust = mart_loss(logits, logits_adv, y, self.beta)
+        loss, bce, robust = mart_loss(logits, logits_adv, y, self.beta, self.label_smoothing)
         return loss, {"loss": loss.detach(), "bce": bce.detach(), "robust": robust.detach(), "adv_acc": accuracy(logits_adv, y)}

@@ -10,7 +10,6 @@ the training forward updates them.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import Shard, pgd
@@ -28,5 +27,5 @@ class PGDAT(AdversarialMethod):
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x_adv)
-        loss = F.cross_entropy(logits, y)
+        loss = self.ce(logits, y)
         return loss, {"loss": loss.detach(), "adv_acc": accuracy(logits, y)}

@@ -129,7 +129,7 @@ class RiFT(Method):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.ce(logits, y)
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}
 
     def on_stage_end(self, model: nn.Module, validate) -> dict:

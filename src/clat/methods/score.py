@@ -31,4 +31,7 @@ class SCORE(TRADES):
         return (F.softmax(logits_adv, dim=1) - probs_clean).pow(2).sum(1)
 
     def natural(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (F.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits)).pow(2).sum(1).mean()
+        target = F.one_hot(y, logits.shape[1]).to(logits)
+        if self.label_smoothing:  # the smoothed target of cross-entropy's label smoothing
+            target = target * (1 - self.label_smoothing) + self.label_smoothing / logits.shape[1]
+        return (F.softmax(logits, dim=1) - target).pow(2).sum(1).mean()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clat.attacks import Shard
@@ -16,5 +15,5 @@ class Standard(Method):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.ce(logits, y)
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}

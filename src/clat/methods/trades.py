@@ -54,7 +54,7 @@ class TRADES(AdversarialMethod):
             return perturb(lambda xa: self.divergence(model(xa), p_clean), x, self.threat, delta0=0.001 * randn_like(x, shard))
 
     def natural(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y)
+        return self.ce(logits, y)
 
     def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -116,8 +117,10 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     return obj
 
 
-def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int, norm: nn.Module) -> nn.Module:
-    """A user's factory is given ``num_classes`` (and clat's ``normalize`` module) if its signature takes them."""
+def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int, norm: nn.Module,
+                  user_kwargs: Mapping[str, Any]) -> nn.Module:
+    """A user's factory is given ``num_classes`` (and clat's ``normalize`` module) if its signature takes them, and
+    ``user_kwargs`` (``model.kwargs``). A TypeError from the call (a missing or unknown argument) is a one-line error."""
     import inspect
 
     try:
@@ -125,12 +128,21 @@ def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int
     except (TypeError, ValueError):
         params = {}
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    kwargs: dict = {}
+    kwargs: dict = dict(user_kwargs)
     if "num_classes" in params or var_kw:
         kwargs["num_classes"] = num_classes
     if "normalize" in params:
         kwargs["normalize"] = norm
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as e:
+        import traceback
+
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        where = "" if frame.filename == __file__ else f" (raised at {Path(frame.filename).name}:{frame.lineno})"
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "normalize") or "no arguments"
+        raise ConfigError(f"model.name={name}: {str(e).splitlines()[0] if str(e) else 'TypeError'}{where}; it was called with {given}: "
+                          "give the factory's arguments as model.kwargs.NAME=VALUE (create_model(..., kwargs={...}) from Python)") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name={name}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
@@ -143,13 +155,18 @@ def create_model(
     normalize: bool = True,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Build a registered model, or call a ``package.module:factory`` (given ``num_classes=`` and ``normalize=``
     where its signature takes them; the model it returns must take [0, 1] images: put :class:`Normalize` first
     in it if it expects normalized ones). ``normalize=False`` gives a model that expects
     inputs already normalized by the caller (e.g. third-party checkpoints trained
-    on raw [0, 1] pixels, such as the AutoAttack example ResNet-18)."""
+    on raw [0, 1] pixels, such as the AutoAttack example ResNet-18). ``kwargs``: more keyword arguments of a
+    ``package.module:factory`` (a run's ``model.kwargs``); the zoo's models take none."""
     info = model_info(name)
+    if kwargs and not is_factory(name):
+        raise ConfigError(f"model {name} takes no keyword arguments (got model.kwargs {', '.join(kwargs)}); "
+                          "they are for package.module:factory models")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if normalize:
@@ -158,5 +175,5 @@ def create_model(
     else:
         norm = nn.Identity()
     if is_factory(name):
-        return _call_factory(name, info.builder, num_classes, norm)
+        return _call_factory(name, info.builder, num_classes, norm, kwargs or {})
     return info.builder(num_classes=num_classes, normalize=norm)
