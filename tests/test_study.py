@@ -224,7 +224,7 @@ def test_paper_scale_presets_configure_every_arm(name, study, tmp_path):
         assert cfg.init.endswith(f"{study.ARMS[arm][0]}_branch.safetensors") and cfg.data.dataset == dataset
     extra = sum(len(set(seeds) - set(s.seeds)) for arm, seeds in s.extra_seeds.items() if arm in s.arms)
     assert len(study.plan(s)) == 5 + len(s.seeds) * len(study.ARMS) + extra and not any(done for _, done in study.plan(s))
-    s = dataclasses.replace(s, doc=tmp_path / "results.md", img=tmp_path / "img")  # render the (empty) report outside docs/
+    s = dataclasses.replace(s, doc=tmp_path / "results.md", img=tmp_path / "img", study=tmp_path / "study")  # render outside the repo
     importlib.import_module("study_report").render(s)
     text = s.doc.read_text()
     assert ("full CIFAR-100" if dataset == "cifar100" else "full CIFAR-10") in text and "subset" not in text
