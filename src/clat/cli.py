@@ -209,7 +209,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(cfg_path, overrides)
         if args.quiet:
             cfg.progress = False
-        run_dir = args.run_dir or f"runs/{Path(cfg_path).stem if cfg_path else 'run'}"
+        run_dir = args.run_dir = args.run_dir or f"runs/{Path(cfg_path).stem if cfg_path else 'run'}"  # (named by a Ctrl-C)
         summary = train(cfg, run_dir, force=args.force, until_epoch=args.until_epoch)
     from clat import distributed
 
@@ -378,8 +378,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clat: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("clat: interrupted (a run continues with `clat train --resume RUN_DIR`)", file=sys.stderr)
+        print(f"clat: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C, in the words of the command that was stopped."""
+    if args.command == "train":
+        run = getattr(args, "resume", None) or getattr(args, "run_dir", None) or "RUN_DIR"
+        return f"the run continues from its last checkpoint with `clat train --resume {run}`"
+    if args.command == "demo":
+        return f"start the demo again with `clat demo --force --out {args.out}` (it replaces only what the demo wrote)"
+    if args.command == "layer-sweep":
+        return "run the same command again: the sweep continues with the items not done"
+    if args.command == "report":
+        return "run `clat report` again: it renders the whole report from the run's files"
+    return f"its results are written when it completes: run the same `clat {args.command}` command again (with --force where it says so)"
 
 
 if __name__ == "__main__":
