@@ -161,12 +161,16 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("resume with config", ["train", "x.yaml", "--resume", str(tmp / "norun")], "drop the config"),
         ("report not a run", ["report", str(tmp)], "metrics.jsonl"),
         # issue 37: each names its file and one fix, before any work
-        ("eval eps-sweep negative", ["eval", str(tiny_ckpt), "--eps-sweep=-0.1,8/255", "--n-examples", "4"], "--eps-sweep values must be finite and >= 0"),
-        ("eval eps-sweep empty", ["eval", str(tiny_ckpt), "--eps-sweep=", "--n-examples", "4"], "--eps-sweep needs at least one"),
+        ("eval eps-sweep negative", ["eval", str(tiny_ckpt), "--eps-sweep=-0.1,8/255", "--n-examples", "4"],
+         "--eps-sweep: needs one or more finite radii >= 0, got '-0.1,8/255'"),
+        ("eval eps-sweep nan", ["eval", str(tiny_ckpt), "--eps-sweep=0,nan"], "--eps-sweep: needs one or more finite radii"),
+        ("eval eps-sweep empty", ["eval", str(tiny_ckpt), "--eps-sweep="], "--eps-sweep: needs one or more finite radii"),
         ("eval out not an evaluation", ["eval", str(tiny_ckpt), "--n-examples", "4", "--out", str(tmp / "notes.json"), "--force"],
          "is not an evaluation that clat wrote"),
-        ("demo into a training run", ["demo", "--fast", "--force", "--out", str(fake_run)], "holds an unfinished training run (made by `clat train`)"),
-        ("train into a demo", ["train", *TINY, "--force", "--run-dir", str(fake_demo)], "holds a demo (made by `clat demo`), not a training run"),
+        ("demo into a training run", ["demo", "--fast", "--force", "--out", str(fake_run)],
+         "holds an unfinished training run (made by `clat train`)"),
+        ("train into a demo", ["train", *TINY, "--force", "--run-dir", str(fake_demo)],
+         "holds a demo (made by `clat demo`), not a training run"),
         ("demo over files of your own", ["demo", "--fast", "--force", "--out", str(tmp / "mine")], "clat did not write (files of your own"),
     ]
     return cases

@@ -350,7 +350,8 @@ def test_train_records_its_report_and_a_short_force_retrain_leaves_no_stale_repo
 def test_force_removes_the_report_a_manifest_of_before_did_not_list(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
     m = json.loads((run / ".clat-manifest.json").read_text())
-    (run / ".clat-manifest.json").write_text(json.dumps({"written": [n for n in m["written"] if n not in ("report.md", "plots")], "by": "clat"}))
+    old = {"written": [n for n in m["written"] if n not in ("report.md", "plots")], "by": "clat"}  # a manifest of before issue 37
+    (run / ".clat-manifest.json").write_text(json.dumps(old))
     assert main([*Q, "train", *TINY, "pretrain.epochs=2", "--force", "--until-epoch", "1", "--run-dir", str(run)]) == 0
     assert not (run / "report.md").exists() and not (run / "plots").exists()
 
@@ -443,7 +444,8 @@ def test_report_names_a_damaged_metrics_line_and_the_epochs_it_shows(three_epoch
     with pytest.warns(UserWarning) as seen:
         assert main([*Q, "report", str(run)]) == 0
     msgs = [str(w.message) for w in seen]
-    assert any(f"{run / 'metrics.jsonl'} line 2 (after epoch 1's row) is not valid JSON" in m and "shows epochs 1, 3 only" in m for m in msgs), msgs
+    line = f"{run / 'metrics.jsonl'} line 2 (after epoch 1's row) is not valid JSON"
+    assert any(line in m and "shows epochs 1, 3 only" in m for m in msgs), msgs
     text = (run / "report.md").read_text()
     assert "WARNING: metrics.jsonl is damaged" in text and "show epochs 1, 3 only" in text
     assert text.startswith("# Run report: `run` (PGD-AT + CLAT)")  # the rows after the damaged line are kept
@@ -474,7 +476,7 @@ def test_resume_says_what_it_does_with_a_damaged_metrics_line(three_epoch_run, t
 def test_a_full_disk_while_appending_metrics_names_the_file_and_leaves_no_empty_file(tmp_path, capsys, monkeypatch):
     import builtins
 
-    import clat.runs
+    import clat.metricsfile
 
     real_open = builtins.open
 
@@ -500,12 +502,12 @@ def test_a_full_disk_while_appending_metrics_names_the_file_and_leaves_no_empty_
         f = real_open(path, mode, *a, **k)
         return Full(f) if str(path).endswith("metrics.jsonl") and "a" in mode else f
 
-    monkeypatch.setattr(clat.runs, "open", full_open, raising=False)
+    monkeypatch.setattr(clat.metricsfile, "open", full_open, raising=False)
     run = tmp_path / "run"
     assert main([*Q, "train", *TINY, "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"clat: error: could not append epoch 1's row to {run / 'metrics.jsonl'} (No space left on device); free some disk space "
-                       f"and continue with `clat train --resume {run}` (the epochs before are kept)"), err
+    assert err[-1] == (f"clat: error: could not append epoch 1's row to {run / 'metrics.jsonl'} (No space left on device); free some disk "
+                       f"space and continue with `clat train --resume {run}` (the epochs before are kept)"), err
     assert not (run / "metrics.jsonl").exists()  # neither empty nor half a line
     monkeypatch.undo()
     assert main([*Q, "train", "--resume", str(run)]) == 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 1
@@ -534,9 +536,11 @@ def test_following_the_divergence_advice_ends_in_a_working_run(tmp_path, capsys)
         else:
             assert "--force" in err, err
             overrides[key] = value
-            argv = ["train", "cpu/bundled_quick", *tiny, "pretrain.lr=1e10", *[f"{k}={v}" for k, v in overrides.items()], "--force", "--run-dir", run]
+            fixed = [f"{k}={v}" for k, v in overrides.items()]
+            argv = ["train", "cpu/bundled_quick", *tiny, "pretrain.lr=1e10", *fixed, "--force", "--run-dir", run]
     assert rc == 0, advice
-    assert len(advice) == 1 and "weights had already exploded in epoch 1 (pretrain stage" in advice[0] and "pretrain.lr=0.1" in advice[0], advice
+    assert len(advice) == 1 and "weights had already exploded in epoch 1 (pretrain stage" in advice[0], advice
+    assert "pretrain.lr=0.1 --force" in advice[0], advice
     meta = json.loads(next((tmp_path / "d" / "checkpoints").glob("epoch_*/meta.json")).read_text())
     assert meta["health"]["sound"] and meta["health"]["max_abs_param"] < 10
 
@@ -606,7 +610,7 @@ def test_an_unloadable_state_that_matches_its_manifest_falls_back_to_the_previou
     meta = json.loads((d / "meta.json").read_text())
     meta["sha256"]["state.pt"] = sha256(d / "state.pt")
     (d / "meta.json").write_text(json.dumps(meta))
-    with pytest.warns(UserWarning, match=r"epoch_0001 cannot be loaded \(could not read training state .*\); falling back to the previous one"):
+    with pytest.warns(UserWarning, match=r"epoch_0001 cannot be loaded \(could not read training state .*\); falling back to the previous"):
         train(None, run, resume=True)
     want, got = read_state_dict(tmp_path / "ref" / "model.safetensors"), read_state_dict(run / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)  # epochs 2 and 3 trained again from epoch 1's checkpoint
@@ -638,14 +642,15 @@ def test_eps_sweep_is_checked_before_any_attack(finished_run, tmp_path, monkeypa
 
     monkeypatch.setattr(clat.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --eps-sweep"))
     assert main([*Q, "eval", str(finished_run), "--n-examples", "4", "--eps-sweep=0,-8/255", "--out", str(tmp_path / "e.json")]) == 2
-    assert "--eps-sweep values must be finite and >= 0, got -0.0313725" in capsys.readouterr().err
+    assert "argument --eps-sweep: needs one or more finite radii >= 0, got '0,-8/255'" in capsys.readouterr().err
 
 
 def test_a_surrogate_state_dict_loads_with_model(finished_run, tmp_path):
     sur = tmp_path / "surrogate.pt"
     torch.save(read_state_dict(finished_run / "model.safetensors"), sur)
     out = tmp_path / "e.json"
-    assert main([*Q, "eval", str(finished_run), "--n-examples", "4", "--steps", "1", "--sanity", "--square-queries", "0", "--surrogate", str(sur),
+    assert main([*Q, "eval", str(finished_run), "--n-examples", "4", "--steps", "1", "--sanity", "--square-queries", "0",
+                 "--surrogate", str(sur),
                  "--model", "tiny_cnn", "--out", str(out)]) == 0
     black_box = next(c for c in json.loads(out.read_text())["sanity"]["checks"] if c["name"] == "black_box")
     assert "transfer from surrogate.pt" in black_box["values"]["black_box_acc"]

@@ -165,7 +165,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason, refused = _weights_only_refusal(e)
-        what = f"the global {refused}, which is not a tensor or plain container" if refused else "objects other than tensors and plain containers"
+        what = f"the global {refused}, which is not a tensor or plain container" if refused else \
+            "objects other than tensors and plain containers"
         raise CheckpointError(
             f"refused to load {path}: it holds {what} (torch's weights-only loader: \"{reason}\"). "
             "clat never runs code from a checkpoint; re-save its state_dict() with torch.save or safetensors"
@@ -337,6 +338,14 @@ def load_state(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"could not read training state {path} ({type(e).__name__}); the checkpoint is corrupted") from None
+
+
+def load_training_state(path: str | Path) -> dict:
+    """A checkpoint's training state; a one-line error for a file that is not one (even where its checksum matches)."""
+    state = load_state(path)
+    if not (isinstance(state, dict) and isinstance(state.get("epoch"), int) and isinstance(state.get("stage"), str) and "rng" in state):
+        raise CheckpointError(f"{path} is not a clat training state (no epoch, stage and RNG); the checkpoint is damaged")
+    return state
 
 
 def find_weights(path: str | Path) -> Path:

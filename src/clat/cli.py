@@ -50,6 +50,14 @@ def _float_list(s: str) -> list[float]:
     return [_float(v.strip()) for v in s.split(",") if v.strip()]
 
 
+def _eps_list(s: str) -> list[float]:
+    """``--eps-sweep``, checked as it is parsed: before any attack (not after the main evaluation, which it lost)."""
+    eps = _float_list(s)
+    if not eps or not all(0 <= e < float("inf") for e in eps):
+        raise argparse.ArgumentTypeError(f"needs one or more finite radii >= 0, got {s!r}; e.g. --eps-sweep 0,2/255,4/255,8/255")
+    return eps
+
+
 def _attack_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attack (default: the run's own threat model, else linf 8/255, step 2/255) and images")
     g.add_argument("--n-examples", type=int, help="evaluate a random subset of this size (fixed --seed); default: all")
@@ -116,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--autoattack", action="store_true", help="standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from pyautoattack")
     e.add_argument("--autoattack-version", choices=["standard", "plus", "rand"], default="standard")
     e.add_argument("--apgd-ce", action="store_true", help="APGD-CE alone from pyautoattack, 1 restart (paper Table 8)")
-    e.add_argument("--eps-sweep", type=_float_list, metavar="LIST", help="PGD accuracy at each ε, e.g. 0,2/255,4/255,8/255,16/255 (Figure 4)")
+    e.add_argument("--eps-sweep", type=_eps_list, metavar="LIST",
+                   help="PGD accuracy at each ε, e.g. 0,2/255,4/255,8/255,16/255 (Figure 4)")
     e.add_argument("--sanity", action="store_true", help="checks against gradient masking (flags are printed and stored)")
     e.add_argument("--surrogate", action="append", default=[], metavar="CKPT", help="transfer source for the black-box sanity check (repeatable)")
     e.add_argument("--square-queries", type=int, default=1000, help="queries of the Square black-box sanity check (0: skip; default 1000)")

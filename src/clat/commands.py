@@ -81,7 +81,7 @@ def writing(paths: Sequence[Path], command: str):
     if not run.holds_run():
         yield
         return
-    with run.lock(command), run.recording(*[p.resolve() for p in paths]):  # resolved: recording() takes a relative path as one inside the run
+    with run.lock(command), run.recording(*[p.resolve() for p in paths]):  # resolved: recording() reads a relative path in the run
         yield
 
 
@@ -256,23 +256,10 @@ def _evaluation_in(path: Path) -> str | None:
     return str(e.get("settings_tag") or "")
 
 
-def _check_eps_sweep(args: argparse.Namespace) -> None:
-    """``--eps-sweep`` checked before any attack (not after the main evaluation, whose result would be lost)."""
-    sweep = args.eps_sweep
-    if sweep is None:
-        return
-    if not sweep:
-        raise ClatError("--eps-sweep needs at least one ε, e.g. --eps-sweep 0,2/255,4/255,8/255")
-    bad = [e for e in sweep if not (math.isfinite(e) and e >= 0)]
-    if bad:
-        raise ClatError(f"--eps-sweep values must be finite and >= 0, got {', '.join(f'{e:g}' for e in bad)}; e.g. --eps-sweep 0,2/255,4/255,8/255")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.restarts < 1:
         raise ClatError(f"--restarts must be >= 1, got {args.restarts}")
     _check_image_args(args)
-    _check_eps_sweep(args)
     best = _best_of(args)
     run_cfg = run_config(args.checkpoint)
     cfg = data_config(args, run_cfg)

@@ -99,7 +99,8 @@ def _make_room(rd: RunDir, force: bool) -> None:
     out = rd.path
     maker = rd.made_by()
     if rd.holds_run() or maker not in (None, "demo"):
-        raise ConfigError(f"{out} holds {rd.describe()}; clat demo never replaces it{', --force or not' if force else ''}: choose another --out")
+        raise ConfigError(f"{out} holds {rd.describe()}; clat demo never replaces it{', --force or not' if force else ''}: "
+                          "choose another --out")
     present = [n for n in DEMO_FILES if (out / n).exists()]
     if not present:
         return
@@ -107,11 +108,12 @@ def _make_room(rd: RunDir, force: bool) -> None:
     mine = set(DEMO_FILES) if legacy else {p.name for p in rd.removable()} if maker == "demo" else set()
     foreign = [n for n in present if n not in mine]
     if foreign:
-        raise ConfigError(f"{out} holds {', '.join(foreign)} that clat did not write ({'a demo with files of your own' if mine else rd.describe()}); "
+        what = "a demo with files of your own" if mine else rd.describe()
+        raise ConfigError(f"{out} holds {', '.join(foreign)} that clat did not write ({what}); "
                           "clat demo never replaces them, --force or not: move them, or choose another --out")
     if not force:
-        raise ConfigError(f"{out} already holds a demo (made by `clat demo`); pass --force to replace it (only the files the demo wrote are "
-                          "removed) or choose another --out")
+        raise ConfigError(f"{out} already holds a demo (made by `clat demo`); pass --force to replace it (only the files the demo wrote "
+                          "are removed) or choose another --out")
     for n in present:
         p = out / n
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -32,7 +32,7 @@ from clat import distributed as dist_mod
 from clat import rng
 from clat.best import ValHistory, save_best
 from clat.callbacks import Callbacks, console, format_row
-from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_weights
+from clat.checkpoint import atomic_write_text, load_into, load_training_state, read_state_dict, save_weights
 from clat.config import Config, StageConfig, flat_keys, override, parse_overrides, to_dict
 from clat.data import Loader, Splits, prepare_data, to_unit_float
 from clat.errors import ClatError, ConfigError
@@ -41,7 +41,8 @@ from clat.layers import find_layers, Layer
 from clat.methods import EpochContext, create_method
 from clat.models import PYTHON_MODEL, build_model, is_factory, model_info
 from clat.provenance import versions
-from clat.runs import RunDir, health, weight_scale
+from clat.runs import RunDir
+from clat.soundness import divergence_advice, health, note_thread_count, weight_scale
 from clat.stage import Stage, StepRunner, resolve_channels_last
 
 log = logging.getLogger("clat")
@@ -218,31 +219,15 @@ class _Resumed:
 
     @classmethod
     def latest(cls, rd: RunDir, device: torch.device | None = None) -> tuple["_Resumed", int]:
-        """The newest checkpoint that loads (one that does not is skipped with a warning, like a corrupted one)."""
-        found = rd.checkpoints().loadable(lambda d: (_load_resume_state(rd, d), read_state_dict(d / "model.safetensors")))
+        ck = rd.checkpoints()
+        found = ck.loadable(lambda d: (load_training_state(ck.state(d)), read_state_dict(d / "model.safetensors")))
         if found is None:
             log.warning("no valid checkpoint in %s: starting from the beginning", rd.path)
             return cls(), 0
         d, (state, weights) = found
         log.info("resuming %s after epoch %d", rd.path, int(state["epoch"]) + 1)
-        _note_thread_count(rd, d, device)
+        note_thread_count(rd, d, device)
         return cls(weights, state, str(d)), int(state["epoch"]) + 1
-
-
-def _load_resume_state(rd: RunDir, d: Path) -> dict:
-    state = load_state(rd.checkpoints().state(d))
-    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or not isinstance(state.get("stage"), str) or "rng" not in state:
-        raise ClatError(f"{rd.checkpoints().state(d)} is not a clat training state (no epoch, stage and RNG)")
-    return state
-
-
-def _note_thread_count(rd: RunDir, d: Path, device: torch.device | None) -> None:
-    """A CPU run resumed at another thread count is exact only up to float rounding: say so (README, "Runs you can kill")."""
-    then, now = (rd.checkpoints().meta(d) or {}).get("cpu_threads"), torch.get_num_threads()
-    if device is not None and device.type == "cpu" and isinstance(then, int) and then != now:
-        log.warning("%s was written with %d CPU threads and this process uses %d: the resumed run is not bit-identical to an uninterrupted "
-                    "one (torch's CPU kernels split sums by thread count; weights differ in the last bits). For a bit-identical resume, "
-                    "set OMP_NUM_THREADS=%d", d, then, now, then)
 
 
 def _enter_stage(run: _Run, name: str, scfg: StageConfig, loader: Loader, runner: StepRunner, resumed: _Resumed, changed: dict) -> Stage:
@@ -317,7 +302,8 @@ def _commit(run: _Run, stage: Stage, epoch: int, row: dict, best: dict | None) -
     if best is not None:
         save_best(run.rd, stage.method.plain_model(run.model), meta, best)
     state = {"epoch": epoch, "stage": row["stage"], **stage.state_dict(), "rng": rng.get_state()}
-    run.rd.checkpoints(run.cfg.keep_checkpoints).save(epoch, run.model, state, meta, health(run.model, row["train"].get("loss"), run.start_scale))
+    sound = health(run.model, row["train"].get("loss"), run.start_scale)
+    run.rd.checkpoints(run.cfg.keep_checkpoints).save(epoch, run.model, state, meta, sound)
 
 
 def _restore_last(run: _Run, loader: Loader, runner: StepRunner, resumed: _Resumed, changed: dict) -> Stage | None:
@@ -370,30 +356,7 @@ def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, s
 
 
 def _diverged(run: _Run, epoch: int, name: str, scfg: StageConfig, train_metrics: dict) -> TrainingDiverged:
-    """The advice that works: continue from the last checkpoint only if it is sound (finite loss, weights not exploded:
-    :func:`clat.runs.health`); else start again, with a lower learning rate for the stage where the weights exploded."""
-    head = f"the training loss became {train_metrics.get('loss')} in epoch {epoch + 1} ({name} stage, {name}.lr={scfg.lr:g})"
-    latest = run.rd.checkpoints().latest_valid()
-    if latest is None:
-        return TrainingDiverged(f"{head}; no checkpoint was written yet: start again with a lower learning rate, "
-                                f"{name}.lr={_lower(scfg.lr)}, and --force (it replaces this run)")
-    h = (run.rd.checkpoints().meta(latest) or {}).get("health")
-    if not isinstance(h, dict) or h.get("sound") is not False:  # sound, or written before clat recorded it
-        return TrainingDiverged(f"{head}; the last checkpoint ({latest.name}) is sound (finite loss and weights). Lower the learning rate and "
-                                f"continue from it: clat train --resume {run.rd.path} {name}.lr={_lower(scfg.lr)}")
-    since = h.get("unsound_since") or {"epoch": epoch, "stage": name}
-    stage = since.get("stage") if since.get("stage") in ("pretrain", "finetune") else name
-    return TrainingDiverged(
-        f"{head}; the weights had already exploded in epoch {since['epoch'] + 1} ({stage} stage; largest magnitude "
-        f"{h.get('max_abs_param', float('nan')):.3g} in {latest.name}, over the sound limit {h.get('limit', float('nan')):.3g}), so no kept "
-        f"checkpoint can be continued: start again with a lower {stage}.lr and --force (it replaces this run), e.g. "
-        f"clat train CONFIG {stage}.lr={_lower(getattr(run.cfg, stage).lr)} --force --run-dir {run.rd.path}")
-
-
-def _lower(lr: float) -> str:
-    """The learning rate to suggest after a divergence: a tenth, and at most 0.1 (the usual SGD rate of these models,
-    the paper's), so that a rate far too high is not lowered ten times over."""
-    return f"{min(lr / 10, 0.1):g}"
+    return TrainingDiverged(divergence_advice(run.rd, run.cfg, epoch, name, train_metrics.get("loss")))
 
 
 def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) -> dict:

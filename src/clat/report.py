@@ -102,8 +102,8 @@ def read_run(run_dir: str | Path) -> dict:
         from clat.config import to_dict
 
         config = to_dict(rd.read_config())  # one-line error for a damaged or foreign config.yaml
-    return {"rows": rows, "summary": summary, "evals": evals, "criticality": crit, "stability": stability, "transfers": transfers, "config": config,
-            "damaged": damaged}
+    return {"rows": rows, "summary": summary, "evals": evals, "criticality": crit, "stability": stability, "transfers": transfers,
+            "config": config, "damaged": damaged}
 
 
 def method_label(rows: list[dict]) -> str:
@@ -289,18 +289,17 @@ def best_lines(summary: dict | None, rows: list[dict]) -> list[str]:
 
 
 def run_report(run_dir: str | Path) -> Path:
-    """Render ``report.md`` and ``plots/*.png`` of a run folder from its JSON files; both are recorded in the run's
-    manifest as they are written. A ``report.md`` or ``plots/`` that clat did not write is never replaced. Lines of
-    ``metrics.jsonl`` that are not rows are named in a warning and at the top of the report, with the epochs it shows."""
+    """Render ``report.md`` and ``plots/*.png`` of a run folder from its JSON files, recorded in the run's manifest as
+    they are written; never over a ``report.md`` or ``plots/`` that clat did not write. Lines of ``metrics.jsonl`` that
+    are not rows are named in a warning and at the top of the report, with the epochs it shows."""
     from clat.runs import REPORT_FILES, RunDir
 
-    run_dir = Path(run_dir)
+    run_dir, rd = Path(run_dir), RunDir(run_dir)
     run = read_run(run_dir)
-    rd = RunDir(run_dir)
     foreign = rd.foreign(list(REPORT_FILES)) if rd.has_manifest() else []
     if foreign:
-        raise ClatError(f"{run_dir} holds {' and '.join(foreign)} that clat did not write; clat never replaces them: move them away and "
-                        "run `clat report` again")
+        raise ClatError(f"{run_dir} holds {' and '.join(foreign)} that clat did not write; clat never replaces them: "
+                        "move them away and run `clat report` again")
     with rd.recording(*REPORT_FILES):
         return _render_run_report(run_dir, run)
 
@@ -309,24 +308,13 @@ def damage_lines(damaged: Sequence[str], rows: list[dict]) -> list[str]:
     """The warning a report carries when lines of metrics.jsonl were skipped (also issued as a Python warning)."""
     import warnings
 
-    if not damaged:
-        return []
-    shown = _epoch_ranges([r["epoch"] for r in rows]) or "none"
+    from clat.metricsfile import epoch_ranges
+
+    shown = epoch_ranges([r["epoch"] for r in rows]) or "none"
     for d in damaged:
         warnings.warn(f"{d}; skipped: the report shows epochs {shown} only", stacklevel=3)
-    return ["> **WARNING: metrics.jsonl is damaged.** " + "; ".join(damaged) + f". These lines were skipped: the tables and curves below "
-            f"show epochs {shown} only.", ""]
-
-
-def _epoch_ranges(epochs: Sequence[int]) -> str:
-    """``1, 3-5`` for [1, 3, 4, 5]."""
-    out: list[list[int]] = []
-    for e in sorted(set(epochs)):
-        if out and e == out[-1][1] + 1:
-            out[-1][1] = e
-        else:
-            out.append([e, e])
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
+    return ["> **WARNING: metrics.jsonl is damaged.** " + "; ".join(damaged) + ". These lines were skipped: the tables and curves "
+            f"below show epochs {shown} only.", ""] if damaged else []
 
 
 def _render_run_report(run_dir: Path, run: dict) -> Path:

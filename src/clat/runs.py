@@ -3,16 +3,9 @@
 A run folder (``clat train --run-dir``, ``clat demo --out``) holds clat's files beside whatever
 else a user keeps there. This module owns the rules that keep the user's files safe:
 
-- **Manifest** (``.clat-manifest.json``): every file or folder clat writes into a run folder is
-  recorded there when it is written (``record``, ``recording``): the run's files, its report
-  and plots, evaluations, criticality, stability and transfer results. It also says which
-  command made the folder (``made_by``: ``train``, ``demo``), so that ``--force`` of one command
-  never replaces another's folder. ``--force`` removes exactly the recorded entries and nothing
-  else (``clear``); a folder whose files clat did not write is never emptied. Folders written by
-  clat 0.1, which kept no manifest, are recognised by their ``config.yaml`` (a valid clat
-  config) and ``metrics.jsonl``, and only clat's own file names are removed from them; manifests
-  written before ``made_by`` existed did not list the report that ``clat train`` renders, which is
-  recognised by its first line.
+- **Manifest** (``.clat-manifest.json``, :mod:`clat.manifest`): every file or folder clat writes into a
+  run folder is recorded there when it is written, with the command that made the folder; ``--force``
+  removes exactly those entries and nothing else, and never replaces another command's folder.
 - **Lock** (``.clat.lock``): one process at a time trains in, resumes or writes results into a
   run folder (``lock``): an exclusive ``flock`` held for the whole command, so the operating
   system releases it when the process ends, however it ends (kill -9 included: the next
@@ -24,12 +17,9 @@ else a user keeps there. This module owns the rules that keep the user's files s
 - **Layout**: nothing outside this module builds a path inside a run folder. ``metrics()`` is the
   one reader of ``metrics.jsonl``, ``checkpoints()`` owns ``checkpoints/epoch_NNNN/`` (write,
   list, prune, latest valid, the weights of an epoch), ``summary()`` reads ``summary.json``.
-- **Metrics**: a line of ``metrics.jsonl`` that is not a row (cut by a crash, or damaged) is never
-  dropped silently: ``read_metrics`` names it, ``clat report`` says which epochs it shows, and
-  ``--resume`` says what it does with it.
-- **Health** of a checkpoint (``meta.json``): the epoch's loss, the largest parameter magnitude,
-  and whether both are sane (:func:`health`), so that the advice after a divergence names a
-  checkpoint that can really be continued.
+- **Metrics** (:mod:`clat.metricsfile`): a line of ``metrics.jsonl`` that is not a row is named, never
+  dropped silently. **Health** of a checkpoint (:mod:`clat.soundness`, recorded in its ``meta.json``):
+  whether its loss and weights are sane, so that the advice after a divergence names a fix that works.
 
 Run folder::
 
@@ -60,29 +50,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clat.errors import ConfigError
+from clat.manifest import LOCK, MANIFEST, REPORT_FILES, RUN_FILES, Manifest
+from clat.metricsfile import MetricsFile
 
 log = logging.getLogger("clat")
 
-MANIFEST = ".clat-manifest.json"
-LOCK = ".clat.lock"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model.safetensors", "summary.json")
-REPORT_FILES = ("report.md", "plots")  # a run's report: rendered by `clat report` and at the end of `clat train`
-# what clat 0.1 wrote into a run folder (it kept no manifest): removed by --force from such a folder only
-LEGACY_OUTPUTS = ("report.md", "plots", "criticality.json", "criticality.png", "stability.json", "comparison")
-LEGACY_PATTERNS = (r"eval.*\.json", r"transfer.*\.(json|png)")
 _TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # clat.checkpoint.atomic_write's temporary names
-# A checkpoint is sound when its epoch's loss is finite and every parameter is finite and at most this many times
-# the largest magnitude at the start of the run (or 1, if that is smaller). Training keeps weights within a small
-# factor of their initial scale (a trained model's largest |w| here is 1.0-1.1 from 1.0 at initialization); a run
-# whose learning rate is 100x too high reaches 5e4-2e15 within an epoch, while its loss can stay finite (BatchNorm
-# makes the loss blind to the scale of the weights before it), so the loss alone cannot tell.
-WEIGHT_GROWTH_LIMIT = 1000.0
-
-
-def _plain_name(n: object) -> bool:
-    return isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n and "\0" not in n
-
-
 class RunLocked(ConfigError):
     """Another process holds the run folder."""
 
@@ -188,44 +161,14 @@ class Checkpoints:
         return None
 
 
-def _signature(p: Path) -> tuple | None:
-    """What tells that a file or folder changed: size, mtime and inode; of a folder, those of its entries."""
-    def one(q: Path) -> tuple:
-        st = q.lstat()
-        return (q.name, st.st_size, st.st_mtime_ns, st.st_ino)
-
-    try:
-        if p.is_dir() and not p.is_symlink():
-            return tuple(sorted(one(c) for c in p.iterdir()))
-        return one(p)
-    except OSError:
-        return None
-
-
 def _epoch_of(d: Path) -> int:
     return int(d.name[6:]) if d.name[6:].isdigit() else -1
 
 
-def weight_scale(model) -> float:
-    """The largest parameter magnitude of ``model`` (inf or nan when a parameter is not finite): one read-back."""
-    import torch
+class RunDir(Manifest, MetricsFile):
+    """A run folder: its layout, checkpoints, config, lock, manifest (:class:`clat.manifest.Manifest`) and metrics
+    (:class:`clat.metricsfile.MetricsFile`)."""
 
-    with torch.no_grad():
-        peaks = [p.detach().abs().max().float().cpu() for p in model.parameters() if p.numel()]
-        return float(torch.stack(peaks).max()) if peaks else 0.0
-
-
-def health(model, loss: float | None, start_scale: float) -> dict:
-    """Whether a checkpoint can be continued: the epoch's training loss is finite and every parameter is finite and
-    at most ``WEIGHT_GROWTH_LIMIT`` times the run's largest magnitude at its start (``start_scale``, at least 1)."""
-    import math
-
-    peak, limit = weight_scale(model), WEIGHT_GROWTH_LIMIT * max(1.0, start_scale)
-    sound = loss is not None and math.isfinite(loss) and math.isfinite(peak) and peak <= limit
-    return {"loss": loss, "max_abs_param": peak, "limit": limit, "sound": sound}
-
-
-class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
@@ -321,78 +264,6 @@ class RunDir:
             atomic_write_text(self.config_path, header() + dump_yaml(cfg))
             log.info("--resume with %s (recorded in config.yaml and metrics.jsonl)", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
-    # -- metrics.jsonl: the one reader and writer ----------------------------------------------
-    def metrics(self) -> list[dict[str, Any]]:
-        """The epoch rows; a line that is not a row (see :meth:`read_metrics`) is skipped, never the rows after it."""
-        return self.read_metrics()[0]
-
-    def read_metrics(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """The epoch rows, and a description of each line that is not one: a line cut by a crash (the last one, only
-        ever: a resume rewrites the file), or one damaged since. Each description names the line, what it holds and
-        where it stood (after which epoch's row)."""
-        rows, bad = self._read_metrics()
-        return rows, [b for b, _ in bad]
-
-    def _read_metrics(self) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
-        """Rows, and (description, epoch of the row before it or 0) of each line that is not a row."""
-        if not self.metrics_path.is_file():
-            return [], []
-        rows: list[dict[str, Any]] = []
-        bad: list[tuple[str, int]] = []
-        lines = self.metrics_path.read_text(errors="replace").splitlines()
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
-                rows.append(row)
-                continue
-            where = f"after epoch {rows[-1]['epoch']}'s row" if rows else "before any row"
-            what = "not a metrics row (no epoch)" if row is not None else "cut short" if i == len(lines) else "not valid JSON"
-            text = f"{line[:60]!r}{'…' if len(line) > 60 else ''}"
-            bad.append((f"{self.metrics_path} line {i} ({where}) is {what}: {text}", rows[-1]["epoch"] if rows else 0))
-        return rows, bad
-
-    def append_metrics(self, row: dict) -> None:
-        """One line more. A write that fails (a full disk) leaves the file as it was, with no partial line, and stops with
-        a one-line error that names the file and the fix."""
-        from clat.errors import CheckpointError
-
-        existed = self.metrics_path.is_file()
-        size = self.metrics_path.stat().st_size if existed else 0
-        try:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                if existed:
-                    os.truncate(self.metrics_path, size)
-                else:
-                    self.metrics_path.unlink()
-            raise CheckpointError(f"could not append epoch {row.get('epoch')}'s row to {self.metrics_path} ({e.strerror or e}); free some "
-                                  f"disk space and continue with `clat train --resume {self.path}` (the epochs before are kept)") from None
-
-    def truncate_metrics(self, epochs: int) -> None:
-        """Keep only the rows of the first ``epochs`` epochs (those that have a checkpoint; resume rewrites the rest). A
-        line that is not a row is dropped, and said so: a warning when it may have held one of the kept epochs."""
-        from clat.checkpoint import atomic_write_text
-
-        if not self.metrics_path.is_file() and epochs == 0:
-            return  # a new run: the file appears with its first row (a failed first epoch leaves none, empty or not)
-        rows, bad = self._read_metrics()
-        for b, before in bad:
-            if before >= epochs:
-                log.info("%s; --resume drops it: it belongs to an epoch after the checkpoint, which is trained again", b)
-            else:
-                warnings.warn(f"{b}; --resume drops it, so the row it held (of an epoch up to {epochs}, before the checkpoint) is "
-                              "missing from metrics.jsonl, summary.json and the report; the weights are not affected", stacklevel=2)
-        rows = [r for r in rows if r["epoch"] <= epochs]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-
     # -- layout -------------------------------------------------------------------------------
     @property
     def weights_path(self) -> Path:
@@ -457,130 +328,6 @@ class RunDir:
         except ConfigError:
             return False
         return True
-
-    # -- manifest -----------------------------------------------------------------------------
-    def _manifest(self) -> dict:
-        """The manifest's content ({} where there is none); a one-line error when it is damaged."""
-        if not self.has_manifest():
-            return {}
-        try:
-            data = json.loads(self.manifest_path.read_text())
-            names = data["written"]
-            if not isinstance(names, list) or not all(_plain_name(n) for n in names):
-                raise ValueError  # entries are names of this folder, never paths out of it
-            if not isinstance(data.get("made_by", ""), str):
-                raise ValueError
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ConfigError(f"{self.manifest_path} is damaged (it lists what clat wrote here); remove it by hand if the folder holds no run") from None
-        return data
-
-    def written(self) -> list[str]:
-        """Names (relative to the folder) that clat wrote here, per the manifest."""
-        return list(self._manifest().get("written", []))
-
-    def made_by(self) -> str | None:
-        """The clat command that made this folder (``train``, ``demo``), per the manifest; for a manifest written before
-        it said so, what its entries show; None for a folder without a manifest."""
-        data = self._manifest()
-        if not data:
-            return "train" if self.is_legacy_run() else None
-        if data.get("made_by"):
-            return data["made_by"]
-        names = set(data["written"])
-        return "train" if "config.yaml" in names else "demo" if {"results.json", "pretrain"} & names else None
-
-    def describe(self) -> str:
-        """What this folder holds, in words, for messages that refuse to replace it."""
-        maker = self.made_by()
-        if maker == "train":
-            state = "finished" if self.finished() else "unfinished"
-            return f"a{'n' if state == 'unfinished' else ''} {state} training run (made by `clat train`{'' if self.has_manifest() else ' of clat 0.1'})"
-        if maker == "demo":
-            return "a demo (made by `clat demo`)"
-        if maker:
-            return f"the output of `clat {maker}`"
-        return "files of your own (clat did not make this folder)"
-
-    def record(self, *names: str | Path, made_by: str | None = None) -> None:
-        """Add entries (files or folders, relative to the run folder, or paths inside it) to the manifest; ``made_by``:
-        the command that makes the folder (kept from the first command that says so)."""
-        from clat.checkpoint import atomic_write_text
-
-        data = self._manifest()
-        have = list(data.get("written", []))
-        new = []
-        for n in names:
-            p = Path(n)
-            try:
-                rel = p.resolve().relative_to(self.path.resolve()) if p.is_absolute() else p
-            except ValueError:
-                continue  # not inside this folder
-            parts = rel.parts
-            if not parts or not _plain_name(parts[0]) or parts[0] in (MANIFEST, LOCK):
-                continue
-            new.append(parts[0])
-        merged = list(dict.fromkeys([*have, *new]))
-        maker = data.get("made_by") or made_by
-        if merged != have or maker != data.get("made_by"):
-            self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.manifest_path, json.dumps({"written": merged, "by": "clat", **({"made_by": maker} if maker else {})}, indent=1))
-
-    @contextlib.contextmanager
-    def recording(self, *paths: str | Path) -> Iterator[None]:
-        """Record ``paths`` (inside this run folder) in its manifest as the block that writes them ends, however it ends
-        (an error or Ctrl-C included): each one the block created or changed. Nothing is recorded where no run lives."""
-        paths_ = [Path(p) if Path(p).is_absolute() else self.path / p for p in paths]
-        before = [_signature(p) for p in paths_]
-        try:
-            yield
-        finally:
-            changed = [p.resolve() for p, b in zip(paths_, before) if p.exists() and _signature(p) != b]
-            if changed and self.holds_run():
-                self.record(*changed)
-
-    def removable(self) -> list[Path]:
-        """What ``clear`` would remove: the manifest's entries (or clat 0.1's file names in a legacy run)."""
-        if self.has_manifest():
-            names = self.written()
-            if "made_by" not in self._manifest() and "config.yaml" in names:
-                names += self._unlisted_report()
-        elif self.is_legacy_run():
-            names = [*RUN_FILES, *LEGACY_OUTPUTS]
-            names += [p.name for p in self.path.iterdir() if any(re.fullmatch(pat, p.name) for pat in LEGACY_PATTERNS)]
-        else:
-            names = []
-        return [self.path / n for n in dict.fromkeys(names) if (self.path / n).exists()]
-
-    def _unlisted_report(self) -> list[str]:
-        """The report that ``clat train`` rendered into a run folder before the manifest listed it: ``report.md`` that
-        begins as clat's run reports do, and ``plots/`` holding PNG files only, beside it."""
-        rep, plots = self.path / "report.md", self.path / "plots"
-        try:
-            ours = rep.is_file() and not rep.is_symlink() and rep.read_text(errors="replace").startswith("# Run report: `")
-        except OSError:
-            ours = False
-        if not ours:
-            return []
-        pngs = plots.is_dir() and not plots.is_symlink() and all(f.is_file() and f.suffix == ".png" for f in plots.iterdir())
-        return ["report.md", *(["plots"] if pngs else [])]
-
-    def foreign(self, names: tuple[str, ...] | list[str] = RUN_FILES) -> list[str]:
-        """Which of ``names`` exist here without clat having written them (a user's own files)."""
-        mine = {p.name for p in self.removable()}
-        return [n for n in names if (self.path / n).exists() and n not in mine]
-
-    def clear(self) -> list[str]:
-        """Remove what clat wrote here (``--force``), keeping everything else; returns the names removed."""
-        gone = []
-        for p in self.removable():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            gone.append(p.name)
-        if self.manifest_path.is_file():
-            self.manifest_path.unlink()
-        return gone
 
     def remove_stale_tmp(self) -> int:
         """Half-written temporary files of an interrupted write (``.name.XXXX.tmp``), anywhere in the run."""
