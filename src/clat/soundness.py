@@ -77,5 +77,5 @@ def note_thread_count(rd: "RunDir", d: Path, device: torch.device | None) -> Non
     then, now = (rd.checkpoints().meta(d) or {}).get("cpu_threads"), torch.get_num_threads()
     if device is not None and device.type == "cpu" and isinstance(then, int) and then != now:
         log.warning("%s was written with %d CPU threads and this process uses %d: the resumed run is not bit-identical to an uninterrupted "
-                    "one (torch's CPU kernels split sums by thread count; weights differ in the last bits). For a bit-identical resume, "
-                    "set OMP_NUM_THREADS=%d", d, then, now, then)
+                    "one (torch's CPU kernels split sums by thread count: float rounding, which training amplifies). "
+                    "For a bit-identical resume, set OMP_NUM_THREADS=%d", d, then, now, then)
