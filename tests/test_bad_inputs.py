@@ -63,6 +63,19 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     nlab = cifar10(tmp / "nlab", bad={"test_batch": lambda o: {**o, "labels": o["labels"][:-1]}})
     (cifar10(tmp / "emptyf") / "cifar-10-batches-py" / "data_batch_4").write_bytes(b"")
     nv = ["data.verify=false"]
+    torch.save({"conv.weight": torch.zeros(1), "where": Path("/data")}, tmp / "global.pt")  # a refused global, not code
+    (tmp / "notes.json").write_text('{"my": "notes"}')
+    from clat.runs import RunDir
+
+    fake_run, fake_demo = tmp / "a_run", tmp / "a_demo"  # what a training run's and a demo's manifests say, without training
+    fake_run.mkdir()
+    (fake_run / "config.yaml").write_text("seed: 0\n")
+    RunDir(fake_run).record("config.yaml", made_by="train")
+    fake_demo.mkdir()
+    (fake_demo / "results.json").write_text("{}")
+    RunDir(fake_demo).record("results.json", made_by="demo")
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "report.md").write_text("my report")
     cases = [
         # configuration files and overrides
         ("yaml syntax", ["train", w("bad.yaml", "model: {name: resnet18\n")], "not valid YAML"),
@@ -129,6 +142,7 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("ckpt malicious", ["eval", str(tmp / "evil.pt"), "--model", "tiny_cnn"], "refused to load"),
         ("ckpt missing", ["eval", str(tmp / "nothing.safetensors")], "does not exist"),
         ("ckpt without model name", ["eval", str(tmp / "plain.pt")], "--model"),
+        ("ckpt refused global", ["eval", str(tmp / "global.pt"), "--model", "tiny_cnn"], "holds the global pathlib."),
         ("init other arch", ["train", *TINY, f"init={tiny_ckpt}", "model.name=small_cnn"], "does not fit this model"),
         ("init malicious", ["train", *TINY, f"init={tmp / 'evil.pt'}"], "refused to load"),
         # command line arguments
@@ -146,6 +160,18 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("resume nothing", ["train", "--resume", str(tmp / "norun")], "holds no run"),
         ("resume with config", ["train", "x.yaml", "--resume", str(tmp / "norun")], "drop the config"),
         ("report not a run", ["report", str(tmp)], "metrics.jsonl"),
+        # issue 37: each names its file and one fix, before any work
+        ("eval eps-sweep negative", ["eval", str(tiny_ckpt), "--eps-sweep=-0.1,8/255", "--n-examples", "4"],
+         "--eps-sweep: needs one or more finite radii >= 0, got '-0.1,8/255'"),
+        ("eval eps-sweep nan", ["eval", str(tiny_ckpt), "--eps-sweep=0,nan"], "--eps-sweep: needs one or more finite radii"),
+        ("eval eps-sweep empty", ["eval", str(tiny_ckpt), "--eps-sweep="], "--eps-sweep: needs one or more finite radii"),
+        ("eval out not an evaluation", ["eval", str(tiny_ckpt), "--n-examples", "4", "--out", str(tmp / "notes.json"), "--force"],
+         "is not an evaluation that clat wrote"),
+        ("demo into a training run", ["demo", "--fast", "--force", "--out", str(fake_run)],
+         "holds an unfinished training run (made by `clat train`)"),
+        ("train into a demo", ["train", *TINY, "--force", "--run-dir", str(fake_demo)],
+         "holds a demo (made by `clat demo`), not a training run"),
+        ("demo over files of your own", ["demo", "--fast", "--force", "--out", str(tmp / "mine")], "clat did not write (files of your own"),
     ]
     return cases
 
@@ -202,4 +228,4 @@ def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, capsys,
 def test_nan_loss_stops_with_clear_message(tmp_path, capsys):
     rc = main([*Q, "train", *TINY, "pretrain.method=standard", "pretrain.lr=1e30", "pretrain.epochs=2", "--run-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert rc == 2 and "lower the learning rate (pretrain.lr=1e+29)" in err
+    assert rc == 2 and "no checkpoint was written yet: start again with a lower learning rate, pretrain.lr=0.1, and --force" in err

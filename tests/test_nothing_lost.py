@@ -332,3 +332,354 @@ def test_a_crafted_manifest_cannot_point_force_outside_the_folder(finished_run, 
     (run / ".clat-manifest.json").write_text(json.dumps({"written": ["config.yaml", "../victim"]}))
     assert main([*Q, "train", *TINY, "--force", "--run-dir", str(run)]) == 2
     assert "is damaged" in capsys.readouterr().err and (victim / "important.txt").read_text() == "keep"
+
+
+# -- the manifest owns every output, and says which command made the folder (issue 37) ---------------
+def test_train_records_its_report_and_a_short_force_retrain_leaves_no_stale_report(finished_run, tmp_path):
+    from clat.runs import RunDir
+
+    m = json.loads((finished_run / ".clat-manifest.json").read_text())
+    assert {"report.md", "plots"} <= set(m["written"]) and m["made_by"] == "train"
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    assert main([*Q, "train", *TINY, "pretrain.epochs=2", "seed=1", "--force", "--until-epoch", "1", "--run-dir", str(run)]) == 0
+    assert not (run / "report.md").exists() and not (run / "plots").exists()  # the deleted model's report went with it
+    assert (run / "notes.txt").read_text() == "mine" and RunDir(run).made_by() == "train"
+
+
+def test_force_removes_the_report_a_manifest_of_before_did_not_list(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    m = json.loads((run / ".clat-manifest.json").read_text())
+    old = {"written": [n for n in m["written"] if n not in ("report.md", "plots")], "by": "clat"}  # a manifest of before issue 37
+    (run / ".clat-manifest.json").write_text(json.dumps(old))
+    assert main([*Q, "train", *TINY, "pretrain.epochs=2", "--force", "--until-epoch", "1", "--run-dir", str(run)]) == 0
+    assert not (run / "report.md").exists() and not (run / "plots").exists()
+
+
+def test_demo_force_never_replaces_a_training_run_and_says_what_it_is(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(run)
+    for argv in (["demo", "--fast", "--force", "--out", str(run)], ["report", str(run)], ["demo", "--fast", "--out", str(run)],
+                 ["demo", "--fast", "--force", "--out", str(run)]):
+        rc = main([*Q, *argv])
+        err = capsys.readouterr().err
+        if argv[0] == "demo":
+            assert rc == 2 and "holds a finished training run (made by `clat train`); clat demo never replaces it" in err, err
+            assert "previous demo" not in err and "did not write" not in err
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if not k.startswith(("report.md", "plots"))} == \
+        {k: v for k, v in before.items() if not k.startswith(("report.md", "plots"))}
+
+
+def test_a_users_report_in_a_run_folder_is_never_replaced(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    shutil.rmtree(run / "plots")
+    (run / "report.md").write_text("my own report")
+    m = json.loads((run / ".clat-manifest.json").read_text())
+    (run / ".clat-manifest.json").write_text(json.dumps({**m, "written": [n for n in m["written"] if n not in ("report.md", "plots")]}))
+    assert main([*Q, "report", str(run)]) == 2
+    assert "holds report.md that clat did not write" in capsys.readouterr().err
+    assert main([*Q, "train", *TINY, "--force", "--run-dir", str(run)]) == 2  # refused before training: it would write a report
+    assert "holds report.md that clat did not write" in capsys.readouterr().err and (run / "report.md").read_text() == "my own report"
+
+
+def test_an_interrupted_command_records_what_it_wrote(finished_run, tmp_path, monkeypatch, capsys):
+    import clat.plots
+    from clat.runs import RunDir
+
+    run = copy_run(finished_run, tmp_path / "run")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clat.plots, "plot_criticality", interrupted)  # criticality.json is written, then Ctrl-C
+    assert main([*Q, "criticality", str(run), "--batch-size", "4", "--steps", "1"]) == 130
+    assert (run / "criticality.json").is_file() and "criticality.json" in RunDir(run).written()
+    assert "run the same `clat criticality` command again" in capsys.readouterr().err
+    assert main([*Q, "train", *TINY, "--force", "--run-dir", str(run)]) == 0
+    assert not (run / "criticality.json").exists()  # the old model's result went with it
+
+
+@pytest.mark.parametrize("command, patch, hint", [
+    ("eval", "clat.protocol.run_protocol", "run the same `clat eval` command again"),
+    ("report", "clat.report.plot_curves", "run `clat report` again"),
+    ("train", "clat.loop._run_epoch", "continue"),
+])
+def test_ctrl_c_says_what_fits_the_command(finished_run, tmp_path, monkeypatch, capsys, command, patch, hint):
+    import importlib
+
+    run = copy_run(finished_run, tmp_path / "run")
+    mod, _, name = patch.rpartition(".")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(mod), name, interrupted)
+    argv = {"eval": ["eval", str(run), "--n-examples", "4", "--steps", "1"], "report": ["report", str(run)],
+            "train": ["train", *TINY, "--run-dir", str(tmp_path / "new")]}[command]
+    assert main([*Q, *argv]) == 130
+    err = capsys.readouterr().err
+    assert hint in err and (command == "train") == ("train --resume" in err), err
+    if command == "train":
+        assert f"clat train --resume {tmp_path / 'new'}`" in err
+
+
+# -- metrics.jsonl: a damaged line is named, never silently shortens a report -------------------------
+def _cut_line(run: Path, n: int) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[n - 1] = lines[n - 1][:30]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def three_epoch_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("three") / "run"
+    assert main([*Q, "train", *TINY, "pretrain.epochs=2", "finetune.epochs=1", "keep_checkpoints=3", "--run-dir", str(run)]) == 0
+    return run
+
+
+def test_report_names_a_damaged_metrics_line_and_the_epochs_it_shows(three_epoch_run, tmp_path, capsys):
+    run = copy_run(three_epoch_run, tmp_path / "run")
+    _cut_line(run, 2)
+    with pytest.warns(UserWarning) as seen:
+        assert main([*Q, "report", str(run)]) == 0
+    msgs = [str(w.message) for w in seen]
+    line = f"{run / 'metrics.jsonl'} line 2 (after epoch 1's row) is not valid JSON"
+    assert any(line in m and "shows epochs 1, 3 only" in m for m in msgs), msgs
+    text = (run / "report.md").read_text()
+    assert "WARNING: metrics.jsonl is damaged" in text and "show epochs 1, 3 only" in text
+    assert text.startswith("# Run report: `run` (PGD-AT + CLAT)")  # the rows after the damaged line are kept
+
+
+def test_resume_says_what_it_does_with_a_damaged_metrics_line(three_epoch_run, tmp_path, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="clat")
+    run = copy_run(three_epoch_run, tmp_path / "run")
+    (run / "summary.json").unlink()
+    (run / "model.safetensors").unlink()
+    _cut_line(run, 2)
+    with pytest.warns(UserWarning, match=r"line 2 \(after epoch 1's row\) is not valid JSON.*--resume drops it, so the row it held"):
+        assert main([*Q, "train", "--resume", str(run)]) == 0
+    assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 3]
+    # a line cut by the interruption, after the checkpoint, is the epoch trained again: said, not warned
+    run2 = copy_run(three_epoch_run, tmp_path / "run2")
+    shutil.rmtree(run2 / "checkpoints" / "epoch_0002")
+    (run2 / "summary.json").unlink()
+    _cut_line(run2, 3)
+    caplog.clear()
+    assert main([*Q, "train", "--resume", str(run2)]) == 0
+    assert any("line 3 (after epoch 2's row) is cut short" in m and "trained again" in m for m in caplog.messages), caplog.messages
+    assert [r["epoch"] for r in map(json.loads, (run2 / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+
+
+def test_a_full_disk_while_appending_metrics_names_the_file_and_leaves_no_empty_file(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:7])  # part of the line reaches the disk, then it is full
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    def full_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Full(f) if str(path).endswith("metrics.jsonl") and "a" in mode else f
+
+    monkeypatch.setattr(builtins, "open", full_open)  # whichever module appends the rows
+    run = tmp_path / "run"
+    assert main([*Q, "train", *TINY, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"clat: error: could not append epoch 1's row to {run / 'metrics.jsonl'} (No space left on device); free some disk "
+                       f"space and continue with `clat train --resume {run}` (the epochs before are kept)"), err
+    assert not (run / "metrics.jsonl").exists()  # neither empty nor half a line
+    monkeypatch.undo()
+    assert main([*Q, "train", "--resume", str(run)]) == 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+# -- divergence: the advice ends in a fix that works ------------------------------------------------------
+def test_following_the_divergence_advice_ends_in_a_working_run(tmp_path, capsys):
+    """The issue's loop: a pretraining rate far too high explodes the weights while the loss stays finite, and the loss
+    becomes NaN only in the fine-tuning stage. The advice must not send the user down ever-lower finetune.lr values."""
+    import re
+
+    run = str(tmp_path / "d")
+    tiny = ["model.name=tiny_cnn", "data.train_size=300", "data.val_size=100", "data.batch_size=100", "eval.n_examples=20", "eval.steps=1",
+            "attack.steps=1", "pretrain.epochs=1", "finetune.epochs=2"]
+    argv, overrides, advice = ["train", "cpu/bundled_quick", *tiny, "pretrain.lr=1e10", "--run-dir", run], {}, []
+    for _ in range(4):
+        rc = main([*Q, *argv])
+        err = capsys.readouterr().err
+        if rc == 0:
+            break
+        assert rc == 2 and "loss became nan" in err, err
+        advice.append(err)
+        key, value = re.findall(r"(\w+\.lr)=([0-9.e+-]+[0-9])", err)[-1]  # the advice's (the first names the rate that diverged)
+        if f"clat train --resume {run} " in err:
+            argv = ["train", "--resume", run, f"{key}={value}"]
+        else:
+            assert "--force" in err, err
+            overrides[key] = value
+            fixed = [f"{k}={v}" for k, v in overrides.items()]
+            argv = ["train", "cpu/bundled_quick", *tiny, "pretrain.lr=1e10", *fixed, "--force", "--run-dir", run]
+    assert rc == 0, advice
+    assert len(advice) == 1 and "weights had already exploded in epoch 1 (pretrain stage" in advice[0], advice
+    assert "pretrain.lr=0.1 --force" in advice[0], advice
+    meta = json.loads(next((tmp_path / "d" / "checkpoints").glob("epoch_*/meta.json")).read_text())
+    assert meta["health"]["sound"] and meta["health"]["max_abs_param"] < 10
+
+
+def test_a_sound_last_checkpoint_is_continued_with_a_lower_rate(tmp_path, capsys, monkeypatch):
+    import clat.loop
+
+    run = tmp_path / "r"
+    real = clat.loop._run_epoch
+
+    def nan_in_epoch_2(r, stage, loader, epoch, *a):
+        row = real(r, stage, loader, epoch, *a)
+        if epoch == 1:
+            raise clat.loop._diverged(r, epoch, "pretrain", r.cfg.pretrain, {"loss": float("nan")})
+        return row
+
+    monkeypatch.setattr(clat.loop, "_run_epoch", nan_in_epoch_2)
+    assert main([*Q, "train", *TINY, "pretrain.epochs=2", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"the last checkpoint (epoch_0000) is sound (finite loss and weights). Lower the learning rate and continue from it: " \
+           f"clat train --resume {run} pretrain.lr=0.01" in err, err
+
+
+# -- resume at another CPU thread count: the condition is said -------------------------------------------
+def test_resume_at_another_thread_count_says_it_is_not_bit_identical(tmp_path, caplog):
+    import logging
+
+    from clat.config import load_config
+    from clat.loop import train
+
+    caplog.set_level(logging.WARNING, logger="clat")
+    cfg = load_config(None, [*TINY, "pretrain.epochs=2", "progress=false"])
+    n = torch.get_num_threads()
+    train(cfg, tmp_path / "r", until_epoch=1)
+    assert json.loads((tmp_path / "r" / "checkpoints" / "epoch_0000" / "meta.json").read_text())["cpu_threads"] == n
+    torch.set_num_threads(n + 1)
+    try:
+        train(None, tmp_path / "r", resume=True)
+    finally:
+        torch.set_num_threads(n)
+    assert any(f"was written with {n} CPU threads and this process uses {n + 1}: the resumed run is not bit-identical" in m
+               and f"OMP_NUM_THREADS={n}" in m for m in caplog.messages), caplog.messages
+
+
+def test_resume_at_the_same_thread_count_says_nothing_of_it(tmp_path, caplog):
+    from clat.config import load_config
+    from clat.loop import train
+
+    cfg = load_config(None, [*TINY, "pretrain.epochs=2", "progress=false"])
+    train(cfg, tmp_path / "r", until_epoch=1)
+    train(None, tmp_path / "r", resume=True)
+    assert not [m for m in caplog.messages if "CPU threads" in m]
+
+
+# -- a checkpoint that matches its checksums but does not load: the previous one ------------------------
+def test_an_unloadable_state_that_matches_its_manifest_falls_back_to_the_previous_checkpoint(tmp_path):
+    from clat.checkpoint import sha256
+    from clat.config import load_config
+    from clat.loop import train
+
+    cfg = load_config(None, [*TINY, "pretrain.epochs=3", "keep_checkpoints=2", "progress=false"])
+    train(cfg, tmp_path / "ref")
+    run = tmp_path / "r"
+    train(cfg, run, until_epoch=2)
+    d = run / "checkpoints" / "epoch_0001"
+    (d / "state.pt").write_bytes(b"not a torch file, but its checksum is recorded")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["sha256"]["state.pt"] = sha256(d / "state.pt")
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"epoch_0001 cannot be loaded \(could not read training state .*\); falling back to the previous"):
+        train(None, run, resume=True)
+    want, got = read_state_dict(tmp_path / "ref" / "model.safetensors"), read_state_dict(run / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)  # epochs 2 and 3 trained again from epoch 1's checkpoint
+
+
+# -- messages that name their file and one fix, cheap checks first -----------------------------------------
+def test_eval_out_an_existing_folder_writes_into_it_and_says_what_it_holds(finished_run, tmp_path, capsys, monkeypatch):
+    import clat.protocol
+
+    out = tmp_path / "results"
+    out.mkdir()
+    args = [*Q, "eval", str(finished_run / "model.safetensors"), "--n-examples", "4", "--steps", "1", "--out", str(out)]
+    assert main(args) == 0 and json.loads((out / "eval.json").read_text())["n"] == 4
+    assert main([*args[:-2], "--steps", "2", "--out", str(out)]) == 0  # other settings: beside it
+    assert len(list(out.glob("eval_*.json"))) == 1
+    monkeypatch.setattr(clat.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --out"))
+    assert main(args) == 2
+    assert f"{out / 'eval.json'} already holds an evaluation with these settings" in capsys.readouterr().err
+    (tmp_path / "mine.json").write_text("[1, 2]")
+    assert main([*args[:-1], str(tmp_path / "mine.json"), "--force"]) == 2
+    assert "is not an evaluation that clat wrote; clat never replaces it, --force or not" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == "[1, 2]"
+    monkeypatch.undo()
+    assert main([*args, "--force"]) == 0  # replaced, not "Is a directory" after the attack
+
+
+def test_eps_sweep_is_checked_before_any_attack(finished_run, tmp_path, monkeypatch, capsys):
+    import clat.protocol
+
+    monkeypatch.setattr(clat.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --eps-sweep"))
+    assert main([*Q, "eval", str(finished_run), "--n-examples", "4", "--eps-sweep=0,-8/255", "--out", str(tmp_path / "e.json")]) == 2
+    assert "argument --eps-sweep: needs one or more finite radii >= 0, got '0,-8/255'" in capsys.readouterr().err
+
+
+def test_a_surrogate_state_dict_loads_with_model(finished_run, tmp_path):
+    sur = tmp_path / "surrogate.pt"
+    torch.save(read_state_dict(finished_run / "model.safetensors"), sur)
+    out = tmp_path / "e.json"
+    assert main([*Q, "eval", str(finished_run), "--n-examples", "4", "--steps", "1", "--sanity", "--square-queries", "0",
+                 "--surrogate", str(sur),
+                 "--model", "tiny_cnn", "--out", str(out)]) == 0
+    black_box = next(c for c in json.loads(out.read_text())["sanity"]["checks"] if c["name"] == "black_box")
+    assert "transfer from surrogate.pt" in black_box["values"]["black_box_acc"]
+
+
+def test_a_read_only_location_is_named_before_the_lock(tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == ro and mode == os.W_OK else real(p, mode, **k))
+    for argv, fix in ((["train", *TINY, "--run-dir", str(ro / "run")], "choose another --run-dir"),
+                      (["demo", "--fast", "--out", str(ro / "demo")], "choose another --out")):
+        assert main([*Q, *argv]) == 2
+        assert capsys.readouterr().err.strip() == f"clat: error: cannot write into {argv[-1]}: {ro} is not writable; {fix}"
+    assert list(ro.iterdir()) == []  # not even a lock file
+
+
+def test_a_real_read_only_filesystem_gives_the_friendly_message(finished_run, tmp_path, capsys):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:80]})")
+    try:
+        shutil.copytree(finished_run, mnt / "run", ignore=shutil.ignore_patterns("plots", "report.md"))
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        for argv, needle in ((["train", *TINY, "--run-dir", str(mnt / "new")], f"cannot write into {mnt / 'new'}: {mnt} is not writable"),
+                             (["train", "--resume", str(mnt / "run")], "copy the run folder to a writable place and resume it there"),
+                             (["demo", "--fast", "--out", str(mnt / "demo")], "choose another --out")):
+            assert main([*Q, *argv]) == 2
+            err = capsys.readouterr().err
+            assert needle in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

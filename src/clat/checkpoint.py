@@ -164,8 +164,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        reason, refused = _weights_only_refusal(e)
+        what = f"the global {refused}, which is not a tensor or plain container" if refused else \
+            "objects other than tensors and plain containers"
         raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain containers ({str(e).splitlines()[0][:200]}). "
+            f"refused to load {path}: it holds {what} (torch's weights-only loader: \"{reason}\"). "
             "clat never runs code from a checkpoint; re-save its state_dict() with torch.save or safetensors"
         ) from None
     except Exception as e:  # corrupted zip, wrong format
@@ -180,6 +183,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
+
+
+def _weights_only_refusal(e: Exception) -> tuple[str, str | None]:
+    """torch's reason for refusing a file under ``weights_only=True``, whole, on one line (its text after
+    "WeightsUnpickler error:", without the advice to load with ``weights_only=False``), and the global it refused."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    reason = reason.split("Check the documentation of torch.load", 1)[0]
+    reason = " ".join(reason.split()) or "no reason given"
+    refused = re.search(r"GLOBAL (\S+)", text)
+    return reason, refused.group(1) if refused else None
 
 
 # names under which public checkpoints keep the input normalization (RobustBench: ``mu``/``sigma``
@@ -324,6 +340,14 @@ def load_state(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"could not read training state {path} ({type(e).__name__}); the checkpoint is corrupted") from None
+
+
+def load_training_state(path: str | Path) -> dict:
+    """A checkpoint's training state; a one-line error for a file that is not one (even where its checksum matches)."""
+    state = load_state(path)
+    if not (isinstance(state, dict) and isinstance(state.get("epoch"), int) and isinstance(state.get("stage"), str) and "rng" in state):
+        raise CheckpointError(f"{path} is not a clat training state (no epoch, stage and RNG); the checkpoint is damaged")
+    return state
 
 
 def find_weights(path: str | Path) -> Path:

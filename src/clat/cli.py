@@ -50,6 +50,14 @@ def _float_list(s: str) -> list[float]:
     return [_float(v.strip()) for v in s.split(",") if v.strip()]
 
 
+def _eps_list(s: str) -> list[float]:
+    """``--eps-sweep``, checked as it is parsed: before any attack (not after the main evaluation, which it lost)."""
+    eps = _float_list(s)
+    if not eps or not all(0 <= e < float("inf") for e in eps):
+        raise argparse.ArgumentTypeError(f"needs one or more finite radii >= 0, got {s!r}; e.g. --eps-sweep 0,2/255,4/255,8/255")
+    return eps
+
+
 def _attack_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attack (default: the run's own threat model, else linf 8/255, step 2/255) and images")
     g.add_argument("--n-examples", type=int, help="evaluate a random subset of this size (fixed --seed); default: all")
@@ -116,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--autoattack", action="store_true", help="standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from pyautoattack")
     e.add_argument("--autoattack-version", choices=["standard", "plus", "rand"], default="standard")
     e.add_argument("--apgd-ce", action="store_true", help="APGD-CE alone from pyautoattack, 1 restart (paper Table 8)")
-    e.add_argument("--eps-sweep", type=_float_list, metavar="LIST", help="PGD accuracy at each ε, e.g. 0,2/255,4/255,8/255,16/255 (Figure 4)")
+    e.add_argument("--eps-sweep", type=_eps_list, metavar="LIST",
+                   help="PGD accuracy at each ε, e.g. 0,2/255,4/255,8/255,16/255 (Figure 4)")
     e.add_argument("--sanity", action="store_true", help="checks against gradient masking (flags are printed and stored)")
     e.add_argument("--surrogate", action="append", default=[], metavar="CKPT", help="transfer source for the black-box sanity check (repeatable)")
     e.add_argument("--square-queries", type=int, default=1000, help="queries of the Square black-box sanity check (0: skip; default 1000)")
@@ -209,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(cfg_path, overrides)
         if args.quiet:
             cfg.progress = False
-        run_dir = args.run_dir or f"runs/{Path(cfg_path).stem if cfg_path else 'run'}"
+        run_dir = args.run_dir = args.run_dir or f"runs/{Path(cfg_path).stem if cfg_path else 'run'}"  # (named by a Ctrl-C)
         summary = train(cfg, run_dir, force=args.force, until_epoch=args.until_epoch)
     from clat import distributed
 
@@ -378,8 +387,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clat: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("clat: interrupted (a run continues with `clat train --resume RUN_DIR`)", file=sys.stderr)
+        print(f"clat: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C, in the words of the command that was stopped."""
+    if args.command == "train":
+        run = getattr(args, "resume", None) or getattr(args, "run_dir", None) or "RUN_DIR"
+        return f"the run continues from its last checkpoint with `clat train --resume {run}`"
+    if args.command == "demo":
+        return f"start the demo again with `clat demo --force --out {args.out}` (it replaces only what the demo wrote)"
+    if args.command == "layer-sweep":
+        return "run the same command again: the sweep continues with the items not done"
+    if args.command == "report":
+        return "run `clat report` again: it renders the whole report from the run's files"
+    return f"its results are written when it completes: run the same `clat {args.command}` command again (with --force where it says so)"
 
 
 if __name__ == "__main__":

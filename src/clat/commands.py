@@ -67,7 +67,8 @@ def data_config(args: argparse.Namespace, run_cfg) -> "object":
 @contextlib.contextmanager
 def writing(paths: Sequence[Path], command: str):
     """Checked before any work: ``paths`` can be written. If they go into a clat run folder, that folder
-    is locked for the block (one writer at a time) and they are recorded in its manifest once written."""
+    is locked for the block (one writer at a time) and they are recorded in its manifest as the block ends,
+    however it ends (each one it wrote)."""
     import os
 
     from clat.runs import RunDir
@@ -80,9 +81,8 @@ def writing(paths: Sequence[Path], command: str):
     if not run.holds_run():
         yield
         return
-    with run.lock(command):
+    with run.lock(command), run.recording(*[p.resolve() for p in paths]):  # resolved: recording() reads a relative path in the run
         yield
-        run.record(*[p.resolve() for p in paths if p.exists()])  # record() takes a relative path as one inside the run folder
 
 
 def run_config(checkpoint: str | None):
@@ -219,29 +219,43 @@ def _eval_tag(args: argparse.Namespace, a) -> str:
 
 def _eval_out(args: argparse.Namespace, a) -> Path:
     """Where this evaluation goes, decided before any attack runs. An evaluation never replaces
-    another silently: a run's first evaluation is ``eval.json``, one with other settings goes to
-    ``eval_<settings>.json``, and a file of the same settings is replaced only with ``--force``."""
+    another silently: a folder's first evaluation is ``eval.json`` (the run folder's, or that of a folder
+    given with ``--out``), one with other settings goes to ``eval_<settings>.json``, and a file that exists is
+    replaced only with ``--force``, and only if it is an evaluation clat wrote."""
     import os
 
-    default_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(".")
     tag = _eval_tag(args, a)
-    if args.out:
+    if args.out and not Path(args.out).is_dir():
         out = Path(args.out)
     else:
-        out = default_dir / "eval.json"
-        if out.exists():
-            try:
-                same = json.loads(out.read_text()).get("settings_tag") == tag
-            except (OSError, ValueError, AttributeError):
-                same = False
-            if not same:
-                out = default_dir / f"eval_{tag}.json"
-    if out.exists() and not args.force:
-        raise ClatError(f"{out} already holds an evaluation with these settings; pass --force to replace it, or --out FILE to keep both")
+        folder = Path(args.out) if args.out else Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(".")
+        out = folder / "eval.json"
+        if out.exists() and _evaluation_in(out) != tag:
+            out = folder / f"eval_{tag}.json"
+    if out.exists():
+        held = _evaluation_in(out)
+        if held is None:
+            raise ClatError(f"{out} is {'a folder' if out.is_dir() else 'not an evaluation that clat wrote'}; clat never replaces it"
+                            f"{', --force or not' if args.force else ''}: choose another file with --out")
+        if not args.force:
+            what = "an evaluation with these settings" if held == tag else f"an evaluation with other settings ({held or 'unknown'})"
+            raise ClatError(f"{out} already holds {what}; pass --force to replace it, or --out FILE to keep both")
     parent = next((p for p in (out.parent, *out.parents) if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
         raise ClatError(f"cannot write {out}: {parent} is not writable; choose another file with --out")
     return out
+
+
+def _evaluation_in(path: Path) -> str | None:
+    """The settings tag of the evaluation ``path`` holds ("" for one of a clat that wrote none), or None when it is
+    not an evaluation written by clat (a folder, another file)."""
+    try:
+        e = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(e, dict) or not ("settings_tag" in e or ("n" in e and "clean_acc" in e)):
+        return None
+    return str(e.get("settings_tag") or "")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -284,7 +298,7 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str, be
     model, meta = _load_checkpoint(best["path"] if best else args.checkpoint, args, device)
     surrogates = {}
     for i, sp in enumerate(args.surrogate if args.sanity else ()):
-        sur, _ = _load_checkpoint(sp, argparse.Namespace(model=None, num_classes=None, no_normalize=False), device)
+        sur, _ = _load_checkpoint(sp, _surrogate_args(sp, args), device)
         surrogates[Path(sp).name if Path(sp).name not in surrogates else f"{Path(sp).name}#{i}"] = sur
     splits = prepare_data(cfg)
     x, y, indices = _eval_images(args, splits, with_indices=True)
@@ -315,6 +329,17 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str, be
     return 0
 
 
+def _surrogate_args(path: str, args: argparse.Namespace) -> argparse.Namespace:
+    """A surrogate is built as its own file says; one that does not say (a plain state dict) as ``--model`` says."""
+    from clat.checkpoint import find_weights, read_metadata
+
+    w = find_weights(path)
+    meta = read_metadata(w) if w.suffix == ".safetensors" else {}
+    if meta.get("model") and not meta.get("custom"):
+        return argparse.Namespace(model=None, num_classes=None, no_normalize=False)
+    return args
+
+
 def cmd_transfer(args: argparse.Namespace) -> int:
     from clat.evaluate import transfer_matrix
     from clat.plots import plot_transfer
@@ -337,12 +362,13 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     x, y = _eval_images(args, splits)
     a, source = threat_of(args, run_config(args.checkpoints[0]))
     print(f"threat model: {_threat_str(a)} ({source})")
-    res = transfer_matrix(models, x, y, a, restarts=args.restarts, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
-    res.update({"checkpoints": list(args.checkpoints), "data": splits.name, "split": args.split})
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    png = plot_transfer(res, out.with_suffix(".png"))
+    with writing([out, out.with_suffix(".png")], "transfer"):
+        res = transfer_matrix(models, x, y, a, restarts=args.restarts, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+        res.update({"checkpoints": list(args.checkpoints), "data": splits.name, "split": args.split})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        png = plot_transfer(res, out.with_suffix(".png"))
     h, rows = transfer_rows(res)
     print(text_table(h, rows))
     print(f"rows attack, columns are attacked; diagonal = white-box PGD-{args.steps} (n={res['n']}, {res['time_s']:.0f} s) -> {out}, {png}")

@@ -82,28 +82,42 @@ def _legacy_demo(out: Path) -> bool:
 
 def run_demo(out: str | Path = "runs/demo", *, force: bool = False, fast: bool = False, progress: bool = True) -> Path:
     """The demo in ``out``. A folder may hold other files: they are never touched. A previous demo there is
-    replaced only with ``force``, and then only the files clat wrote (its manifest) are removed."""
+    replaced only with ``force``, and then only the files clat wrote (its manifest) are removed; a folder that
+    another command made (a training run) is never replaced, ``force`` or not."""
     s = FAST if fast else DemoSettings()
     out = Path(out)
     rd = RunDir(out)
     with rd.lock("demo"):
-        present = [n for n in DEMO_FILES if (out / n).exists()]
-        if present:
-            if not force:
-                raise ConfigError(f"{out} already holds {', '.join(present)}; pass --force to replace the previous demo (only the files "
-                                  "clat wrote are removed) or choose another --out")
-            mine = set(DEMO_FILES) if _legacy_demo(out) else {p.name for p in rd.removable()}
-            foreign = [n for n in present if n not in mine]
-            if foreign:
-                raise ConfigError(f"{out} holds {', '.join(foreign)} that clat did not write; --force only replaces clat's own files: "
-                                  "choose another --out")
-            for n in present:
-                p = out / n
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            rd.clear()
+        _make_room(rd, force)
         out.mkdir(parents=True, exist_ok=True)
-        rd.record(*DEMO_FILES)
+        rd.record(*DEMO_FILES, made_by="demo")
         return _run_demo(out, s, progress)
+
+
+def _make_room(rd: RunDir, force: bool) -> None:
+    """Check that the demo may write into ``rd`` and, with ``force``, remove a previous demo's files (only those)."""
+    out = rd.path
+    maker = rd.made_by()
+    if rd.holds_run() or maker not in (None, "demo"):
+        raise ConfigError(f"{out} holds {rd.describe()}; clat demo never replaces it{', --force or not' if force else ''}: "
+                          "choose another --out")
+    present = [n for n in DEMO_FILES if (out / n).exists()]
+    if not present:
+        return
+    legacy = maker is None and _legacy_demo(out)
+    mine = set(DEMO_FILES) if legacy else {p.name for p in rd.removable()} if maker == "demo" else set()
+    foreign = [n for n in present if n not in mine]
+    if foreign:
+        what = "a demo with files of your own" if mine else rd.describe()
+        raise ConfigError(f"{out} holds {', '.join(foreign)} that clat did not write ({what}); "
+                          "clat demo never replaces them, --force or not: move them, or choose another --out")
+    if not force:
+        raise ConfigError(f"{out} already holds a demo (made by `clat demo`); pass --force to replace it (only the files the demo wrote "
+                          "are removed) or choose another --out")
+    for n in present:
+        p = out / n
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    rd.clear()
 
 
 def _run_demo(out: Path, s: DemoSettings, progress: bool) -> Path:

@@ -31,7 +31,7 @@ from clat import distributed as dist_mod
 from clat import rng
 from clat.best import ValHistory, save_best
 from clat.callbacks import Callbacks, LiveRun, console, format_row
-from clat.checkpoint import atomic_write_text, load_into, load_state, read_state_dict, save_weights
+from clat.checkpoint import atomic_write_text, load_into, load_training_state, read_state_dict, save_weights
 from clat.config import Config, StageConfig, flat_keys, override, parse_overrides, to_dict
 from clat.data import Loader, Splits, prepare_data, to_unit_float
 from clat.errors import ClatError, ConfigError
@@ -41,6 +41,7 @@ from clat.methods import EpochContext, create_method
 from clat.models import PYTHON_MODEL, build_model, is_factory, model_info
 from clat.provenance import versions
 from clat.runs import RunDir
+from clat.soundness import divergence_advice, health, note_thread_count, weight_scale
 from clat.stage import Stage, StepRunner, resolve_channels_last
 from clat.warmstart import load_init
 
@@ -125,6 +126,7 @@ class _Run:
     zoo_model: str | None
     stages: list[tuple[str, StageConfig, int]] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
+    start_scale: float = 1.0  # the largest parameter magnitude before training: what a sound checkpoint is measured against
 
     @classmethod
     def build(cls, cfg: Config, rd: RunDir, dist_device, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None) -> "_Run":
@@ -153,7 +155,7 @@ class _Run:
             model = model.to(memory_format=torch.channels_last)
         dist_mod.broadcast_module(model)  # every rank starts from rank 0's weights
         layers = find_layers(model, to_unit_float(splits.x_train[:2].to(device)), merge_norms=cfg.model.merge_norms)
-        run = cls(cfg, rd, model, splits, layers, meta, zoo_model, _stages(cfg), device)
+        run = cls(cfg, rd, model, splits, layers, meta, zoo_model, _stages(cfg), device, weight_scale(model))
         for _, scfg, _ in run.stages:  # fail on a bad method setting now, not after hours of pretraining
             run.method(scfg)
         if cfg.early_stop.patience is not None and min(cfg.eval.n_examples, len(splits.x_val)) == 0:
@@ -195,14 +197,16 @@ class _Resumed:
     source: str = ""
 
     @classmethod
-    def latest(cls, rd: RunDir) -> tuple["_Resumed", int]:
-        d = rd.checkpoints().latest_valid()
-        if d is None:
+    def latest(cls, rd: RunDir, device: torch.device | None = None) -> tuple["_Resumed", int]:
+        ck = rd.checkpoints()
+        found = ck.loadable(lambda d: (load_training_state(ck.state(d)), read_state_dict(d / "model.safetensors")))
+        if found is None:
             log.warning("no valid checkpoint in %s: starting from the beginning", rd.path)
             return cls(), 0
-        state = load_state(rd.checkpoints().state(d))
+        d, (state, weights) = found
         log.info("resuming %s after epoch %d", rd.path, int(state["epoch"]) + 1)
-        return cls(read_state_dict(d / "model.safetensors"), state, str(d)), int(state["epoch"]) + 1
+        note_thread_count(rd, d, device)
+        return cls(weights, state, str(d)), int(state["epoch"]) + 1
 
 
 def _enter_stage(run: _Run, name: str, scfg: StageConfig, loader: Loader, runner: StepRunner, resumed: _Resumed, changed: dict) -> Stage:
@@ -233,7 +237,7 @@ def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int |
     runner = StepRunner.from_config(run.model, run.device, cfg)
     if cfg.compile:
         run.model.compile(mode=None if cfg.compile is True else cfg.compile)
-    resumed, start_epoch = _Resumed.latest(rd) if resume else (_Resumed(), 0)
+    resumed, start_epoch = _Resumed.latest(rd, run.device) if resume else (_Resumed(), 0)
     if dinfo.is_main:
         rd.truncate_metrics(start_epoch)
     history = ValHistory.of([r for r in rd.metrics() if r["epoch"] <= start_epoch], cfg.early_stop)  # on every rank: one decision
@@ -291,7 +295,8 @@ def _commit(run: _Run, stage: Stage, epoch: int, row: dict, best: dict | None) -
     if best is not None:
         save_best(run.rd, stage.method.plain_model(stage.eval_model()), meta, best)
     state = {"epoch": epoch, "stage": row["stage"], **stage.state_dict(), "rng": rng.get_state()}
-    run.rd.checkpoints(run.cfg.keep_checkpoints).save(epoch, run.model, state, meta)
+    sound = health(run.model, row["train"].get("loss"), run.start_scale)
+    run.rd.checkpoints(run.cfg.keep_checkpoints).save(epoch, run.model, state, meta, sound)
 
 
 def _restore_last(run: _Run, loader: Loader, runner: StepRunner, resumed: _Resumed, changed: dict) -> Stage | None:
@@ -358,12 +363,7 @@ def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, s
 
 
 def _diverged(run: _Run, epoch: int, name: str, scfg: StageConfig, train_metrics: dict) -> TrainingDiverged:
-    last = run.rd.checkpoints().list()
-    return TrainingDiverged(
-        f"the training loss became {train_metrics.get('loss')} in epoch {epoch + 1}"
-        + (f"; the last good checkpoint ({last[-1].name}) is kept. Lower the learning rate and continue from it: "
-           f"clat train --resume {run.rd.path} {name}.lr={scfg.lr / 10:g}" if last else
-           f"; no checkpoint was written yet: lower the learning rate ({name}.lr={scfg.lr / 10:g}) and start again with --force"))
+    return TrainingDiverged(divergence_advice(run.rd, run.cfg, epoch, name, train_metrics.get("loss")))
 
 
 def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) -> dict:

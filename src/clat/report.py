@@ -91,7 +91,7 @@ def read_run(run_dir: str | Path) -> dict:
     rd = RunDir(run_dir)
     if not rd.metrics_path.is_file():
         raise ClatError(f"{run_dir} holds no metrics.jsonl; is it a run folder written by `clat train`?")
-    rows = rd.metrics()
+    rows, damaged = rd.read_metrics()
     summary = rd.summary()
     evals = {p.stem: _read_json(p) for p in sorted(run_dir.glob("eval*.json"))}
     crit = _read_json(run_dir / "criticality.json") if (run_dir / "criticality.json").is_file() else None
@@ -102,7 +102,8 @@ def read_run(run_dir: str | Path) -> dict:
         from clat.config import to_dict
 
         config = to_dict(rd.read_config())  # one-line error for a damaged or foreign config.yaml
-    return {"rows": rows, "summary": summary, "evals": evals, "criticality": crit, "stability": stability, "transfers": transfers, "config": config}
+    return {"rows": rows, "summary": summary, "evals": evals, "criticality": crit, "stability": stability, "transfers": transfers,
+            "config": config, "damaged": damaged}
 
 
 def method_label(rows: list[dict]) -> str:
@@ -288,12 +289,39 @@ def best_lines(summary: dict | None, rows: list[dict]) -> list[str]:
 
 
 def run_report(run_dir: str | Path) -> Path:
-    """Render ``report.md`` and ``plots/*.png`` of a run folder from its JSON files."""
-    run_dir = Path(run_dir)
+    """Render ``report.md`` and ``plots/*.png`` of a run folder from its JSON files, recorded in the run's manifest as
+    they are written; never over a ``report.md`` or ``plots/`` that clat did not write. Lines of ``metrics.jsonl`` that
+    are not rows are named in a warning and at the top of the report, with the epochs it shows."""
+    from clat.runs import REPORT_FILES, RunDir
+
+    run_dir, rd = Path(run_dir), RunDir(run_dir)
     run = read_run(run_dir)
+    foreign = rd.foreign(list(REPORT_FILES)) if rd.has_manifest() else []
+    if foreign:
+        raise ClatError(f"{run_dir} holds {' and '.join(foreign)} that clat did not write; clat never replaces them: "
+                        "move them away and run `clat report` again")
+    with rd.recording(*REPORT_FILES):
+        return _render_run_report(run_dir, run)
+
+
+def damage_lines(damaged: Sequence[str], rows: list[dict]) -> list[str]:
+    """The warning a report carries when lines of metrics.jsonl were skipped (also issued as a Python warning)."""
+    import warnings
+
+    from clat.metricsfile import epoch_ranges
+
+    shown = epoch_ranges([r["epoch"] for r in rows]) or "none"
+    for d in damaged:
+        warnings.warn(f"{d}; skipped: the report shows epochs {shown} only", stacklevel=3)
+    return ["> **WARNING: metrics.jsonl is damaged.** " + "; ".join(damaged) + ". These lines were skipped: the tables and curves "
+            f"below show epochs {shown} only.", ""] if damaged else []
+
+
+def _render_run_report(run_dir: Path, run: dict) -> Path:
     rows = run["rows"]
     plots = run_dir / "plots"
     out = [f"# Run report: `{run_dir.name}` ({method_label(rows)})", ""]
+    out += damage_lines(run.get("damaged", []), rows)
     if run["summary"]:
         s = run["summary"]
         out += [f"Model `{s['model']['model']}` ({s['total_params']:,} parameters, {s['layers']} layers) on {s['data']}, {s['epochs']} epochs.", ""]

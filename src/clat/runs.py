@@ -3,11 +3,9 @@
 A run folder (``clat train --run-dir``, ``clat demo --out``) holds clat's files beside whatever
 else a user keeps there. This module owns the rules that keep the user's files safe:
 
-- **Manifest** (``.clat-manifest.json``): every file or folder clat writes into a run folder is
-  recorded there (``record``). ``--force`` removes exactly those entries and nothing else
-  (``clear``); a folder whose files clat did not write is never emptied. Folders written by
-  clat 0.1, which kept no manifest, are recognised by their ``config.yaml`` (a valid clat
-  config) and ``metrics.jsonl``, and only clat's own file names are removed from them.
+- **Manifest** (``.clat-manifest.json``, :mod:`clat.manifest`): every file or folder clat writes into a
+  run folder is recorded there when it is written, with the command that made the folder; ``--force``
+  removes exactly those entries and nothing else, and never replaces another command's folder.
 - **Lock** (``.clat.lock``): one process at a time trains in, resumes or writes results into a
   run folder (``lock``): an exclusive ``flock`` held for the whole command, so the operating
   system releases it when the process ends, however it ends (kill -9 included: the next
@@ -19,6 +17,9 @@ else a user keeps there. This module owns the rules that keep the user's files s
 - **Layout**: nothing outside this module builds a path inside a run folder. ``metrics()`` is the
   one reader of ``metrics.jsonl``, ``checkpoints()`` owns ``checkpoints/epoch_NNNN/`` (write,
   list, prune, latest valid, the weights of an epoch), ``summary()`` reads ``summary.json``.
+- **Metrics** (:mod:`clat.metricsfile`): a line of ``metrics.jsonl`` that is not a row is named, never
+  dropped silently. **Health** of a checkpoint (:mod:`clat.soundness`, recorded in its ``meta.json``):
+  whether its loss and weights are sane, so that the advice after a divergence names a fix that works.
 
 Run folder::
 
@@ -29,7 +30,9 @@ Run folder::
     best/{model.safetensors, best.json}   weights of the best held-out PGD accuracy (clat.best)
     summary.json         final metrics, selection history, best epoch, early stop
     metrics.csv, tensorboard/, wandb/     the loggers of ``log:`` (clat.callbacks)
-    .clat-manifest.json  what clat wrote here;  .clat.lock  the lock
+    report.md, plots/    the report (``clat report``, and ``clat train`` at the end)
+    eval*.json, criticality.json/.png, stability.json, transfer*.json/.png   results of the other commands
+    .clat-manifest.json  what clat wrote here, and which command made the folder;  .clat.lock  the lock
 """
 
 from __future__ import annotations
@@ -47,22 +50,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clat.errors import ConfigError
+from clat.manifest import LOCK, MANIFEST, REPORT_FILES, RUN_FILES, Manifest
+from clat.metricsfile import MetricsFile
 
 log = logging.getLogger("clat")
 
-MANIFEST = ".clat-manifest.json"
-LOCK = ".clat.lock"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model.safetensors", "summary.json")
-# what clat 0.1 wrote into a run folder (it kept no manifest): removed by --force from such a folder only
-LEGACY_OUTPUTS = ("report.md", "plots", "criticality.json", "criticality.png", "stability.json", "comparison")
-LEGACY_PATTERNS = (r"eval.*\.json", r"transfer.*\.(json|png)")
 _TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # clat.checkpoint.atomic_write's temporary names
-
-
-def _plain_name(n: object) -> bool:
-    return isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n and "\0" not in n
-
-
 class RunLocked(ConfigError):
     """Another process holds the run folder."""
 
@@ -85,18 +78,44 @@ class Checkpoints:
     def state(self, epoch_dir: Path) -> Path:
         return epoch_dir / "state.pt"
 
-    def save(self, epoch: int, model, state: dict, meta: dict) -> Path:
+    def save(self, epoch: int, model, state: dict, meta: dict, health: dict | None = None) -> Path:
+        """Write epoch ``epoch``'s checkpoint. ``meta.json`` also records the CPU thread count (a resume at another
+        count is not bit-identical: ``--resume`` says so) and, given, the checkpoint's :func:`health`, with the
+        epoch since which the checkpoints have been unsound (``unsound_since``)."""
+        import torch
+
         from clat.checkpoint import atomic_write_text, save_state, save_weights, sha256
 
+        for later in [d for d in self.list() if _epoch_of(d) > epoch]:  # an abandoned future: resume skipped them (unloadable)
+            shutil.rmtree(later)
+        if health is not None:
+            health = {**health, "unsound_since": None if health["sound"] else self._unsound_since(epoch, meta.get("stage"))}
         d = self.dir(epoch)
         d.mkdir(parents=True, exist_ok=True)
         save_weights(d / "model.safetensors", model, meta)
         save_state(d / "state.pt", state)
         files = {n: sha256(d / n) for n in ("model.safetensors", "state.pt")}
-        atomic_write_text(d / "meta.json", json.dumps({"epoch": epoch, "sha256": files, **meta}))
+        extra = {"cpu_threads": torch.get_num_threads(), **({"health": health} if health is not None else {})}
+        atomic_write_text(d / "meta.json", json.dumps({"epoch": epoch, "sha256": files, **meta, **extra}))
         for old in self.list()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return d
+
+    def _unsound_since(self, epoch: int, stage: str | None) -> dict:
+        """Where an unsound run of checkpoints began: the previous checkpoint's record if it was unsound too, else here."""
+        prev = [d for d in self.list() if _epoch_of(d) < epoch]
+        h = (self.meta(prev[-1]) or {}).get("health") if prev else None
+        if isinstance(h, dict) and h.get("sound") is False and isinstance(h.get("unsound_since"), dict):
+            return h["unsound_since"]
+        return {"epoch": epoch, "stage": stage}
+
+    def meta(self, d: Path) -> dict | None:
+        """A checkpoint's ``meta.json`` (None if unreadable)."""
+        try:
+            m = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return m if isinstance(m, dict) else None
 
     def list(self) -> list[Path]:
         return sorted(p for p in self.root.glob("epoch_*") if p.is_dir()) if self.root.is_dir() else []
@@ -111,21 +130,45 @@ class Checkpoints:
                 shutil.rmtree(d)
 
     def latest_valid(self) -> Path | None:
+        return next(self.valid(), None)
+
+    def valid(self) -> Iterator[Path]:
+        """The checkpoints whose files match their ``meta.json``, newest first; each one skipped is named in a warning."""
         from clat.checkpoint import sha256
 
         for d in reversed(self.list()):
             try:
                 meta = json.loads((d / "meta.json").read_text())
                 if all(sha256(d / n) == h for n, h in meta["sha256"].items()):
-                    return d
+                    yield d
+                    continue
                 problem = "checksum mismatch"
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 problem = type(e).__name__
             warnings.warn(f"checkpoint {d} is incomplete or corrupted ({problem}); falling back to the previous one", stacklevel=2)
+
+    def loadable(self, load) -> tuple[Path, Any] | None:
+        """The newest valid checkpoint that ``load(dir)`` reads (a ``ClatError`` says it cannot), with what it read. A
+        checkpoint whose files match its checksums but cannot be loaded (written by another torch, or altered along
+        with its meta.json) is skipped like a corrupted one: with a warning, for the previous one."""
+        from clat.errors import ClatError
+
+        for d in self.valid():
+            try:
+                return d, load(d)
+            except ClatError as e:
+                warnings.warn(f"checkpoint {d} cannot be loaded ({e}); falling back to the previous one", stacklevel=2)
         return None
 
 
-class RunDir:
+def _epoch_of(d: Path) -> int:
+    return int(d.name[6:]) if d.name[6:].isdigit() else -1
+
+
+class RunDir(Manifest, MetricsFile):
+    """A run folder: its layout, checkpoints, config, lock, manifest (:class:`clat.manifest.Manifest`) and metrics
+    (:class:`clat.metricsfile.MetricsFile`)."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
@@ -177,18 +220,21 @@ class RunDir:
     def check_new(self, force: bool) -> None:
         """A new run may start here: nothing there yet, or (``force``) only what clat wrote. Checks only:
         nothing is removed before the whole configuration has been validated (then :meth:`prepare`)."""
-        present = [f for f in RUN_FILES if (self.path / f).exists()]
+        maker = self.made_by()
+        if maker not in (None, "train"):
+            raise ConfigError(f"{self.path} holds {self.describe()}, not a training run; clat train never replaces it"
+                              f"{', --force or not' if force else ''}: choose another --run-dir")
+        present = [f for f in (*RUN_FILES, *REPORT_FILES) if (self.path / f).exists()]
         if present:
             foreign = self.foreign(present)
             if foreign:
-                raise ConfigError(f"run folder {self.path} holds {', '.join(foreign)} that clat did not write (it is not a clat run); "
-                                  "clat never replaces files it did not write: choose another --run-dir")
+                raise ConfigError(f"run folder {self.path} holds {', '.join(foreign)} that clat did not write"
+                                  f"{' (it is not a clat run)' if not self.holds_run() else ''}; "
+                                  "clat never replaces files it did not write: move them, or choose another --run-dir")
             if not force:
                 state = "a finished run" if self.finished() else "an unfinished run (continue it with --resume)"
                 raise ConfigError(f"run folder {self.path} already holds {state}; choose another --run-dir or pass --force to overwrite it")
-        parent = next((p for p in (self.path, *self.path.parents) if p.exists()), Path("."))
-        if not os.access(parent, os.W_OK):
-            raise ConfigError(f"cannot write into {self.path}: {parent} is not writable; choose another --run-dir")
+        self.check_writable("train")
 
     def prepare(self, cfg, *, resume: bool, force: bool, changed: dict) -> None:
         """The folder made ready for the epochs, once everything is validated: a new run's config written (``force``:
@@ -204,44 +250,19 @@ class RunDir:
                 gone = self.clear()
                 if gone:
                     log.info("--force: removed %s from %s (what clat wrote there; nothing else)", ", ".join(gone), self.path)
-            self.record(*RUN_FILES)
+            self.record(*RUN_FILES, made_by="train")
             atomic_write_text(self.config_path, header() + dump_yaml(cfg))
             return
         if not self.has_manifest():  # a run of clat 0.1: its own files, as they are now
-            self.record(*[p.name for p in self.removable()], *RUN_FILES)
+            self.record(*[p.name for p in self.removable()], *RUN_FILES, made_by="train")
+        elif "made_by" not in self._manifest():  # a manifest from before made_by: it did not list the report either
+            self.record(*[p.name for p in self.removable()], made_by="train")
         stale = self.remove_stale_tmp()
         if stale:
             log.info("removed %d half-written temporary file(s) of an interrupted write", stale)
         if changed:
             atomic_write_text(self.config_path, header() + dump_yaml(cfg))
             log.info("--resume with %s (recorded in config.yaml and metrics.jsonl)", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
-
-    # -- metrics.jsonl: the one reader and writer ----------------------------------------------
-    def metrics(self) -> list[dict[str, Any]]:
-        """The epoch rows. A line cut by a crash ends the list: nothing after it is trusted."""
-        if not self.metrics_path.is_file():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return rows
-
-    def append_metrics(self, row: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-
-    def truncate_metrics(self, epochs: int) -> None:
-        """Keep only the rows of the first ``epochs`` epochs (those that have a checkpoint; resume rewrites the rest)."""
-        from clat.checkpoint import atomic_write_text
-
-        rows = [r for r in self.metrics() if r["epoch"] <= epochs]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -308,70 +329,6 @@ class RunDir:
             return False
         return True
 
-    # -- manifest -----------------------------------------------------------------------------
-    def written(self) -> list[str]:
-        """Names (relative to the folder) that clat wrote here, per the manifest."""
-        if not self.has_manifest():
-            return []
-        try:
-            data = json.loads(self.manifest_path.read_text())
-            names = data["written"]
-            if not isinstance(names, list) or not all(_plain_name(n) for n in names):
-                raise ValueError  # entries are names of this folder, never paths out of it
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ConfigError(f"{self.manifest_path} is damaged (it lists what clat wrote here); remove it by hand if the folder holds no run") from None
-        return names
-
-    def record(self, *names: str | Path) -> None:
-        """Add entries (files or folders, relative to the run folder, or paths inside it) to the manifest."""
-        from clat.checkpoint import atomic_write_text
-
-        have = self.written()
-        new = []
-        for n in names:
-            p = Path(n)
-            try:
-                rel = p.resolve().relative_to(self.path.resolve()) if p.is_absolute() else p
-            except ValueError:
-                continue  # not inside this folder
-            parts = rel.parts
-            if not parts or not _plain_name(parts[0]) or parts[0] in (MANIFEST, LOCK):
-                continue
-            new.append(parts[0])
-        merged = list(dict.fromkeys([*have, *new]))
-        if merged != have:
-            self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.manifest_path, json.dumps({"written": merged, "by": "clat"}, indent=1))
-
-    def removable(self) -> list[Path]:
-        """What ``clear`` would remove: the manifest's entries (or clat 0.1's file names in a legacy run)."""
-        if self.has_manifest():
-            names = self.written()
-        elif self.is_legacy_run():
-            names = [*RUN_FILES, *LEGACY_OUTPUTS]
-            names += [p.name for p in self.path.iterdir() if any(re.fullmatch(pat, p.name) for pat in LEGACY_PATTERNS)]
-        else:
-            names = []
-        return [self.path / n for n in dict.fromkeys(names) if (self.path / n).exists()]
-
-    def foreign(self, names: tuple[str, ...] | list[str] = RUN_FILES) -> list[str]:
-        """Which of ``names`` exist here without clat having written them (a user's own files)."""
-        mine = {p.name for p in self.removable()}
-        return [n for n in names if (self.path / n).exists() and n not in mine]
-
-    def clear(self) -> list[str]:
-        """Remove what clat wrote here (``--force``), keeping everything else; returns the names removed."""
-        gone = []
-        for p in self.removable():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            gone.append(p.name)
-        if self.manifest_path.is_file():
-            self.manifest_path.unlink()
-        return gone
-
     def remove_stale_tmp(self) -> int:
         """Half-written temporary files of an interrupted write (``.name.XXXX.tmp``), anywhere in the run."""
         n = 0
@@ -422,15 +379,25 @@ class RunDir:
                 return r
         return None
 
+    def check_writable(self, command: str) -> None:
+        """A one-line error, before anything is written, where ``command`` could not write into this folder."""
+        parent = next((p for p in (self.path, *self.path.parents) if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"cannot write into {self.path}: {parent} is not writable; {_elsewhere(command)}")
+
     # -- lock ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, command: str) -> Iterator[None]:
         """Hold the run folder exclusively for the block (see the module docstring). A folder this
         call had to create is removed again if nothing but the lock was written into it."""
+        self.check_writable(command)  # before the lock, which is the first thing written
         created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
         lock_path = self.path / LOCK
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot write into {self.path} ({e.strerror or e}); {_elsewhere(command)}") from None
         try:
             import fcntl
         except ImportError:  # no flock on this platform: no lock (documented)
@@ -460,6 +427,13 @@ class RunDir:
                     if created and not any(self.path.iterdir()):
                         self.path.rmdir()
             os.close(fd)  # releases the flock
+
+
+def _elsewhere(command: str) -> str:
+    """The fix for an unwritable folder, in the words of ``command``'s options."""
+    if command == "train --resume":
+        return "copy the run folder to a writable place and resume it there"
+    return f"choose another {'--run-dir' if command == 'train' else '--out'}"
 
 
 def record_output(path: str | Path) -> None:
