@@ -16,16 +16,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import math
-import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -33,43 +29,9 @@ from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from clat.errors import CheckpointError
+from clat.files import atomic_write, atomic_write_text, sha256  # noqa: F401  (part of this module's interface)
 
 log = logging.getLogger("clat")
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` via a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise CheckpointError(
-            f"could not write {path} ({e.strerror or e}); free some disk space or choose another folder. Files written before are kept"
-        ) from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), "w")
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _normalizers(model: nn.Module) -> list[nn.Module]:

@@ -55,7 +55,7 @@ from clat.metricsfile import MetricsFile
 
 log = logging.getLogger("clat")
 
-_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # clat.checkpoint.atomic_write's temporary names
+_TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # clat.files.atomic_write's temporary names
 class RunLocked(ConfigError):
     """Another process holds the run folder."""
 
