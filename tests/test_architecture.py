@@ -92,6 +92,7 @@ def test_no_module_imports_a_private_name_of_another():
 LONG_FILES = {
     "evaluate.py": "every white-box and black-box evaluation (PGD with restarts, AutoAttack, Square, transfer, ε sweep) over one seeded batching",
     "cifar.py": "the official CIFAR files: safe unpickling, checksums, download with safe extraction, the bundled subset",
+    "config.py": "every key of a run with its help comment (`clat config show`), YAML and override parsing, and the checks of the keys",
     "layers.py": "layer discovery: the operation tracer and the provenance graph it builds are one algorithm",
     "report.py": "a run's report and the comparison of runs, from their JSON files",
     "runs.py": "the run-folder format: layout, checkpoints, manifest, lock, config, metrics",
