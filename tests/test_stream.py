@@ -395,3 +395,13 @@ def test_as_splits_keeps_splits_and_defaults_workers():
     assert got.workers == 3 and ds.workers is None and got.train is ds.train
     assert as_splits(Items(x, y), cfg).n_train == 16
     assert sys.modules["clat"].DatasetSplits is DatasetSplits
+
+
+def test_the_docs_streaming_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "clat.DatasetSplits(" in b)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "docs/data.md", "exec"), {"__name__": "docs_data_stream"})
+    out = capsys.readouterr().out
+    assert "my images (MyImages): 100 train + 20 val items 3x32x32 float32, 4 classes, sha256 " in out
+    assert read_state_dict(tmp_path / "runs" / "streamed" / "model.safetensors")["classifier.weight"].shape[0] == 4
