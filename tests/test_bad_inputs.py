@@ -84,7 +84,7 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("unknown top key", ["train", w("k.yaml", "modle: {name: x}\n")], "unknown config key 'modle'"),
         ("unknown nested key", ["train", w("k2.yaml", "clat: {kk: 1}\n")], "unknown config key 'clat.kk'"),
         ("wrong type int", ["train", "data.batch_size=abc"], "data.batch_size must be an integer"),
-        ("wrong type bool", ["train", "data.augment=maybe"], "data.augment must be true or false"),
+        ("wrong type bool", ["train", "data.verify=maybe"], "data.verify must be true or false"),
         ("wrong type float", ["train", "attack.eps=big"], "attack.eps must be a number"),
         ("wrong choice", ["train", "data.dataset=imagenet"], "data.dataset must be one of"),
         ("section as value", ["train", "clat=3"], "clat must be a mapping"),

@@ -17,6 +17,7 @@ from clat.callbacks import Callback, LiveRun
 from clat.config import Config, load_config
 from clat.criticality import CriticalityResult, compute_criticality, select_random
 from clat.data import Splits
+from clat.stream import DatasetSplits
 from clat.errors import CheckpointError, ClatError, ConfigError, DataError
 from clat.evaluate import evaluate
 from clat.protocol import EvalProtocol, run_protocol
@@ -32,7 +33,7 @@ from clat.sweep import SweepSettings, layer_sweep
 __version__ = "0.2.0"
 
 __all__ = [
-    "CLAT", "Callback", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "EvalProtocol",
+    "CLAT", "Callback", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "DatasetSplits", "EvalProtocol",
     "FeatureExtractor", "Layer", "Method", "Normalize", "Shard", "Splits", "SweepSettings", "ThreatModel", "compute_criticality", "create_method", "create_model",
     "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "layer_sweep", "list_methods", "list_models", "load_config",
     "perturb", "pgd", "register_model", "resolve_layers", "run_protocol", "select_random", "train",

@@ -36,7 +36,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["bundled", "cifar10", "cifar100", "folder", "npz"] = "cifar10"  # bundled: the CIFAR-10 subset shipped in the package; folder, npz: your own data (docs/data.md)
+    dataset: Literal["bundled", "cifar10", "cifar100", "folder", "npz", "python"] = "cifar10"  # bundled: the CIFAR-10 subset shipped in the package; folder, npz: your own data (docs/data.md); python: recorded by clat.train(data=...)
     root: str = "data"  # folder holding cifar-10-batches-py / cifar-100-python; folder: root/{train,test}/<class>/<image>; npz: the .npz file
     download: bool = False  # fetch the official archive (checksum verified) if missing
     verify: bool = True  # check official MD5s; false accepts a local copy that differs, with a warning
@@ -46,7 +46,11 @@ class DataConfig:
     split_seed: int | None = 0  # seed of the train/validation split, independent of `seed` (null: follow `seed`, as clat 0.1 did; warns)
     batch_size: int = 128  # training images per step (per rank under torchrun)
     eval_batch_size: int = 256  # images per batch of the held-out evaluation (results do not depend on it)
-    augment: bool = True  # random crop (4-pixel padding) + horizontal flip, on tensors
+    augment: Literal["crop_flip", "flip", "none"] | bool = True  # crop_flip (=true): 4-pixel-padded random crop + flip; flip; none (=false)
+    image_size: int | None = None  # folder: resize each image (shorter side to N, central NxN crop); null: as stored (one size)
+    stream: bool = False  # folder: read the images from disk every epoch (worker processes) instead of holding them in memory
+    workers: int = 2  # processes reading streamed images (data.stream, torch Datasets); 0: the training process (results do not change)
+    fingerprint: str | None = None  # written by clat.train(data=...): sizes, shapes, classes and a sha256 of the data; checked on resume
 
 
 @dataclass
@@ -386,6 +390,14 @@ def validate(cfg: Config) -> None:
     need(d.train_size is None or d.train_size > d.val_size, f"data.train_size ({d.train_size}) must exceed data.val_size ({d.val_size})")
     need(d.test_size is None or d.test_size >= 1, f"data.test_size must be >= 1, got {d.test_size}")
     need(not (d.download and d.dataset in ("folder", "npz")), f"data.download=true has nothing to download for data.dataset={d.dataset}: drop it")
+    need(d.image_size is None or d.image_size >= 1, f"data.image_size must be >= 1 (or null: images as stored), got {d.image_size}")
+    need(d.image_size is None or d.dataset == "folder", f"data.image_size resizes the images of an image folder (data.dataset=folder), not "
+         f"{d.dataset}: drop it")
+    need(not d.stream or d.dataset == "folder", f"data.stream=true streams an image folder (data.dataset=folder); {d.dataset} is held in memory: "
+         "drop it (torch Datasets stream from Python: docs/data.md)")
+    need(d.workers >= 0, f"data.workers must be >= 0 (0: the training process reads the images), got {d.workers}")
+    need(d.fingerprint is None or d.dataset == "python", "data.fingerprint is written by clat.train(data=...) for data given from Python "
+         f"(data.dataset=python), not for data.dataset={d.dataset}: drop it")
     for name in ("pretrain", "finetune"):
         s: StageConfig = getattr(cfg, name)
         need(s.epochs >= 0, f"{name}.epochs must be >= 0, got {s.epochs}")

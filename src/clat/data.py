@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from clat.augment import AUGMENTATIONS, augment, augment_mode, crop_flip, draw_augment_params  # noqa: F401  (public API)
 from clat.cifar import (FILE_MD5, NUM_CLASSES, TARBALL_MD5, URLS, ChecksumWarning, DatasetName, load_bundled,  # noqa: F401  (public API)
                         load_cifar)
 from clat.errors import ConfigError, DataError
@@ -81,74 +81,12 @@ def train_val_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, tor
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
-def _draw_augment_params(
-    batch: int, pad: int, flip: bool, generator: torch.Generator | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (row offset, column offset, flip mask) in that draw order,
-    drawn on the generator's device (``device`` when there is none)."""
-    gdev = generator.device if generator is not None else device
-    oy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=gdev)
-    ox = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=gdev)
-    if flip:
-        fl = torch.randint(0, 2, (batch,), generator=generator, device=gdev).bool()
-    else:
-        fl = torch.zeros(batch, dtype=torch.bool, device=gdev)
-    return oy.to(device), ox.to(device), fl.to(device)
-
-
-def _crop_flip(
-    x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, fl: torch.Tensor, pad: int
-) -> torch.Tensor:
-    """Crop each zero-padded image at its (oy, ox) and mirror it where ``fl``:
-    one gather for the whole batch."""
-    b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
-    dev = x.device
-    rows = oy[:, None] + torch.arange(h, device=dev)  # [B, H]
-    cols_fwd = torch.arange(w, device=dev)
-    # A flipped crop reads the crop's columns right to left.
-    cols = ox[:, None] + torch.where(fl[:, None], (w - 1) - cols_fwd, cols_fwd)  # [B, W]
-    bi = torch.arange(b, device=dev)[:, None, None, None]
-    ci = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def augment(
-    x: torch.Tensor,
-    generator: torch.Generator | None = None,
-    *,
-    pad: int = 4,
-    flip: bool = True,
-) -> torch.Tensor:
-    """Standard CIFAR augmentation of a batch ``[B,C,H,W]`` on any device.
-
-    Each sample gets its own random crop of the image zero-padded by ``pad``
-    pixels on each side (offsets in ``[0, 2*pad]``) and, if ``flip``, a
-    horizontal flip with probability 1/2. It is one vectorised gather, so it
-    runs on the GPU at the cost of a copy instead of a Python loop over
-    samples. Randomness comes from ``generator`` (normally on ``x``'s device;
-    on another device the few random numbers are moved to ``x``'s), or from
-    the default generator of ``x``'s device when it is ``None``.
-
-    Returns a new tensor with the shape, dtype and device of ``x``.
-    """
-    if x.ndim != 4:
-        raise DataError(
-            f"augment expects a batch [B, C, H, W], got shape {tuple(x.shape)}: "
-            "add a batch dimension (x[None]) for a single image."
-        )
-    if pad < 0:
-        raise DataError(f"augment pad must be >= 0, got {pad}: use 0 to disable cropping.")
-    oy, ox, fl = _draw_augment_params(x.shape[0], pad, flip, generator, x.device)
-    return _crop_flip(x, oy, ox, fl, pad)
-
-
 # --------------------------------------------------------------------------- #
 # Loader
 # --------------------------------------------------------------------------- #
 
 
-def _derive_seed(*parts: object) -> int:
+def derive_seed(*parts: object) -> int:
     """A 63-bit seed from a tuple of ints/strings; stable across runs and
     platforms (unlike ``hash``), and uncorrelated for neighbouring epochs."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
@@ -177,6 +115,8 @@ class Loader:
     possible; every rank yields the same number of batches (a rank's last batch
     may then be smaller, or even empty), so collective operations stay in step.
     Use ``drop_last=True`` for training with several ranks.
+
+    ``augment``: ``True`` (the crop and flip below), ``False``, or a ``data.augment`` name (:data:`AUGMENTATIONS`).
     """
 
     #: Crop padding and flip of the training augmentation.
@@ -190,7 +130,7 @@ class Loader:
         batch_size: int,
         *,
         shuffle: bool = False,
-        augment: bool = False,
+        augment: bool | str = False,
         drop_last: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -224,6 +164,14 @@ class Loader:
             raise DataError(
                 f"Loader labels must be integers, got {labels.dtype}: convert them with .long()."
             )
+        self._setup(batch_size, shuffle=shuffle, augment=augment, drop_last=drop_last, seed=seed, device=device, rank=rank,
+                    world_size=world_size)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.int64)
+
+    def _setup(self, batch_size: int, *, shuffle: bool, augment: bool | str, drop_last: bool, seed: int, device: str | torch.device,
+               rank: int, world_size: int) -> None:
+        """The order, sharding and augmentation settings (shared with :class:`clat.stream.StreamLoader`), checked."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise DataError(f"Batch size must be a positive integer, got {batch_size!r}.")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -232,11 +180,11 @@ class Loader:
                 "0 <= rank < world_size."
             )
         self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.labels = labels.to(self.device, torch.int64)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
+        # True keeps the class's settings (a subclass may change them); a data.augment name picks its own
+        self._aug = (self.AUGMENT_PAD, self.AUGMENT_FLIP) if augment is True else augment_mode(augment)
         self.drop_last = drop_last
         self.seed = int(seed)
         self.rank = rank
@@ -266,17 +214,16 @@ class Loader:
         if not self.shuffle:
             return torch.arange(n, device=self.device)
         # Drawn on the CPU so that the order does not depend on the device.
-        gen = torch.Generator().manual_seed(_derive_seed(self.seed, self.epoch, "shuffle"))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, "shuffle"))
         return torch.randperm(n, generator=gen).to(self.device)
 
     def _to_float(self, x: torch.Tensor) -> torch.Tensor:
         return to_unit_float(x)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(x float32 [b,C,H,W] in [0,1], y int64 [b])`` on ``device``."""
-        perm = self._permutation()
+    def _plan(self, perm: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, int, int, int]]:
+        """``(batch index, this rank's indices, start, stop, global batch size)`` of each batch of the epoch: rank r
+        gets part r (``start:stop``) of each global batch of ``perm``."""
         global_batch = self.batch_size * self.world_size
-        gen = torch.Generator() if self.augment else None
         for i in range(len(self)):
             gidx = perm[i * global_batch : (i + 1) * global_batch]
             size = gidx.shape[0]
@@ -284,15 +231,23 @@ class Loader:
             base, extra = divmod(size, self.world_size)
             start = self.rank * base + min(self.rank, extra)
             stop = start + base + (1 if self.rank < extra else 0)
-            idx = gidx[start:stop]
+            yield i, gidx[start:stop], start, stop, size
+
+    def _augmented(self, x: torch.Tensor, i: int, start: int, stop: int, size: int, gen: torch.Generator | None) -> torch.Tensor:
+        """Batch ``i``'s augmentation, drawn for the whole global batch (``size``) and applied to this rank's part."""
+        if gen is None or self._aug is None:
+            return x
+        pad, flip = self._aug
+        gen.manual_seed(derive_seed(self.seed, self.epoch, "augment", i))
+        oy, ox, fl = draw_augment_params(size, pad, flip, gen, self.device)
+        return crop_flip(x, oy[start:stop], ox[start:stop], fl[start:stop], pad)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x float32 [b,C,H,W] in [0,1], y int64 [b])`` on ``device``."""
+        gen = torch.Generator() if self._aug else None
+        for i, idx, start, stop, size in self._plan(self._permutation()):
             x = self._to_float(self.images.index_select(0, idx))
-            if gen is not None:
-                gen.manual_seed(_derive_seed(self.seed, self.epoch, "augment", i))
-                oy, ox, fl = _draw_augment_params(
-                    size, self.AUGMENT_PAD, self.AUGMENT_FLIP, gen, self.device
-                )
-                x = _crop_flip(x, oy[start:stop], ox[start:stop], fl[start:stop], self.AUGMENT_PAD)
-            yield x, self.labels.index_select(0, idx)
+            yield self._augmented(x, i, start, stop, size, gen), self.labels.index_select(0, idx)
 
 
 # --------------------------------------------------------------------------- #
@@ -365,12 +320,21 @@ class Splits:
                                 val_size=val_size, split_seed=split_seed, num_classes=num_classes, name=name, class_names=class_names)
 
     @classmethod
-    def from_folder(cls, root, *, val_size: int = 1000, split_seed: int = 0) -> "Splits":
+    def from_folder(cls, root, *, val_size: int = 1000, split_seed: int = 0, image_size: int | None = None) -> "Splits":
         """:meth:`from_tensors` of the image folder ``root/train/<class>/``, ``root/test/<class>/``
-        (:func:`clat.userdata.load_image_folder`: RGB uint8, one class per folder, sorted by name)."""
-        x_tr, y_tr, x_te, y_te, names = read_image_folders(root)
+        (:func:`clat.userdata.load_image_folder`: RGB uint8, one class per folder, sorted by name; ``image_size=S``
+        resizes every image to S x S)."""
+        x_tr, y_tr, x_te, y_te, names = read_image_folders(root, image_size)
         return cls.from_tensors(x_tr, y_tr, x_te, y_te, val_size=val_size, split_seed=split_seed, num_classes=len(names),
                                 name=f"image folder {root}", class_names=names)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    def probe(self, n: int) -> torch.Tensor:
+        """The first ``n`` training images: what the model is traced with."""
+        return self.x_train[:n]
 
     def sampler(self, generator_of_epoch, device: torch.device | str = "cpu"):
         """``sample(n)``: n random training images as float [0, 1] and their labels, drawn with the generator
@@ -388,6 +352,14 @@ def prepare_data(cfg) -> Splits:
     and ``npz`` read your own data from ``data.root`` (:func:`clat.userdata.load_own`) and go through
     :meth:`Splits.from_tensors` and its checks."""
     d = cfg.data
+    if d.dataset == "python":
+        from clat.stream import python_data_message
+
+        raise DataError(python_data_message(d.fingerprint))
+    if d.dataset == "folder" and d.stream:
+        from clat.stream import stream_folder
+
+        return stream_folder(cfg, _split_seed(cfg))
     own = d.dataset in OWN_DATASETS
     if own:
         x_tr, y_tr, x_te, y_te, num_classes, name, class_names = load_own(cfg)
@@ -404,14 +376,21 @@ def prepare_data(cfg) -> Splits:
         x_te, y_te = x_te[: d.test_size], y_te[: d.test_size]
     if d.val_size >= len(x_tr):
         raise ConfigError(f"data.val_size={d.val_size} leaves no training images out of {len(x_tr)}; lower it")
-    if d.split_seed is None:  # clat 0.1: the split followed the training seed
-        if cfg.seed != 0:
-            warnings.warn(f"data.split_seed is null: the validation split follows seed={cfg.seed}, so a run with another seed (or the "
-                          "checkpoint it starts from) may have trained on these validation images; set data.split_seed to a fixed value",
-                          stacklevel=2)
-    split_seed = cfg.seed if d.split_seed is None else d.split_seed
+    split_seed = _split_seed(cfg)
     if own:
         return Splits.from_tensors(x_tr, y_tr, x_te, y_te, val_size=d.val_size, split_seed=split_seed, num_classes=num_classes,
                                    name=name, class_names=class_names)
     tr_idx, va_idx = train_val_split(len(x_tr), d.val_size, split_seed)
     return Splits(x_tr[tr_idx], y_tr[tr_idx], x_tr[va_idx], y_tr[va_idx], x_te, y_te, num_classes, name)
+
+
+def _split_seed(cfg) -> int:
+    """``data.split_seed``, or ``seed`` where it is null (clat 0.1's rule, with a warning)."""
+    if cfg.data.split_seed is None:  # clat 0.1: the split followed the training seed
+        if cfg.seed != 0:
+            warnings.warn(f"data.split_seed is null: the validation split follows seed={cfg.seed}, so a run with another seed (or the "
+                          "checkpoint it starts from) may have trained on these validation images; set data.split_seed to a fixed value",
+                          stacklevel=3)
+        return cfg.seed
+    return cfg.data.split_seed
+

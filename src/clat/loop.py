@@ -33,7 +33,7 @@ from clat.best import ValHistory, save_best
 from clat.callbacks import Callbacks, LiveRun, console, format_row
 from clat.checkpoint import atomic_write_text, load_into, load_training_state, read_state_dict, save_weights
 from clat.config import Config, StageConfig, flat_keys, override, parse_overrides, to_dict
-from clat.data import Loader, Splits, prepare_data, to_unit_float
+from clat.stream import Loader, Splits, run_data, to_unit_float, train_loader  # a run's data (Loader, Splits: clat.data's)
 from clat.errors import ClatError, ConfigError
 from clat.evaluate import evaluate
 from clat.layers import find_layers, Layer
@@ -50,7 +50,7 @@ log = logging.getLogger("clat")
 # Keys --resume may change: none of them changes what the finished run computes, except the learning rates,
 # which continue on the same schedule from the new value (the divergence remedy); the change is recorded.
 RESUME_OVERRIDABLE = ("pretrain.lr", "finetune.lr", "progress", "keep_checkpoints", "device", "eval.every", "compile",
-                      "log.console", "log.csv", "log.tensorboard", "log.wandb", "fused_optimizer")
+                      "log.console", "log.csv", "log.tensorboard", "log.wandb", "fused_optimizer", "data.workers")
 
 
 class TrainingDiverged(ClatError):
@@ -58,14 +58,14 @@ class TrainingDiverged(ClatError):
 
 
 def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, force: bool = False, model: nn.Module | None = None,
-          data: Splits | None = None, until_epoch: int | None = None, overrides: Sequence[str] = (), callbacks: Sequence = ()) -> dict:
+          data=None, until_epoch: int | None = None, overrides: Sequence[str] = (), callbacks: Sequence = ()) -> dict:
     """Run (or resume) the training described by ``cfg`` in ``run_dir``; returns the summary.
 
     With ``resume=True`` the config saved in ``run_dir`` is used and training continues from the latest
     valid checkpoint; ``overrides`` may change the keys in ``RESUME_OVERRIDABLE`` (a lower learning rate
     after a divergence, say), recorded in the run's config and metrics. The run folder is locked for the
-    whole call (:mod:`clat.runs`). ``model`` (any ``nn.Module`` taking [0, 1] images) and ``data`` replace
-    the ones the config names; the model is trained in place.
+    whole call (:mod:`clat.runs`). ``model`` (any ``nn.Module`` taking [0, 1] images) and ``data`` (Splits, DatasetSplits, a Dataset or
+    DataLoader; recorded as ``data.dataset: python``, docs/data.md) replace the ones the config names; the model is trained in place.
 
     ``until_epoch=N`` stops after the run's N-th epoch (its checkpoint written) and returns
     ``{"finished": False, ...}``; ``resume=True`` later continues exactly where it stopped, so a long run
@@ -100,7 +100,7 @@ def train(cfg: Config | None, run_dir: str | Path, *, resume: bool = False, forc
                       callbacks=callbacks)
 
 
-def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None,
+def _train(cfg: Config, run_dir: Path, *, resume: bool, force: bool, model: nn.Module | None, data,
            until_epoch: int | None, changed: dict, callbacks: Sequence) -> dict:
     dinfo, dist_device = dist_mod.setup(cfg.device)
     rd = RunDir(run_dir)
@@ -129,14 +129,14 @@ class _Run:
     start_scale: float = 1.0  # the largest parameter magnitude before training: what a sound checkpoint is measured against
 
     @classmethod
-    def build(cls, cfg: Config, rd: RunDir, dist_device, *, resume: bool, force: bool, model: nn.Module | None, data: Splits | None) -> "_Run":
+    def build(cls, cfg: Config, rd: RunDir, dist_device, *, resume: bool, force: bool, model: nn.Module | None, data) -> "_Run":
         if not resume:
             rd.check_new(force)
         torch.manual_seed(cfg.seed)
         device = dist_device or dist_mod.resolve_device(cfg.device)
         if model is None:
             model_info(cfg.model.name)  # unknown names fail before any data is read
-        splits = data if data is not None else prepare_data(cfg)
+        splits, cfg = run_data(cfg, data, resume=resume, run=rd.path)  # given data: recorded in the config (a resume checks it)
         zoo_model = cfg.model.name if model is None else None
         if model is None:
             model = build_model(cfg, splits.num_classes, device)
@@ -154,15 +154,15 @@ class _Run:
         if resolve_channels_last(cfg.channels_last, device, cfg.precision):
             model = model.to(memory_format=torch.channels_last)
         dist_mod.broadcast_module(model)  # every rank starts from rank 0's weights
-        layers = find_layers(model, to_unit_float(splits.x_train[:2].to(device)), merge_norms=cfg.model.merge_norms)
+        layers = find_layers(model, to_unit_float(splits.probe(2).to(device)), merge_norms=cfg.model.merge_norms)
         run = cls(cfg, rd, model, splits, layers, meta, zoo_model, _stages(cfg), device, weight_scale(model))
         for _, scfg, _ in run.stages:  # fail on a bad method setting now, not after hours of pretraining
             run.method(scfg)
         if cfg.early_stop.patience is not None and min(cfg.eval.n_examples, len(splits.x_val)) == 0:
             raise ConfigError("early_stop.patience watches held-out images, but the validation split is empty; set early_stop.patience=null")
         world, global_batch = dist_mod.info().world_size, cfg.data.batch_size * dist_mod.info().world_size
-        if world > 1 and len(splits.x_train) < global_batch:
-            raise ConfigError(f"{len(splits.x_train)} training images cannot fill one global batch of {global_batch} "
+        if world > 1 and splits.n_train < global_batch:
+            raise ConfigError(f"{splits.n_train} training images cannot fill one global batch of {global_batch} "
                               f"(data.batch_size={cfg.data.batch_size} per rank x {world} ranks); lower data.batch_size")
         return run
 
@@ -230,10 +230,10 @@ def _enter_stage(run: _Run, name: str, scfg: StageConfig, loader: Loader, runner
 
 def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int | None, changed: dict) -> dict:
     cfg, rd, dinfo = run.cfg, run.rd, dist_mod.info()
-    loader = Loader(run.splits.x_train, run.splits.y_train, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
-                    # several ranks: full global batches only, so that every step averages equal shares
-                    drop_last=dinfo.world_size > 1 or len(run.splits.x_train) >= 2 * cfg.data.batch_size, seed=cfg.seed,
-                    device=run.device, rank=dinfo.rank, world_size=dinfo.world_size)
+    loader = train_loader(run.splits, cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
+                          # several ranks: full global batches only, so that every step averages equal shares
+                          drop_last=dinfo.world_size > 1 or run.splits.n_train >= 2 * cfg.data.batch_size, seed=cfg.seed,
+                          device=run.device, rank=dinfo.rank, world_size=dinfo.world_size)
     runner = StepRunner.from_config(run.model, run.device, cfg)
     if cfg.compile:
         run.model.compile(mode=None if cfg.compile is True else cfg.compile)

@@ -39,7 +39,7 @@ _PILLOW_HINT = 'pip install "clat-at[images]"'
 # --------------------------------------------------------------------------- #
 
 
-def _pillow():
+def pillow():
     """``PIL.Image``, imported on first use: Pillow is optional (the ``images`` extra)."""
     try:
         from PIL import Image
@@ -48,7 +48,7 @@ def _pillow():
     return Image
 
 
-def _class_folders(root: Path, split: str) -> list[str]:
+def class_folders(root: Path, split: str) -> list[str]:
     """Sorted names of the class folders of ``root/split`` (hidden folders skipped)."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder: point data.root at a folder holding "
@@ -62,7 +62,7 @@ def _class_folders(root: Path, split: str) -> list[str]:
     return names
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """The image files of one class folder, sorted by name; none is an error."""
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -71,23 +71,38 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_image(path: Path, image_module) -> np.ndarray:
-    """One image as uint8 ``[H, W, 3]`` (converted to RGB)."""
+def resize_image(im, size: int, image_module):
+    """``im`` (a PIL image) with its shorter side scaled to ``size`` (bilinear; Pillow antialiases when it shrinks) and cut
+    to the central ``size`` x ``size`` square, as torchvision's ``Resize(size)`` then ``CenterCrop(size)``; an image of
+    that size already is returned as it is."""
+    w, h = im.size
+    if (w, h) == (size, size):
+        return im
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), image_module.Resampling.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def read_image(path: Path, image_module, size: int | None = None) -> np.ndarray:
+    """One image as uint8 ``[H, W, 3]`` (converted to RGB; resized by :func:`resize_image` when ``size`` is given)."""
     try:
         with image_module.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            im = im.convert("RGB")
+            return np.asarray(resize_image(im, size, image_module) if size else im, dtype=np.uint8)
     except (OSError, ValueError, image_module.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path} ({err}): replace or delete the file") from None
 
 
-def _same_classes(folder: Path, names: list[str], expected: list[str]) -> None:
+def same_classes(folder: Path, names: list[str], expected: list[str]) -> None:
     if names != expected:
         missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
         raise DataError(f"the class folders of {folder} differ from the training ones (missing: {missing[:5] or 'none'}, "
                         f"extra: {extra[:5] or 'none'}): give test/ and train/ the same class folders")
 
 
-def _interleaved(per_class: list[list[Path]]) -> list[tuple[int, Path]]:
+def interleaved(per_class: list[list[Path]]) -> list[tuple[int, Path]]:
     """``(label, file)`` taking one file of each class in turn, so that the first N images (``data.train_size``,
     ``data.test_size``) cover the classes evenly instead of being the first classes."""
     longest = max(len(files) for files in per_class)
@@ -95,25 +110,27 @@ def _interleaved(per_class: list[list[Path]]) -> list[tuple[int, Path]]:
 
 
 def load_image_folder(root: str | os.PathLike[str], split: str, *, class_names: list[str] | None = None,
-                      size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                      size: tuple[int, int] | None = None, image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``(images uint8 [N, 3, H, W], labels int64 [N], class_names)`` of the images in ``root/<split>/<class>/``.
 
     Class ``i`` is the ``i``-th class folder name in sorted order. Images (``IMAGE_EXTENSIONS``; other files are
     skipped) are converted to RGB and ordered one class at a time in turn, each class's files by name.
+    ``image_size=S`` resizes every image to S x S (:func:`resize_image`: shorter side to S, central crop), so the
+    images may have any sizes.
 
     Checked, each a one-line DataError naming the path: Pillow is installed; the folders exist; there are class
     folders and none is empty; every file can be read; all images have the same size (``size``, ``(width,
     height)``, when given: the training images' size); the class folders equal ``class_names`` when given.
     """
-    image_module = _pillow()
+    image_module = pillow()
     root_path = Path(os.fspath(root)).expanduser()
-    names = _class_folders(root_path, split)
+    names = class_folders(root_path, split)
     if class_names is not None:
-        _same_classes(root_path / split, names, list(class_names))
-    order = _interleaved([_image_files(root_path / split / name) for name in names])
+        same_classes(root_path / split, names, list(class_names))
+    order = interleaved([image_files(root_path / split / name) for name in names])
     images, ref = [], (("the training images are", tuple(size)) if size else None)  # (what, (width, height))
     for _, path in order:
-        img = _read_image(path, image_module)
+        img = read_image(path, image_module, image_size)
         got = (img.shape[1], img.shape[0])
         if ref is None:
             ref = (f"{path} is", got)
@@ -125,11 +142,13 @@ def load_image_folder(root: str | os.PathLike[str], split: str, *, class_names: 
     return x, torch.tensor([c for c, _ in order], dtype=torch.int64), names
 
 
-def read_image_folders(root: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+def read_image_folders(root: str | os.PathLike[str], image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                                         torch.Tensor, list[str]]:
     """``(x_train, y_train, x_test, y_test, class_names)`` of an image folder ``root`` with ``train/`` and ``test/``
-    (:func:`load_image_folder`); the test folder must have the training classes and image size."""
-    x_tr, y_tr, names = load_image_folder(root, "train")
-    x_te, y_te, _ = load_image_folder(root, "test", class_names=names, size=(x_tr.shape[3], x_tr.shape[2]))
+    (:func:`load_image_folder`, resized to ``image_size`` when given); the test folder must have the training classes
+    and image size."""
+    x_tr, y_tr, names = load_image_folder(root, "train", image_size=image_size)
+    x_te, y_te, _ = load_image_folder(root, "test", class_names=names, size=(x_tr.shape[3], x_tr.shape[2]), image_size=image_size)
     return x_tr, y_tr, x_te, y_te, names
 
 
@@ -280,7 +299,7 @@ def load_own(cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
         raise ConfigError(f"data.download=true has nothing to download for data.dataset={d.dataset} (data.root is your "
                           f"{'image folder' if d.dataset == 'folder' else '.npz file'}): drop it")
     if d.dataset == "folder":
-        x_tr, y_tr, x_te, y_te, names = read_image_folders(d.root)
+        x_tr, y_tr, x_te, y_te, names = read_image_folders(d.root, d.image_size)
         return x_tr, y_tr, x_te, y_te, len(names), f"image folder {d.root}", names
     x_tr, y_tr, x_te, y_te = load_npz(d.root)
     x_tr, x_te = images_from_numpy(x_tr, "x_train"), images_from_numpy(x_te, "x_test")
