@@ -204,7 +204,7 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
 def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, capsys, monkeypatch):
     import os
 
-    import clat.checkpoint as ck
+    import clat.files as ck
 
     run = tmp_path / "run"
     real = os.fsync
