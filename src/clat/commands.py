@@ -96,6 +96,17 @@ def run_config(checkpoint: str | None):
     return run.read_config() if run is not None else None
 
 
+def _criticality_settings(args: argparse.Namespace, cfg):
+    """The run's criticality settings (``clat.criticality``; clat's defaults without a run), with the command line's
+    --denominator, --scaling and --include-classifier over them."""
+    import dataclasses
+
+    cc = cfg.clat.criticality
+    given = {"denominator": args.denominator, "scaling": getattr(args, "scaling", None),
+             "include_classifier": True if getattr(args, "include_classifier", False) else None}
+    return dataclasses.replace(cc, **{k: v for k, v in given.items() if v is not None})
+
+
 def cmd_criticality(args: argparse.Namespace) -> int:
     import torch
 
@@ -129,7 +140,6 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     idx = torch.randperm(len(splits.x_train), generator=g)[: args.batch_size]
     x = to_unit_float(splits.x_train[idx]).to(device)
     y = splits.y_train[idx].to(device)
-    cc = cfg.clat.criticality
     layers = find_layers(model, x[:2], merge_norms=cfg.model.merge_norms)
     k = args.k
     if k is None:
@@ -139,14 +149,13 @@ def cmd_criticality(args: argparse.Namespace) -> int:
             k = default_k(layers, meta["model"])
         except ClatError:
             k = default_k(layers)
-    n_ok = sum(eligible_mask(layers, include_classifier=args.include_classifier))
+    n_ok = sum(eligible_mask(layers, include_classifier=_criticality_settings(args, cfg).include_classifier))
     if k > n_ok:
         raise ClatError(f"k={k} critical layers requested but {n_ok} layers are eligible for selection; choose k between 1 and {n_ok}")
     with writing([out / "criticality.json", out / "criticality.png"], "criticality"):
         result = compute_criticality(
             model, layers, x, y, threat,
-            denominator=args.denominator or cc.denominator, scaling=args.scaling or cc.scaling, point=cc.point,
-            include_classifier=args.include_classifier,
+            **_criticality_settings(args, cfg).measure_kwargs(),
         )
         print(f"threat model: {_threat_str(threat)} ({source}); denominator {result.settings['denominator']}")
         data = result.to_dict(k)
@@ -410,7 +419,7 @@ def _stability_into(args: argparse.Namespace, sizes: list[int], out: Path, run_d
         source = f"measured: PGD-AT (PGD-{a.steps}) steps of batch {cfg.data.batch_size}, extrapolated to {len(splits.x_train)} images"
     print(f"threat model: {_threat_str(threat)} ({threat_source})")
     res = criticality_stability(model, splits.x_train, splits.y_train, batch_sizes=sizes, repeats=args.repeats, reference_size=args.reference_size,
-                                k=args.k, threat=threat, denominator=args.denominator or cfg.clat.criticality.denominator,
+                                k=args.k, threat=threat, criticality=_criticality_settings(args, cfg), merge_norms=cfg.model.merge_norms,
                                 seed=args.seed, epoch_time_s=epoch_time,
                                 progress=not args.quiet)
     res.update({"epoch_time_source": source, "checkpoint": meta["path"], "model": meta["model"], "data": splits.name})

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from clat.attacks import DEFAULT_THREAT, ThreatModel
-from clat.criticality import compute_criticality
+from clat.criticality import CriticalityConfig, compute_criticality
 from clat.data import to_unit_float
 from clat.errors import ConfigError
 from clat.estimators import spearman
@@ -59,14 +59,17 @@ def criticality_stability(
     reference_size: int = 500,
     k: int = 5,
     threat: ThreatModel = DEFAULT_THREAT,
-    denominator: str = "upstream",
+    criticality: CriticalityConfig | None = None,
+    merge_norms: bool = False,
     seed: int = 0,
     epoch_time_s: float | None = None,
     progress: bool = False,
 ) -> dict:
     """How stable the top-k critical layers are over random batches (paper Table 7).
 
-    ``threat`` is the threat model of the criticality perturbation (its steps included).
+    ``threat`` is the threat model of the criticality perturbation (its steps included); ``criticality`` and
+    ``merge_norms`` are the run's (``cfg.clat.criticality``, ``cfg.model.merge_norms``; defaults: clat's), so the
+    rankings compared are the ones training makes.
 
     A reference ranking comes from ``reference_size`` images; for each batch size,
     ``repeats`` random batches (drawn from the rest of ``x``, so they never overlap
@@ -88,10 +91,11 @@ def criticality_stability(
     def crit(idx: torch.Tensor):
         xb, yb = to_unit_float(x[idx].to(device)), y[idx].to(device)
         t0 = time.perf_counter()
-        res = compute_criticality(model, layers, xb, yb, threat, denominator=denominator)
+        res = compute_criticality(model, layers, xb, yb, threat, **cc.measure_kwargs())
         return res, time.perf_counter() - t0
 
-    layers = find_layers(model, to_unit_float(x[:2].to(device)))
+    cc = criticality or CriticalityConfig()
+    layers = find_layers(model, to_unit_float(x[:2].to(device)), merge_norms=merge_norms)
     crit(ref_idx[: min(batch_sizes)])  # warm-up: the first call pays for allocations and kernel selection
     ref, ref_time = crit(ref_idx)
     n_eligible = sum(ref.eligible)
@@ -131,7 +135,8 @@ def criticality_stability(
         "layers": [l.name for l in layers],
         "reference": {"size": len(ref_idx), "top_k": ref_top, "names": [layers[i].name for i in ref_top], "time_s": ref_time},
         "repeats": repeats,
-        "attack": {"eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "norm": threat.norm, "denominator": denominator},
+        "attack": {"eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "norm": threat.norm, "denominator": cc.denominator},
+        "criticality": {**cc.measure_kwargs(), "merge_norms": merge_norms},
         "seed": seed,
         "epoch_time_s": epoch_time_s,
         "rows": rows,

@@ -31,7 +31,7 @@ from torch import nn
 
 from clat.attacks import Shard, feature_distance, perturb
 from clat.config import AttackConfig
-from clat.criticality import compute_criticality, eligible_mask, select_random
+from clat.criticality import CriticalityConfig, compute_criticality, eligible_mask, select_random  # noqa: F401  (a section of ClatConfig)
 from clat.distributed import broadcast_object
 from clat.errors import ConfigError
 from clat.layers import Layer, resolve_layers, warn_unassigned
@@ -51,17 +51,6 @@ def default_k(layers: list[Layer], zoo_model: str | None = None) -> int:
         if k is not None:
             return k
     return max(1, round(0.05 * len(layers)))
-
-
-@dataclass
-class CriticalityConfig:
-    batch_size: int = 100  # fresh random training images per (re)selection
-    denominator: Literal["upstream", "previous", "input"] = "upstream"  # Eq. 6: upstream (default), previous in execution order, or the post-activation input (ablations)
-    scaling: Literal["n", "sqrt_n", "none"] = "n"  # 1/N_i (paper), 1/sqrt(N_i) or none
-    point: Literal["post_bn", "pre_bn"] = "post_bn"  # where a layer's feature is read: after its BatchNorm (default) or before
-    include_classifier: bool = False  # the last layer (the classifier) may be selected too
-    steps: int = 10  # PGD steps of the criticality perturbation (eps/alpha from `attack`)
-    chunk_size: int | None = None  # images attacked and measured at once (same result); null: a quarter of data.batch_size, so a re-selection peaks below a training step (benchmarks/memory.py)
 
 
 @dataclass
@@ -158,8 +147,7 @@ class CLAT(Method):
         x, y = ctx.sample_batch(cc.batch_size)
         result = compute_criticality(
             model, self.layers, x, y, self.threat.replace(steps=cc.steps),
-            denominator=cc.denominator, scaling=cc.scaling, point=cc.point,
-            include_classifier=cc.include_classifier, exclude=self.cfg.exclude, chunk_size=self.chunk_size,
+            **cc.measure_kwargs(), exclude=self.cfg.exclude, chunk_size=self.chunk_size,
         )
         if self.pinned:
             chosen = self.pinned
