@@ -131,3 +131,13 @@ def test_shards_of_a_batch_draw_what_the_whole_batch_draws(norm):
     assert torch.equal(torch.cat(parts), whole)
     torch.manual_seed(7)
     assert not torch.equal(t.sample(x[3:]), whole[3:])  # without its shard, the second rank would draw the first rank's numbers
+
+
+def test_threat_model_owns_its_checks_and_its_text():
+    """Issue 35: the ℓ∞ rule ε < 1 lives in ThreatModel itself (a library user building one directly gets it too),
+    and one method writes it the way reports and messages do."""
+    with pytest.raises(ConfigError, match="whole"):
+        ThreatModel(eps=1.0)
+    assert ThreatModel("l2", eps=1.0, alpha=0.25).eps == 1.0  # an ℓ2 radius of 1 is an ordinary one
+    assert ThreatModel().text() == "ℓ∞ ε=8/255, step 2/255"
+    assert ThreatModel("l2", eps=0.5, alpha=0.125).text() == "ℓ2 ε=0.5, step 0.125"

@@ -81,6 +81,13 @@ def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
 
 
+def eps_str(eps: float, norm: str = "linf") -> str:
+    """A radius as people write it: ``8/255`` for an ℓ∞ multiple of 1/255, else 4 significant digits."""
+    if norm == "linf" and eps > 0 and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:.4g}"
+
+
 @dataclass(frozen=True)
 class ThreatModel:
     """The attacker a model is trained and judged against: an ℓ∞ or ℓ2 ball of radius ``eps`` around the
@@ -105,6 +112,12 @@ class ThreatModel:
             raise ConfigError(f"attack step size alpha must be finite and > 0, got {self.alpha}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"attack steps must be an integer >= 1, got {self.steps!r}")
+        if self.norm == "linf" and self.eps >= 1:  # images are in [0, 1]: the ball would hold every image
+            raise ConfigError(f"attack eps={self.eps:g} covers the whole [0, 1] pixel range under linf; the usual radius is 8/255")
+
+    def text(self) -> str:
+        """The threat model as the reports and messages write it: ``ℓ∞ ε=8/255, step 2/255``."""
+        return f"{'ℓ∞' if self.norm == 'linf' else 'ℓ2'} ε={eps_str(self.eps, self.norm)}, step {eps_str(self.alpha, self.norm)}"
 
     def replace(self, **changes) -> "ThreatModel":
         """This threat model with some fields changed (``threat.replace(steps=20)``), validated again."""

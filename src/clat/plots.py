@@ -9,12 +9,8 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from clat.attacks import DEFAULT_THREAT
+from clat.attacks import DEFAULT_THREAT, eps_str
 from clat.methods.registry import label as method_name
-def eps_str(eps: float, norm: str = "linf") -> str:
-    if norm == "linf" and eps > 0 and abs(eps * 255 - round(eps * 255)) < 1e-6:
-        return f"{round(eps * 255)}/255"
-    return f"{eps:.4g}"
 
 
 SELECTED, ELIGIBLE, EXCLUDED = "#d62728", "#1f77b4", "#bbbbbb"
