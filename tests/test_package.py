@@ -177,6 +177,31 @@ def test_the_built_wheel_works_in_a_fresh_environment(tmp_path):
     assert (site / "clat" / "py.typed").is_file()
 
 
+@pytest.mark.slow
+def test_sdist_and_wheel_build_and_pass_twine_check(tmp_path):
+    """`python -m build` (sdist, then the wheel from the sdist) and `twine check --strict` as `make dist` runs them, offline:
+    without build isolation, which would download setuptools. The wheel carries the project URLs and the packaged configs,
+    not the study's, and none of its configs names a path only our machines have."""
+    import zipfile
+
+    dist = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(REPO)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (wheel,), (sdist,) = dist.glob("clat_at-*.whl"), dist.glob("clat_at-*.tar.gz")
+    r = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("PASSED") == 2, r.stdout + r.stderr
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(f"clat_at-{clat.__version__}.dist-info/METADATA").decode()
+        configs = [n for n in z.namelist() if n.startswith("clat/configs/") and n.endswith(".yaml")]
+        texts = [z.read(n).decode() for n in configs]
+    urls = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]
+    for name, url in urls.items():
+        assert f"Project-URL: {name}, {url}" in meta
+    assert configs and not [n for n in configs if n.startswith("clat/configs/study/")]
+    assert any(n.endswith("cpu/bundled_quick.yaml") for n in configs)
+    assert not [n for n, t in zip(configs, texts) if "shared/data" in t or "../shared" in t]
+
+
 # -- what a user reads on the command line (issue 36) ----------------------------------------------------------
 
 
