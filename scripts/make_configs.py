@@ -93,7 +93,7 @@ def main() -> None:
         n += 2
     # The same comparison under this project's automatic λ (SPEC): CLAT and random layers, both with lam_mode auto.
     rn18 = {"model": {"name": "resnet18"}, "data": data, **COMMON, "pretrain": stage("pgd_at", 50), "finetune": stage("clat", 50)}
-    write(abl / "resnet18_lam_auto.yaml", "# CLAT with automatic λ (λ = ρ·CE/L_C at each selection; this project's rule, not the paper's).\n",
+    write(abl / "resnet18_lam_auto.yaml", "# CLAT with automatic λ (λ = ρ·CE/L_C at each selection; this project's rule).\n",
           {**rn18, "clat": {"lam_mode": "auto"}})
     write(abl / "resnet18_random_layers_lam_auto.yaml", "# Random layers with automatic λ: compare with resnet18_lam_auto.yaml.\n",
           {**rn18, "clat": {"selection": "random", "lam_mode": "auto"}})
