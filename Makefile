@@ -2,18 +2,25 @@
 # they create .venv, install what they need, and run.
 PYTHON ?= python3
 VENV   ?= .venv
-# torch is installed first and explicitly, so that pip does not pick a multi-GB CUDA
-# build on CPU-only machines. Override for your platform, e.g. make demo TORCH="torch==2.5.1".
-TORCH  ?= torch==2.13.0
+# torch is installed first, on its own, and only into a .venv that has none. By default it comes from PyTorch's
+# CPU-only index (torch 2.13.0 for Python 3.11 on x86-64: a 192 MB wheel, 754 MB installed; the demo and the tests
+# run on a CPU): on Linux, torch from PyPI is the CUDA build, which brings NVIDIA's libraries (several GB). The
+# version pin alone does not prevent that (it avoided CUDA only where a CPU wheel of that version was already on
+# disk); the index does. By hand: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# A CUDA build: make demo TORCH_INDEX= (PyPI's default: CUDA on Linux), or the index URL pytorch.org's install
+# selector gives; another version: make demo TORCH="torch==2.5.1". To keep a torch you already have (a CUDA one),
+# install clat into that environment instead (README.md, "Install").
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast dist install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
@@ -26,11 +33,19 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/clat demo --force
 
+# The whole suite, slow tests included (CI runs this); among them, tests/test_package.py builds the sdist and the
+# wheel with `python -m build`, runs `twine check --strict` on them, and installs the wheel into a fresh environment.
 test: install
 	$(BIN)/python -m pytest -q -m "" --durations=15 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests
+
+# The sdist and the wheel in dist/, checked as a package index would render them (nothing is uploaded). build
+# fetches setuptools into an isolated environment (network); tests/test_package.py runs the same offline.
+dist: install
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 clean:
 	rm -rf $(VENV) runs

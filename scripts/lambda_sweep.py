@@ -4,7 +4,7 @@ One PGD-AT pretraining run, then CLAT from its checkpoint once per λ (same seed
 same epochs), each scored on the held-out validation split carved from the
 training images (never the test set).
 
-    python scripts/lambda_sweep.py --root ../shared/data --out runs/lambda_sweep
+    python scripts/lambda_sweep.py --root DIR --out runs/lambda_sweep   # DIR holds cifar-10-batches-py
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ LAMBDAS = [0.0, 0.001, 0.01, 0.1, 1.0]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", default="../shared/data", help="folder with cifar-10-batches-py (the JPEG-recovered subset)")
+    ap.add_argument("--root", required=True, help="folder with cifar-10-batches-py (docs/lambda_sweep.md was measured on a JPEG-recovered "
+                    "subset that the repository does not ship; the official CIFAR-10's first 10,000 training images give other numbers)")
     ap.add_argument("--out", default="runs/lambda_sweep")
     ap.add_argument("--pretrain-epochs", type=int, default=8)
     ap.add_argument("--clat-epochs", type=int, default=4)
@@ -69,7 +70,8 @@ def main() -> None:
         "`clat.criticality.denominator=input`, which the script names since clat 0.2 changed the default) from that checkpoint for each λ. Validation: clean and PGD-10 (ε = 8/255, step 2/255) "
         f"on the 1,000 held-out images. Pretrained checkpoint: clean {100 * pre_val['clean_acc']:.1f}%, PGD-10 {100 * pre_val['pgd_acc']:.1f}%.\n\n"
         + table
-        + f"\n\nReproduce: `python scripts/lambda_sweep.py --root ../shared/data` ({time.time() - t0:.0f} s for the runs not already on disk, 2 CPU cores).\n"
+        + f"\n\nReproduce: `python scripts/lambda_sweep.py --root DIR`, DIR holding `cifar-10-batches-py` ({time.time() - t0:.0f} s for the runs "
+        "not already on disk, 2 CPU cores).\n"
     )
     print(doc.read_text())
 

@@ -2,6 +2,7 @@
 given as `package.module:factory` on the command line, and (slow) the built wheel in a fresh environment."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -112,7 +113,8 @@ def test_a_model_of_ones_own_from_the_command_line(user_module, capsys):
 @pytest.mark.parametrize("name, message", [("usernets:nope", "usernets has no 'nope'"), ("nosuchmodule:make", "cannot import nosuchmodule"),
                                            ("usernets:not_a_model", "returned int, not an nn.Module"),
                                            ("usernets:make net", "neither a zoo model nor package.module:factory"),
-                                           ("resnet_18", "did you mean resnet18")])
+                                           ("resnet_18", "did you mean resnet18"),
+                                           ("usernets:make_nt", "usernets has no 'make_nt'; did you mean usernets:make_net?")])
 def test_a_bad_model_name_is_one_line(user_module, name, message, capsys):
     assert main(["-q", "train", f"model.name={name}", *TINY, "--run-dir", str(user_module / "bad")]) == 2
     err = capsys.readouterr().err
@@ -173,3 +175,91 @@ def test_the_built_wheel_works_in_a_fresh_environment(tmp_path):
     for f in ("LICENSE", "CITATION.cff"):
         assert any(f in n for n in subprocess.check_output([sys.executable, "-m", "zipfile", "-l", str(wheel)], text=True).splitlines()), f
     assert (site / "clat" / "py.typed").is_file()
+
+
+@pytest.mark.slow
+def test_sdist_and_wheel_build_and_pass_twine_check(tmp_path):
+    """`python -m build` (sdist, then the wheel from the sdist) and `twine check --strict` as `make dist` runs them, offline:
+    without build isolation, which would download setuptools. The wheel carries the project URLs and the packaged configs,
+    not the study's, and none of its configs names a path only our machines have."""
+    import zipfile
+
+    dist = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(REPO)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (wheel,), (sdist,) = dist.glob("clat_at-*.whl"), dist.glob("clat_at-*.tar.gz")
+    r = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("PASSED") == 2, r.stdout + r.stderr
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(f"clat_at-{clat.__version__}.dist-info/METADATA").decode()
+        configs = [n for n in z.namelist() if n.startswith("clat/configs/") and n.endswith(".yaml")]
+        texts = [z.read(n).decode() for n in configs]
+    urls = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]
+    for name, url in urls.items():
+        assert f"Project-URL: {name}, {url}" in meta
+    assert configs and not [n for n in configs if n.startswith("clat/configs/study/")]
+    assert any(n.endswith("cpu/bundled_quick.yaml") for n in configs)
+    assert not [n for n, t in zip(configs, texts) if "shared/data" in t or "../shared" in t]
+
+
+# -- what a user reads on the command line (issue 36) ----------------------------------------------------------
+
+
+def _clat(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed command with its output going to pipes, as into a log file (not a terminal)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-m", "clat", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_a_log_file_gets_lines_not_progress_bars_and_long_steps_say_what_they_do(tmp_path):
+    run = tmp_path / "run"
+    r = _clat("train", *TINY, "model.name=tiny_cnn", "finetune.epochs=0", "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "epoch   1 pgd_at" in r.stderr and "it/s" not in r.stderr and "\r" not in r.stderr  # the epoch line, no tqdm bar
+    assert ", 1 epoch." in (run / "report.md").read_text()  # not "1 epochs"
+    r = _clat("criticality", str(run), "--batch-size", "8", "--steps", "1")
+    assert r.returncode == 0 and "criticality of 5 layers: PGD-1 on 8 training images" in r.stderr, r.stderr
+    assert "features.0 + 1 " not in r.stdout
+    r = _clat("stability", str(run), "--batch-sizes", "4", "--repeats", "1", "--reference-size", "8", "--k", "1", "--steps", "1")
+    assert r.returncode == 0 and "reference ranking on 8 training images" in r.stderr and "it/s" not in r.stderr, r.stderr
+    assert "1 PGD-AT epoch in metrics.jsonl" in r.stdout
+    r = _clat("-q", "criticality", str(run), "--batch-size", "8", "--steps", "1", "--out", str(tmp_path / "c"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # -q hides the status lines too
+    shutil.copytree(run, tmp_path / "other")
+    assert _clat("-q", "eval", str(run), "--n-examples", "8", "--steps", "1").returncode == 0
+    r = _clat("-q", "report", str(run), str(tmp_path / "other"), "--names", "A,B")
+    table = (tmp_path / "comparison" / "report.md").read_text()
+    assert r.returncode == 0 and "| B | not evaluated | — | — |" in table and f"B: not evaluated yet (`clat eval {tmp_path / 'other'}`" in table
+
+
+def test_a_closed_pipe_ends_quietly():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m clat config show | head -1"], capture_output=True, text=True, env=env)
+    assert r.stdout.startswith("# defaults") and r.stdout.count("\n") == 1
+    assert r.stderr == "" and r.returncode == 141  # 128 + SIGPIPE, as `yes | head -1` under pipefail; no "clat: error: Broken pipe"
+
+
+def test_missing_cifar_names_the_config_key_and_a_misspelled_method_gets_a_suggestion(tmp_path, capsys):
+    assert main(["-q", "train", *TINY, "data.dataset=cifar10", f"data.root={tmp_path}", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "data.download=true (clat train, a config), --download (clat eval" in err and err.count("\n") == 1
+    assert main(["-q", "train", *TINY, "finetune.method=clta", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "unknown method 'clta'; did you mean clat?" in capsys.readouterr().err
+
+
+def test_the_unassigned_parameters_warning_does_not_repeat_the_program_name():
+    from clat.layers import find_layers, warn_unassigned
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(10))
+    net(torch.rand(1, 3, 8, 8))
+    with pytest.warns(UserWarning) as w:
+        warn_unassigned(net, find_layers(net, torch.rand(2, 3, 8, 8)), "clat")
+    assert str(w[0].message).startswith("method clat: 8 of ")  # printed as "clat: warning: method clat: ...", not "clat: warning: clat: ..."
+
+
+def test_a_merged_norm_is_named_in_full_where_its_short_name_is_an_index():
+    from clat.report import layer_label
+
+    assert layer_label("features.0", "features.1") == "features.0 + features.1"
+    assert layer_label("layer3.0.conv2", "layer3.0.bn2") == "layer3.0.conv2 + bn2"
+    assert layer_label("conv1", "layer1.0.bn1") == "conv1 + layer1.0.bn1" and layer_label("fc", None) == "fc"

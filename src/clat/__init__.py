@@ -10,6 +10,7 @@ Typical use::
     cfg = clat.load_config(overrides=["data.dataset=bundled", "pretrain.epochs=2", "finetune.epochs=2"])
     clat.train(cfg, "runs/example", model=model)      # callbacks=[...]: clat.Callback objects; best/ holds the best epoch
     print(clat.evaluate(model, x_test, y_test, clat.ThreatModel(steps=20)))   # one threat model value everywhere
+    res = clat.benchmark(model, x_test, y_test, attacks=["pgd", "autoattack"])  # clat eval's protocol, one call
 """
 
 from clat.attacks import Shard, ThreatModel, fgsm_rs, perturb, pgd
@@ -20,7 +21,8 @@ from clat.data import Splits
 from clat.stream import DatasetSplits
 from clat.errors import CheckpointError, ClatError, ConfigError, DataError
 from clat.evaluate import evaluate
-from clat.protocol import EvalProtocol, run_protocol
+from clat.protocol import EvalProtocol, EvalResult, run_protocol
+from clat.scoring import benchmark
 from clat.layers import find_layers, Layer, resolve_layers
 from clat.features import FeatureExtractor
 from clat.trainable import freeze_all_but, set_bn_train_mode, unfreeze_all
@@ -34,7 +36,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "CLAT", "Callback", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "DatasetSplits", "EvalProtocol",
-    "FeatureExtractor", "Layer", "Method", "Normalize", "Shard", "Splits", "SweepSettings", "ThreatModel", "compute_criticality", "create_method", "create_model",
+    "EvalResult", "FeatureExtractor", "Layer", "Method", "Normalize", "Shard", "Splits", "SweepSettings", "ThreatModel", "benchmark", "compute_criticality",
+    "create_method", "create_model",
     "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "layer_sweep", "list_methods", "list_models", "load_config",
     "perturb", "pgd", "register_model", "resolve_layers", "run_protocol", "select_random", "train",
     # a training loop of one's own (docs/own_loop.md) and callbacks that act on the run

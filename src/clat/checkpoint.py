@@ -335,7 +335,8 @@ def load_model(
     normalize: bool | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, dict]:
-    """Build the model a checkpoint was saved for and load it. Returns ``(model, meta)``.
+    """Build the model a checkpoint was saved for and load it. Returns ``(model, meta)``, the model in eval
+    mode (as RobustBench's ``load_model``; call ``model.train()`` to train it further).
 
     clat's safetensors files carry the model name and classes; for a plain state dict
     (``.pt``/``.pth``) give ``model_name`` (and ``num_classes`` if not 10).
@@ -360,7 +361,7 @@ def load_model(
         warnings.warn(f"{weights} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]}: every accuracy measured "
                       "on it is meaningless (did its training diverge?)", stacklevel=2)
     meta = {**meta, "model": name, "num_classes": n_cls, "normalize": norm, "path": str(weights)}
-    return model.to(device), meta
+    return model.to(device).eval(), meta
 
 
 def _check_meta(meta: dict, path: Path) -> None:

@@ -83,6 +83,8 @@ FILE_MD5: dict[str, dict[str, str]] = {
 
 # The folder each official tarball extracts to.
 _FOLDERS: dict[str, str] = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+# How to ask for a download, in the words of each entry point (clat train has no --download flag).
+HOW_TO_DOWNLOAD = "data.download=true (clat train, a config), --download (clat eval, criticality, transfer, stability) or download=True"
 # The files holding each split, in the official order.
 _SPLIT_FILES: dict[str, dict[bool, tuple[str, ...]]] = {
     "cifar10": {
@@ -172,7 +174,7 @@ def _safe_unpickle(blob: bytes, path: Path) -> Any:
     if not blob:
         raise DataError(
             f"CIFAR file {path} is empty: replace it with the official file "
-            "(re-download it with --download, or re-extract the tarball)."
+            f"(re-download it with {HOW_TO_DOWNLOAD}, or re-extract the tarball)."
         )
     try:
         return _SafeUnpickler(io.BytesIO(blob), encoding="latin1").load()
@@ -184,7 +186,7 @@ def _safe_unpickle(blob: bytes, path: Path) -> Any:
     except Exception as err:  # truncated or not a pickle at all
         raise DataError(
             f"CIFAR file {path} is not a readable CIFAR pickle ({type(err).__name__}: {err}): "
-            "replace it with the official file (re-download it with --download)."
+            f"replace it with the official file (re-download it with {HOW_TO_DOWNLOAD})."
         ) from None
 
 
@@ -415,8 +417,7 @@ def load_cifar(
         if not download:
             raise DataError(
                 f"{_PRETTY[name]} folder {_FOLDERS[name]} not found in {root_path}: download it "
-                f"with --download (download=True) or point data.root at a folder holding "
-                f"{_FOLDERS[name]}."
+                f"with {HOW_TO_DOWNLOAD}, or point data.root at a folder holding {_FOLDERS[name]}."
             )
         _download(name, root_path)
         folder = root_path / _FOLDERS[name]
@@ -425,7 +426,7 @@ def load_cifar(
         if not path.is_file():
             raise DataError(
                 f"{_PRETTY[name]} folder {folder} has no file {path.name}: download it with "
-                f"--download or point data.root at a folder holding a complete {_FOLDERS[name]}."
+                f"{HOW_TO_DOWNLOAD}, or point data.root at a folder holding a complete {_FOLDERS[name]}."
             )
     if not verify:
         warnings.warn(

@@ -84,12 +84,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="clat", description="Criticality-Leveraged Adversarial Training")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines (bars are shown on a terminal only)")
     p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train from a YAML config (pretrain stage, then CLAT fine-tuning)")
-    t.add_argument("config", nargs="?", help="YAML file, or a packaged config by name (`clat configs`), e.g. paper/cifar10/rn18_pgdat_clat")
+    t.add_argument("config", nargs="?", help="YAML file, or a packaged config by name (`clat configs`), e.g. paper/cifar10/resnet18_pgd_at_clat")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. clat.k=2 finetune.epochs=10")
     t.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint (overrides: only the "
@@ -210,13 +210,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config and "=" not in args.config:
             raise ClatError("--resume continues a run with its saved config; drop the config file (key=value overrides such as "
                             "pretrain.lr=0.01 may change the learning rate)")
+        if not args.progress and not any(o.startswith("progress=") for o in overrides):
+            overrides.append("progress=false")
         summary = train(None, args.resume, resume=True, until_epoch=args.until_epoch, overrides=overrides)
     else:
         if not args.config:
             raise ClatError("clat train needs a config file (see configs/), or --resume RUN_DIR")
         cfg_path, overrides = _config_and_overrides(args.config, args.overrides)
         cfg = load_config(cfg_path, overrides)
-        if args.quiet:
+        if not args.progress:  # -q, or output that is not a terminal (a log file)
             cfg.progress = False
         run_dir = args.run_dir = args.run_dir or f"runs/{Path(cfg_path).stem if cfg_path else 'run'}"  # (named by a Ctrl-C)
         summary = train(cfg, run_dir, force=args.force, until_epoch=args.until_epoch)
@@ -293,7 +295,7 @@ def cmd_layer_sweep(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from clat.demo import run_demo
 
-    path = run_demo(args.out, force=args.force, fast=args.fast, progress=not args.quiet)
+    path = run_demo(args.out, force=args.force, fast=args.fast, progress=args.progress)
     print(f"demo report: {path}")
     return 0
 
@@ -377,8 +379,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"clat: warning: {msg}\n"
+    args.progress = not args.quiet and sys.stderr.isatty()  # progress bars only on a terminal: a log file gets the lines alone
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:  # `clat config show | head -1`: the reader has what it wanted; stop quietly, as `yes | head` does
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unflushed rest goes nowhere at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
     except ClatError as e:
         print(f"clat: error: {e}", file=sys.stderr)
         return 2

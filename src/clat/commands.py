@@ -153,6 +153,7 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     if k > n_ok:
         raise ClatError(f"k={k} critical layers requested but {n_ok} layers are eligible for selection; choose k between 1 and {n_ok}")
     with writing([out / "criticality.json", out / "criticality.png"], "criticality"):
+        _status(f"criticality of {len(layers)} layers: PGD-{threat.steps} on {len(x)} training images, then their features ...")
         result = compute_criticality(
             model, layers, x, y, threat,
             **_criticality_settings(args, cfg).measure_kwargs(),
@@ -169,6 +170,13 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     print(f"top-{k}: {', '.join(l.name for l in result.top_k(k))}")
     print(f"wrote {out / 'criticality.json'} and {out / 'criticality.png'}")
     return 0
+
+
+def _status(msg: str) -> None:
+    """What a command is doing before a long silent step (hidden by ``clat -q``, as the per-epoch lines are)."""
+    import logging
+
+    logging.getLogger("clat").info(msg)
 
 
 def _threat_str(a: "ThreatModel") -> str:
@@ -315,7 +323,7 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str, be
     protocol = EvalProtocol(threat, restarts=args.restarts, pgd=not args.no_pgd, apgd_ce=args.apgd_ce,
                             autoattack=args.autoattack_version if args.autoattack else None, eps_sweep=tuple(args.eps_sweep or ()),
                             sanity=args.sanity, square_queries=args.square_queries, seed=args.seed, batch_size=args.batch_size)
-    result = run_protocol(model, x, y, protocol, surrogates=surrogates, device=device, progress=not args.quiet)
+    result = run_protocol(model, x, y, protocol, surrogates=surrogates, device=device, progress=getattr(args, "progress", not args.quiet))
     res = result.to_dict()
     res.update({"checkpoint": meta["path"], "model": meta["model"], "split": args.split, "data": splits.name, "seed": args.seed,
                 "subset": args.n_examples is not None, "settings_tag": _eval_tag(args, threat), "which": args.which,
@@ -373,7 +381,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     print(f"threat model: {_threat_str(a)} ({source})")
     out = Path(args.out)
     with writing([out, out.with_suffix(".png")], "transfer"):
-        res = transfer_matrix(models, x, y, a, restarts=args.restarts, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+        res = transfer_matrix(models, x, y, a, restarts=args.restarts, batch_size=args.batch_size, seed=args.seed,
+                              progress=getattr(args, "progress", not args.quiet))
         res.update({"checkpoints": list(args.checkpoints), "data": splits.name, "split": args.split})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
@@ -412,16 +421,18 @@ def _stability_into(args: argparse.Namespace, sizes: list[int], out: Path, run_d
         rows = [r for r in RunDir(run_dir).metrics() if r.get("method") == "pgd_at" and "epoch_time_s" in r]
         if rows:
             epoch_time = sum(r["epoch_time_s"] for r in rows) / len(rows)
-            source = f"mean epoch_time_s of the run's {len(rows)} PGD-AT epochs in metrics.jsonl"
+            source = f"mean epoch_time_s of the run's {len(rows)} PGD-AT epoch{'' if len(rows) == 1 else 's'} in metrics.jsonl"
     if epoch_time is None:
         a = cfg.attack
+        _status(f"timing PGD-AT (PGD-{a.steps}) steps of batch {cfg.data.batch_size} to estimate one epoch ...")
         epoch_time = measure_pgd_at_epoch_time(model, splits.x_train, splits.y_train, batch_size=cfg.data.batch_size, threat=a.threat())
         source = f"measured: PGD-AT (PGD-{a.steps}) steps of batch {cfg.data.batch_size}, extrapolated to {len(splits.x_train)} images"
     print(f"threat model: {_threat_str(threat)} ({threat_source})")
+    _status(f"reference ranking on {args.reference_size} training images, then {args.repeats} batches of each size {args.batch_sizes} ...")
     res = criticality_stability(model, splits.x_train, splits.y_train, batch_sizes=sizes, repeats=args.repeats, reference_size=args.reference_size,
                                 k=args.k, threat=threat, criticality=_criticality_settings(args, cfg), merge_norms=cfg.model.merge_norms,
                                 seed=args.seed, epoch_time_s=epoch_time,
-                                progress=not args.quiet)
+                                progress=getattr(args, "progress", not args.quiet))
     res.update({"epoch_time_source": source, "checkpoint": meta["path"], "model": meta["model"], "data": splits.name})
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(res, indent=2))

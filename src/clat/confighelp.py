@@ -28,7 +28,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"  # the configs shipped in 
 
 
 def list_configs() -> list[str]:
-    """The packaged configs by name (``paper/cifar10/rn18_pgdat_clat``), as ``clat train NAME`` takes them."""
+    """The packaged configs by name (``paper/cifar10/resnet18_pgd_at_clat``), as ``clat train NAME`` takes them."""
     return sorted(p.relative_to(CONFIGS).with_suffix("").as_posix() for p in CONFIGS.rglob("*.yaml"))
 
 

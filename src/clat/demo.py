@@ -120,6 +120,11 @@ def _make_room(rd: RunDir, force: bool) -> None:
     rd.clear()
 
 
+def _n(n: int, word: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _run_demo(out: Path, s: DemoSettings, progress: bool) -> Path:
     t0 = time.time()
     base = _overrides(s, progress)
@@ -211,15 +216,15 @@ def _write_report(out: Path, s: DemoSettings, crit: dict, results: dict, total: 
         f"Data: {data_name}: {s.train_size - s.val_size} training images, {s.val_size} held out (per-epoch metrics on "
         f"{min(s.val_examples, s.val_size)} of them, PGD-{s.val_steps}), "
         f"{s.test_size} test images for the table below. Model `{s.model}` ({total_params:,} parameters).",
-        f"Pretraining: PGD-AT for {s.pretrain_epochs} epochs (PGD-{s.attack_steps}, ε = 8/255, step {s.attack_alpha * 255:.0f}/255). "
-        f"Then {s.finetune_epochs} epochs of CLAT (k = 1, λ = {s.lam}, re-selection every {s.reselect_every} epochs) or, as the control, "
-        f"{s.finetune_epochs} more epochs of PGD-AT on the full model; both with lr {s.finetune_lr}, cosine.",
+        f"Pretraining: PGD-AT for {_n(s.pretrain_epochs, 'epoch')} (PGD-{s.attack_steps}, ε = 8/255, step {s.attack_alpha * 255:.0f}/255). "
+        f"Then {_n(s.finetune_epochs, 'epoch')} of CLAT (k = 1, λ = {s.lam}, re-selection every {_n(s.reselect_every, 'epoch')}) or, as the "
+        f"control, {_n(s.finetune_epochs, 'more epoch')} of PGD-AT on the full model; both with lr {s.finetune_lr}, cosine.",
         "",
         f"## Test accuracy (PGD-{s.eval_steps}, ε = 8/255, step 2/255)",
         "",
         markdown_table(["model", "clean (%)", f"PGD-{s.eval_steps} (%)", "trainable params", "fine-tuning time (s)"], table),
         "",
-        f"Total demo time: {total:.0f} s (pretraining {t_pre:.0f} s) on {torch.get_num_threads()} CPU threads.",
+        f"Total demo time: {total:.0f} s (pretraining {t_pre:.0f} s) on {_n(torch.get_num_threads(), 'CPU thread')}.",
         "",
         _verdict(results, s),
         "",

@@ -418,7 +418,7 @@ def warn_unassigned(model: nn.Module, layers: Iterable[Layer], method: str) -> N
     hint = ("; model.merge_norms=true makes a norm that follows a conv/linear part of its layer"
             if kinds & {c.__name__ for c in OTHER_NORM_TYPES} else "")
     warnings.warn(
-        f"{method}: {n:,} of {total:,} parameters belong to no selectable layer and stay frozen: "
+        f"method {method}: {n:,} of {total:,} parameters belong to no selectable layer and stay frozen: "
         f"{', '.join(f'{m} ({c:,})' for m, c in rest.items())}{hint}",
         stacklevel=2,
     )

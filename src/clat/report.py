@@ -57,6 +57,15 @@ def _bytes(n: int | None) -> str:
 
 
 # -- criticality -------------------------------------------------------------------------
+def layer_label(name: str, bn: str | None) -> str:
+    """``layer3.0.conv2 + bn2`` (the norm's own name where it is a sibling's), ``features.0 + features.1`` (a bare index
+    alone would read as a count)."""
+    if not bn:
+        return name
+    short = bn.rsplit(".", 1)[-1]
+    return f"{name} + {bn if short.isdigit() or bn.rsplit('.', 1)[0] != name.rsplit('.', 1)[0] else short}"
+
+
 def criticality_rows(crit: dict) -> tuple[list[str], list[list[Any]]]:
     with_src = any(l.get("denominator_source") for l in crit["layers"])
     headers = ["idx", "layer", "output", "params", "weakness W", "criticality C", "rank", "selected"] + (["C = W / W of"] if with_src else [])
@@ -65,7 +74,7 @@ def criticality_rows(crit: dict) -> tuple[list[str], list[list[Any]]]:
         rows.append(
             [
                 l["index"],
-                l["name"] + (f" + {l['bn'].rsplit('.', 1)[-1]}" if l.get("bn") else ""),
+                layer_label(l["name"], l.get("bn")),
                 "x".join(map(str, l["out_shape"])),
                 f"{l['params']:,}",
                 float(l["weakness"]),
@@ -324,7 +333,7 @@ def _render_run_report(run_dir: Path, run: dict) -> Path:
     out += damage_lines(run.get("damaged", []), rows)
     if run["summary"]:
         s = run["summary"]
-        out += [f"Model `{s['model']['model']}` ({s['total_params']:,} parameters, {s['layers']} layers) on {s['data']}, {s['epochs']} epochs.", ""]
+        out += [f"Model `{s['model']['model']}` ({s['total_params']:,} parameters, {s['layers']} layers) on {s['data']}, {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}.", ""]
     out += best_lines(run["summary"], rows)
 
     if run["evals"]:
@@ -424,10 +433,14 @@ def comparison_rows(runs: list[tuple[Path, dict]], labels: Sequence[str]) -> tup
     headers = ["model", "method"] + [f"{d} {c}" for d in datasets for c in ("clean", "PGD", aa_name)]
     rows, notes = [], []
     prev_model = None
-    for (_d, r), label, e in sorted(zip(runs, labels, evs), key=lambda t: ((t[0][1].get("summary") or {}).get("model", {}).get("model", ""),)):
+    for (d, r), label, e in sorted(zip(runs, labels, evs), key=lambda t: ((t[0][1].get("summary") or {}).get("model", {}).get("model", ""),)):
         model = ((r.get("summary") or {}).get("model") or {}).get("model", "?")
         cells = ["", "", ""] * len(datasets)
-        if e:
+        if not e:  # a blank row would read as a missing number: say why, and how to get it
+            i = datasets.index(_data_name(r)) * 3
+            cells[i : i + 3] = ["not evaluated", "—", "—"]
+            notes.append(f"{label}: not evaluated yet (`clat eval {d}` measures it)")
+        else:
             i = datasets.index(_data_name(r)) * 3
             aa = e.get("autoattack") or e.get("apgd_ce")
             cells[i : i + 3] = [_pct(e.get("clean_acc"), 2), _pct(e.get("pgd_acc"), 2), _pct(aa["robust_acc"], 2) if aa else ""]

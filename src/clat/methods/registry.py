@@ -99,7 +99,11 @@ def register_method(name: str, *, label: str, section: type | None = None, basel
 def method_info(name: str) -> MethodInfo:
     info = _REGISTRY.get(name)
     if info is None:
-        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=2)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown method {name!r}; {hint}known methods: {', '.join(_REGISTRY)}")
     return info
 
 

@@ -108,10 +108,16 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     except ImportError as e:
         raise ConfigError(f"model.name={spec}: cannot import {module} ({e}); install it, or run from the folder that holds it, "
                           "or add that folder to PYTHONPATH") from None
+    done: list[str] = []
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"model.name={spec}: {module} has no {attr!r}")
+            import difflib
+
+            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=2)
+            hint = f"; did you mean {' or '.join(f'{module}:' + '.'.join([*done, c]) for c in close)}?" if close else ""
+            raise ConfigError(f"model.name={spec}: {module} has no {attr!r}{hint}")
         obj = getattr(obj, part)
+        done.append(part)
     if not callable(obj):
         raise ConfigError(f"model.name={spec}: {attr} is not callable; name a function or class that returns an nn.Module")
     return obj
