@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from clat.commands import cmd_criticality, cmd_eval, cmd_stability, cmd_transfer, writing
+from clat.analyses import cmd_criticality, cmd_stability, cmd_transfer
+from clat.commands import cmd_eval, writing
 from clat.errors import ClatError
 
 log = logging.getLogger("clat")
