@@ -93,7 +93,7 @@ LONG_FILES = {
     "cifar.py": "the official CIFAR files: safe unpickling, checksums, download with safe extraction, the bundled subset",
     "config.py": "every key of a run with its help comment (`clat config show`), YAML and override parsing, and the checks of the keys",
     "layers.py": "layer discovery: the operation tracer and the provenance graph it builds are one algorithm",
-    "report.py": "a run's report and the comparison of runs, from their JSON files",
+    "report.py": "a run's report from its JSON files: every section (evaluation, sanity, parameters, selections, stability, transfer)",
     "runs.py": "the run-folder format: layout, checkpoints, manifest, lock, config, metrics",
 }
 # Functions over ~80 lines, and why.

@@ -7,7 +7,8 @@ import pytest
 
 from clat.cli import main
 from clat.plots import plot_curves
-from clat.report import comparison_report, method_label, parameter_efficiency, run_report
+from clat.comparison import comparison_report
+from clat.report import method_label, parameter_efficiency, run_report
 
 LAYERS = ["features.0.0", "features.1.0", "features.2.0", "features.3.0", "classifier"]
 

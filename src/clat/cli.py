@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from clat.analyses import cmd_criticality, cmd_stability, cmd_transfer
+from clat.listing import cmd_config, cmd_configs, cmd_methods, cmd_models, config_and_overrides
 from clat.commands import cmd_eval, writing
 from clat.errors import ClatError
 
@@ -217,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise ClatError("clat train needs a config file (see configs/), or --resume RUN_DIR")
-        cfg_path, overrides = _config_and_overrides(args.config, args.overrides)
+        cfg_path, overrides = config_and_overrides(args.config, args.overrides)
         cfg = load_config(cfg_path, overrides)
         if not args.progress:  # -q, or output that is not a terminal (a log file)
             cfg.progress = False
@@ -246,7 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import os
 
-    from clat.report import comparison_report, run_report
+    from clat.comparison import comparison_report
+    from clat.report import run_report
 
     transfer = None
     if args.transfer:  # read (and refused) before any report is rendered
@@ -282,7 +284,7 @@ def cmd_layer_sweep(args: argparse.Namespace) -> int:
     if not args.report:
         from clat.config import load_config
 
-        cfg_path, overrides = _config_and_overrides(args.config, args.overrides)
+        cfg_path, overrides = config_and_overrides(args.config, args.overrides)
         cfg = load_config(cfg_path, overrides)
         settings = SweepSettings(epochs=args.epochs, seeds=list(args.seeds), objective=args.objective, lam=args.lam,
                                  lam_mode="auto" if args.lam_auto else "fixed", val_steps=args.val_steps, n_val=args.n_val,
@@ -305,64 +307,6 @@ def _version_line() -> str:
     from clat import __version__
 
     return f"clat {__version__}"
-
-
-def _config_and_overrides(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
-    """``clat train a=1 b=2`` has no config file: its first positional is an override."""
-    if config is not None and "=" in config:
-        return None, [config, *overrides]
-    return config, list(overrides)
-
-
-def cmd_configs(args: argparse.Namespace) -> int:
-    from clat.confighelp import CONFIGS, list_configs
-
-    names = [n for n in list_configs() if not args.prefix or n.startswith(args.prefix.removeprefix("configs/").rstrip("/"))]
-    if not names:
-        raise ClatError(f"no packaged config starts with {args.prefix!r}; `clat configs` lists them all")
-    for n in names:
-        first = next((ln[1:].strip() for ln in (CONFIGS / f"{n}.yaml").read_text().splitlines() if ln.startswith("#")), "")
-        print(f"{n:48s} {first}")
-    print(f"({len(names)} configs in {CONFIGS}; run one with `clat train NAME`)")
-    return 0
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    from clat.config import dump_yaml, load_config
-    from clat.confighelp import describe, render
-
-    config, overrides = _config_and_overrides(args.config, args.overrides)
-    cfg = load_config(config, overrides)
-    if args.yaml:
-        print(dump_yaml(cfg), end="")
-        return 0
-    print(f"# {config or 'defaults'}{' + ' + ' '.join(overrides) if overrides else ''}; * = differs from the default")
-    print(render(describe(cfg), only_changed=args.changed))
-    return 0
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from clat.layers import find_layers
-    from clat.models import create_model, list_models, model_info
-    from clat.report import text_table
-
-    import torch
-
-    rows = []
-    for name in list_models():
-        with torch.device("meta"):  # counting only: no memory for WRN-70-16's 267M parameters
-            m = create_model(name)
-        rows.append([name, f"{sum(p.numel() for p in m.parameters()):,}", len(find_layers(m)), model_info(name).default_k, model_info(name).description])
-    print(text_table(["name", "params (10 classes)", "layers", "default k", "description"], rows))
-    return 0
-
-
-def cmd_methods(args: argparse.Namespace) -> int:
-    from clat import methods
-
-    for name in methods.list_methods():
-        print(f"{name:10s} {methods.method_info(name).description}")
-    return 0
 
 
 COMMANDS = {

@@ -42,11 +42,11 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def _pct(v: float | None, digits: int = 1) -> str:
+def pct(v: float | None, digits: int = 1) -> str:
     return "" if v is None else f"{100 * v:.{digits}f}%"
 
 
-def _bytes(n: int | None) -> str:
+def fmt_bytes(n: int | None) -> str:
     if n is None:
         return ""
     for unit in ("B", "KB", "MB", "GB"):
@@ -186,7 +186,7 @@ def _param_rows(pe: dict) -> list[list[Any]]:
         tr = f"{s['trainable_max']:,}" if s["trainable_min"] == s["trainable_max"] else f"{s['trainable_min']:,}–{s['trainable_max']:,}"
         rows.append([
             s["stage"], method_name(s["method"]), s["epochs"], tr, f"{s['total_params']:,}", f"{100 * s['fraction_max']:.1f}%",
-            _bytes(s["optimizer_state_bytes_max"]), f"{100 * s['optimizer_state_vs_full']:.1f}%" if s["optimizer_state_vs_full"] is not None else "",
+            fmt_bytes(s["optimizer_state_bytes_max"]), f"{100 * s['optimizer_state_vs_full']:.1f}%" if s["optimizer_state_vs_full"] is not None else "",
             f"{s['epoch_time_s_mean']:.1f}" if s["epoch_time_s_mean"] is not None else "",
         ])
     return rows
@@ -196,7 +196,7 @@ PARAM_HEADERS = ["stage", "method", "epochs", "trainable params", "total", "% tr
 
 
 # -- evaluation sections ---------------------------------------------------------------------
-def _attack_str(e: dict) -> str:
+def attack_str(e: dict) -> str:
     a = e.get("attack")
     if not a:
         return ""
@@ -213,9 +213,9 @@ def eval_rows(evals: Mapping[str, dict]) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for k, e in evals.items():
         rows.append([
-            k, f"best (epoch {e['best']['epoch']})" if "best" in e else e.get("which", ""), e["n"], _pct(e.get("clean_acc"), 2), _pct(e.get("pgd_acc"), 2), _pct(e.get("pgd_acc_lowest_run"), 2),
-            _pct(e["apgd_ce"]["robust_acc"], 2) if "apgd_ce" in e else "", _pct(e["autoattack"]["robust_acc"], 2) if "autoattack" in e else "",
-            _attack_str(e),
+            k, f"best (epoch {e['best']['epoch']})" if "best" in e else e.get("which", ""), e["n"], pct(e.get("clean_acc"), 2), pct(e.get("pgd_acc"), 2), pct(e.get("pgd_acc_lowest_run"), 2),
+            pct(e["apgd_ce"]["robust_acc"], 2) if "apgd_ce" in e else "", pct(e["autoattack"]["robust_acc"], 2) if "autoattack" in e else "",
+            attack_str(e),
         ])
     return headers, rows
 
@@ -261,12 +261,12 @@ def stability_section(st: dict) -> list[str]:
 
 def transfer_rows(t: dict) -> tuple[list[str], list[list[Any]]]:
     headers = ["attacker \\ victim", *t["names"]]
-    rows = [[src, *[_pct(v) for v in row]] for src, row in zip(t["names"], t["matrix"])]
-    rows.append(["clean", *[_pct(t["clean_acc"][n]) for n in t["names"]]])
+    rows = [[src, *[pct(v) for v in row]] for src, row in zip(t["names"], t["matrix"])]
+    rows.append(["clean", *[pct(t["clean_acc"][n]) for n in t["names"]]])
     return headers, rows
 
 
-def _rel(p: Path, base: Path) -> str:
+def rel_path(p: Path, base: Path) -> str:
     return os.path.relpath(p, base)
 
 
@@ -286,7 +286,7 @@ def best_lines(summary: dict | None, rows: list[dict]) -> list[str]:
     epoch, value = _best(summary, rows)
     out = []
     if epoch is not None:
-        out.append(f"Best held-out PGD accuracy (`val.pgd_acc`): **{_pct(value)}** at epoch {epoch}; its weights are in `best/` "
+        out.append(f"Best held-out PGD accuracy (`val.pgd_acc`): **{pct(value)}** at epoch {epoch}; its weights are in `best/` "
                    "(`clat eval RUN --which best`).")
     elif summary and summary.get("best_note"):
         out.append(f"Best epoch: none ({summary['best_note']}).")
@@ -357,12 +357,12 @@ def _render_run_report(run_dir: Path, run: dict) -> Path:
         if sweeps:
             p = plot_eps_sweep(sweeps, plots / "eps_sweep.png", f"{run_dir.name}: accuracy over ε")
             pts = next(iter(sweeps.values()))
-            out += ["### Accuracy over ε", "", f"![accuracy over eps]({_rel(p, run_dir)})", ""]
-            out += [markdown_table(["ε", *sweeps], [[eps_str(pt["eps"], pts["norm"]), *[_pct(s["points"][i]["acc"]) for s in sweeps.values()]]
+            out += ["### Accuracy over ε", "", f"![accuracy over eps]({rel_path(p, run_dir)})", ""]
+            out += [markdown_table(["ε", *sweeps], [[eps_str(pt["eps"], pts["norm"]), *[pct(s["points"][i]["acc"]) for s in sweeps.values()]]
                                                     for i, pt in enumerate(pts["points"])]), ""]
 
     plot = plot_curves(rows, plots / "curves.png", f"{run_dir.name}: held-out accuracy")
-    out += ["## Training", "", f"![curves]({_rel(plot, run_dir)})", ""]
+    out += ["## Training", "", f"![curves]({rel_path(plot, run_dir)})", ""]
     headers = ["epoch", "stage", "method", "loss", "val clean", "val PGD", "trainable", "layers", "time (s)"]
     table = []
     best_epoch = _best(run["summary"], rows)[0]
@@ -386,128 +386,22 @@ def _render_run_report(run_dir: Path, run: dict) -> Path:
         out += ["## Critical layers over time", ""]
         if all("criticality" in h for h in hist):
             p = plot_selection_history(hist, plots / "selection.png", title=f"{run_dir.name}: criticality at each re-selection")
-            out += [f"![selection history]({_rel(p, run_dir)})", ""]
+            out += [f"![selection history]({rel_path(p, run_dir)})", ""]
         out += [markdown_table(["epoch", "selected", "indices", "trainable", "λ"],
                                [[h["epoch"] + 1, ", ".join(h["selected"]), h["selected_index"], f"{h['trainable_params']:,}", h.get("lam", "")] for h in hist]), ""]
     if run["criticality"]:
         p = plot_criticality(run["criticality"], plots / "criticality.png")
         h, r = criticality_rows(run["criticality"])
-        out += ["## Criticality", "", f"![criticality]({_rel(p, run_dir)})", "", markdown_table(h, r), ""]
+        out += ["## Criticality", "", f"![criticality]({rel_path(p, run_dir)})", "", markdown_table(h, r), ""]
     if run["stability"]:
         out += ["## Criticality stability (Table 7)", ""] + stability_section(run["stability"])
     for k, t in run["transfers"].items():
         p = plot_transfer(t, plots / f"{k}.png")
         h, r = transfer_rows(t)
-        out += [f"## Black-box transfer (`{k}`)", "", f"![transfer]({_rel(p, run_dir)})", "", markdown_table(h, r), ""]
+        out += [f"## Black-box transfer (`{k}`)", "", f"![transfer]({rel_path(p, run_dir)})", "", markdown_table(h, r), ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(out))
     return path
 
 
 # -- several runs: the paper's tables ------------------------------------------------------------
-def _labels(runs: list[tuple[Path, dict]], names: Sequence[str] | None) -> list[str]:
-    if names:
-        if len(names) != len(runs):
-            raise ClatError(f"{len(names)} names for {len(runs)} run folders")
-        return list(names)
-    labels = [method_label(r["rows"]) for _, r in runs]
-    return [f"{l} ({d.name})" if labels.count(l) > 1 else l for l, (d, _) in zip(labels, runs)]
-
-
-def _data_name(run: dict) -> str:
-    cfg = run.get("config") or {}
-    ds = (cfg.get("data") or {}).get("dataset")
-    return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "bundled": "CIFAR-10 (bundled subset)"}.get(ds, (run.get("summary") or {}).get("data", "?"))
-
-
-def comparison_rows(runs: list[tuple[Path, dict]], labels: Sequence[str]) -> tuple[list[str], list[list[Any]], list[str]]:
-    """Table 1 layout: one row per run (model, method), clean / PGD / AutoAttack per data set."""
-    datasets: list[str] = []
-    for _, r in runs:
-        if _data_name(r) not in datasets:
-            datasets.append(_data_name(r))
-    aa_name = "AutoAttack"
-    evs = [main_eval(r["evals"]) for _, r in runs]
-    if not any(e and "autoattack" in e for e in evs) and any(e and "apgd_ce" in e for e in evs):
-        aa_name = "APGD-CE"
-    headers = ["model", "method"] + [f"{d} {c}" for d in datasets for c in ("clean", "PGD", aa_name)]
-    rows, notes = [], []
-    prev_model = None
-    for (d, r), label, e in sorted(zip(runs, labels, evs), key=lambda t: ((t[0][1].get("summary") or {}).get("model", {}).get("model", ""),)):
-        model = ((r.get("summary") or {}).get("model") or {}).get("model", "?")
-        cells = ["", "", ""] * len(datasets)
-        if not e:  # a blank row would read as a missing number: say why, and how to get it
-            i = datasets.index(_data_name(r)) * 3
-            cells[i : i + 3] = ["not evaluated", "—", "—"]
-            notes.append(f"{label}: not evaluated yet (`clat eval {d}` measures it)")
-        else:
-            i = datasets.index(_data_name(r)) * 3
-            aa = e.get("autoattack") or e.get("apgd_ce")
-            cells[i : i + 3] = [_pct(e.get("clean_acc"), 2), _pct(e.get("pgd_acc"), 2), _pct(aa["robust_acc"], 2) if aa else ""]
-            note = f"{label}: n = {e['n']}, {_attack_str(e)}"
-            if aa:
-                note += f"; {aa['library']} {aa['version']} ({', '.join(aa['attacks'])})"
-            notes.append(note)
-        rows.append([model if model != prev_model else "", label, *cells])
-        prev_model = model
-    return headers, rows, notes
-
-
-def comparison_report(run_dirs: Sequence[str | Path], out: str | Path, *, names: Sequence[str] | None = None, transfer: dict | None = None) -> Path:
-    """``out/report.md`` and ``out/plots/*.png`` comparing several run folders."""
-    out = Path(out)
-    runs = [(Path(d), read_run(d)) for d in run_dirs]
-    labels = _labels(runs, names)
-    plots = out / "plots"
-    lines = ["# Comparison", "", "Runs: " + ", ".join(f"{l} = `{d}`" for l, (d, _) in zip(labels, runs)), ""]
-    h, rows, notes = comparison_rows(runs, labels)
-    lines += ["## Accuracy (paper Table 1 layout)", "", markdown_table(h, rows), ""]
-    lines += [f"- {n}" for n in notes] + [""]
-    lines += ["PGD is the per-example worst case over the restarts; AutoAttack is computed by the independent `pyautoattack` "
-              "package on the same images.", ""]
-    # sanity flags
-    flag_rows = []
-    for l, (_, r) in zip(labels, runs):
-        if not r["evals"]:
-            continue
-        fl = list(dict.fromkeys(f for e in r["evals"].values() for f in flags_of(e)))
-        san = eval_section(r["evals"], "sanity")
-        flag_rows.append([l, "not run" if san is None else f"{sum(not c['flag'] for c in san['checks'])}/{len(san['checks'])} passed",
-                          "; ".join(f"**{f}**" for f in fl) or "none"])
-    if flag_rows:
-        lines += ["## Sanity checks", "", markdown_table(["method", "sanity checks", "flags"], flag_rows), ""]
-        if any(row[2] != "none" for row in flag_rows):
-            lines.insert(2, "> **WARNING: possible gradient masking or unreliable evaluation: see the sanity checks below.**\n")
-    # parameters (Table 6)
-    prow = []
-    for l, (_, r) in zip(labels, runs):
-        if not r["rows"]:
-            continue
-        pe = parameter_efficiency(r["rows"])
-        last = pe["stages"][-1]
-        prow.append([l, f"{last['total_params']:,}", f"{last['trainable_max']:,}", f"{100 * last['fraction_max']:.1f}%",
-                     _bytes(last["optimizer_state_bytes_max"]), f"{100 * last['optimizer_state_vs_full']:.1f}%" if last["optimizer_state_vs_full"] else ""])
-    if prow:
-        lines += ["## Trainable parameters in the last stage (paper Table 6)", "",
-                  markdown_table(["method", "total", "trainable", "% used", "optimizer state", "vs full model"], prow), ""]
-    sweeps = {l: eval_section(r["evals"], "eps_sweep") for l, (_, r) in zip(labels, runs) if eval_section(r["evals"], "eps_sweep")}
-    if sweeps:
-        p = plot_eps_sweep(sweeps, plots / "eps_sweep.png")
-        lines += ["## Accuracy over ε (paper Figure 4)", "", f"![accuracy over eps]({_rel(p, out)})", ""]
-        first = next(iter(sweeps.values()))
-        if all([pt["eps"] for pt in s["points"]] == [pt["eps"] for pt in first["points"]] for s in sweeps.values()):
-            lines += [markdown_table(["ε", *sweeps], [[eps_str(pt["eps"], first["norm"]), *[_pct(s["points"][i]["acc"]) for s in sweeps.values()]]
-                                                     for i, pt in enumerate(first["points"])]), ""]
-    if transfer is not None:
-        p = plot_transfer(transfer, plots / "transfer.png")
-        th, tr = transfer_rows(transfer)
-        lines += ["## Black-box transfer (paper Table 2)", "", f"![transfer]({_rel(p, out)})", "", markdown_table(th, tr), "",
-                  "Rows attack (PGD examples crafted on that model), columns are attacked; the diagonal is white-box accuracy.", ""]
-    stab = [(l, r["stability"]) for l, (_, r) in zip(labels, runs) if r["stability"]]
-    for l, st in stab:
-        lines += [f"## Criticality stability: {l} (paper Table 7)", ""] + stability_section(st)
-    lines += ["Per-run reports: " + ", ".join(f"[{l}]({_rel(d / 'report.md', out)})" for l, (d, _) in zip(labels, runs)), ""]
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
