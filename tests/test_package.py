@@ -142,27 +142,35 @@ def test_a_run_of_a_python_model_says_how_to_resume_it(tmp_path):
     assert clat.train(None, tmp_path / "run", resume=True, model=_Net())["finished"]
 
 
-@pytest.mark.slow
-def test_the_built_wheel_works_in_a_fresh_environment(tmp_path):
-    """Build the wheel (not editable), install it alone into a new virtual environment whose other packages come
-    from this one (so torch is not downloaded), and run a packaged paper config by name for one tiny step."""
-    dist = tmp_path / "dist"
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory):
+    """The wheel built (not editable) and installed alone into a new virtual environment whose other packages come
+    from this one (so torch is not downloaded): (its python, its clat command, the environment, its site-packages,
+    the wheel)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    dist = tmp / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(REPO)],
                    check=True, capture_output=True)
     (wheel,) = dist.glob("clat_at-*.whl")
-    env_dir = tmp_path / "venv"
+    env_dir = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     py = env_dir / "bin" / "python"
     site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
     deps = Path(torch.__file__).parents[1]  # torch, numpy, ... of this environment; a plain path line does not run its .pth files
     (site / "zz_deps.pth").write_text(f"{deps}\n")
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    return py, env_dir / "bin" / "clat", env, site, wheel
+
+
+@pytest.mark.slow
+def test_the_built_wheel_works_in_a_fresh_environment(wheel_env, tmp_path):
+    """Run a packaged paper config by name for one tiny step, from the installed wheel."""
+    py, clat_cmd, env, site, wheel = wheel_env
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
     where = subprocess.check_output([str(py), "-c", "import clat, sys; print(clat.__file__)"], cwd=work, env=env, text=True)
     assert where.startswith(str(site)), where  # the wheel, not this checkout
-    clat_cmd = env_dir / "bin" / "clat"
     assert subprocess.check_output([str(clat_cmd), "--version"], env=env, text=True).strip() == f"clat {clat.__version__}"
     names = subprocess.check_output([str(clat_cmd), "configs", "paper/cifar10"], env=env, text=True, cwd=work)
     assert "paper/cifar10/resnet18_pgd_at_clat" in names
@@ -175,6 +183,69 @@ def test_the_built_wheel_works_in_a_fresh_environment(tmp_path):
     for f in ("LICENSE", "CITATION.cff"):
         assert any(f in n for n in subprocess.check_output([sys.executable, "-m", "zipfile", "-l", str(wheel)], text=True).splitlines()), f
     assert (site / "clat" / "py.typed").is_file()
+
+
+# Issue 36's "done when", from the installed wheel: a streamed Dataset run, an AdamW + warmup + EMA run, a model.kwargs
+# factory run, init_reset_head, and the own-loop page's plain loop (the page's code, as written).
+WHEEL_SCENARIOS = r"""
+import json, pathlib, re, torch, clat
+from torch.utils.data import Dataset
+TOY = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=120", "data.val_size=40", "attack.steps=1",
+       "eval.n_examples=20", "eval.steps=1", "data.batch_size=40", "clat.criticality.steps=1", "clat.criticality.batch_size=10",
+       "progress=false", "log.console=false"]
+assert clat.__file__.startswith(SITE), clat.__file__
+
+class Items(Dataset):
+    def __init__(self, n, classes=4):
+        self.x, self.targets = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(n)), torch.arange(n) % classes
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return (self.x[i].flip(-1) if torch.rand(()) < 0.5 else self.x[i]), int(self.targets[i])
+
+s = clat.train(clat.load_config(overrides=[*TOY, "pretrain.epochs=1", "finetune.epochs=1", "data.workers=2"]), "streamed",
+               data=clat.DatasetSplits(Items(100), Items(40), val_size=20))
+assert s["finished"] and clat.load_config("streamed/config.yaml").data.dataset == "python"
+
+s = clat.train(clat.load_config(overrides=[*TOY, "pretrain.epochs=2", "pretrain.optimizer=adamw", "pretrain.lr=0.001",
+                                           "pretrain.warmup_epochs=1", "pretrain.ema_decay=0.9", "finetune.epochs=0"]), "recipe")
+rows = [json.loads(l) for l in pathlib.Path("recipe/metrics.jsonl").read_text().splitlines()]
+rec = clat.load_config("recipe/config.yaml").pretrain
+assert s["finished"] and rows[0]["lr"] == 0.001 > rows[1]["lr"], rows  # the warm-up reaches lr, then the schedule decays
+assert (rec.optimizer, rec.warmup_epochs, rec.ema_decay) == ("adamw", 1, 0.9)
+
+pathlib.Path("widenet.py").write_text(WIDENET)
+s = clat.train(clat.load_config(overrides=[*TOY, "model.name=widenet:make_net", "model.kwargs.width=8", "pretrain.epochs=1",
+                                           "finetune.epochs=0"]), "wide")
+assert s["finished"] and clat.load_config("wide/config.yaml").model.kwargs == {"width": 8}
+
+torch.save(clat.create_model("tiny_cnn", 7).state_dict(), "seven.pt")
+s = clat.train(clat.load_config(overrides=[*TOY, "init=seven.pt", "init_reset_head=true", "pretrain.epochs=1", "finetune.epochs=0"]),
+               "reset")
+assert s["finished"]
+
+page = pathlib.Path(OWN_LOOP).read_text()
+code = re.findall(r"```python\n(.*?)```", page, re.S)[0]
+exec(compile(code, "docs/own_loop.md", "exec"), {"__name__": "__main__"})
+print("ALL SCENARIOS OK")
+"""
+WIDENET = """
+import clat
+from torch import nn
+
+def make_net(num_classes=10, width=16):
+    return nn.Sequential(clat.Normalize([0.5] * 3, [0.25] * 3), nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+"""
+
+
+@pytest.mark.slow
+def test_the_wheel_runs_streamed_data_recipes_factories_head_reset_and_the_own_loop_page(wheel_env, tmp_path):
+    py, _, env, site, _ = wheel_env
+    script = f"SITE = {str(site)!r}\nWIDENET = {WIDENET!r}\nOWN_LOOP = {str(REPO / 'docs' / 'own_loop.md')!r}\n" + WHEEL_SCENARIOS
+    (tmp_path / "scenarios.py").write_text(script)
+    r = subprocess.run([str(py), "scenarios.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "ALL SCENARIOS OK" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
 
 
 @pytest.mark.slow
