@@ -111,7 +111,7 @@ CPU_PILOT = (
 # What docs/results.md says about the CPU study's setting (the paper-scale presets have their own).
 CPU_TEXT = {
     "title": "the CIFAR-10 subset",
-    "data": "the CIFAR-10 subset in `../shared/data` (JPEG-recovered; 10,000 training and 2,000 test images). The study uses "
+    "data": "the project's CIFAR-10 subset (JPEG-recovered, not distributed with clat; 10,000 training and 2,000 test images). The study uses "
             "its first 3,000 training images: 2,000 to train on and 1,000 held out (fixed split, `data.split_seed=0`) that "
             "decide every choice below (with all 9,000 the model underfits: see the first attempt below); the 2,000 test "
             "images are used only for the final evaluation.",

@@ -238,7 +238,7 @@ def test_paper_scale_presets_configure_every_arm(name, study, tmp_path):
 def test_smoke_settings_shrink_the_study_they_are_given(study, tmp_path):
     """--smoke DIR alone is the CPU study at toy size; with --scale it is that preset at toy size."""
     def args(scale=None, smoke=None):
-        return argparse.Namespace(scale=scale, data_root=str(tmp_path / "data"), smoke=smoke)
+        return argparse.Namespace(scale=scale, data_root=str(tmp_path / "data"), smoke=smoke, variant=None)
 
     assert study.settings_of(args()) == study.StudySettings.cpu()
     s = study.settings_of(args(smoke=str(tmp_path)))
