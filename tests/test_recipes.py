@@ -550,6 +550,7 @@ for lang, code in json.load(open(sys.argv[1])):
 
 
 @pytest.mark.slow
+@pytest.mark.docs  # minutes of training, as tests/test_readme.py's slow blocks: `make test-docs` runs it, CI leaves it out
 def test_the_recipes_docs_blocks_run_as_written(tmp_path):
     """Every block of docs/recipes.md, in order, in a fresh folder and process, as a reader runs them (slow: they train)."""
     import os
