@@ -452,7 +452,8 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
          "stopped at P, then CLAT, against TRADES continued. Added with clat 0.2: CLAT with the paper's Eq. 6 (fixed λ, and automatic "
          "λ = ρ·CE/L_C set at each selection) and random layers with automatic λ, so that the random control gets the same λ rule; "
          "and CLAT on the deepest eligible layer with automatic λ (`clat.selection=deepest`), because depth predicted the layer "
-         "oracle of docs/criticality.md better than Eq. 6 on this network.",
+         "oracle of docs/criticality.md better than Eq. 6 on this network. The deepest-layer rule does not depend on the model's "
+         "state, so its re-selections always return the same layer: it is non-dynamic in effect, and cannot be otherwise.",
          "- **Criticality of the CLAT arms**: the arms of clat 0.1 (CLAT, its non-dynamic and CE-on-x+δ* ablations, TRADES + CLAT) "
          "use `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it reads, after its activation), "
          "clat 0.1's default, named in every such arm's config so that each arm stays one variant. The arms added with clat 0.2 "
