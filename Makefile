@@ -39,7 +39,7 @@ test: install
 	$(BIN)/python -m pytest -q -m "not docs" --durations=15 tests
 
 # The documentation's minutes-long code blocks (the README's demo, docs/evaluation.md's AutoAttack runs), as written:
-# about 30 minutes on 2 CPU cores, so CI leaves them out; the default and CI runs execute every other block.
+# 22 min on 2 quiet CPU cores (measured 2026-12-07), so CI leaves them out; the default and CI runs execute every other block.
 test-docs: install
 	$(BIN)/python -m pytest -q -m docs tests/test_readme.py
 

@@ -125,7 +125,7 @@ def test_doc_blocks_run(doc, tmp_path):
 @pytest.mark.docs
 @pytest.mark.parametrize("doc", [d for d in ALL if any(b.mark == "slow" for b in ALL[d])])
 def test_doc_blocks_run_including_slow_ones(doc, tmp_path):
-    """Every block but the skipped ones, as written: about 30 minutes on 2 CPU cores in all (the README's demo, the
+    """Every block but the skipped ones, as written: 22 minutes on 2 quiet CPU cores in all (the README's demo, the
     evaluation page's two AutoAttack runs), so `make test-docs` runs them and CI (`make test`) leaves them out."""
     run_blocks(doc, [b for b in ALL[doc] if b.mark != "skip"], tmp_path)
 
