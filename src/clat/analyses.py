@@ -57,6 +57,7 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     x = to_unit_float(splits.x_train[idx]).to(device)
     y = splits.y_train[idx].to(device)
     layers = find_layers(model, x[:2], merge_norms=cfg.model.merge_norms)
+    cc = _criticality_settings(args, cfg)
     k = args.k
     if k is None:
         from clat.methods.clat import default_k
@@ -65,15 +66,12 @@ def cmd_criticality(args: argparse.Namespace) -> int:
             k = default_k(layers, meta["model"])
         except ClatError:
             k = default_k(layers)
-    n_ok = sum(eligible_mask(layers, include_classifier=_criticality_settings(args, cfg).include_classifier))
+    n_ok = sum(eligible_mask(layers, include_classifier=cc.include_classifier))
     if k > n_ok:
         raise ClatError(f"k={k} critical layers requested but {n_ok} layers are eligible for selection; choose k between 1 and {n_ok}")
     with writing([out / "criticality.json", out / "criticality.png"], "criticality"):
         status(f"criticality of {len(layers)} layers: PGD-{threat.steps} on {len(x)} training images, then their features ...")
-        result = compute_criticality(
-            model, layers, x, y, threat,
-            **_criticality_settings(args, cfg).measure_kwargs(),
-        )
+        result = compute_criticality(model, layers, x, y, threat, **cc.measure_kwargs())
         print(f"threat model: {threat.text()} ({source}); denominator {result.settings['denominator']}")
         data = result.to_dict(k)
         data["checkpoint"] = args.checkpoint
