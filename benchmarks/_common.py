@@ -1,5 +1,5 @@
 """Shared helpers of the benchmarks: environment record, data, interleaved timing,
-FLOP counting, the training step (the loop's own, :class:`clat.stage.Stage`), tables, JSON.
+FLOP counting, the training step (the loop's own, :class:`clat.training.stage.Stage`), tables, JSON.
 
 Nothing here re-implements clat: a benchmark trains through the Stage that ``clat.train`` uses.
 """
@@ -163,7 +163,7 @@ def real_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]
     """``n`` training images in [0, 1] and labels: the CIFAR-10 subset bundled with clat
     (3,000 images; cycled if more are asked), or uniform noise if it cannot be read."""
     try:
-        from clat.data import load_bundled
+        from clat.data.loader import load_bundled
 
         xtr, ytr, _, _ = load_bundled()
         idx = torch.arange(n) % len(xtr)
@@ -185,21 +185,21 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
 def as_shipped(model: nn.Module, channels_last: bool | str = "auto") -> tuple[nn.Module, bool]:
     """``model`` in the memory format ``clat train`` resolves ``channels_last`` to on its device (default ``auto``:
     as clat ships, fp32), and whether that is NHWC."""
-    from clat.stage import resolve_channels_last
+    from clat.training.stage import resolve_channels_last
 
     cl = resolve_channels_last(channels_last, next(model.parameters()).device)
     return (model.to(memory_format=torch.channels_last) if cl else model), cl
 
 
 class Trainer:
-    """One method on its own copy of a model, trained by a :class:`clat.stage.Stage` (the loop's own set-up
+    """One method on its own copy of a model, trained by a :class:`clat.training.stage.Stage` (the loop's own set-up
     and step) with SGD at the stage defaults' momentum and weight decay; ``step(x, y)`` is one training step.
     ``channels_last``: the memory format, resolved as ``clat train`` resolves it (default ``auto``: as shipped)."""
 
     def __init__(self, method, model: nn.Module, *, selection: Sequence[str] | None = None, sample_batch=None,
                  channels_last: bool | str = "auto") -> None:
         from clat.methods.base import EpochContext
-        from clat.stage import Stage, StepRunner
+        from clat.training.stage import Stage, StepRunner
 
         self.method = method
         model, cl = as_shipped(model, channels_last)
@@ -342,7 +342,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 def forward_fraction(model: nn.Module, layer, x: torch.Tensor) -> tuple[float, int, int]:
     """p = FLOPs of a forward pass that stops right after ``layer`` (clat.FeatureExtractor,
     stop_early=True, the pass CLAT's attack runs) / FLOPs of a full forward pass."""
-    from clat.features import FeatureExtractor
+    from clat.layers.capture import FeatureExtractor
 
     ext = FeatureExtractor(model, [layer])
     was = model.training

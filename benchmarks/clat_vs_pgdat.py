@@ -44,10 +44,10 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 
 import clat  # noqa: E402
-from clat.attacks import feature_distance, perturb  # noqa: E402
-from clat.config import AttackConfig  # noqa: E402
+from clat.attacks.threat import feature_distance, perturb  # noqa: E402
+from clat.config.schema import AttackConfig  # noqa: E402
 from clat.methods.clat import ClatConfig  # noqa: E402
-from clat.trainable import freeze_all_but, frozen_bn_statistics  # noqa: E402
+from clat.layers.freezing import freeze_all_but, frozen_bn_statistics  # noqa: E402
 from clat.methods import CLAT, PGDAT, create_method  # noqa: E402
 from clat.methods.base import EpochContext  # noqa: E402
 from clat.models import model_info  # noqa: E402

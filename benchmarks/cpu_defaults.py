@@ -4,7 +4,7 @@ with each candidate setting, side by side.
     .venv/bin/python benchmarks/cpu_defaults.py            # the CPU-size zoo (below), 5 rounds
     .venv/bin/python benchmarks/cpu_defaults.py --quick    # tiny_cnn only, < 1 min
 
-One step = clat's PGD-AT step as ``clat train`` runs it (:class:`clat.stage.Stage`: a 10-step ℓ∞ PGD attack,
+One step = clat's PGD-AT step as ``clat train`` runs it (:class:`clat.training.stage.Stage`: a 10-step ℓ∞ PGD attack,
 ε = 8/255, α = 2/255, then CE on the adversarial batch, backward, SGD), on real CIFAR-10 images, at the batch
 size a CPU user runs each model with. Variants, interleaved round by round on copies of the same model:
 
@@ -14,7 +14,7 @@ size a CPU user runs each model with. Variants, interleaved round by round on co
   than PyTorch's default of one per physical core? Only informative: a user runs one process).
 
 The fastest setting on every model becomes the shipped default for CPU runs (``channels_last: auto``,
-:func:`clat.stage.resolve_channels_last`); the output says whether that is what ``auto`` picks.
+:func:`clat.training.stage.resolve_channels_last`); the output says whether that is what ``auto`` picks.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 
-from clat.config import AttackConfig  # noqa: E402
+from clat.config.schema import AttackConfig  # noqa: E402
 from clat.methods import PGDAT  # noqa: E402
-from clat.stage import resolve_channels_last  # noqa: E402
+from clat.training.stage import resolve_channels_last  # noqa: E402
 
 # the batch size a CPU user trains each model with (the configs under configs/cpu/ and the study)
 SETTINGS = {"tiny_cnn": 32, "small_cnn": 128, "vgg11_w16": 128, "resnet18_w16": 128, "resnet18": 32, "preact_resnet18": 32}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import clat  # noqa: E402
-from clat.config import AttackConfig  # noqa: E402
+from clat.config.schema import AttackConfig  # noqa: E402
 from clat.methods.clat import CriticalityConfig  # noqa: E402
 from clat.methods import PGDAT  # noqa: E402
 

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 
-from clat.config import AttackConfig  # noqa: E402
+from clat.config.schema import AttackConfig  # noqa: E402
 from clat.methods import PGDAT  # noqa: E402
 
 SETTINGS = {"tiny_cnn": 32, "small_cnn": 128, "resnet18": 32, "preact_resnet18": 32}

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import clat  # noqa: E402
-from clat.config import load_config  # noqa: E402
-from clat.runs import RunDir  # noqa: E402
-from clat.data import prepare_data  # noqa: E402
+from clat.config.load import load_config  # noqa: E402
+from clat.runs.folder import RunDir  # noqa: E402
+from clat.data.prepare import prepare_data  # noqa: E402
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper" / "cifar10"
 FULL_TRAIN = 49_000

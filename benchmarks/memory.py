@@ -166,7 +166,7 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
     import torch
 
     import clat
-    from clat.config import AttackConfig
+    from clat.config.schema import AttackConfig
     from clat.methods.clat import ClatConfig
     from clat.methods import CLAT, PGDAT
     from clat.methods.clat import reselection_chunk

@@ -53,7 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import _common as C  # noqa: E402
 
-from clat.config import AttackConfig  # noqa: E402
+from clat.config.schema import AttackConfig  # noqa: E402
 from clat.methods import PGDAT  # noqa: E402
 
 SETTINGS = {"tiny_cnn": 32, "small_cnn": 128, "resnet18": 32, "preact_resnet18": 32}
@@ -172,7 +172,7 @@ def check_perturbation(name: str, model, x, y) -> float | None:
         atk = ProjectedGradientDescent(clf, eps=EPS, eps_step=ALPHA, max_iter=STEPS, num_random_init=1, batch_size=8, verbose=False)
         xa = torch.from_numpy(atk.generate(xs.cpu().numpy(), y=ys.cpu().numpy())).to(x.device)
     else:
-        from clat.attacks import ThreatModel, pgd
+        from clat.attacks.threat import ThreatModel, pgd
 
         xa = pgd(m, xs, ys, ThreatModel(eps=EPS, alpha=ALPHA, steps=STEPS))
     return float((xa - xs).abs().max())

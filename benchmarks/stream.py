@@ -6,17 +6,17 @@ Dataset and from an image folder on disk, side by side on this machine.
 
 Variants (the same 32x32 images of the CIFAR-10 subset bundled with clat, the same seeded order, batch 128):
 
-- ``in_memory``: :class:`clat.data.Loader` on uint8 tensors (the default path for CIFAR-size arrays).
-- ``dataset_w0`` / ``dataset_w2``: :class:`clat.stream.StreamLoader` on a map-style Dataset returning those tensors one
+- ``in_memory``: :class:`clat.data.loader.Loader` on uint8 tensors (the default path for CIFAR-size arrays).
+- ``dataset_w0`` / ``dataset_w2``: :class:`clat.data.stream.StreamLoader` on a map-style Dataset returning those tensors one
   item at a time, read by the training process (``data.workers=0``) or by 2 worker processes (the default): the cost of
   per-item reading, seeding, collating and checking, without any decoding.
 - ``folder_w0`` / ``folder_w2``: the same images written as PNG files in an image folder and streamed as
-  ``data.dataset=folder data.stream=true`` does (:class:`clat.stream.FolderDataset`): decoding from disk every epoch.
+  ``data.dataset=folder data.stream=true`` does (:class:`clat.data.stream.FolderDataset`): decoding from disk every epoch.
 
 Two measurements, each interleaved round by round (the order rotated) with one warm-up pass excluded:
 
 1. **feeding only**: seconds to iterate one epoch of batches (no model), as images per second;
-2. **training**: one epoch of clat's PGD-AT steps (:class:`clat.stage.Stage`, PGD-10 linf 8/255) fed by each loader, as
+2. **training**: one epoch of clat's PGD-AT steps (:class:`clat.training.stage.Stage`, PGD-10 linf 8/255) fed by each loader, as
    images per second; the ratio streamed / in-memory is what a CPU user pays for streaming.
 
 Ratios are medians of the per-round ratios. Worker processes' CPU time is counted as this benchmark's own (they are
@@ -36,10 +36,10 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 
-from clat.config import AttackConfig  # noqa: E402
-from clat.data import Loader  # noqa: E402
+from clat.config.schema import AttackConfig  # noqa: E402
+from clat.data.loader import Loader  # noqa: E402
 from clat.methods import PGDAT  # noqa: E402
-from clat.stream import DatasetSplits, FolderDataset, StreamLoader  # noqa: E402
+from clat.data.stream import DatasetSplits, FolderDataset, StreamLoader  # noqa: E402
 
 VARIANTS = ("in_memory", "dataset_w0", "dataset_w2", "folder_w0", "folder_w2")
 BATCH = 128

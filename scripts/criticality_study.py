@@ -39,7 +39,7 @@ SWEEPS = {
 
 
 def settings():
-    from clat.sweep import SweepSettings
+    from clat.analysis.oracle import SweepSettings
 
     return SweepSettings(epochs=5, seeds=[0, 1, 2], lam_mode="auto", val_steps=20)
 
@@ -47,8 +47,8 @@ def settings():
 def pretrain(name: str, budget) -> None:
     """PGD-AT by the study's recipe; the checkpoint of the best validation epoch becomes the sweep's start."""
     import study
-    from clat.config import load_config
-    from clat.runs import RunDir
+    from clat.config.load import load_config
+    from clat.runs.folder import RunDir
 
     spec = SWEEPS[name]
     if Path(spec["init"]).is_file():
@@ -67,8 +67,8 @@ def pretrain(name: str, budget) -> None:
 
 def run_all(hours: float) -> None:
     import study
-    from clat.config import load_config
-    from clat.sweep import layer_sweep
+    from clat.config.load import load_config
+    from clat.analysis.oracle import layer_sweep
 
     t_end = time.time() + 3600 * hours
     budget = study.Budget(hours)
@@ -93,8 +93,8 @@ def without_first_layer() -> list[str]:
     """A robustness check of the scores: the first layer reads the image, so Eq. 6 gives it C = W (a weakness, not a
     ratio of weaknesses, on another scale) and every Eq. 6 variant ranks it last; where the oracle also ranks it
     last, that one layer alone lifts ρ. Here each estimator is scored again without it."""
-    from clat.estimators import LABELS, score
-    from clat.sweep import load, oracle
+    from clat.criticality.estimators import LABELS, score
+    from clat.analysis.oracle import load, oracle
 
     L = ["## Without the first layer", "",
          "The first layer reads the image, so Eq. 6 gives it C = W (a weakness, not a ratio of weaknesses, on another scale): every "
@@ -120,7 +120,7 @@ def without_first_layer() -> list[str]:
 
 
 def render() -> None:
-    from clat.sweep import load, render as render_sweep
+    from clat.analysis.oracle import load, render as render_sweep
 
     IMG.mkdir(parents=True, exist_ok=True)
     L = ["# Which layers should CLAT train? The criticality index against the truth", "",

@@ -14,10 +14,10 @@ import json
 import time
 from pathlib import Path
 
-from clat.config import load_config
-from clat.report import markdown_table
-from clat.runs import RunDir
-from clat.loop import train
+from clat.config.load import load_config
+from clat.analysis.report import markdown_table
+from clat.runs.folder import RunDir
+from clat.training.loop import train
 
 LAMBDAS = [0.0, 0.001, 0.01, 0.1, 1.0]
 

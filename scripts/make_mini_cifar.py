@@ -3,7 +3,7 @@
 Why: demos, tests and smoke runs must work offline and in seconds, on real
 images rather than noise. The subset is the first ``--n-train`` training and
 first ``--n-test`` test images (official order) of a CIFAR-10 folder in the
-official "python version" layout, read with :func:`clat.data.load_cifar`.
+official "python version" layout, read with :func:`clat.data.loader.load_cifar`.
 
 The default source is the JPEG-recovered CIFAR-10 subset of this project
 (``/work/shared/data/cifar-10-batches-py``, see its README), whose checksums
@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from clat.data import ChecksumWarning, load_cifar  # noqa: E402
+from clat.data.loader import ChecksumWarning, load_cifar  # noqa: E402
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     readme = f"""# Bundled data: `cifar10_mini.npz`
 
 A small real CIFAR-10 subset shipped inside the package so that demos, tests
-and smoke runs work offline. Load it with `clat.data.load_bundled()`.
+and smoke runs work offline. Load it with `clat.data.loader.load_bundled()`.
 
 **What it is.** The first {args.n_train:,} images of the CIFAR-10 training set and
 the first {args.n_test:,} images of the CIFAR-10 test set, in the official order.
@@ -132,7 +132,7 @@ stratified; a uniform split would give {args.n_train // 10} / {args.n_test // 10
 
 which reads `{args.source.name}` (default: `../shared/data/cifar-10-batches-py`,
 the project's JPEG-recovered subset in the official python-version layout)
-with `clat.data.load_cifar(..., verify={args.verify})`, keeps the first
+with `clat.data.loader.load_cifar(..., verify={args.verify})`, keeps the first
 {args.n_train:,} train / {args.n_test:,} test images and rewrites this file.
 """
     (args.out / "README.md").write_text(readme)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from clat.attacks import ThreatModel
-from clat.runs import RunDir
+from clat.attacks.threat import ThreatModel
+from clat.runs.folder import RunDir
 
 # What a study is (its folders, seeds, epochs, attack sizes, the report's wording) is one StudySettings: the CPU
 # study, a paper-scale preset (--scale), a variant (--variant) or the toy check (--smoke). Every function below that depends on it takes
@@ -79,7 +79,7 @@ def train_devices(run: Path) -> list[str]:
 
 
 def rows_of(run: Path) -> list[dict]:
-    from clat.runs import RunDir
+    from clat.runs.folder import RunDir
 
     return RunDir(run).metrics()
 
@@ -102,7 +102,7 @@ def partial_dir(s: StudySettings, run: Path) -> Path:
 def save_partial(s: StudySettings, run: Path) -> None:
     """Keep an unfinished run across sessions (runs/ is not committed): its config, metrics, latest
     checkpoint and the weights of its best validation epoch go to study/partial/<run>/."""
-    from clat.runs import RunDir
+    from clat.runs.folder import RunDir
 
     rows = rows_of(run)
     best = {best_row(rows)["epoch"] - 1} if rows and "val" in rows[0] else set()
@@ -138,7 +138,7 @@ def run_training(s: StudySettings, run: Path, cfg, budget: Budget, until: int | 
 def prune_checkpoints(run: Path) -> None:
     """Keep the latest epoch checkpoint (to resume) and the one of the best validation epoch so far (a possible
     branch point); the others go. A WRN-34-10 checkpoint with its optimizer state is ~370 MB."""
-    from clat.runs import RunDir
+    from clat.runs.folder import RunDir
 
     rows = rows_of(run)
     keep = {len(rows) - 1}
@@ -148,7 +148,7 @@ def prune_checkpoints(run: Path) -> None:
 
 
 def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
-    from clat.loop import train
+    from clat.training.loop import train
 
     total = cfg.pretrain.epochs + cfg.finetune.epochs
     stop = min(until or total, total)
@@ -170,7 +170,7 @@ def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
 
 
 def pretrain_cfg(s: StudySettings, method: str = "pgd_at"):
-    from clat.config import load_config
+    from clat.config.load import load_config
 
     return load_config(s.pretrain_cfg, [f"pretrain.method={method}", *s.extra, *([TRADES_TRAIN_MODE] if method == "trades" else [])])
 
@@ -205,7 +205,7 @@ def do_pretraining(s: StudySettings, budget: Budget) -> dict:
 def do_pilot(s: StudySettings, budget: Budget) -> None:
     if s.pilot is None or (s.results / f"{s.pilot[0]}.json").is_file():
         return
-    from clat.config import load_config
+    from clat.config.load import load_config
 
     run = s.runs / s.pilot[0]
     run_training(s, run, load_config(s.pilot[1], s.extra), budget)
@@ -223,7 +223,7 @@ def do_trades_pretraining(s: StudySettings, budget: Budget, p: int) -> None:
 
 
 def arm_cfg(s: StudySettings, arm: str, seed: int, lam: float | None):
-    from clat.config import load_config
+    from clat.config.load import load_config
 
     branch, method, extra, _ = ARMS[arm]
     over = [f"init={s.ckpts / f'{branch}_branch.safetensors'}", f"finetune.method={method}", f"seed={seed}",
@@ -243,13 +243,13 @@ def own_lam(arm: str) -> float | None:
 
 # -- evaluation ----------------------------------------------------------------------------
 def test_data(s: StudySettings):
-    from clat.data import load_cifar
+    from clat.data.loader import load_cifar
 
     return load_cifar(s.dataset, s.data_root, False, download=s.download, verify=s.verify)
 
 
 def load_weights(path: Path):
-    from clat.checkpoint import load_model
+    from clat.runs.loading import load_model
 
     model, _ = load_model(str(path), device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(memory_format=torch.channels_last).eval()
@@ -257,7 +257,7 @@ def load_weights(path: Path):
 
 def _done(f: Path, records: bool) -> bool:
     """An evaluation part is done when its JSON is written, and its per-image records beside it where they are kept."""
-    from clat.records import record_path
+    from clat.eval.records import record_path
 
     return f.is_file() and (not records or record_path(f).is_file())
 
@@ -268,9 +268,9 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
     evaluation protocol (:func:`clat.run_protocol`, what ``clat eval`` runs), in resumable parts. ``records``: keep each
     part's per-image outcomes beside its JSON (``pgd.records.npz``, ``aa_00000.records.npz``); ``stages``: run only these
     first stages of AutoAttack (a screening evaluation)."""
-    from clat.checkpoint import sha256
-    from clat.protocol import EvalProtocol, run_protocol
-    from clat.records import EvalRecord, record_path, save_record
+    from clat.runs.checkpoint import sha256
+    from clat.eval.protocol import EvalProtocol, run_protocol
+    from clat.eval.records import EvalRecord, record_path, save_record
 
     x, y = test_data(s)
     model = load_weights(weights)

@@ -55,7 +55,7 @@ REPLAY = """
 import sys, json
 sys.path.insert(0, {scripts!r})
 import study
-from clat.loop import train
+from clat.training.loop import train
 arm, seed, until, run = {arm!r}, {seed}, {until}, {run!r}
 if hasattr(study, "StudySettings"):
     s = study.StudySettings.cpu()
@@ -79,14 +79,14 @@ def replay(arm: str, seed: int, until: int, run: Path, code: str | None) -> None
 def recompute(run: Path, arm: str, stage_epoch: int, branch: Path) -> dict:
     import torch
 
-    from clat.checkpoint import load_into, load_state, read_state_dict
-    from clat.criticality import compute_criticality
-    from clat.data import to_unit_float
-    from clat.layers import find_layers
-    from clat.runs import RunDir
+    from clat.runs.checkpoint import load_into, load_state, read_state_dict
+    from clat.criticality.index import compute_criticality
+    from clat.data.loader import to_unit_float
+    from clat.layers.discovery import find_layers
+    from clat.runs.folder import RunDir
     from clat import rng as clat_rng
-    from clat.data import prepare_data
-    from clat.models import build_model
+    from clat.data.prepare import prepare_data
+    from clat.training.warmstart import build_model
 
     cfg = RunDir(run).read_config()
     cfg.init = None
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         row = {k: v for k, v in h.items() if k != "recorded"}
         rec = h["recorded"]
         if "clat.selection=random" in study.ARMS[h["arm"]][2]:
-            from clat.layers import find_layers
+            from clat.layers.discovery import find_layers
             from clat.models import create_model
 
             names = [l.name for l in find_layers(create_model(study.arm_cfg(s, h["arm"], h["seed"], None).model.name))]

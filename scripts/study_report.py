@@ -13,7 +13,7 @@ from pathlib import Path
 
 import json
 
-from clat.plots import figure, save_figure
+from clat.analysis.plots import figure, save_figure
 from study_settings import ARMS, LEGACY_DEVICE, PAPER_SCALE, REPO, StudySettings, best_row, plan, read_json
 from study_verdict import aa_time_per_chunk, primary_p, stage_gains, verdict
 

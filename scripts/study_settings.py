@@ -151,7 +151,7 @@ class StudySettings:
     n_test_pgd: int = 2000  # every test image of the subset
     n_test_aa: int = 1000
     aa_chunk: int = 250
-    aa_version: str = "standard"  # AutoAttack of the test evaluation (clat.autoattack.autoattack's version)
+    aa_version: str = "standard"  # AutoAttack of the test evaluation (clat.eval.autoattack.autoattack's version)
     pgd: dict = field(default_factory=lambda: {"steps": 20, "restarts": 5})
     pilot: tuple[str, Path, str, str] | None = CPU_PILOT
     data_root: Path = DATA_ROOT

@@ -4,7 +4,7 @@ Each comparison ``a − b`` (two arms, or an arm and the branch checkpoint it st
 images with the same attack. Three numbers per metric:
 - the mean per-seed difference with a Student-t interval over seeds (what docs/results.md showed before issue 34:
   it leaves out that every seed is scored on the same images);
-- where both sides kept per-image records, a two-way bootstrap over seeds and images (:func:`clat.stats.seeds_images_bootstrap`),
+- where both sides kept per-image records, a two-way bootstrap over seeds and images (:func:`clat.base.stats.seeds_images_bootstrap`),
   which covers both sources of noise, and its p-value;
 - the same difference on the validation split (PGD-10 at the last epoch, over seeds): does validation point the same way?
 The primary comparisons are declared in ``study_settings.PRIMARY`` before their re-runs; Holm's adjustment is over that
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clat.records import EvalRecord, load_record, record_path
-from clat.stats import holm, seeds_images_bootstrap, t_interval
+from clat.eval.records import EvalRecord, load_record, record_path
+from clat.base.stats import holm, seeds_images_bootstrap, t_interval
 from study_settings import ARMS, SCREEN_STAGES, StudySettings, read_json
 
 BRANCH = "branch"  # the checkpoint every PGD-AT arm starts from (early stopping), as the right-hand side of a comparison

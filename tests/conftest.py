@@ -26,8 +26,8 @@ def _seed():
 @pytest.fixture
 def bundled_splits():
     """A small real-image Splits (uint8) from the bundled CIFAR-10 subset: 96 train, 32 val, 32 test."""
-    from clat.data import load_bundled
-    from clat.data import Splits
+    from clat.data.loader import load_bundled
+    from clat.data.loader import Splits
 
     x_tr, y_tr, x_te, y_te = load_bundled()
     return Splits(x_tr[:96], y_tr[:96], x_tr[96:128], y_tr[96:128], x_te[:32], y_te[:32], 10, "bundled (test subset)")

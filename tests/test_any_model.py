@@ -13,20 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from clat.attacks import ThreatModel
+from clat.attacks.threat import ThreatModel
 import torch.nn.functional as F
 from torch import nn
 
-from clat.checkpoint import load_into, load_model, read_state_dict, save_weights
-from clat.config import load_config
-from clat.criticality import compute_criticality
-from clat.errors import CheckpointError
-from clat.layers import BN_TYPES, find_layers
-from clat.features import FeatureExtractor
-from clat.trainable import set_bn_train_mode
+from clat.runs.checkpoint import load_into, read_state_dict, save_weights
+from clat.runs.loading import load_model
+from clat.config.load import load_config
+from clat.criticality.index import compute_criticality
+from clat.base.errors import CheckpointError
+from clat.layers.discovery import BN_TYPES, find_layers
+from clat.layers.capture import FeatureExtractor
+from clat.layers.freezing import set_bn_train_mode
 from clat.methods import EpochContext, create_method
 from clat.models import create_model
-from clat.loop import train
+from clat.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -127,7 +127,7 @@ def test_nothing_outside_the_run_folder_owner_builds_a_checkpoint_path():
 
 
 def test_the_default_threat_model_is_written_once():
-    """ε = 8/255 and the step 2/255 appear as numbers in one place (``clat.attacks.ThreatModel``); everything
+    """ε = 8/255 and the step 2/255 appear as numbers in one place (``clat.attacks.threat.ThreatModel``); everything
     else (config defaults, function defaults) reads them from there."""
     where = []
     for p in SRC.rglob("*.py"):
@@ -138,8 +138,8 @@ def test_the_default_threat_model_is_written_once():
             elif isinstance(node, ast.Constant) and isinstance(node.value, float) and round(node.value, 6) in (round(8 / 255, 6), round(2 / 255, 6)):
                 where.append(f"{p.relative_to(REPO)}:{node.lineno}")
     assert len(where) == 2 and all("attacks.py" in w for w in where), where
-    from clat.attacks import DEFAULT_THREAT, pgd
-    from clat.config import AttackConfig
+    from clat.attacks.threat import DEFAULT_THREAT, pgd
+    from clat.config.schema import AttackConfig
 
     assert AttackConfig().threat() == DEFAULT_THREAT
     import inspect
@@ -150,7 +150,7 @@ def test_the_default_threat_model_is_written_once():
 def test_the_threat_model_travels_whole():
     """No function of the library takes the threat model as loose pieces (``eps=``, ``alpha=``, ``norm=``,
     the attack's ``steps=``): attacks, evaluation, criticality, the sanity checks and the estimators take one
-    :class:`clat.attacks.ThreatModel`. (RiFT's weight-space ``eps`` is another quantity and has no ``alpha``.)
+    :class:`clat.attacks.threat.ThreatModel`. (RiFT's weight-space ``eps`` is another quantity and has no ``alpha``.)
     Nor does any attack steer its randomness through module state: the shard of a data-parallel batch is an
     argument (``Shard``)."""
     loose = []

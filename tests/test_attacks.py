@@ -3,10 +3,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clat.attacks import Shard, ThreatModel, feature_distance, fgsm_rs, perturb, pgd
-from clat.errors import ConfigError
-from clat.layers import find_layers
-from clat.features import FeatureExtractor
+from clat.attacks.threat import Shard, ThreatModel, feature_distance, fgsm_rs, perturb, pgd
+from clat.base.errors import ConfigError
+from clat.layers.discovery import find_layers
+from clat.layers.capture import FeatureExtractor
 from clat.models import create_model
 
 EPS = 8 / 255

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clat.checkpoint import save_weights
-from clat.cli import main
+from clat.runs.checkpoint import save_weights
+from clat.cli.main import main
 from clat.models import create_model
 
 Q = ["-q"]
@@ -65,7 +65,7 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     nv = ["data.verify=false"]
     torch.save({"conv.weight": torch.zeros(1), "where": Path("/data")}, tmp / "global.pt")  # a refused global, not code
     (tmp / "notes.json").write_text('{"my": "notes"}')
-    from clat.runs import RunDir
+    from clat.runs.folder import RunDir
 
     fake_run, fake_demo = tmp / "a_run", tmp / "a_demo"  # what a training run's and a demo's manifests say, without training
     fake_run.mkdir()
@@ -204,7 +204,7 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
 def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(tmp_path, capsys, monkeypatch):
     import os
 
-    import clat.files as ck
+    import clat.base.files as ck
 
     run = tmp_path / "run"
     real = os.fsync

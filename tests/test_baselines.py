@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clat.config import AttackConfig, load_config
-from clat.trainable import set_bn_train_mode
+from clat.config.schema import AttackConfig
+from clat.config.load import load_config
+from clat.layers.freezing import set_bn_train_mode
 from clat.methods import AWP, MART, PGDAT, SCORE, TRADES, create_method
 from clat.models import create_model
 
@@ -155,7 +156,7 @@ def test_rift_interpolation_follows_the_models_device():
 def test_rift_selects_lowest_mrc_layer_and_chooses_alpha_on_validation(tmp_path):
     import json
 
-    from clat.loop import train
+    from clat.training.loop import train
     from tests.test_train import FAST, tiny_splits
 
     over = FAST + ["pretrain.epochs=0", "finetune.method=rift", "finetune.epochs=2", "finetune.lr=0.05", "rift.batch_size=16",
@@ -173,7 +174,7 @@ def test_rift_selects_lowest_mrc_layer_and_chooses_alpha_on_validation(tmp_path)
 
 def test_lora_trains_only_adapters_and_merges_to_the_same_outputs():
     pytest.importorskip("peft")
-    from clat.layers import find_layers
+    from clat.layers.discovery import find_layers
     from clat.methods.lora import merge_adapters
 
     model = create_model("tiny_cnn").eval()
@@ -204,8 +205,8 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_outputs():
 
 def test_lora_run_saves_a_plain_checkpoint(tmp_path):
     pytest.importorskip("peft")
-    from clat.checkpoint import load_model
-    from clat.loop import train
+    from clat.runs.loading import load_model
+    from clat.training.loop import train
     from tests.test_train import FAST, tiny_splits
 
     train(load_config(None, FAST + ["pretrain.epochs=0", "finetune.method=lora", "finetune.epochs=1"]), tmp_path / "r", data=tiny_splits())
@@ -214,9 +215,9 @@ def test_lora_run_saves_a_plain_checkpoint(tmp_path):
 
 
 def test_rift_resumed_mid_stage_still_interpolates(tmp_path, monkeypatch):
-    from clat.checkpoint import read_state_dict
-    from clat.runs import Checkpoints
-    from clat.loop import train
+    from clat.runs.checkpoint import read_state_dict
+    from clat.runs.folder import Checkpoints
+    from clat.training.loop import train
     from tests.test_train import FAST, tiny_splits
 
     over = FAST + ["pretrain.epochs=0", "finetune.method=rift", "finetune.epochs=3", "rift.batch_size=16", "rift.steps=1", "rift.alphas=[0, 1]"]

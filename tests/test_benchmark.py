@@ -1,4 +1,4 @@
-"""clat.benchmark: any model scored with clat eval's protocol in one call, and clat.checkpoint.load_model's mode."""
+"""clat.benchmark: any model scored with clat eval's protocol in one call, and clat.runs.loading.load_model's mode."""
 
 import json
 import warnings
@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 import clat
-from clat.checkpoint import load_model, save_weights
-from clat.cli import main
-from clat.data import load_bundled
+from clat.runs.checkpoint import save_weights
+from clat.runs.loading import load_model
+from clat.cli.main import main
+from clat.data.loader import load_bundled
 from clat.models import create_model
-from clat.protocol import EvalResult
+from clat.eval.protocol import EvalResult
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,9 @@ def test_autoattack_side_and_the_lowest_robust_accuracy(test_split):
 
 
 def test_flags_are_warnings_too(test_split, monkeypatch):
-    import clat.scoring
+    import clat.eval.benchmark
 
-    real = clat.scoring.run_protocol
+    real = clat.eval.benchmark.run_protocol
 
     def flagged(*a, **k):
         r = real(*a, **k)
@@ -89,7 +90,7 @@ class _NoParams(nn.Module):
     (lambda m, x, y: clat.benchmark(m, x, y + 5), "y holds the label 14 but the model has 10 outputs (classes 0..9)"),
     (lambda m, x, y: clat.benchmark(m, x, y[:3]), "x has 4 images but y has 3 labels"),
     (lambda m, x, y: clat.benchmark(m, x, y, n_examples=5), "n_examples must be an integer from 1 to the 4 images given, got 5"),
-    (lambda m, x, y: clat.benchmark(m, x, y, threat=8 / 255), "must be a clat.attacks.ThreatModel"),
+    (lambda m, x, y: clat.benchmark(m, x, y, threat=8 / 255), "must be a clat.attacks.threat.ThreatModel"),
     (lambda m, x, y: clat.benchmark(m.state_dict(), x, y), "clat.benchmark scores an nn.Module, got OrderedDict"),
     (lambda m, x, y: clat.benchmark(_NoParams(), x, y), "the model has no parameters"),
 ])

@@ -1,11 +1,11 @@
-"""Smoke tests of every CLI command, run in-process through clat.cli.main."""
+"""Smoke tests of every CLI command, run in-process through clat.cli.main.main."""
 
 import json
 
 import pytest
 import torch
 
-from clat.cli import main
+from clat.cli.main import main
 
 SMALL = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=300", "data.val_size=100", "data.test_size=100",
          "attack.steps=1", "clat.criticality.steps=1", "clat.criticality.batch_size=20", "data.batch_size=64",
@@ -105,7 +105,7 @@ def test_bad_input_gives_one_line_error(argv, needle, capsys, tmp_path, monkeypa
 
 
 def test_eval_of_mismatched_checkpoint(tmp_path, capsys):
-    from clat.checkpoint import save_weights
+    from clat.runs.checkpoint import save_weights
     from clat.models import create_model
 
     p = tmp_path / "w.safetensors"

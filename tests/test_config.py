@@ -3,8 +3,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clat.config import Config, config_from_dict, dump_yaml, load_config, parse_overrides, to_dict
-from clat.errors import ConfigError
+from clat.config.schema import Config, to_dict
+from clat.config.load import config_from_dict, dump_yaml, load_config, parse_overrides
+from clat.base.errors import ConfigError
 
 
 def test_defaults_follow_the_paper():

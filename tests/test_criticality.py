@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from clat.attacks import ThreatModel
+from clat.attacks.threat import ThreatModel
 from torch import nn
 
-from clat.criticality import compute_criticality, eligible_mask, select_random
-from clat.errors import ConfigError
-from clat.layers import find_layers
+from clat.criticality.index import compute_criticality, eligible_mask, select_random
+from clat.base.errors import ConfigError
+from clat.layers.discovery import find_layers
 from clat.models import create_model
 
 FACTORS = [2.0, 3.0, 0.5, 5.0, 1.5]
@@ -64,7 +64,7 @@ def test_scaling_options_change_only_the_normalization():
     model = create_model("tiny_cnn")
     layers = find_layers(model)
     x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,))
-    from clat.attacks import pgd
+    from clat.attacks.threat import pgd
 
     model.eval()
     x_adv = pgd(model, x, y, ThreatModel(steps=2))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-import clat.criticality
-import clat.layers
-import clat.stability
-from clat.cli import main
+import clat.criticality.index
+import clat.layers.discovery
+import clat.analysis.stability
+from clat.cli.main import main
 
 Q = ["-q"]
 SETTINGS = {"denominator": "input", "scaling": "sqrt_n", "point": "pre_bn", "include_classifier": True}
@@ -29,7 +29,7 @@ def run(tmp_path_factory):
 def seen(monkeypatch):
     """What compute_criticality and find_layers were called with."""
     calls = {"crit": [], "merge_norms": []}
-    real_crit, real_find = clat.criticality.compute_criticality, clat.layers.find_layers
+    real_crit, real_find = clat.criticality.index.compute_criticality, clat.layers.discovery.find_layers
 
     def crit(*a, **k):
         calls["crit"].append({key: k.get(key) for key in SETTINGS})

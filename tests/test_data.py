@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clat import data
-from clat.data import (
+from clat.data import loader as data
+from clat.data.loader import (
     NUM_CLASSES,
     ChecksumWarning,
     Loader,
@@ -27,13 +27,13 @@ from clat.data import (
     load_cifar,
     train_val_split,
 )
-from clat.errors import DataError
+from clat.base.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO / ".." / "shared" / "data" / "cifar-10-batches-py"
 
 # Tiny folders are read with verify=False on purpose; the warning is tested once.
-pytestmark = pytest.mark.filterwarnings("ignore::clat.data.ChecksumWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::clat.data.loader.ChecksumWarning")
 
 C10_TRAIN = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")
 

@@ -12,11 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from clat.checkpoint import read_state_dict
-from clat.config import load_config
-from clat.errors import ConfigError
-from clat.data import Splits
-from clat.loop import train
+from clat.runs.checkpoint import read_state_dict
+from clat.config.load import load_config
+from clat.base.errors import ConfigError
+from clat.data.loader import Splits
+from clat.training.loop import train
 
 PER_RANK_BATCH = 16
 OVER = ["model.name=tiny_cnn", "attack.steps=2", "clat.criticality.steps=2", "clat.criticality.batch_size=16",
@@ -105,7 +105,7 @@ def test_torchrun_launches_clat_train_on_two_cpu_processes(tmp_path):
 
 
 def test_sync_bn_needs_gpus(tmp_path, monkeypatch):
-    from clat import distributed
+    from clat.base import distributed
 
     monkeypatch.setattr(distributed, "info", lambda: distributed.DistInfo(0, 2, 0))
     with pytest.raises(ConfigError, match="SyncBatchNorm"):
@@ -113,7 +113,7 @@ def test_sync_bn_needs_gpus(tmp_path, monkeypatch):
 
 
 def test_gradient_sync_buckets_keep_order_and_dtypes():
-    from clat.distributed import _buckets
+    from clat.base.distributed import _buckets
 
     ts = [torch.zeros(10), torch.zeros(10), torch.zeros(3, dtype=torch.float64), torch.zeros(100)]
     got = list(_buckets(ts, limit=80))
@@ -122,7 +122,7 @@ def test_gradient_sync_buckets_keep_order_and_dtypes():
 
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     """torchrun --nproc_per_node 2 on a 1-GPU machine (seen on an H100 box): rank 1 has no cuda:1."""
-    from clat import distributed
+    from clat.base import distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -134,7 +134,7 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
 
 
 def test_cuda_index_beyond_the_visible_gpus_is_a_clear_error(monkeypatch):
-    from clat.distributed import resolve_device
+    from clat.base.distributed import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from clat.checkpoint import save_weights
-from clat.cli import main
-from clat.data import load_bundled
-from clat.errors import ClatError
-from clat.attacks import ThreatModel
-from clat.autoattack import autoattack
-from clat.evaluate import eps_sweep, evaluate, pgd_correct, seeded_start, transfer_matrix
-from clat.stability import criticality_stability, measure_pgd_at_epoch_time
+from clat.runs.checkpoint import save_weights
+from clat.cli.main import main
+from clat.data.loader import load_bundled
+from clat.base.errors import ClatError
+from clat.attacks.threat import ThreatModel
+from clat.eval.autoattack import autoattack
+from clat.eval.accuracy import eps_sweep, evaluate, pgd_correct, seeded_start, transfer_matrix
+from clat.analysis.stability import criticality_stability, measure_pgd_at_epoch_time
 from clat.models import create_model
 
 EPS = 8 / 255

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from clat.checkpoint import read_state_dict
+from clat.runs.checkpoint import read_state_dict
 
 OVERRIDES = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=600", "data.val_size=100", "data.test_size=50",
              "data.batch_size=100", "attack.steps=1", "clat.criticality.steps=1", "clat.criticality.batch_size=20",
@@ -38,7 +38,7 @@ CHILD = textwrap.dedent(
         C.save_state = die_on(C.save_state)
     elif mode == "reselect":  # die inside a re-selection
         M.compute_criticality = die_on(M.compute_criticality)
-    from clat.cli import main
+    from clat.cli.main import main
     sys.exit(main(sys.argv[3:]))
     """
 )

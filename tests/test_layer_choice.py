@@ -13,16 +13,16 @@ import warnings
 import pytest
 import torch
 
-from clat.attacks import ThreatModel
+from clat.attacks.threat import ThreatModel
 import torch.nn.functional as F
 from torch import nn
 
-from clat import criticality as crit_mod
-from clat.config import load_config
-from clat.criticality import compute_criticality
-from clat.errors import ConfigError, DataError
-from clat.layers import find_layers, resolve_layers, unassigned_parameters
-from clat.trainable import set_bn_train_mode
+from clat.criticality import index as crit_mod
+from clat.config.load import load_config
+from clat.criticality.index import compute_criticality
+from clat.base.errors import ConfigError, DataError
+from clat.layers.discovery import find_layers, resolve_layers, unassigned_parameters
+from clat.layers.freezing import set_bn_train_mode
 from clat.methods import EpochContext, create_method
 from clat.models import create_model, list_models
 from tests.test_any_model import ANY_MODELS, TVResNet
@@ -278,7 +278,7 @@ def test_selection_by_criticality_resolves_names_exactly_on_a_top_level_sequenti
 
 # -- 5. float images -----------------------------------------------------------------------------
 def _float_splits(scale=1.0):
-    from clat.data import Splits
+    from clat.data.loader import Splits
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 3, 32, 32, generator=g) * scale
@@ -287,7 +287,7 @@ def _float_splits(scale=1.0):
 
 
 def test_float_images_reach_criticality_unscaled(tmp_path, monkeypatch):
-    from clat.loop import train
+    from clat.training.loop import train
 
     seen = []
     monkeypatch.setattr(crit_mod, "pgd", lambda model, x, y, *a, **k: (seen.append(x.max().item()), x)[1])
@@ -316,8 +316,8 @@ class SharedModule(nn.Module):
 
 
 def test_a_module_under_two_names_trains_saves_and_resumes(tmp_path, bundled_splits):
-    from clat.checkpoint import read_state_dict
-    from clat.loop import train
+    from clat.runs.checkpoint import read_state_dict
+    from clat.training.loop import train
 
     cfg = load_config(None, ["pretrain.epochs=1", "finetune.epochs=1", "attack.steps=1", "clat.criticality.batch_size=8",
                              "clat.criticality.steps=1", "data.batch_size=32", "eval.n_examples=16", "progress=false"])
@@ -389,7 +389,7 @@ def test_merge_norms_makes_groupnorm_part_of_its_conv():
 
 
 def test_merge_norms_from_the_config(tmp_path, bundled_splits):
-    from clat.loop import train
+    from clat.training.loop import train
 
     cfg = load_config(None, ["model.merge_norms=true", "pretrain.epochs=0", "finetune.epochs=1", "attack.steps=1",
                              "clat.criticality.batch_size=8", "clat.criticality.steps=1", "data.batch_size=32",
@@ -400,7 +400,7 @@ def test_merge_norms_from_the_config(tmp_path, bundled_splits):
 
 # -- 8. the validation split does not depend on the training seed -------------------------------------
 def test_validation_split_is_the_same_for_every_seed(shared_cifar):
-    from clat.data import prepare_data
+    from clat.data.prepare import prepare_data
 
     base = ["data.dataset=cifar10", f"data.root={shared_cifar}", "data.verify=false", "data.train_size=600", "data.val_size=100"]
     with warnings.catch_warnings():
@@ -455,7 +455,7 @@ def test_lora_layers_are_anchored_names():
 
 
 def test_clat_methods_describes_each_method_by_its_own_docstring(capsys):
-    from clat.cli import main
+    from clat.cli.main import main
 
     assert main(["methods"]) == 0
     out = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
@@ -465,7 +465,7 @@ def test_clat_methods_describes_each_method_by_its_own_docstring(capsys):
 # -- 11. reference behaviour of TRADES and MART, one BN update per CLAT step ------------------------
 @pytest.mark.parametrize("method_name", ["trades", "mart"])
 def test_trades_and_mart_attack_in_eval_mode_like_the_reference(method_name, monkeypatch):
-    from clat.attacks import perturb as real_perturb
+    from clat.attacks.threat import perturb as real_perturb
     from clat.methods import mart as mart_mod
     from clat.methods import trades as trades_mod
 
@@ -515,7 +515,7 @@ def test_clat_with_ce_on_adv_updates_bn_statistics_once_per_step():
 # -- 10. evaluation: the run's threat model, nothing overwritten silently -----------------------------
 @pytest.fixture(scope="module")
 def l2_run(tmp_path_factory):
-    from clat.loop import train
+    from clat.training.loop import train
 
     d = tmp_path_factory.mktemp("l2") / "run"
     cfg = load_config(None, ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=160", "data.val_size=32", "data.test_size=64",
@@ -528,7 +528,7 @@ def l2_run(tmp_path_factory):
 def test_eval_uses_the_runs_threat_model_and_says_so(l2_run, capsys):
     import json
 
-    from clat.cli import main
+    from clat.cli.main import main
 
     assert main(["-q", "eval", str(l2_run), "--n-examples", "8", "--steps", "1"]) == 0
     res = json.loads((l2_run / "eval.json").read_text())
@@ -547,7 +547,7 @@ def test_eval_uses_the_runs_threat_model_and_says_so(l2_run, capsys):
 def test_eval_never_replaces_a_result_silently(l2_run, capsys):
     import json
 
-    from clat.cli import main
+    from clat.cli.main import main
 
     first = l2_run / "eval.json"
     if not first.exists():
@@ -561,7 +561,7 @@ def test_eval_never_replaces_a_result_silently(l2_run, capsys):
     assert "already holds an evaluation" in capsys.readouterr().err
     assert main(["-q", "eval", str(l2_run), "--n-examples", "6", "--steps", "1", "--force"]) == 0
     assert first.read_text() == before  # --force replaced the file of *this* setting, not eval.json
-    from clat.report import read_run
+    from clat.analysis.report import read_run
 
     assert {"eval", "eval_test_n6_l2-0.5_pgd1x1_s0"} <= set(read_run(l2_run)["evals"])
 

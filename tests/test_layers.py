@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from clat.layers import BN_TYPES, find_layers, layer_parameter_names, resolve_layers
-from clat.features import FeatureExtractor
-from clat.trainable import freeze_all_but, frozen_bn_statistics
-from clat.errors import ConfigError
+from clat.layers.discovery import BN_TYPES, find_layers, layer_parameter_names, resolve_layers
+from clat.layers.capture import FeatureExtractor
+from clat.layers.freezing import freeze_all_but, frozen_bn_statistics
+from clat.base.errors import ConfigError
 from clat.models import create_model, list_models
 
 

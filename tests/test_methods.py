@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clat.config import Config, load_config
-from clat.layers import find_layers
+from clat.config.schema import Config
+from clat.config.load import load_config
+from clat.layers.discovery import find_layers
 from clat.methods import EpochContext, create_method, list_methods
 from clat.models import create_model
-from clat.stage import Stage
-from clat.loop import train as clat_train
+from clat.training.stage import Stage
+from clat.training.loop import train as clat_train
 
 VARIANTS = [(m, []) for m in list_methods()] + [
     ("clat", ["clat.ce_on=adv"]),
@@ -96,8 +97,8 @@ def test_clat_feature_attack_runs_only_up_to_deepest_layer():
 def _graph_first_loss(method, model, x, y):
     """CLAT's objective computed in the order of clat <= 0.2.0: the clean graph built first and kept alive while the
     feature attack runs (the memory reference for CLAT.loss, which attacks first)."""
-    from clat.attacks import feature_distance
-    from clat.trainable import frozen_bn_statistics
+    from clat.attacks.threat import feature_distance
+    from clat.layers.freezing import frozen_bn_statistics
 
     ext, ce_on = method.extractor(model), method.cfg.ce_on
     clean = ext(x, stop_early=ce_on != "clean")
@@ -148,7 +149,7 @@ def test_clat_attacks_before_the_update_graph_with_identical_gradients(model_nam
 def test_clat_recompute_gives_identical_gradients_and_checkpoints_the_blocks_before_the_layer(model_name, layer, blocks):
     """clat.recompute=true (activation checkpointing in the feature attack, for memory): the same loss, gradients
     and BN statistics, bit for bit; the blocks checkpointed are those the attack's forward runs through."""
-    from clat.features import recomputed_blocks
+    from clat.layers.capture import recomputed_blocks
 
     torch.manual_seed(0)
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
@@ -173,14 +174,14 @@ def test_clat_reselects_on_schedule_and_not_when_non_dynamic():
 
 
 def test_unknown_method_lists_known():
-    from clat.errors import ConfigError
+    from clat.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match="known methods: standard, pgd_at"):
         create_method("trades++", Config(), [], default_k=1)
 
 
 def test_k_too_large_is_a_clear_error():
-    from clat.errors import ConfigError
+    from clat.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match="clat.k=9"):
         _setup("clat", ["clat.k=9"])
@@ -191,11 +192,11 @@ def test_a_new_baseline_is_one_file(monkeypatch, tmp_path, capsys):
     Registered here (as a user's file would), it trains, takes overrides, is listed and labelled in reports."""
     from dataclasses import dataclass
 
-    import clat.config as config_mod
-    from clat.cli import main
-    from clat.errors import ConfigError
+    import clat.config.schema as config_mod
+    from clat.cli.main import main
+    from clat.base.errors import ConfigError
     from clat.methods import PGDAT, registry
-    from clat.report import run_report
+    from clat.analysis.report import run_report
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # forget it after the test
     monkeypatch.setattr(config_mod, "_SECTIONS", dict(config_mod._SECTIONS))

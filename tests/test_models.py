@@ -12,12 +12,11 @@ import functools
 import pytest
 import torch
 
-from clat.attacks import ThreatModel
-
-from clat.config import load_config
-from clat.criticality import compute_criticality
-from clat.layers import BN_TYPES, find_layers, layer_parameter_names
-from clat.trainable import set_bn_train_mode
+from clat.attacks.threat import ThreatModel
+from clat.config.load import load_config
+from clat.criticality.index import compute_criticality
+from clat.layers.discovery import BN_TYPES, find_layers, layer_parameter_names
+from clat.layers.freezing import set_bn_train_mode
 from clat.methods import EpochContext, create_method
 from clat.models import create_model, list_models, model_info
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clat.checkpoint import read_state_dict, save_weights
-from clat.cli import main
+from clat.runs.checkpoint import read_state_dict, save_weights
+from clat.cli.main import main
 from clat.methods import METHODS
 from clat.models import create_model
 
@@ -171,8 +171,8 @@ RESUME = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=300", 
 def test_resume_is_bit_identical_for_every_method_at_every_boundary(method, tmp_path):
     if method == "lora":
         pytest.importorskip("peft")
-    from clat.config import load_config
-    from clat.loop import train
+    from clat.config.load import load_config
+    from clat.training.loop import train
 
     cfg = load_config(None, [*RESUME, f"finetune.method={method}"])
     train(cfg, tmp_path / "ref")
@@ -336,7 +336,7 @@ def test_a_crafted_manifest_cannot_point_force_outside_the_folder(finished_run, 
 
 # -- the manifest owns every output, and says which command made the folder (issue 37) ---------------
 def test_train_records_its_report_and_a_short_force_retrain_leaves_no_stale_report(finished_run, tmp_path):
-    from clat.runs import RunDir
+    from clat.runs.folder import RunDir
 
     m = json.loads((finished_run / ".clat-manifest.json").read_text())
     assert {"report.md", "plots"} <= set(m["written"]) and m["made_by"] == "train"
@@ -384,8 +384,8 @@ def test_a_users_report_in_a_run_folder_is_never_replaced(finished_run, tmp_path
 
 
 def test_an_interrupted_command_records_what_it_wrote(finished_run, tmp_path, monkeypatch, capsys):
-    import clat.plots
-    from clat.runs import RunDir
+    import clat.analysis.plots
+    from clat.runs.folder import RunDir
 
     run = copy_run(finished_run, tmp_path / "run")
 
@@ -401,9 +401,9 @@ def test_an_interrupted_command_records_what_it_wrote(finished_run, tmp_path, mo
 
 
 @pytest.mark.parametrize("command, patch, hint", [
-    ("eval", "clat.protocol.run_protocol", "run the same `clat eval` command again"),
-    ("report", "clat.report.plot_curves", "run `clat report` again"),
-    ("train", "clat.loop._run_epoch", "continue"),
+    ("eval", "clat.eval.protocol.run_protocol", "run the same `clat eval` command again"),
+    ("report", "clat.analysis.report.plot_curves", "run `clat report` again"),
+    ("train", "clat.training.loop._run_epoch", "continue"),
 ])
 def test_ctrl_c_says_what_fits_the_command(finished_run, tmp_path, monkeypatch, capsys, command, patch, hint):
     import importlib
@@ -544,15 +544,15 @@ def test_following_the_divergence_advice_ends_in_a_working_run(tmp_path, capsys)
 
 
 def test_a_sound_last_checkpoint_is_continued_with_a_lower_rate(tmp_path, capsys, monkeypatch):
-    import clat.loop
+    import clat.training.loop
 
     run = tmp_path / "r"
-    real = clat.loop._run_epoch
+    real = clat.training.loop._run_epoch
 
     def nan_in_epoch_2(r, stage, loader, epoch, *a):
         row = real(r, stage, loader, epoch, *a)
         if epoch == 1:
-            raise clat.loop._diverged(r, epoch, "pretrain", r.cfg.pretrain, {"loss": float("nan")})
+            raise clat.training.loop._diverged(r, epoch, "pretrain", r.cfg.pretrain, {"loss": float("nan")})
         return row
 
     monkeypatch.setattr(clat.loop, "_run_epoch", nan_in_epoch_2)
@@ -566,8 +566,8 @@ def test_a_sound_last_checkpoint_is_continued_with_a_lower_rate(tmp_path, capsys
 def test_resume_at_another_thread_count_says_it_is_not_bit_identical(tmp_path, caplog):
     import logging
 
-    from clat.config import load_config
-    from clat.loop import train
+    from clat.config.load import load_config
+    from clat.training.loop import train
 
     caplog.set_level(logging.WARNING, logger="clat")
     cfg = load_config(None, [*TINY, "pretrain.epochs=2", "progress=false"])
@@ -584,8 +584,8 @@ def test_resume_at_another_thread_count_says_it_is_not_bit_identical(tmp_path, c
 
 
 def test_resume_at_the_same_thread_count_says_nothing_of_it(tmp_path, caplog):
-    from clat.config import load_config
-    from clat.loop import train
+    from clat.config.load import load_config
+    from clat.training.loop import train
 
     cfg = load_config(None, [*TINY, "pretrain.epochs=2", "progress=false"])
     train(cfg, tmp_path / "r", until_epoch=1)
@@ -595,9 +595,9 @@ def test_resume_at_the_same_thread_count_says_nothing_of_it(tmp_path, caplog):
 
 # -- a checkpoint that matches its checksums but does not load: the previous one ------------------------
 def test_an_unloadable_state_that_matches_its_manifest_falls_back_to_the_previous_checkpoint(tmp_path):
-    from clat.checkpoint import sha256
-    from clat.config import load_config
-    from clat.loop import train
+    from clat.runs.checkpoint import sha256
+    from clat.config.load import load_config
+    from clat.training.loop import train
 
     cfg = load_config(None, [*TINY, "pretrain.epochs=3", "keep_checkpoints=2", "progress=false"])
     train(cfg, tmp_path / "ref")
@@ -616,7 +616,7 @@ def test_an_unloadable_state_that_matches_its_manifest_falls_back_to_the_previou
 
 # -- messages that name their file and one fix, cheap checks first -----------------------------------------
 def test_eval_out_an_existing_folder_writes_into_it_and_says_what_it_holds(finished_run, tmp_path, capsys, monkeypatch):
-    import clat.protocol
+    import clat.eval.protocol
 
     out = tmp_path / "results"
     out.mkdir()
@@ -636,7 +636,7 @@ def test_eval_out_an_existing_folder_writes_into_it_and_says_what_it_holds(finis
 
 
 def test_eps_sweep_is_checked_before_any_attack(finished_run, tmp_path, monkeypatch, capsys):
-    import clat.protocol
+    import clat.eval.protocol
 
     monkeypatch.setattr(clat.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --eps-sweep"))
     assert main([*Q, "eval", str(finished_run), "--n-examples", "4", "--eps-sweep=0,-8/255", "--out", str(tmp_path / "e.json")]) == 2

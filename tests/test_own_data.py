@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import clat
-from clat.checkpoint import read_state_dict
-from clat.cli import main
-from clat.config import load_config
-from clat.data import Splits, load_image_folder, load_npz, prepare_data
-from clat.errors import ClatError, ConfigError, DataError
+from clat.runs.checkpoint import read_state_dict
+from clat.cli.main import main
+from clat.config.load import load_config
+from clat.data.loader import Splits, load_image_folder, load_npz
+from clat.data.prepare import prepare_data
+from clat.base.errors import ClatError, ConfigError, DataError
 
 try:
     from PIL import Image
@@ -67,7 +68,7 @@ def test_from_tensors_carves_the_validation_split_as_prepare_data_does():
     x, y = arrays(layout="nchw")
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     s = clat.Splits.from_tensors(xt, yt, xt[:6], yt[:6], val_size=5, split_seed=3)
-    tr, va = clat.data.train_val_split(30, 5, 3)
+    tr, va = clat.data.loader.train_val_split(30, 5, 3)
     assert torch.equal(s.x_train, xt[tr]) and torch.equal(s.x_val, xt[va]) and torch.equal(s.y_val, yt[va])
     assert (s.num_classes, s.name, s.class_names) == (3, "custom", None)
     s = Splits.from_tensors(xt, yt[:, None], xt[:6], yt[:6], val_size=0, num_classes=3, class_names=["a", "b", "c"])
@@ -83,7 +84,7 @@ def test_from_numpy_reads_both_layouts_and_dtypes(layout, dtype):
     ref = Splits.from_numpy(x8, y, x8[:6], y[:6], val_size=5)
     assert s.x_train.shape == (25, 3, 8, 8) and s.x_test.shape == (6, 3, 8, 8)
     assert s.x_train.dtype == (torch.uint8 if dtype == np.uint8 else torch.float32)
-    assert torch.allclose(clat.data.to_unit_float(s.x_train), clat.data.to_unit_float(ref.x_train))
+    assert torch.allclose(clat.data.loader.to_unit_float(s.x_train), clat.data.loader.to_unit_float(ref.x_train))
 
 
 def test_from_numpy_grayscale_and_the_explicit_layout():

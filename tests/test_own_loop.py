@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import clat
-from clat.layers import layer_parameter_names
+from clat.layers.discovery import layer_parameter_names
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "own_loop.md"
 

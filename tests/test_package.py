@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 import clat
-from clat.cli import main
-from clat.config import Config, load_config
-from clat.confighelp import dotted_keys, list_configs
-from clat.confighelp import describe
+from clat.cli.main import main
+from clat.config.schema import Config
+from clat.config.load import load_config
+from clat.config.help import dotted_keys, list_configs
+from clat.config.help import describe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.dataset=bundled", "data.train_size=120", "data.val_size=40", "data.test_size=40", "attack.steps=1",
@@ -319,7 +320,7 @@ def test_missing_cifar_names_the_config_key_and_a_misspelled_method_gets_a_sugge
 
 
 def test_the_unassigned_parameters_warning_does_not_repeat_the_program_name():
-    from clat.layers import find_layers, warn_unassigned
+    from clat.layers.discovery import find_layers, warn_unassigned
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(10))
     net(torch.rand(1, 3, 8, 8))
@@ -329,7 +330,7 @@ def test_the_unassigned_parameters_warning_does_not_repeat_the_program_name():
 
 
 def test_a_merged_norm_is_named_in_full_where_its_short_name_is_an_index():
-    from clat.report import layer_label
+    from clat.analysis.report import layer_label
 
     assert layer_label("features.0", "features.1") == "features.0 + features.1"
     assert layer_label("layer3.0.conv2", "layer3.0.bn2") == "layer3.0.conv2 + bn2"

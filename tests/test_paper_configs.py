@@ -11,8 +11,9 @@ import re
 
 import pytest
 
-from clat.config import load_config, to_dict
-from clat.confighelp import CONFIGS
+from clat.config.schema import to_dict
+from clat.config.load import load_config
+from clat.config.help import CONFIGS
 
 ABL = CONFIGS / "paper" / "ablations"
 

@@ -8,12 +8,12 @@ import torch
 
 import clat
 
-from clat.attacks import ThreatModel, pgd
-from clat.checkpoint import load_state, read_state_dict
-from clat.config import load_config
+from clat.attacks.threat import ThreatModel, pgd
+from clat.runs.checkpoint import load_state, read_state_dict
+from clat.config.load import load_config
 from clat.models import create_model
-from clat.runs import Checkpoints
-from clat.loop import train
+from clat.runs.folder import Checkpoints
+from clat.training.loop import train
 
 from tests.test_train import FAST, assert_resume_matches_uninterrupted, tiny_splits
 
@@ -61,8 +61,8 @@ def test_compiled_model_trains_pgd_at_and_clat(tmp_path):
 
 
 def test_channels_last_auto_is_nhwc_on_a_cpu_and_explicit_values_win():
-    from clat.config import ConfigError
-    from clat.stage import resolve_channels_last
+    from clat.config.schema import ConfigError
+    from clat.training.stage import resolve_channels_last
 
     assert load_config(None, []).channels_last == "auto"  # the shipped default
     assert resolve_channels_last("auto", "cpu") is True  # measured faster on every CPU-size zoo model
@@ -100,7 +100,7 @@ def test_fused_sgd_trains_to_the_same_weights_as_the_default(tmp_path):
         weights[fused] = read_state_dict(tmp_path / fused / "model.safetensors")
     for k, v in weights["false"].items():
         torch.testing.assert_close(weights["true"][k], v, rtol=1e-4, atol=1e-5)
-    from clat.stage import StepRunner
+    from clat.training.stage import StepRunner
 
     assert StepRunner(torch.nn.Linear(2, 2), "cpu", fused_optimizer="auto").fused is False
     assert StepRunner(torch.nn.Linear(2, 2), "cuda", fused_optimizer="auto").fused is True

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from clat.config import load_config
-from clat.loop import train
+from clat.config.load import load_config
+from clat.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -88,7 +88,7 @@ for b in blocks:
         if r.returncode:
             sys.exit(f"FAILED {where}: bash exited with {r.returncode}")
     elif b["lang"] == "yaml":
-        from clat.config import load_config
+        from clat.config.load import load_config
         open("_doc_block.yaml", "w").write(b["text"])
         load_config("_doc_block.yaml")
     else:
@@ -187,7 +187,7 @@ def test_nothing_a_user_reads_or_installs_names_our_machines(path):
 
 
 def test_every_config_name_the_docs_and_help_mention_exists():
-    from clat.confighelp import list_configs
+    from clat.config.help import list_configs
 
     names = set(list_configs())
     sources = [*DOCS, *(REPO / "src" / "clat").glob("*.py")]
@@ -223,7 +223,7 @@ def test_configs_in_the_repository_are_the_packaged_ones_and_the_study_s_own():
         assert (REPO / "configs" / p).resolve() == (PACKAGED / p).resolve()
     # scripts/study_settings.py reads configs/study/
     assert not (PACKAGED / "study").exists() and (REPO / "configs" / "study" / "pgd_at_pretrain.yaml").is_file()
-    from clat.confighelp import list_configs
+    from clat.config.help import list_configs
 
     assert not [n for n in list_configs() if n.startswith("study/")]
 

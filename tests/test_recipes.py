@@ -14,17 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import clat
-from clat.checkpoint import load_state, read_state_dict, save_weights
-from clat.config import load_config
-from clat.data import Splits
-from clat.errors import ConfigError
-from clat.layers import find_layers
-from clat.loop import train
+from clat.runs.checkpoint import load_state, read_state_dict, save_weights
+from clat.config.load import load_config
+from clat.data.loader import Splits
+from clat.base.errors import ConfigError
+from clat.layers.discovery import find_layers
+from clat.training.loop import train
 from clat.methods import EpochContext, create_method, list_methods
 from clat.models import create_model
-from clat.runs import Checkpoints
-from clat.stage import Stage, StepRunner, set_label_smoothing, warmup_lambda
-from clat.warmstart import load_init
+from clat.runs.folder import Checkpoints
+from clat.training.stage import Stage, StepRunner, set_label_smoothing, warmup_lambda
+from clat.training.warmstart import load_init
 from tests.test_train import DET, FAST, assert_resume_matches_uninterrupted, tiny_splits
 
 RECIPE = ["finetune.optimizer=adamw", "finetune.lr=0.002", "finetune.weight_decay=0.05", "finetune.betas=[0.8, 0.99]",
@@ -48,7 +48,7 @@ def test_the_default_stage_is_clats_sgd_recipe():
 
 def test_the_default_stage_trains_exactly_as_0_1s_sgd_and_lambdalr():
     """The new options off, a stage's steps equal 0.1's hand-built SGD + LambdaLR bit for bit (weights and momentum)."""
-    from clat.stage import cosine_lambda
+    from clat.training.stage import cosine_lambda
 
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
     torch.manual_seed(0)
@@ -189,7 +189,7 @@ def test_a_full_recipe_run_resumes_bit_exactly(tmp_path, monkeypatch, stop_after
 
 
 def test_the_ema_is_evaluated_and_is_the_best_and_last_weights(tmp_path, monkeypatch):
-    import clat.loop as loop
+    import clat.training.loop as loop
 
     seen = []
     real = loop._held_out
@@ -281,7 +281,7 @@ def factories(tmp_path, monkeypatch):
 
 
 def test_model_kwargs_reach_the_factory_and_are_recorded_for_resume_and_eval(factories, capsys):
-    from clat.cli import main
+    from clat.cli.main import main
 
     run = factories / "run"
     tiny = ["data.dataset=bundled", "data.train_size=80", "data.val_size=16", "data.test_size=16", "data.batch_size=32", "attack.steps=1",
@@ -465,7 +465,7 @@ def test_a_new_learning_rate_on_resume_continues_the_warmup_schedule():
 def test_every_method_trains_with_adamw_ema_smoothing_and_clipping(tmp_path, name):
     if name == "lora":
         pytest.importorskip("peft")
-    from clat.checkpoint import load_model
+    from clat.runs.loading import load_model
 
     over = FAST + ["pretrain.epochs=1", "finetune.epochs=2", f"finetune.method={name}", "finetune.optimizer=adamw", "finetune.lr=1e-3",
                    "finetune.ema_decay=0.9", "finetune.label_smoothing=0.1", "finetune.grad_clip=1.0", "finetune.warmup_epochs=1",

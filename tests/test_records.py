@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from clat.attacks import ThreatModel
-from clat.errors import ConfigError
-from clat.autoattack import autoattack_outcomes
-from clat.evaluate import evaluate_outcomes
+from clat.attacks.threat import ThreatModel
+from clat.base.errors import ConfigError
+from clat.eval.autoattack import autoattack_outcomes
+from clat.eval.accuracy import evaluate_outcomes
 from clat.models import create_model
-from clat.protocol import EvalProtocol, run_protocol
-from clat.records import EvalRecord, load_record, paired_difference, record_path, save_record
-from clat.stats import holm, seeds_images_bootstrap, t_interval, t_test_p
+from clat.eval.protocol import EvalProtocol, run_protocol
+from clat.eval.records import EvalRecord, load_record, paired_difference, record_path, save_record
+from clat.base.stats import holm, seeds_images_bootstrap, t_interval, t_test_p
 
 
 def _rec(bits, start=0, **meta):
@@ -135,7 +135,7 @@ def _tiny():
 
 
 def test_evaluation_outcomes_match_the_reported_accuracies():
-    from clat.data import load_bundled
+    from clat.data.loader import load_bundled
 
     _, _, x, y = load_bundled()
     x, y, m = x[:16], y[:16], _tiny()
@@ -152,7 +152,7 @@ def test_evaluation_outcomes_match_the_reported_accuracies():
 
 
 def test_apgd_ce_stage_record_equals_its_verdict():
-    from clat.data import load_bundled
+    from clat.data.loader import load_bundled
 
     _, _, x, y = load_bundled()
     res, oc = autoattack_outcomes(_tiny(), x[:8], y[:8], ThreatModel(eps=2 / 255), version="apgd-ce", device="cpu")
@@ -161,7 +161,7 @@ def test_apgd_ce_stage_record_equals_its_verdict():
 
 
 def test_autoattack_stages_must_be_a_prefix_of_the_version():
-    from clat.data import load_bundled
+    from clat.data.loader import load_bundled
 
     _, _, x, y = load_bundled()
     with pytest.raises(ConfigError, match="first attacks of AutoAttack standard"):
@@ -174,7 +174,7 @@ def test_autoattack_stages_must_be_a_prefix_of_the_version():
 def test_standard_autoattack_stage_records_and_screening_agree_image_by_image():
     """The stage records are read off the library's own run, and a screening run of the first two stages gives exactly the
     standard run's state after APGD-T."""
-    from clat.data import load_bundled
+    from clat.data.loader import load_bundled
 
     _, _, x, y = load_bundled()
     m = _tiny()
@@ -194,8 +194,8 @@ def test_standard_autoattack_stage_records_and_screening_agree_image_by_image():
 
 
 def test_clat_eval_writes_records_beside_its_json(tmp_path, capsys):
-    from clat.checkpoint import save_weights
-    from clat.cli import main
+    from clat.runs.checkpoint import save_weights
+    from clat.cli.main import main
 
     save_weights(tmp_path / "m.safetensors", _tiny(), {"model": "tiny_cnn", "num_classes": 10})
     out = tmp_path / "e" / "eval.json"

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from clat.cli import main
-from clat.plots import plot_curves
-from clat.comparison import comparison_report
-from clat.report import method_label, parameter_efficiency, run_report
+from clat.cli.main import main
+from clat.analysis.plots import plot_curves
+from clat.analysis.comparison import comparison_report
+from clat.analysis.report import method_label, parameter_efficiency, run_report
 
 LAYERS = ["features.0.0", "features.1.0", "features.2.0", "features.3.0", "classifier"]
 

@@ -13,14 +13,15 @@ import pytest
 import torch
 
 import clat
-from clat.best import ValHistory
-from clat.checkpoint import load_model, read_state_dict
-from clat.cli import main
-from clat.config import load_config
-from clat.data import Splits
-from clat.errors import ConfigError
-from clat.loop import train
-from clat.runs import Checkpoints, RunDir
+from clat.training.early_stop import ValHistory
+from clat.runs.checkpoint import read_state_dict
+from clat.runs.loading import load_model
+from clat.cli.main import main
+from clat.config.load import load_config
+from clat.data.loader import Splits
+from clat.base.errors import ConfigError
+from clat.training.loop import train
+from clat.runs.folder import Checkpoints, RunDir
 
 # The validation images are training images: the held-out accuracy sits at 0.3125 for six epochs (ties), then climbs
 # (a new best at epochs 7 and 8) at this learning rate.

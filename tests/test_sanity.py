@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import ThreatModel
-from clat.data import load_bundled
-from clat.errors import ClatError, ConfigError
+from clat.attacks.threat import ThreatModel
+from clat.data.loader import load_bundled
+from clat.base.errors import ClatError, ConfigError
 from clat.models import create_model
-from clat.sanity import autoattack_check, input_gradients, sanity_checks
+from clat.eval.sanity import autoattack_check, input_gradients, sanity_checks
 
 SETTINGS = dict(threat=ThreatModel(steps=3), restarts=2, square_queries=50, seed=0)
 

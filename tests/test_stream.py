@@ -15,12 +15,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, WeightedRandomSampler
 
 import clat
-from clat.checkpoint import read_state_dict
-from clat.cli import main
-from clat.config import config_from_dict, load_config
-from clat.data import Loader, Splits, prepare_data
-from clat.errors import ClatError, ConfigError, DataError
-from clat.stream import DatasetSplits, FolderDataset, StreamLoader, as_splits, collate
+from clat.runs.checkpoint import read_state_dict
+from clat.cli.main import main
+from clat.config.load import config_from_dict, load_config
+from clat.data.loader import Loader, Splits
+from clat.data.prepare import prepare_data
+from clat.base.errors import ClatError, ConfigError, DataError
+from clat.data.stream import DatasetSplits, FolderDataset, StreamLoader, as_splits, collate
 
 try:
     from PIL import Image
@@ -207,7 +208,7 @@ def test_a_dataset_and_a_dataloader_train_exactly_as_the_same_tensors_in_memory(
     for name in ("dataset", "loader"):
         got = _weights(tmp_path / name)
         assert all(torch.equal(got[k], want[k]) for k in want), name
-    cfg = clat.runs.RunDir(tmp_path / "loader").read_config()
+    cfg = clat.runs.folder.RunDir(tmp_path / "loader").read_config()
     assert cfg.data.workers == 2 and cfg.data.dataset == "python" and "Items: 34 train + 6 val items 3x8x8 uint8, 3 classes" in cfg.data.fingerprint
 
 
@@ -216,10 +217,10 @@ def test_a_run_on_python_data_records_it_and_commands_ask_for_the_data(tmp_path,
     run = tmp_path / "r"
     splits = Splits.from_tensors(x, y, x[:6], y[:6], val_size=3, name="mine")
     clat.train(load_config(None, TRAIN_FAST), run, data=splits)
-    cfg = clat.runs.RunDir(run).read_config()
+    cfg = clat.runs.folder.RunDir(run).read_config()
     assert cfg.data.dataset == "python"
     assert cfg.data.fingerprint.startswith("mine (tensors): 37 train + 3 val + 6 test images 3x8x8 uint8, 3 classes, sha256 ")
-    assert cfg.data.fingerprint == clat.stream.fingerprint(splits)
+    assert cfg.data.fingerprint == clat.data.stream.fingerprint(splits)
     for argv in (["eval", str(run), "--steps", "1"], ["criticality", str(run), "--steps", "1"], ["stability", str(run)]):
         assert main(["-q", *argv]) == 2
         err = capsys.readouterr().err.strip()
@@ -293,7 +294,7 @@ def write_folder(root: Path, sizes=((8, 8),), classes=("cat", "dog", "emu"), per
 
 @needs_pillow
 def test_resize_scales_the_shorter_side_and_crops_the_center(tmp_path):
-    from clat.userdata import read_image, resize_image
+    from clat.data.readers import read_image, resize_image
 
     wide = np.random.default_rng(1).integers(0, 256, (8, 16, 3), dtype=np.uint8)  # 16 wide, 8 high
     Image.fromarray(wide).save(tmp_path / "w.png")
@@ -338,7 +339,7 @@ def test_a_streamed_folder_of_mixed_sizes_without_image_size_names_the_file(tmp_
 
 @needs_pillow
 def test_folder_dataset_items_are_those_of_the_in_memory_folder(tmp_path):
-    from clat.userdata import load_image_folder
+    from clat.data.readers import load_image_folder
 
     root = write_folder(tmp_path / "imgs", sizes=((8, 8), (10, 7)))
     x, y, names = load_image_folder(root, "train", image_size=5)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from clat.checkpoint import read_state_dict
+from clat.runs.checkpoint import read_state_dict
 
 OVERRIDES = ["model.name=tiny_cnn", "pretrain.epochs=1", "finetune.epochs=2", "data.val_size=8", "data.batch_size=8",
              "attack.steps=1", "clat.criticality.steps=1", "clat.criticality.batch_size=6", "eval.n_examples=8", "eval.steps=1",
@@ -25,12 +25,12 @@ CHILD = textwrap.dedent(
     """
     import os, random, signal, sys
     import numpy as np, torch
-    import clat, clat.stream
-    from clat.cli import main
+    import clat, clat.data.stream
+    from clat.cli.main import main
 
     mode, kill_at, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     if kill_at:
-        plain, seen = clat.stream.StreamLoader.__iter__, [0]
+        plain, seen = clat.data.stream.StreamLoader.__iter__, [0]
 
         def counted(self):
             for batch in plain(self):
@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(
                     os.kill(os.getpid(), signal.SIGKILL)
                 yield batch
 
-        clat.stream.StreamLoader.__iter__ = counted
+        clat.data.stream.StreamLoader.__iter__ = counted
 
     class Noisy(torch.utils.data.Dataset):
         '''A random transform drawing from torch's, Python's and numpy's global generators, as user code does.'''

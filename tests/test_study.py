@@ -277,7 +277,7 @@ def test_record_arms_keep_records_and_weights_and_the_verdict_uses_them(study, t
     import torch
     from safetensors.torch import load_file
 
-    from clat.records import load_record
+    from clat.eval.records import load_record
 
     settings_of = study.settings_of
     monkeypatch.setattr(study, "settings_of", lambda args: dataclasses.replace(settings_of(args), arms=("pgd_at_cont", "clat_paper_auto"),

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from clat.checkpoint import save_weights
-from clat.cli import main
-from clat.estimators import compute_estimates, regret, score, spearman
-from clat.layers import find_layers
+from clat.runs.checkpoint import save_weights
+from clat.cli.main import main
+from clat.criticality.estimators import compute_estimates, regret, score, spearman
+from clat.layers.discovery import find_layers
 from clat.models import create_model
 
 
@@ -39,7 +39,7 @@ def test_layer_sweep_runs_resumes_and_reports(ckpt, tmp_path, capsys):
     one = json.loads((out / "items" / "01_s0.json").read_text())
     assert one["trainable_params"] < 20_000 and one["val"]["n"] == 20 and one["name"] == find_layers(create_model("tiny_cnn"))[1].name
     # every measurement keeps its per-image record beside its JSON (issue 34), keyed by validation-split positions
-    from clat.records import load_record, paired_difference
+    from clat.eval.records import load_record, paired_difference
 
     rec = load_record(out / "items" / "01_s0.records.npz")
     assert rec.n == 20 and rec.meta["split"] == "val" and rec.meta["item"] == "01_s0" and list(rec.indices) == list(range(20))
@@ -71,7 +71,7 @@ def test_estimators_on_a_model():
     model = create_model("tiny_cnn")
     layers = find_layers(model)
     x, y = torch.rand(12, 3, 32, 32), torch.randint(0, 10, (12,))
-    from clat.attacks import ThreatModel
+    from clat.attacks.threat import ThreatModel
 
     est = compute_estimates(model, layers, x, y, ThreatModel(steps=1), rift_steps=1)
     assert all(len(v) == len(layers) for v in est.values())

@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 
-from clat.checkpoint import read_state_dict
-from clat.config import load_config
-from clat.errors import ConfigError
-from clat.runs import Checkpoints
-from clat.data import Splits
-from clat.loop import train
-from clat.stage import cosine_lambda
+from clat.runs.checkpoint import read_state_dict
+from clat.config.load import load_config
+from clat.base.errors import ConfigError
+from clat.runs.folder import Checkpoints
+from clat.data.loader import Splits
+from clat.training.loop import train
+from clat.training.stage import cosine_lambda
 
 
 def tiny_splits(n=64, seed=0):
@@ -119,7 +119,7 @@ def test_clat_from_existing_checkpoint_and_custom_model(tmp_path):
 
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path):
     over = FAST + ["pretrain.epochs=1", "finetune.epochs=1", "finetune.method=standard", "finetune.lr=1e30", "pretrain.method=standard"]
-    from clat.loop import TrainingDiverged
+    from clat.training.loop import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="lower the learning rate|Lower the learning rate"):
         train(load_config(None, over), tmp_path / "r", data=tiny_splits())
@@ -146,9 +146,9 @@ def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path):
 
     import numpy as np
 
-    from clat.checkpoint import load_state, save_state
-    from clat.rng import get_state as _get_rng
-    from clat.rng import set_state as _set_rng
+    from clat.runs.checkpoint import load_state, save_state
+    from clat.base.rng import get_state as _get_rng
+    from clat.base.rng import set_state as _set_rng
 
     random.seed(3)
     np.random.seed(4)
@@ -176,7 +176,7 @@ def test_a_run_done_in_chunks_equals_one_uninterrupted_run(tmp_path):
 
 
 def test_split_seed_keeps_the_validation_split_when_the_seed_changes():
-    from clat.data import prepare_data
+    from clat.data.prepare import prepare_data
 
     base = ["data.dataset=bundled", "data.val_size=100", "data.split_seed=7"]
     a, b = prepare_data(load_config(None, base + ["seed=0"])), prepare_data(load_config(None, base + ["seed=1"]))

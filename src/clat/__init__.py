@@ -13,26 +13,27 @@ Typical use::
     res = clat.benchmark(model, x_test, y_test, attacks=["pgd", "autoattack"])  # clat eval's protocol, one call
 """
 
-from clat.attacks import Shard, ThreatModel, fgsm_rs, perturb, pgd
-from clat.callbacks import Callback, LiveRun
-from clat.config import Config, load_config
-from clat.criticality import CriticalityResult, compute_criticality, select_random
-from clat.data import Splits
-from clat.stream import DatasetSplits
-from clat.errors import CheckpointError, ClatError, ConfigError, DataError
-from clat.evaluate import evaluate
-from clat.protocol import EvalProtocol, EvalResult, run_protocol
-from clat.scoring import benchmark
-from clat.layers import find_layers, Layer, resolve_layers
-from clat.features import FeatureExtractor
-from clat.trainable import freeze_all_but, set_bn_train_mode, unfreeze_all
-from clat.loop import train
+from clat.base.versions import __version__  # noqa: F401
+from clat.attacks.threat import Shard, ThreatModel, fgsm_rs, perturb, pgd
+from clat.training.callbacks import Callback, LiveRun
+from clat.config.schema import Config
+from clat.config.load import load_config
+from clat.criticality.index import CriticalityResult, compute_criticality, select_random
+from clat.data.loader import Splits
+from clat.data.stream import DatasetSplits
+from clat.base.errors import CheckpointError, ClatError, ConfigError, DataError
+from clat.eval.accuracy import evaluate
+from clat.eval.protocol import EvalProtocol, EvalResult, run_protocol
+from clat.eval.benchmark import benchmark
+from clat.layers.discovery import find_layers, Layer, resolve_layers
+from clat.layers.capture import FeatureExtractor
+from clat.layers.freezing import freeze_all_but, set_bn_train_mode, unfreeze_all
+from clat.training.loop import train
 from clat.methods import CLAT, EpochContext, Method, create_method, list_methods
-from clat.stage import Stage
+from clat.training.stage import Stage
 from clat.models import Normalize, create_model, list_models, register_model
-from clat.sweep import SweepSettings, layer_sweep
+from clat.analysis.oracle import SweepSettings, layer_sweep
 
-__version__ = "0.2.0"
 
 __all__ = [
     "CLAT", "Callback", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "DatasetSplits", "EvalProtocol",

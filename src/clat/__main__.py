@@ -2,6 +2,6 @@
 
 import sys
 
-from clat.cli import main
+from clat.cli.main import main
 
 sys.exit(main())

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from clat.config import Config
-from clat.errors import ConfigError
-from clat.layers import Layer
+from clat.config.schema import Config
+from clat.base.errors import ConfigError
+from clat.layers.discovery import Layer
 # Registration order is the order of `clat methods` and of the method sections in a saved config.
 for _name in ("standard", "pgd_at", "trades", "mart", "awp", "fast_at", "score", "clat", "rift", "lora"):
     __import__(f"clat.methods.{_name}")

@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from clat.attacks import Shard
-from clat.config import AttackConfig
-from clat.trainable import frozen_bn_statistics
+from clat.attacks.threat import Shard
+from clat.config.schema import AttackConfig
+from clat.layers.freezing import frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, EpochContext, Method
 from clat.methods.registry import register_method
 

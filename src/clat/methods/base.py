@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import Shard, ThreatModel
-from clat.config import AttackConfig
+from clat.attacks.threat import Shard, ThreatModel
+from clat.base import rng
+from clat.config.schema import AttackConfig
+from clat.data.loader import to_unit_float
 
 
 @dataclass
@@ -37,13 +39,10 @@ class EpochContext:
         dataset; the dataset's own transforms apply). ``sample_batch(n)`` draws n random examples of it as float [0, 1]
         images on ``device``; the draws and ``generator`` depend on ``seed`` and the epoch only, as in ``clat.train``, so
         a re-run epoch selects the same layers. ``stage_epoch``: the epoch within the stage (default: ``epoch``)."""
-        from clat import rng
 
         data = getattr(data, "dataset", data)  # a DataLoader: its dataset
 
         def sample_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            from clat.data import to_unit_float
-
             pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
             idx = torch.randperm(len(data[0]) if pair else len(data), generator=rng.epoch_generator(seed, epoch, 2))[:n]
             if pair:

@@ -29,24 +29,23 @@ from typing import Literal
 import torch
 from torch import nn
 
-from clat.attacks import Shard, feature_distance, perturb
-from clat.config import AttackConfig
-from clat.criticality import CriticalityConfig, compute_criticality, eligible_mask, select_random  # noqa: F401  (a section of ClatConfig)
-from clat.distributed import broadcast_object
-from clat.errors import ConfigError
-from clat.layers import Layer, resolve_layers, warn_unassigned
-from clat.features import FeatureExtractor, recomputed_blocks
-from clat.trainable import freeze_all_but, frozen_bn_statistics
+from clat.attacks.threat import Shard, feature_distance, perturb
+from clat.base.distributed import broadcast_object
+from clat.base.errors import ConfigError
+from clat.config.schema import AttackConfig
+from clat.criticality.index import CriticalityConfig, compute_criticality, eligible_mask, select_random  # noqa: F401  (a section of ClatConfig)
+from clat.layers.capture import FeatureExtractor, recomputed_blocks
+from clat.layers.discovery import Layer, resolve_layers, warn_unassigned
+from clat.layers.freezing import freeze_all_but, frozen_bn_statistics
 from clat.methods.base import EpochContext, Method, accuracy
 from clat.methods.registry import register_method
+from clat.models import model_info
 
 
 def default_k(layers: list[Layer], zoo_model: str | None = None) -> int:
     """How many layers CLAT trains when ``clat.k`` is not set: the paper's number for a zoo model
     (:func:`clat.models.model_info`), else its "about 5% of the layers"."""
     if zoo_model is not None:
-        from clat.models import model_info
-
         k = model_info(zoo_model).default_k
         if k is not None:
             return k

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clat.attacks import Shard, fgsm_rs
-from clat.trainable import frozen_bn_statistics
+from clat.attacks.threat import Shard, fgsm_rs
+from clat.layers.freezing import frozen_bn_statistics
 from clat.methods.pgd_at import PGDAT
 from clat.methods.registry import register_method
 

@@ -1,7 +1,7 @@
 """LoRA adapters on the convolution layers (ConvLoRA; Hu et al. 2022, Aleem et al. 2024), via ``peft``.
 
 The parameter-efficient peer of the paper's Table 1 ("PGD-AT + LoRA"): every
-conv layer found by :func:`clat.layers.find_layers` (``lora.targets=all_conv``,
+conv layer found by :func:`clat.layers.discovery.find_layers` (``lora.targets=all_conv``,
 or the layers listed in ``lora.layers``) gets a rank-``r`` adapter
 (``peft.inject_adapter_in_model``, in place); only the adapters train, with the
 PGD-AT objective; BatchNorm statistics stay fixed. At the end of the stage the
@@ -12,15 +12,14 @@ plain model again (same keys as before, loadable the same way).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-
 import re
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from clat.config import AttackConfig
-from clat.errors import ConfigError
-from clat.layers import Layer, resolve_layers
+from clat.base.errors import ConfigError
+from clat.config.schema import AttackConfig
+from clat.layers.discovery import Layer, resolve_layers
 from clat.methods.base import EpochContext
 from clat.methods.pgd_at import PGDAT
 from clat.methods.registry import register_method

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import Shard, ce_objective, perturb, randn_like
-from clat.trainable import eval_mode, frozen_bn_statistics
+from clat.attacks.threat import Shard, ce_objective, perturb, randn_like
+from clat.layers.freezing import eval_mode, frozen_bn_statistics
 from clat.methods.base import accuracy
-from clat.methods.trades import TRADES
 from clat.methods.registry import register_method
+from clat.methods.trades import TRADES
 
 
 def mart_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float,

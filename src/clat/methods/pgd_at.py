@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clat.attacks import Shard, pgd
-from clat.trainable import frozen_bn_statistics
+from clat.attacks.threat import Shard, pgd
+from clat.layers.freezing import frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, accuracy
 from clat.methods.registry import register_method
 

@@ -21,15 +21,18 @@ and it trains (``finetune.method=my_at``), is listed by ``clat methods`` and lab
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from clat.errors import ConfigError
+from clat.base.errors import ConfigError
+from clat.config.schema import register_section
 
 if TYPE_CHECKING:
-    from clat.config import Config
-    from clat.layers import Layer
+    from clat.config.schema import Config
+    from clat.layers.discovery import Layer
     from clat.methods.base import Method
 
 
@@ -61,7 +64,6 @@ class BuildContext:
 
     def options(self, name: str) -> dict:
         """The config section of method ``name`` as keyword arguments (empty when it has none)."""
-        import dataclasses
 
         info = _REGISTRY.get(name)
         return dataclasses.asdict(getattr(self.cfg, name)) if info is not None and info.section is not None else {}
@@ -86,8 +88,6 @@ def register_method(name: str, *, label: str, section: type | None = None, basel
         if old is not None and old.cls.__qualname__ != cls.__qualname__:
             raise ValueError(f"method {name!r} is registered already ({old.cls.__module__}.{old.cls.__qualname__})")
         if section is not None:
-            from clat.config import register_section
-
             register_section(name, section)
         cls.name = name
         _REGISTRY[name] = MethodInfo(name, cls, label, section, baseline, needs_layers)
@@ -99,8 +99,6 @@ def register_method(name: str, *, label: str, section: type | None = None, basel
 def method_info(name: str) -> MethodInfo:
     info = _REGISTRY.get(name)
     if info is None:
-        import difflib
-
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=2)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise ConfigError(f"unknown method {name!r}; {hint}known methods: {', '.join(_REGISTRY)}")

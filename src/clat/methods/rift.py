@@ -17,15 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import Shard, pgd
-from clat.config import AttackConfig
-from clat.criticality import eligible_mask
-from clat.distributed import broadcast_object
-from clat.layers import Layer, warn_unassigned
-from clat.trainable import freeze_all_but
+from clat.attacks.threat import Shard, pgd
+from clat.base.distributed import broadcast_object
+from clat.config.schema import AttackConfig
+from clat.criticality.estimators import module_robust_criticality
+from clat.criticality.index import eligible_mask
+from clat.layers.discovery import Layer, resolve_layers, warn_unassigned
+from clat.layers.freezing import freeze_all_but
 from clat.methods.base import EpochContext, Method, accuracy
 from clat.methods.registry import register_method
 
@@ -38,36 +38,6 @@ def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], al
         b = end[k]
         a = a.to(b.device)
         out[k] = torch.lerp(a, b, alpha) if a.is_floating_point() else (a if alpha < 0.5 else b)
-    return out
-
-
-@torch.no_grad()
-def _adv_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return F.cross_entropy(model(x), y).item()
-
-
-def module_robust_criticality(model: nn.Module, layers: list[Layer], x_adv: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int) -> list[float]:
-    """MRC of every layer (module-weight perturbation bounded by ``eps·‖w‖``); model in eval mode."""
-    modules = dict(model.named_modules())
-    base = _adv_loss(model, x_adv, y)
-    out = []
-    for layer in layers:
-        w = modules[layer.name].weight
-        w0 = w.detach().clone()
-        radius = eps * w0.norm()
-        delta = torch.zeros_like(w0)
-        for _ in range(steps):
-            with torch.no_grad():
-                w.copy_(w0 + delta)
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), w)
-            delta = delta + (radius / steps) * g / (g.norm() + 1e-20)
-            delta = delta * (radius / delta.norm().clamp_min(radius))  # project onto the ball
-        with torch.no_grad():
-            w.copy_(w0 + delta)
-        out.append(_adv_loss(model, x_adv, y) - base)
-        with torch.no_grad():
-            w.copy_(w0)
     return out
 
 
@@ -154,8 +124,6 @@ class RiFT(Method):
         return {"selected": [l.name for l in self.selected], "history": self.history, "start_state": self.start_state}
 
     def load_state_dict(self, state: dict) -> None:
-        from clat.layers import resolve_layers
-
         self.selected = resolve_layers(self.layers, state.get("selected", []))
         self.history = list(state.get("history", []))
         self.start_state = state.get("start_state")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clat.methods.trades import TRADES
 from clat.methods.registry import register_method
+from clat.methods.trades import TRADES
 
 
 @dataclass

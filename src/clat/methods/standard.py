@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clat.attacks import Shard
+from clat.attacks.threat import Shard
 from clat.methods.base import Method, accuracy
 from clat.methods.registry import register_method
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks import Shard, perturb, randn_like
-from clat.config import AttackConfig
-from clat.trainable import eval_mode, frozen_bn_statistics
+from clat.attacks.threat import Shard, perturb, randn_like
+from clat.config.schema import AttackConfig
+from clat.layers.freezing import eval_mode, frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, accuracy
 from clat.methods.registry import register_method
 

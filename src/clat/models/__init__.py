@@ -19,18 +19,4 @@ from clat.models import vgg as _vgg  # noqa: F401
 from clat.models import wide_resnet as _wide_resnet  # noqa: F401
 
 
-
-def build_model(cfg, num_classes: int, device="cpu"):
-    """The zoo model a run config (:class:`clat.config.Config`) names, with ``init=`` loaded, on ``device``."""
-    from clat.warmstart import load_init
-    from clat.errors import ConfigError
-
-    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the data set has {num_classes} classes; drop the override")
-    model = create_model(cfg.model.name, num_classes, normalize=cfg.model.normalize, kwargs=cfg.model.kwargs)
-    if cfg.init:
-        load_init(model, cfg.init, num_classes, reset_head=cfg.init_reset_head)
-    return model.to(device)
-
-
-__all__ = ["PYTHON_MODEL", "ModelInfo", "Normalize", "build_model", "is_factory", "create_model", "list_models", "model_info", "register_model"]
+__all__ = ["PYTHON_MODEL", "ModelInfo", "Normalize", "is_factory", "create_model", "list_models", "model_info", "register_model"]

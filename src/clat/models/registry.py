@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -10,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from clat.errors import ConfigError
+from clat.base.errors import ConfigError
 
 # Channel statistics of the CIFAR training sets; used by the Normalize layer
 # inside each model so that the model's input is plain [0, 1] pixels.
@@ -82,8 +87,6 @@ def model_info(name: str) -> ModelInfo:
     if is_factory(name):
         return ModelInfo(name, _import_factory(name), None, f"built by {name}")
     if name not in _REGISTRY:
-        import difflib
-
         close = difflib.get_close_matches(name, list_models(), n=3)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise ConfigError(f"unknown model {name!r}; {hint}known models: {', '.join(list_models())}, or your own as package.module:factory")
@@ -93,9 +96,6 @@ def model_info(name: str) -> ModelInfo:
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
     """``package.module:factory`` -> the callable. The current folder is searched too (as ``python -m`` would), so
     ``model.name=mymodels:make_net`` finds ``./mymodels.py`` from the command line."""
-    import importlib
-    import os
-    import sys
 
     module, _, attr = spec.partition(":")
     ident = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -111,8 +111,6 @@ def _import_factory(spec: str) -> Callable[..., nn.Module]:
     done: list[str] = []
     for part in attr.split("."):
         if not hasattr(obj, part):
-            import difflib
-
             close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=2)
             hint = f"; did you mean {' or '.join(f'{module}:' + '.'.join([*done, c]) for c in close)}?" if close else ""
             raise ConfigError(f"model.name={spec}: {module} has no {attr!r}{hint}")
@@ -127,7 +125,6 @@ def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int
                   user_kwargs: Mapping[str, Any]) -> nn.Module:
     """A user's factory is given ``num_classes`` (and clat's ``normalize`` module) if its signature takes them, and
     ``user_kwargs`` (``model.kwargs``). A TypeError from the call (a missing or unknown argument) is a one-line error."""
-    import inspect
 
     try:
         params = inspect.signature(factory).parameters

@@ -8,7 +8,7 @@ classes (Table 6: 46.16M). The TRADES release also defines a ``sub_block1`` that
 its forward pass never uses (RobustBench's ``sub_block1=True``); it is not built
 here (it would add 2.1M dead parameters), and its keys are dropped when such a
 checkpoint is loaded (``unused_checkpoint_prefixes``, read by
-:func:`clat.checkpoint.load_into`).
+:func:`clat.runs.checkpoint.load_into`).
 
 ``wrn70_16`` — WideResNet-70-16 of Gowal et al. 2020 / Rebuffi et al. 2021 (DeepMind),
 RobustBench's ``DMWideResNet(depth=70, width=16, activation_fn=Swish)``: module
@@ -18,7 +18,7 @@ unpadded conv, asymmetric for stride 2) so that their weights give their
 outputs; Swish (SiLU) activations, as in every public WRN-70-16 checkpoint on
 RobustBench. 266.8M parameters (Table 6: 267M). RobustBench stores this model's
 normalization as ``mean``/``std`` buffers; here it lives in the ``normalize``
-module, and :func:`clat.checkpoint.load_into` maps those buffers onto it.
+module, and :func:`clat.runs.checkpoint.load_into` maps those buffers onto it.
 
 Both are pre-activation networks: each block starts with ``BN -> act`` on its
 input, which (except in the very first block, where it reads the stem conv) is a
@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from clat.models.registry import register_model
-
 
 # -- Madry / TRADES layout ------------------------------------------------------------------
 

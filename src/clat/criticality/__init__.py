@@ -1,0 +1,7 @@
+"""The criticality index (paper Eq. 5-6), the estimators the layer oracle scores, and the layer selection rules."""
+
+from __future__ import annotations
+
+from clat.criticality.index import (Denominator, Scaling, DENOMINATORS, scale, CriticalityConfig, CriticalityResult, eligible_mask, distance, weakness_from_features, compute_criticality, select_random)  # noqa: F401
+
+__all__ = ['Denominator', 'Scaling', 'DENOMINATORS', 'scale', 'CriticalityConfig', 'CriticalityResult', 'eligible_mask', 'distance', 'weakness_from_features', 'compute_criticality', 'select_random']
