@@ -1,5 +1,7 @@
-"""The shape of the code (issue 23): no import circles, no private names imported across modules, files and
-functions of a readable size (exceptions named here, with the reason), one place for the threat model's defaults."""
+"""The shape of the code (issues 23 and 35): clat is a house of floors (subpackages), each importing only from its own
+floor and the floors below, with no circle, counting every import (inside functions too); no private names imported
+across modules; files and functions of a readable size (exceptions named here, with the reason); lines of at most
+140 characters; one place for the threat model's defaults. docs/architecture.md draws the same floors."""
 
 from __future__ import annotations
 
@@ -11,6 +13,21 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "clat"
 REPO = SRC.parents[1]
 
+# The floors of clat, lowest first: a module imports from its own floor and the floors below, never from above.
+# Within a floor, modules import each other without a circle. `clat` itself (the facade) and `clat.__main__` sit on top.
+FLOORS = ("base", "layers", "attacks", "data", "models", "config", "criticality", "methods", "eval", "runs", "training",
+          "analysis", "cli")
+# Imports that may stay inside functions (everything else is imported at the top of its module), and why.
+LAZY_IMPORTS = {
+    "peft": "optional (pip install clat-at[lora]): only LoRA fine-tuning needs it",
+    "PIL": "optional (clat-at[images]): only image folders need it",
+    "torch.utils.tensorboard": "optional (clat-at[tensorboard]): only log.tensorboard=true needs it",
+    "wandb": "optional (clat-at[wandb]): only log.wandb=true needs it",
+    "matplotlib": "slow to import (~0.5 s), and only plots need it",
+    "autoattack": "the reference AutoAttack (pyautoattack), imported when AutoAttack runs: it is slow to import",
+    "fcntl": "POSIX only (the run folder's lock falls back where it is missing)",
+}
+
 
 def _module(path: Path) -> str:
     rel = path.relative_to(SRC.parent).with_suffix("")
@@ -21,40 +38,68 @@ def _module(path: Path) -> str:
 MODULES = {_module(p): p for p in sorted(SRC.rglob("*.py"))}
 
 
-def _top_level_imports(path: Path) -> list[tuple[str, list[str], int]]:
-    """(module, imported names, line) of the imports that run when the module is imported (not those inside
-    functions, which run on call, nor under ``if TYPE_CHECKING``)."""
+def _floor(module: str) -> int:
+    parts = module.split(".")
+    return len(FLOORS) if len(parts) == 1 or parts[1] == "__main__" else FLOORS.index(parts[1])
+
+
+def _imports(path: Path) -> list[tuple[str, list[str], int, bool]]:
+    """(module, imported names, line, inside a function) of every import in the file, ``if TYPE_CHECKING`` included."""
     out = []
 
-    def visit(nodes):
-        for n in nodes:
+    def visit(node, in_function: bool) -> None:
+        for n in ast.iter_child_nodes(node):
+            local = in_function or isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             if isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
-                out.append((n.module, [a.name for a in n.names], n.lineno))
+                out.append((n.module, [a.name for a in n.names], n.lineno, in_function))
             elif isinstance(n, ast.Import):
-                out.extend((a.name, [], n.lineno) for a in n.names)
-            elif isinstance(n, ast.If) and not (isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"):
-                visit(n.body + n.orelse)
-            elif isinstance(n, ast.Try):
-                visit(n.body + n.orelse + n.finalbody + [s for h in n.handlers for s in h.body])
+                out.extend((a.name, [], n.lineno, in_function) for a in n.names)
+            visit(n, local)
 
-    visit(ast.parse(path.read_text()).body)
+    visit(ast.parse(path.read_text()), False)
     return out
 
 
-def _edges() -> dict[str, set[str]]:
-    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+def _in_try_import_error(path: Path) -> set[int]:
+    """Lines of imports inside ``try: ... except ImportError`` (a fallback between versions of a dependency)."""
+    lines = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Try) and any("ImportError" in ast.unparse(h.type or ast.Name("")) for h in n.handlers):
+            lines |= {x.lineno for x in ast.walk(n) if isinstance(x, (ast.Import, ast.ImportFrom))}
+    return lines
+
+
+def _edges() -> dict[str, dict[str, int]]:
+    """module -> {imported clat module: line}; ``from clat.x import y`` where y is a module imports y (else x)."""
+    graph: dict[str, dict[str, int]] = {m: {} for m in MODULES}
     for mod, path in MODULES.items():
-        for target, names, _ in _top_level_imports(path):
-            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]  # `from clat import rng`: a module
+        for target, names, line, _ in _imports(path):
+            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
             for t in subs if subs and len(subs) == len(names) else [target, *subs]:
                 if t in MODULES and t != mod:
-                    graph[mod].add(t)
+                    graph[mod].setdefault(t, line)
     return graph
 
 
+def test_every_module_lives_on_a_floor():
+    """The folder list is the architecture: src/clat holds the floors, the facade and the packaged data, nothing else."""
+    entries = {p.name for p in SRC.iterdir() if p.name != "__pycache__"}
+    assert entries == {*FLOORS, "__init__.py", "__main__.py", "py.typed", "assets", "configs"}, sorted(entries)
+    for floor in FLOORS:
+        assert (SRC / floor / "__init__.py").is_file(), floor
+        assert ast.get_docstring(ast.parse((SRC / floor / "__init__.py").read_text())), f"clat.{floor} says what it holds"
+
+
+def test_no_import_goes_up_a_floor():
+    """Every import between clat's modules, at the top of a module or inside a function, points to the same floor or
+    one below (the facade ``clat`` imports everything and nothing imports it)."""
+    up = [f"{m} -> {t} (line {line})" for m, targets in _edges().items() for t, line in targets.items() if _floor(t) > _floor(m)]
+    assert not up, "\n".join(up)
+
+
 def test_the_import_graph_has_no_circle():
-    """Module-level imports between clat's modules form no circle (the package facades ``clat`` and
-    ``clat.methods``/``clat.models`` import their parts; nothing below imports a facade back)."""
+    """No circle through any imports (inside functions too): the order of the floors and, within a floor, of the
+    modules is a real order; a subpackage's facade imports its own modules, so a module never imports its facade."""
     graph = _edges()
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -75,6 +120,18 @@ def test_the_import_graph_has_no_circle():
         if m not in state:
             dfs(m)
     assert not circles, "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_imports_inside_functions_are_only_the_named_lazy_ones():
+    """Everything is imported at the top of its module, so the import graph the tests above read is the real one;
+    the exceptions are the optional or slow dependencies of LAZY_IMPORTS and version fallbacks (try/except ImportError)."""
+    bad = []
+    for mod, path in MODULES.items():
+        fallback = _in_try_import_error(path)
+        for target, _, line, local in _imports(path):
+            if local and line not in fallback and not any(target == k or target.startswith(k + ".") for k in LAZY_IMPORTS):
+                bad.append(f"{path.relative_to(REPO)}:{line} {target}")
+    assert not bad, "\n".join(bad)
 
 
 def test_no_module_imports_a_private_name_of_another():
@@ -121,7 +178,7 @@ def test_files_and_functions_are_of_a_readable_size():
 
 
 def test_nothing_outside_the_run_folder_owner_builds_a_checkpoint_path():
-    hits = [f"{p.relative_to(REPO)}:{i}" for p in SRC.rglob("*.py") if p.name != "runs.py"
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in SRC.rglob("*.py") if p.name != "folder.py"
             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"""/ *["']checkpoints["']|["']checkpoints/|epoch_(\d|\*|\{)""", line)]
     assert not hits, hits
 
@@ -137,7 +194,7 @@ def test_the_default_threat_model_is_written_once():
                 where.append(f"{p.relative_to(REPO)}:{node.lineno}")
             elif isinstance(node, ast.Constant) and isinstance(node.value, float) and round(node.value, 6) in (round(8 / 255, 6), round(2 / 255, 6)):
                 where.append(f"{p.relative_to(REPO)}:{node.lineno}")
-    assert len(where) == 2 and all("attacks.py" in w for w in where), where
+    assert len(where) == 2 and all("attacks/threat.py" in w for w in where), where
     from clat.attacks.threat import DEFAULT_THREAT, pgd
     from clat.config.schema import AttackConfig
 
@@ -161,5 +218,5 @@ def test_the_threat_model_travels_whole():
                 if "eps" in names and ({"alpha", "norm"} & names) and node.name not in ("eps_str",):  # eps_str formats a number
                     loose.append(f"{p.relative_to(REPO)}:{node.lineno} {node.name}")
     assert not loose, loose
-    tree = ast.parse((SRC / "attacks.py").read_text())
+    tree = ast.parse((SRC / "attacks" / "threat.py").read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)] and "ContextVar" not in ast.unparse(tree)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import traceback
 import os
 import re
 import sys
@@ -139,8 +140,6 @@ def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int
     try:
         model = factory(**kwargs)
     except TypeError as e:
-        import traceback
-
         frame = traceback.extract_tb(e.__traceback__)[-1]
         where = "" if frame.filename == __file__ else f" (raised at {Path(frame.filename).name}:{frame.lineno})"
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "normalize") or "no arguments"

@@ -1,0 +1,130 @@
+"""The one plug-in pattern of clat: a :class:`Registry` per kind of extension (models, methods, selectors,
+evaluation attacks, datasets, loggers). Each entry is registered by name with a decorator in the file that defines it
+(timm's ``@register_model``, without the magic), and any entry can also be named from outside the package as
+``package.module:name`` (imported on use, the current folder searched as ``python -m`` would), so a new extension is
+one file of the user's and a name on the command line. ``clat list [KIND]`` shows every registry.
+
+Example::
+
+    from clat.base.registry import Registry
+
+    SHAPES = Registry("shape", "config key shape.name")
+
+    @SHAPES.register("square", description="four equal sides")
+    def square(n):
+        return n * n
+
+    SHAPES.get("square")(3)            # 9
+    SHAPES.get("mypkg.shapes:circle")  # imported from the user's module
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from clat.base.errors import ConfigError
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered extension: its name, the object (a class or a function), a one-line description and any
+    kind-specific facts (``extra``: a model's paper k, a method's config section, ...)."""
+
+    name: str
+    obj: Any
+    description: str
+    extra: dict
+
+
+class Registry:
+    """Named extensions of one kind. ``where`` says where a user names them (for error messages)."""
+
+    def __init__(self, kind: str, where: str) -> None:
+        self.kind, self.where = kind, where
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, *, description: str = "", **extra: Any) -> Callable[[Any], Any]:
+        """A decorator: ``@REGISTRY.register("name", description=...)`` above a class or function."""
+        if not re.fullmatch(rf"{_IDENT}(\.{_IDENT})*", name) and not re.fullmatch(r"[a-z0-9_]+", name):
+            raise ValueError(f"{self.kind} name {name!r} must be an identifier")
+
+        def deco(obj: Any) -> Any:
+            self.add(name, obj, description=description, **extra)
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: Any, *, description: str = "", **extra: Any) -> Entry:
+        """Register ``obj`` under ``name`` (what :meth:`register` does); the same object twice is a no-op."""
+        old = self._entries.get(name)
+        if old is not None and old.obj is not obj:
+            raise ValueError(f"{self.kind} {name!r} is registered already ({_where(old.obj)})")
+        doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+        entry = Entry(name, obj, description or (doc[0] if doc else ""), dict(extra))
+        self._entries[name] = entry
+        return entry
+
+    def names(self) -> list[str]:
+        """The registered names, in the order they were registered."""
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self._entries.values()))
+
+    def entry(self, name: str) -> Entry:
+        """The entry of ``name``; a ``package.module:name`` spec is imported (and registered under that spec)."""
+        if name in self._entries:
+            return self._entries[name]
+        if is_spec(name):
+            return self.add(name, load_spec(name, what=f"{self.where}={name}"))
+        close = difflib.get_close_matches(str(name), self.names(), n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown {self.kind} {name!r} ({self.where}); {hint}known: {', '.join(self.names())}, "
+                          f"or your own as package.module:name (`clat list {self.kind}s`)")
+
+    def get(self, name: str) -> Any:
+        """The registered object of ``name`` (see :meth:`entry`)."""
+        return self.entry(name).obj
+
+
+def is_spec(name: str) -> bool:
+    """``package.module:name``: an extension in the user's code."""
+    return isinstance(name, str) and ":" in name
+
+
+def load_spec(spec: str, *, what: str) -> Any:
+    """``package.module:attr`` -> the object, with one-line errors that name ``what`` (e.g. ``model.name=x:y``)."""
+    module, _, attr = spec.partition(":")
+    if not re.fullmatch(rf"{_IDENT}(\.{_IDENT})*", module) or not re.fullmatch(rf"{_IDENT}(\.{_IDENT})*", attr):
+        raise ConfigError(f"{what}: not package.module:name (e.g. mymodule:my_thing)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{what}: cannot import {module} ({e}); install it, or run from the folder that holds it, "
+                          "or add that folder to PYTHONPATH") from None
+    done: list[str] = []
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=2)
+            hint = f"; did you mean {' or '.join(f'{module}:' + '.'.join([*done, c]) for c in close)}?" if close else ""
+            raise ConfigError(f"{what}: {module} has no {attr!r}{hint}")
+        obj = getattr(obj, part)
+        done.append(part)
+    return obj
+
+
+def _where(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
