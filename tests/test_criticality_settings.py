@@ -39,9 +39,9 @@ def seen(monkeypatch):
         calls["merge_norms"].append(k.get("merge_norms", False))
         return real_find(*a, **k)
 
-    for mod in (clat.stability, clat.criticality):
+    for mod in (clat.analysis.stability, clat.criticality.index):
         monkeypatch.setattr(mod, "compute_criticality", crit, raising=False)
-    monkeypatch.setattr(clat.stability, "find_layers", find)
+    monkeypatch.setattr(clat.analysis.stability, "find_layers", find)
     monkeypatch.setattr(clat.layers, "find_layers", find)
     return calls
 

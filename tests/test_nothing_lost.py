@@ -304,7 +304,7 @@ def test_nan_weights_are_evaluated_with_a_warning(tmp_path, capsys):
 def test_eval_into_a_read_only_run_folder_refuses_before_attacking(finished_run, tmp_path, capsys, monkeypatch):
     import importlib
 
-    evaluate_mod = importlib.import_module("clat.evaluate")  # (the package attribute clat.evaluate is the function)
+    evaluate_mod = importlib.import_module("clat.eval.accuracy")  # (the package attribute clat.evaluate is the function)
     run = copy_run(finished_run, tmp_path / "run")
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == run and mode == os.W_OK else real(p, mode, **k))
@@ -392,7 +392,7 @@ def test_an_interrupted_command_records_what_it_wrote(finished_run, tmp_path, mo
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(clat.plots, "plot_criticality", interrupted)  # criticality.json is written, then Ctrl-C
+    monkeypatch.setattr(clat.analysis.plots, "plot_criticality", interrupted)  # criticality.json is written, then Ctrl-C
     assert main([*Q, "criticality", str(run), "--batch-size", "4", "--steps", "1"]) == 130
     assert (run / "criticality.json").is_file() and "criticality.json" in RunDir(run).written()
     assert "run the same `clat criticality` command again" in capsys.readouterr().err
@@ -555,7 +555,7 @@ def test_a_sound_last_checkpoint_is_continued_with_a_lower_rate(tmp_path, capsys
             raise clat.training.loop._diverged(r, epoch, "pretrain", r.cfg.pretrain, {"loss": float("nan")})
         return row
 
-    monkeypatch.setattr(clat.loop, "_run_epoch", nan_in_epoch_2)
+    monkeypatch.setattr(clat.training.loop, "_run_epoch", nan_in_epoch_2)
     assert main([*Q, "train", *TINY, "pretrain.epochs=2", "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"the last checkpoint (epoch_0000) is sound (finite loss and weights). Lower the learning rate and continue from it: " \
@@ -624,7 +624,7 @@ def test_eval_out_an_existing_folder_writes_into_it_and_says_what_it_holds(finis
     assert main(args) == 0 and json.loads((out / "eval.json").read_text())["n"] == 4
     assert main([*args[:-2], "--steps", "2", "--out", str(out)]) == 0  # other settings: beside it
     assert len(list(out.glob("eval_*.json"))) == 1
-    monkeypatch.setattr(clat.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --out"))
+    monkeypatch.setattr(clat.eval.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --out"))
     assert main(args) == 2
     assert f"{out / 'eval.json'} already holds an evaluation with these settings" in capsys.readouterr().err
     (tmp_path / "mine.json").write_text("[1, 2]")
@@ -638,7 +638,7 @@ def test_eval_out_an_existing_folder_writes_into_it_and_says_what_it_holds(finis
 def test_eps_sweep_is_checked_before_any_attack(finished_run, tmp_path, monkeypatch, capsys):
     import clat.eval.protocol
 
-    monkeypatch.setattr(clat.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --eps-sweep"))
+    monkeypatch.setattr(clat.eval.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --eps-sweep"))
     assert main([*Q, "eval", str(finished_run), "--n-examples", "4", "--eps-sweep=0,-8/255", "--out", str(tmp_path / "e.json")]) == 2
     assert "argument --eps-sweep: needs one or more finite radii >= 0, got '0,-8/255'" in capsys.readouterr().err
 

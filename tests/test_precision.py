@@ -61,7 +61,7 @@ def test_compiled_model_trains_pgd_at_and_clat(tmp_path):
 
 
 def test_channels_last_auto_is_nhwc_on_a_cpu_and_explicit_values_win():
-    from clat.config.schema import ConfigError
+    from clat.base.errors import ConfigError
     from clat.training.stage import resolve_channels_last
 
     assert load_config(None, []).channels_last == "auto"  # the shipped default

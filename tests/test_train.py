@@ -191,7 +191,7 @@ def test_deterministic_true_applies_only_inside_the_run(monkeypatch, tmp_path):
     bit-identical with it; CPUs are deterministic anyway)."""
     import importlib
 
-    T = importlib.import_module("clat.loop")
+    T = importlib.import_module("clat.training.loop")
     seen = {}
 
     def fake(cfg, run_dir, **kw):

@@ -25,7 +25,7 @@ from clat.config.schema import Config, to_dict
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 
 
-CONFIGS = Path(__file__).resolve().parent / "configs"  # the configs shipped in the package (the repository's configs/ links here)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the configs shipped in the package (the repository's configs/ links here)
 
 
 def list_configs() -> list[str]:
