@@ -193,12 +193,13 @@ def test_a_new_baseline_is_one_file(monkeypatch, tmp_path, capsys):
     from dataclasses import dataclass
 
     import clat.config.schema as config_mod
+    from clat.config.load import dump_yaml
     from clat.cli.main import main
     from clat.base.errors import ConfigError
     from clat.methods import PGDAT, registry
     from clat.analysis.report import run_report
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # forget it after the test
+    monkeypatch.setattr(registry.METHODS, "_entries", dict(registry.METHODS._entries))  # forget it after the test
     monkeypatch.setattr(config_mod, "_SECTIONS", dict(config_mod._SECTIONS))
 
     # ---- the whole of the new file -------------------------------------------------------
@@ -226,7 +227,7 @@ def test_a_new_baseline_is_one_file(monkeypatch, tmp_path, capsys):
                              "data.batch_size=50", "attack.steps=1", "eval.n_examples=20", "eval.steps=1", "pretrain.epochs=1",
                              "pretrain.method=half_at", "half_at.weight=0.25", "finetune.epochs=1", "finetune.method=clat", "clat.ce_on=base",
                              "clat.criticality.steps=1", "clat.criticality.batch_size=10", "progress=false"])
-    assert cfg.half_at.weight == 0.25 and "half_at:\n  weight: 0.25" in config_mod.dump_yaml(cfg)
+    assert cfg.half_at.weight == 0.25 and "half_at:\n  weight: 0.25" in dump_yaml(cfg)
     with pytest.raises(ConfigError, match=r"half_at.weight must be in \[0, 1\]"):
         load_config(None, ["half_at.weight=2"])
     summary = clat_train(cfg, tmp_path / "run")
