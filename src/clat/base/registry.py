@@ -141,13 +141,7 @@ def load_spec(spec: str, *, what: str, bad: str = "not package.module:name (e.g.
     module, _, attr = spec.partition(":")
     if not re.fullmatch(rf"{_IDENT}(\.{_IDENT})*", module) or not re.fullmatch(rf"{_IDENT}(\.{_IDENT})*", attr):
         raise ConfigError(f"{what}: {bad}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        obj = importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"{what}: cannot import {module} ({e}); install it, or run from the folder that holds it, "
-                          "or add that folder to PYTHONPATH") from None
+    obj = import_user_module(module, what=what)
     done: list[str] = []
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -157,6 +151,17 @@ def load_spec(spec: str, *, what: str, bad: str = "not package.module:name (e.g.
         obj = getattr(obj, part)
         done.append(part)
     return obj
+
+
+def import_user_module(module: str, *, what: str) -> Any:
+    """Import a module of the user's; the current folder is searched too (as ``python -m`` would)."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{what}: cannot import {module} ({e}); install it, or run from the folder that holds it, "
+                          "or add that folder to PYTHONPATH") from None
 
 
 def _where(obj: Any) -> str:

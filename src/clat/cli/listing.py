@@ -5,15 +5,14 @@ config with its help), ``clat list [KIND]`` (every registry: the extensions a ru
 from __future__ import annotations
 
 import argparse
-import importlib
 from typing import Sequence
 
 import torch
 
 from clat import methods
 from clat.analysis.report import text_table
-from clat.base.errors import ClatError, ConfigError
-from clat.base.registry import Registry
+from clat.base.errors import ClatError
+from clat.base.registry import Registry, import_user_module
 from clat.config.help import CONFIGS, describe, list_configs, render
 from clat.config.load import dump_yaml, load_config
 from clat.criticality.selectors import SELECTORS
@@ -79,11 +78,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     """``clat list [KIND] [--import MODULE ...]``: name and description of every registered extension (of one kind)."""
     for module in args.imports or ():
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ConfigError(f"--import {module}: cannot import it ({e}); run from the folder that holds it, "
-                              "or add that folder to PYTHONPATH") from None
+        import_user_module(module, what=f"--import {module}")
     for kind in [args.kind] if args.kind else list(REGISTRIES):
         registry = REGISTRIES[kind]
         entries = list(registry) if registry is not None else []
