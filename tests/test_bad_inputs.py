@@ -86,7 +86,7 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("wrong type int", ["train", "data.batch_size=abc"], "data.batch_size must be an integer"),
         ("wrong type bool", ["train", "data.verify=maybe"], "data.verify must be true or false"),
         ("wrong type float", ["train", "attack.eps=big"], "attack.eps must be a number"),
-        ("wrong choice", ["train", "data.dataset=imagenet"], "data.dataset must be one of"),
+        ("wrong choice", ["train", "data.dataset=imagenet"], "unknown dataset 'imagenet'; known datasets: bundled, cifar10"),
         ("section as value", ["train", "clat=3"], "clat must be a mapping"),
         ("eps negative", ["train", "attack.eps=-0.1"], "attack.eps must be > 0"),
         ("eps zero", ["train", "attack.eps=0"], "attack.eps must be > 0"),

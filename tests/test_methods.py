@@ -199,7 +199,7 @@ def test_a_new_baseline_is_one_file(monkeypatch, tmp_path, capsys):
     from clat.methods import PGDAT, registry
     from clat.analysis.report import run_report
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # forget it after the test
+    monkeypatch.setattr(registry.METHODS, "_entries", dict(registry.METHODS._entries))  # forget it after the test
     monkeypatch.setattr(config_mod, "_SECTIONS", dict(config_mod._SECTIONS))
 
     # ---- the whole of the new file -------------------------------------------------------

@@ -269,7 +269,7 @@ def test_prepare_data_reads_folder_and_npz_with_the_size_keys(tmp_path):
 def test_config_errors_for_own_data(tmp_path):
     with pytest.raises(ConfigError, match="nothing to download"):
         load_config(None, ["data.dataset=folder", "data.download=true"])
-    with pytest.raises(ConfigError, match="data.dataset must be one of"):
+    with pytest.raises(ConfigError, match="unknown dataset .imagefolder.; did you mean folder"):
         load_config(None, ["data.dataset=imagefolder"])
     cfg = load_config(None, ["data.dataset=npz", f"data.root={tmp_path}"])
     cfg.data.download = True  # set by the CLI's --download, past the config's validation

@@ -11,7 +11,8 @@ full-model PGD-AT gives the reference line, and the checkpoint itself the starti
 Every (layer, seed) item is one JSON file in ``OUT/items/``; a sweep stopped by its time budget (or
 killed) continues where it stopped, an unfinished item from its last epoch checkpoint. The training
 runs live in ``OUT/runs/`` (not needed once an item's JSON is written). ``OUT/estimators.json`` holds
-the scores of :mod:`clat.estimators` on the checkpoint, and :func:`render` writes ``OUT/report.md``
+the scores of :mod:`clat.criticality.estimators` on the checkpoint
+(and of any other selector named in ``SweepSettings.estimators``), and :func:`render` writes ``OUT/report.md``
 with the oracle table, the estimators' ρ and regrets, and a bar plot.
 """
 
@@ -34,6 +35,7 @@ from clat.base.errors import ConfigError
 from clat.config.load import config_from_dict
 from clat.config.schema import Config, to_dict
 from clat.criticality.estimators import ESTIMATORS, LABELS, compute_estimates, score
+from clat.criticality.selectors import SELECTORS, label
 from clat.criticality.index import eligible_mask
 from clat.data.loader import to_unit_float
 from clat.data.prepare import prepare_data
@@ -60,6 +62,7 @@ class SweepSettings:
     layers: list[int] | None = None  # a subset of layer indices (default: every eligible layer)
     estimator_images: int = 500  # training images the estimators are computed on
     reference: bool = True  # full-model PGD-AT with the same budget, every seed
+    estimators: list[str] = field(default_factory=list)  # selectors scored besides ESTIMATORS (`clat list selectors`)
 
 
 def _json(p: Path):
@@ -136,7 +139,11 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
     if bad:
         raise ConfigError(f"layers {bad} are not eligible for selection (eligible: {eligible})")
 
-    meta = {"settings": asdict(settings), "init": _shown(base.init), "init_sha256": sha256(base.init), "config": _cfg_dict(base),
+    names = [*ESTIMATORS, *(n for n in settings.estimators if n not in ESTIMATORS)]
+    for n in names:
+        SELECTORS.entry(n)  # a typo stops here, before anything is trained
+    recorded = {k: v for k, v in asdict(settings).items() if k != "estimators" or v}  # a sweep of clat 0.2 records none
+    meta = {"settings": recorded, "init": _shown(base.init), "init_sha256": sha256(base.init), "config": _cfg_dict(base),
             "layers": [{"index": l.index, "name": l.name, "params": l.num_params, "eligible": l.index in eligible} for l in layers]}
     old = _json(out / "sweep.json")
     if old is not None and (old["settings"] != meta["settings"] or old.get("init_sha256") != meta["init_sha256"]):
@@ -154,7 +161,7 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
         idx = torch.randperm(len(splits.x_train), generator=g)[: settings.estimator_images]
         x, y = to_unit_float(splits.x_train[idx].to(device)), splits.y_train[idx].to(device)
         t0 = time.time()
-        est = compute_estimates(model, layers, x, y, base.attack.threat().replace(steps=base.clat.criticality.steps))
+        est = compute_estimates(model, layers, x, y, base.attack.threat().replace(steps=base.clat.criticality.steps), names=names)
         _write(out / "estimators.json", {"images": settings.estimator_images, "scores": est, "time_s": time.time() - t0})
         log(f"estimators computed in {time.time() - t0:.0f} s")
 
@@ -238,11 +245,11 @@ def scores_table(sweep: dict) -> list[dict]:
         return []
     rows = []
     est = (sweep["estimators"] or {}).get("scores", {})
-    for name in [*ESTIMATORS, "random"]:
+    for name in [*ESTIMATORS, *(n for n in est if n not in ESTIMATORS), "random"]:
         if name != "random" and name not in est:
             continue
         s = score(None if name == "random" else [est[name][i] for i in idx], [gains[i] for i in idx])
-        rows.append({"estimator": name, "label": LABELS[name], **s,
+        rows.append({"estimator": name, "label": LABELS.get(name) or label(name), **s,
                      "top1": None if name == "random" else sweep["meta"]["layers"][max(idx, key=lambda i: est[name][i])]["name"]})
     return rows
 

@@ -1,5 +1,6 @@
 """The commands that show what clat offers: ``clat configs`` (packaged configs), ``clat config show`` (every key of a
-config with its help), ``clat models`` and ``clat methods`` (the registries)."""
+config with its help), ``clat list [KIND]`` (every registry: the extensions a run may name), ``clat models`` and
+``clat methods`` (two registries in more detail)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,21 @@ import torch
 from clat import methods
 from clat.analysis.report import text_table
 from clat.base.errors import ClatError
+from clat.base.registry import Registry, import_user_module
 from clat.config.help import CONFIGS, describe, list_configs, render
 from clat.config.load import dump_yaml, load_config
+from clat.criticality.selectors import SELECTORS
+from clat.data.prepare import DATASETS
 from clat.layers.discovery import find_layers
+from clat.methods.registry import METHODS
 from clat.models import create_model, list_models, model_info
+from clat.models.registry import MODELS
+from clat.training.callbacks import LOGGERS
+
+# Every kind of extension, with its registry (clat.base.registry): `clat list KIND`. The evaluation attacks get
+# theirs with the attack objects (clat.eval.attacks.ATTACKS); until then the kind is listed as empty.
+REGISTRIES: dict[str, Registry | None] = {"models": MODELS, "methods": METHODS, "selectors": SELECTORS, "attacks": None,
+                                          "datasets": DATASETS, "loggers": LOGGERS}
 
 
 def config_and_overrides(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -61,3 +73,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for name in methods.list_methods():
         print(f"{name:10s} {methods.method_info(name).description}")
     return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``clat list [KIND] [--import MODULE ...]``: name and description of every registered extension (of one kind)."""
+    for module in args.imports or ():
+        import_user_module(module, what=f"--import {module}")
+    for kind in [args.kind] if args.kind else list(REGISTRIES):
+        registry = REGISTRIES[kind]
+        entries = list(registry) if registry is not None else []
+        print(f"{kind} ({registry.where if registry is not None else 'not registered in this version'}):")
+        for e in entries:
+            also = ", ".join(registry.aliases(e.name))
+            print(f"  {e.name:16s} {e.description}{f' (also: {also})' if also else ''}")
+        if not entries:
+            print("  (none registered)")
+    return 0
+

@@ -1,4 +1,4 @@
-"""The ``clat`` command line: train | criticality | eval | transfer | stability | layer-sweep | report | demo | models | methods |
+"""The ``clat`` command line: train | criticality | eval | transfer | stability | layer-sweep | report | demo | models | methods | list |
 configs | config.
 
 Errors a user can cause print one or two lines (``clat: error: …``) and exit
@@ -25,7 +25,7 @@ from clat.base.versions import __version__
 from clat.cli.analyses import cmd_criticality, cmd_stability, cmd_transfer
 from clat.cli.commands import cmd_eval, writing
 from clat.cli.demo import run_demo
-from clat.cli.listing import cmd_config, cmd_configs, cmd_methods, cmd_models, config_and_overrides
+from clat.cli.listing import REGISTRIES, cmd_config, cmd_configs, cmd_list, cmd_methods, cmd_models, config_and_overrides
 from clat.config.load import coerce, load_config
 from clat.training.loop import train
 
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--n-val", type=int, help="validation images measured (default: all)")
     ls.add_argument("--layers", type=int, nargs="+", metavar="INDEX", help="only these layers (default: every eligible one)")
     ls.add_argument("--no-reference", action="store_true", help="skip the full-model PGD-AT reference")
+    ls.add_argument("--estimators", nargs="+", default=[], metavar="NAME",
+                    help="selectors scored besides the default estimators (`clat list selectors`, or package.module:function)")
     ls.add_argument("--hours", type=float, help="time budget; the next call continues")
     ls.add_argument("--report", action="store_true", help="only render OUT/report.md from what is done")
     ls.add_argument("--title", help="title of the report")
@@ -207,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("methods", help="list the training methods")
+    li = sub.add_parser("list", help="every registry: models, methods, selectors, attacks, datasets, loggers (name and description)")
+    li.add_argument("kind", nargs="?", choices=list(REGISTRIES), help="only this kind")
+    li.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                    help="import MODULE first (a file of yours: its registrations are listed)")
     return p
 
 
@@ -281,7 +287,7 @@ def cmd_layer_sweep(args: argparse.Namespace) -> int:
         cfg = load_config(cfg_path, overrides)
         settings = SweepSettings(epochs=args.epochs, seeds=list(args.seeds), objective=args.objective, lam=args.lam,
                                  lam_mode="auto" if args.lam_auto else "fixed", val_steps=args.val_steps, n_val=args.n_val,
-                                 layers=args.layers, reference=not args.no_reference)
+                                 layers=args.layers, reference=not args.no_reference, estimators=list(args.estimators))
         res = layer_sweep(cfg, args.out, settings, hours=args.hours, log=lambda m: print(m, flush=True) if not args.quiet else None)
         print(f"{res['done']} of {res['total']} items done in {args.out}")
     print(f"report: {render(args.out, args.title)}")
@@ -300,7 +306,7 @@ def _version_line() -> str:
 
 COMMANDS = {
     "train": cmd_train, "layer-sweep": cmd_layer_sweep, "criticality": cmd_criticality, "eval": cmd_eval, "transfer": cmd_transfer, "stability": cmd_stability, "report": cmd_report,
-    "demo": cmd_demo, "models": cmd_models, "methods": cmd_methods, "configs": cmd_configs, "config": cmd_config,
+    "demo": cmd_demo, "models": cmd_models, "methods": cmd_methods, "list": cmd_list, "configs": cmd_configs, "config": cmd_config,
 }
 
 

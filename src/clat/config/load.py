@@ -15,8 +15,10 @@ from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
 import yaml
 
 from clat.base.errors import ConfigError
+from clat.base.registry import is_spec, load_spec
 from clat.config.help import resolve_config, suggest
 from clat.config.schema import Config, StageConfig, to_dict
+from clat.data.prepare import DATASETS
 
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 
@@ -110,6 +112,8 @@ def _build(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
         raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}")
     hints = dict(get_type_hints(cls))
     if isinstance(obj, Config):
+        import_named_methods(data)
+        obj.add_new_sections()
         hints.update({name: type(section) for name, section in obj.sections.items()})
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
@@ -124,6 +128,15 @@ def _build(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
         else:
             setattr(obj, k, coerce(v, tp, key))
     return obj
+
+
+def import_named_methods(data: dict) -> None:
+    """A method named as ``package.module:Class`` (``finetune.method``, ``pretrain.method``, ``clat.base``) is imported before
+    the keys are read: its file registers the method and its config section, so the section's keys are known."""
+    for section, key in (("pretrain", "method"), ("finetune", "method"), ("clat", "base")):
+        name = data[section].get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(name, str) and is_spec(name):
+            load_spec(name, what=f"{section}.{key}={name}")
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -207,6 +220,7 @@ def validate(cfg: Config) -> None:
     need(a.norm != "linf" or a.eps < 1, f"attack.eps={a.eps:g} covers the whole [0, 1] pixel range under linf; images are in [0, 1] (the paper uses 8/255)")
     need(a.norm != "l2" or a.eps < 55.5, f"attack.eps={a.eps:g} exceeds the l2 diameter of a 3x32x32 image in [0, 1] (55.4); the usual l2 radius is 0.5")
     d = cfg.data
+    DATASETS.entry(d.dataset)  # a known data set (a package.module:loader is imported now): else one line naming them
     need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     need(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {d.eval_batch_size}")
     need(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")

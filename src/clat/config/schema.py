@@ -27,7 +27,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["bundled", "cifar10", "cifar100", "folder", "npz", "python"] = "cifar10"  # bundled: the CIFAR-10 subset shipped in the package; folder, npz: your own data (docs/data.md); python: recorded by clat.train(data=...)
+    dataset: str = "cifar10"  # cifar10, cifar100, bundled (a subset in the package), folder, npz (docs/data.md): `clat list datasets`
     root: str = "data"  # folder holding cifar-10-batches-py / cifar-100-python; folder: root/{train,test}/<class>/<image>; npz: the .npz file
     download: bool = False  # fetch the official archive (checksum verified) if missing
     verify: bool = True  # check official MD5s; false accepts a local copy that differs, with a warning
@@ -105,6 +105,7 @@ class LogConfig:
     wandb: bool = False  # a Weights & Biases run under RUN/wandb (pip install "clat-at[wandb]"; WANDB_MODE=offline for no network)
     wandb_project: str = "clat"  # W&B project
     wandb_entity: str | None = None  # W&B team or user; null: your default entity
+    loggers: list[str] = field(default_factory=list)  # more loggers, after those above: `clat list loggers` or package.module:factory
 
 
 # Each method's own section of the config (``clat:``, ``trades:``, ...), registered by the method's file
@@ -154,6 +155,12 @@ class Config:
 
     def __post_init__(self) -> None:
         self.__dict__["sections"] = {name: cls() for name, cls in _sections().items()}
+
+    def add_new_sections(self) -> None:
+        """Give this config the sections registered since it was made (a user's method, imported by its name)."""
+        for name, cls in _sections().items():
+            if name not in self.sections:
+                self.sections[name] = cls()
 
     def __getattr__(self, name: str) -> Any:  # only when normal lookup fails: a method's section
         if (sections := self.__dict__.get("sections")) is not None and name in sections:

@@ -13,7 +13,7 @@ a higher score says "fine-tuning this layer alone helps robustness more". They a
 - ``fisher``: the empirical Fisher information of the layer's parameters on adversarial inputs,
   per parameter (mean squared gradient of the cross-entropy over chunks of the batch);
 - ``rift``: minus RiFT's module robust criticality (RiFT fine-tunes the layer of *lowest* MRC);
-- ``params``: the layer's parameter count; ``depth``: its index;
+- ``params``: the layer's parameter count; ``depth``: its index (CLAT's ``deepest``, :mod:`clat.criticality.selectors`);
 - ``random``: scored by its expectation over random rankings (:func:`score`).
 
 :func:`score` compares a set of scores with the oracle's per-layer gains: Spearman's ρ with a
@@ -31,56 +31,65 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks.threat import ThreatModel, perturb, pgd
-from clat.criticality.index import compute_criticality, distance, scale
+from clat.attacks.threat import ThreatModel, perturb
+from clat.criticality.index import CriticalityConfig, distance, scale
+from clat.criticality.selectors import LayerScoring, label, register_selector, scores
 from clat.layers.capture import FeatureExtractor
 from clat.layers.discovery import Layer, Tap
 from clat.layers.freezing import eval_mode
 
+# The estimators the layer oracle scores by default, in the order it computes them (estimators.json's keys).
 ESTIMATORS = ("paper", "input", "previous", "sqrt_n", "no_scaling", "exact_eq5", "fisher", "rift", "params", "depth")
-LABELS = {
-    "paper": "Eq. 6, upstream (the paper's formula; clat's default)",
-    "input": "Eq. 6, post-activation input (clat 0.1's default)",
-    "previous": "Eq. 6, previous layer in execution order",
-    "sqrt_n": "Eq. 6 with 1/√N",
-    "no_scaling": "Eq. 6 without 1/N",
-    "exact_eq5": "Eq. 5 exactly (an attack per layer), then Eq. 6",
-    "fisher": "adversarial Fisher information per parameter",
-    "rift": "−RiFT module robust criticality",
-    "params": "parameter count",
-    "depth": "depth (layer index)",
-    "random": "random (expectation)",
-}
+
+
+def _variant(name: str, label: str, denominator: str, scaling: str) -> None:
+    register_selector(name, label=label)(lambda s: s.criticality(denominator=denominator, scaling=scaling).criticality)
+
+
+_variant("paper", "Eq. 6, upstream (the paper's formula; clat's default)", "upstream", "n")
+_variant("input", "Eq. 6, post-activation input (clat 0.1's default)", "input", "n")
+_variant("previous", "Eq. 6, previous layer in execution order", "previous", "n")
+_variant("sqrt_n", "Eq. 6 with 1/√N", "upstream", "sqrt_n")
+_variant("no_scaling", "Eq. 6 without 1/N", "upstream", "none")
+
+
+@register_selector("exact_eq5", label="Eq. 5 exactly (an attack per layer), then Eq. 6")
+def _exact_eq5(s: LayerScoring) -> list[float]:
+    return exact_criticality(s.model, s.layers, s.x, s.threat)
+
+
+@register_selector("fisher", label="adversarial Fisher information per parameter")
+def _fisher(s: LayerScoring) -> list[float]:
+    return fisher(s.model, s.layers, s.x_adv(), s.y)
+
+
+@register_selector("rift", label="−RiFT module robust criticality")
+def _rift(s: LayerScoring) -> list[float]:
+    with eval_mode(s.model):
+        mrc = module_robust_criticality(s.model, list(s.layers), s.x_adv(), s.y, eps=s.options.get("rift_eps", 0.1),
+                                        steps=s.options.get("rift_steps", 5))
+    return [-m for m in mrc]
+
+
+@register_selector("params", label="parameter count")
+def _params(s: LayerScoring) -> list[float]:
+    return [float(layer.num_params) for layer in s.layers]
+
+
+LABELS = {name: label(name) for name in (*ESTIMATORS, "random")}
 
 
 def compute_estimates(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *,
                       names: Sequence[str] = ESTIMATORS, rift_eps: float = 0.1, rift_steps: int = 5,
                       seed: int = 0) -> dict[str, list[float]]:
-    """Scores of every layer (same order as ``layers``) for each estimator in ``names``; every attack runs under ``threat``."""
-    out: dict[str, list[float]] = {}
+    """Scores of every layer (same order as ``layers``) for each selector in ``names`` (:mod:`clat.criticality.selectors`:
+    registered names, aliases or ``package.module:function``), computed in that order and keyed by those names; every
+    attack runs under ``threat``. The PGD examples (``x_adv``) are made first, shared by the selectors that use them."""
     torch.manual_seed(seed)
-    x_adv = None
-    with eval_mode(model):
-        x_adv = pgd(model, x, y, threat)
-    variants = {"paper": ("upstream", "n"), "input": ("input", "n"), "previous": ("previous", "n"), "sqrt_n": ("upstream", "sqrt_n"),
-                "no_scaling": ("upstream", "none")}
-    for name, (den, scaling) in variants.items():
-        if name in names:
-            r = compute_criticality(model, layers, x, y, threat, denominator=den, scaling=scaling, x_adv=x_adv,
-                                    include_classifier=True)
-            out[name] = r.criticality
-    if "exact_eq5" in names:
-        out["exact_eq5"] = exact_criticality(model, layers, x, threat)
-    if "fisher" in names:
-        out["fisher"] = fisher(model, layers, x_adv, y)
-    if "rift" in names:
-        with eval_mode(model):
-            out["rift"] = [-m for m in module_robust_criticality(model, list(layers), x_adv, y, eps=rift_eps, steps=rift_steps)]
-    if "params" in names:
-        out["params"] = [float(l.num_params) for l in layers]
-    if "depth" in names:
-        out["depth"] = [float(l.index) for l in layers]
-    return out
+    scoring = LayerScoring(model, layers, x, y, threat, [True] * len(layers), generator=torch.Generator().manual_seed(seed),
+                           settings=CriticalityConfig(include_classifier=True), options={"rift_eps": rift_eps, "rift_steps": rift_steps})
+    scoring.x_adv()
+    return {name: scores(name, scoring) for name in names}
 
 
 def _max_weakness(model: nn.Module, x: torch.Tensor, extract: Callable[[torch.Tensor], torch.Tensor], numel: int, threat: ThreatModel) -> float:

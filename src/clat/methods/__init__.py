@@ -6,21 +6,21 @@ from __future__ import annotations
 from clat.config.schema import Config
 from clat.base.errors import ConfigError
 from clat.layers.discovery import Layer
-# Registration order is the order of `clat methods` and of the method sections in a saved config.
-for _name in ("standard", "pgd_at", "trades", "mart", "awp", "fast_at", "score", "clat", "rift", "lora"):
-    __import__(f"clat.methods.{_name}")
-from clat.methods.awp import AWP
-from clat.methods.base import AdversarialMethod, EpochContext, Method
-from clat.methods.clat import CLAT
-from clat.methods.fast_at import FastAT
-from clat.methods.lora import LoRA
-from clat.methods.mart import MART
-from clat.methods.pgd_at import PGDAT
-from clat.methods.registry import BuildContext, MethodInfo, adversarial_baselines, label, list_methods, method_info, register_method
-from clat.methods.rift import RiFT
-from clat.methods.score import SCORE
+# Imported in the order of the docs, which is the order they register in: the order of `clat methods` and of the
+# method sections in a saved config (each method's file imports only methods before it).
 from clat.methods.standard import Standard
+from clat.methods.pgd_at import PGDAT
 from clat.methods.trades import TRADES
+from clat.methods.mart import MART
+from clat.methods.awp import AWP
+from clat.methods.fast_at import FastAT
+from clat.methods.score import SCORE
+from clat.methods.clat import CLAT
+from clat.methods.rift import RiFT
+from clat.methods.lora import LoRA
+from clat.methods.base import AdversarialMethod, EpochContext, Method
+from clat.methods.registry import (METHODS as REGISTRY, BuildContext, MethodInfo, adversarial_baselines, label, list_methods, method_info,
+                                   register_method)
 
 # The methods of this release, in the order of the docs (a method registered later is in list_methods()).
 METHODS: list[str] = list_methods()
@@ -44,4 +44,4 @@ def create_method(name: str, cfg: Config, layers: list[Layer] | None = None, *, 
 
 __all__ = ["AWP", "AdversarialMethod", "BuildContext", "CLAT", "ConfigError", "EpochContext", "FastAT", "LoRA", "MART", "Method",
            "MethodInfo", "PGDAT", "RiFT", "SCORE", "Standard", "TRADES", "adversarial_baselines", "create_method", "label", "list_methods",
-           "method_class", "method_info", "register_method", "METHODS"]
+           "method_class", "method_info", "register_method", "METHODS", "REGISTRY"]

@@ -33,7 +33,8 @@ from clat.attacks.threat import Shard, feature_distance, perturb
 from clat.base.distributed import broadcast_object
 from clat.base.errors import ConfigError
 from clat.config.schema import AttackConfig
-from clat.criticality.index import CriticalityConfig, compute_criticality, eligible_mask, select_random  # noqa: F401  (a section of ClatConfig)
+from clat.criticality.index import CriticalityConfig, compute_criticality, eligible_mask  # noqa: F401  (a section of ClatConfig)
+from clat.criticality.selectors import SELECTORS, LayerScoring, choose, measured_key
 from clat.layers.capture import FeatureExtractor, recomputed_blocks
 from clat.layers.discovery import Layer, resolve_layers, warn_unassigned
 from clat.layers.freezing import freeze_all_but, frozen_bn_statistics
@@ -58,7 +59,7 @@ class ClatConfig:
     lam: float = 0.1  # λ of Eq. 9 (when lam_mode is fixed); chosen by the sweep in docs/lambda_sweep.md
     lam_mode: Literal["fixed", "auto"] = "fixed"  # auto: λ = rho * CE / L_C measured at each (re)selection
     rho: float = 1.0  # lam_mode=auto: the ratio of the feature term to CE at each (re)selection
-    selection: Literal["critical", "random", "deepest"] = "critical"  # deepest: the k last eligible layers (the layer oracle's best predictor on ResNet-18, docs/criticality.md)
+    selection: str = "critical"  # how layers are chosen: critical, random, deepest (the k last eligible ones), ... (`clat list selectors`)
     dynamic: bool = True  # re-select every `reselect_every` epochs (Algorithm 1); false: select once
     reselect_every: int = 10  # epochs between (re)selections (Algorithm 1: 10)
     layers: list[int | str] = field(default_factory=list)  # pin these layers (names, or indices given as integers) instead of selecting
@@ -72,6 +73,7 @@ class ClatConfig:
     criticality: CriticalityConfig = field(default_factory=CriticalityConfig)
 
     def check(self, need) -> None:
+        SELECTORS.entry(self.selection)  # a known selector (a package.module:function is imported now): else one line naming them
         need(self.k is None or self.k >= 1, f"clat.k must be >= 1, got {self.k}")
         need(self.lam >= 0, f"clat.lam must be >= 0, got {self.lam}")
         need(self.rho > 0, f"clat.rho must be > 0, got {self.rho}")
@@ -150,12 +152,10 @@ class CLAT(Method):
         )
         if self.pinned:
             chosen = self.pinned
-        elif self.cfg.selection == "random":
-            chosen = select_random(self.layers, self.eligible, self.k, ctx.generator)
-        elif self.cfg.selection == "deepest":  # criticality is still measured, and logged beside the choice
-            chosen = [l for l, ok in zip(self.layers, self.eligible) if ok][-self.k :]
-        else:
-            chosen = result.top_k(self.k)
+        else:  # by the selector (clat.selection); criticality is measured and logged whichever it is
+            scoring = LayerScoring(model, self.layers, x, y, self.threat.replace(steps=cc.steps), self.eligible, self.k, ctx.generator,
+                                   cc, self.cfg.exclude, self.chunk_size, measured={measured_key(cc): result})
+            chosen = choose(self.cfg.selection, scoring)
         # data-parallel runs: every rank trains rank 0's choice (GPU kernels need not be bit-identical across ranks)
         chosen = resolve_layers(self.layers, broadcast_object([l.name for l in chosen]))
         self._set_selection(chosen)

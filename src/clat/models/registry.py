@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import inspect
 import traceback
-import os
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -17,6 +12,7 @@ import torch
 from torch import nn
 
 from clat.base.errors import ConfigError
+from clat.base.registry import Registry, is_spec, load_spec
 
 # Channel statistics of the CIFAR training sets; used by the Normalize layer
 # inside each model so that the model's input is plain [0, 1] pixels.
@@ -53,26 +49,23 @@ class ModelInfo:
     description: str
 
 
-_REGISTRY: dict[str, ModelInfo] = {}
+# The model zoo (:class:`clat.base.registry.Registry`): ``@register_model`` in each model's file.
+MODELS = Registry("model", "model.name")
 
 
 def register_model(name: str, *, default_k: int, description: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelInfo(name, fn, default_k, description)
-        return fn
-
-    return deco
+    """A decorator above a model's builder (``builder(num_classes=, normalize=)``): ``model.name=NAME`` builds it."""
+    return MODELS.register(name, description=description, default_k=default_k)
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    """The zoo's models (and any registered with :func:`register_model`), sorted."""
+    return sorted(n for n in MODELS.names() if not is_spec(n))
 
 
 def is_factory(name: str) -> bool:
     """``package.module:factory``: a model the user's code builds (not the zoo's)."""
-    return ":" in name and not name.startswith(PYTHON_MODEL)
+    return is_spec(name) and not name.startswith(PYTHON_MODEL)
 
 
 # How a run records a model that was handed to ``clat.train(..., model=...)``: nothing can rebuild it from the name.
@@ -80,46 +73,24 @@ PYTHON_MODEL = "python:"
 
 
 def model_info(name: str) -> ModelInfo:
-    """The zoo's entry for ``name``, or one for a ``package.module:factory`` spec (imported here, so a typo fails now)."""
+    """The zoo's entry for ``name``, or one for a ``package.module:factory`` spec (imported here, so a typo fails now;
+    the current folder is searched too, as ``python -m`` would, so ``model.name=mymodels:make_net`` finds
+    ``./mymodels.py`` from the command line)."""
     if name.startswith(PYTHON_MODEL):
         raise ConfigError(f"model.name={name}: this run's model was handed to clat.train(model=...) from Python, so clat cannot rebuild it; "
                           f"pass the same model again (clat.train(None, RUN, resume=True, model=...)), or name it as model.name=package.module:factory "
                           "(docs/models.md)")
     if is_factory(name):
-        return ModelInfo(name, _import_factory(name), None, f"built by {name}")
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list_models(), n=3)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise ConfigError(f"unknown model {name!r}; {hint}known models: {', '.join(list_models())}, or your own as package.module:factory")
-    return _REGISTRY[name]
-
-
-def _import_factory(spec: str) -> Callable[..., nn.Module]:
-    """``package.module:factory`` -> the callable. The current folder is searched too (as ``python -m`` would), so
-    ``model.name=mymodels:make_net`` finds ``./mymodels.py`` from the command line."""
-
-    module, _, attr = spec.partition(":")
-    ident = r"[A-Za-z_][A-Za-z0-9_]*"
-    if not re.fullmatch(rf"{ident}(\.{ident})*", module) or not re.fullmatch(rf"{ident}(\.{ident})*", attr):
-        raise ConfigError(f"model.name={spec!r} is neither a zoo model nor package.module:factory (e.g. mymodels:make_net)")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        obj = importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"model.name={spec}: cannot import {module} ({e}); install it, or run from the folder that holds it, "
-                          "or add that folder to PYTHONPATH") from None
-    done: list[str] = []
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=2)
-            hint = f"; did you mean {' or '.join(f'{module}:' + '.'.join([*done, c]) for c in close)}?" if close else ""
-            raise ConfigError(f"model.name={spec}: {module} has no {attr!r}{hint}")
-        obj = getattr(obj, part)
-        done.append(part)
-    if not callable(obj):
-        raise ConfigError(f"model.name={spec}: {attr} is not callable; name a function or class that returns an nn.Module")
-    return obj
+        factory = load_spec(name, what=f"model.name={name}", bad="neither a zoo model nor package.module:factory (e.g. mymodels:make_net)")
+        if not callable(factory):
+            raise ConfigError(f"model.name={name}: {name.partition(':')[2]} is not callable; "
+                              "name a function or class that returns an nn.Module")
+        MODELS.record(name, factory, description=f"built by {name}", default_k=None)  # (listed by `clat list`)
+        return ModelInfo(name, factory, None, f"built by {name}")
+    if name not in MODELS:
+        raise MODELS.unknown(name)
+    e = MODELS.entry(name)
+    return ModelInfo(e.name, e.obj, e.extra["default_k"], e.description)
 
 
 def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int, norm: nn.Module,

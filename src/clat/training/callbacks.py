@@ -11,9 +11,10 @@ and ``self.run.stop(reason)``, which ends the run cleanly (resumable, and the su
 stopped it). An exception in a callback stops the run like any other error; the checkpoints written
 so far are kept and ``resume=True`` continues.
 
-Loggers: ``metrics.csv`` (rewritten from ``metrics.jsonl`` after each epoch, so it matches it after
-a kill and resume), TensorBoard (``RUN/tensorboard``) and Weights & Biases (``RUN/wandb``), the
-last two optional packages imported only when selected.
+Loggers (:data:`LOGGERS`, ``clat list loggers``): ``metrics.csv`` (rewritten from ``metrics.jsonl`` after each epoch,
+so it matches it after a kill and resume), TensorBoard (``RUN/tensorboard``) and Weights & Biases (``RUN/wandb``), the
+last two optional packages imported only when selected; ``log.loggers`` adds registered ones or a
+``package.module:factory`` of yours.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import uuid
 from typing import Any, Iterator, Sequence
 
 from clat.base.errors import ConfigError
+from clat.base.registry import Registry
 from clat.runs.checkpoint import atomic_write_text
 from clat.runs.folder import RunDir
 
@@ -213,11 +215,29 @@ class WandbLogger(Callback):
             self.run = None
 
 
+# The loggers a run may name (:class:`clat.base.registry.Registry`): a factory ``fn(run_dir, cfg)`` (``run_dir``: the
+# :class:`RunDir`, ``.path`` its folder; ``cfg``: the run's config) returning a :class:`Callback`. The config's
+# switches (log.csv, log.tensorboard, log.wandb) name the built-in ones; ``log.loggers`` names more, built after them.
+LOGGERS = Registry("logger", "log.loggers")
+LOGGERS.add("csv", lambda rd, cfg: CSVLogger(rd), description="metrics.csv in the run folder, rewritten after each epoch (log.csv: on)")
+LOGGERS.add("tensorboard", lambda rd, cfg: TensorBoardLogger(rd),
+            description="scalars in RUN/tensorboard (log.tensorboard; clat-at[tensorboard])")
+LOGGERS.add("wandb", lambda rd, cfg: WandbLogger(rd, cfg.log.wandb_project, cfg.log.wandb_entity),
+            description="a Weights & Biases run under RUN/wandb (log.wandb; clat-at[wandb])")
+
+
+def logger_names(lg) -> list[str]:
+    """The loggers a run's ``log`` section selects, in the order they are called: the built-in switches, then ``log.loggers``."""
+    names = [n for n, on in (("csv", lg.csv), ("tensorboard", lg.tensorboard), ("wandb", lg.wandb)) if on]
+    return names + [n for n in dict.fromkeys(lg.loggers) if LOGGERS.canonical(n) not in names]
+
+
 class Callbacks:
     """The run's callbacks: the config's loggers, then the caller's (rank 0; empty on the other ranks)."""
 
-    def __init__(self, callbacks: Sequence[Any] = ()) -> None:
+    def __init__(self, callbacks: Sequence[Any] = (), loggers: int = 0) -> None:
         self.callbacks = list(callbacks)
+        self.loggers = self.callbacks[:loggers]  # closed however the run ends
         self.live = LiveRun("", None)  # the training's, once it starts (clat.loop)
         # the per-step hook only where a callback has its own (a step calls nothing otherwise)
         self.batch_hooks = [cb.on_batch_end for cb in self.callbacks if callable(getattr(cb, "on_batch_end", None))
@@ -241,18 +261,22 @@ class Callbacks:
         for i, cb in enumerate(user):
             if not any(callable(getattr(cb, h, None)) for h in HOOKS):
                 raise ConfigError(f"callbacks[{i}] ({cb!r:.60}) has none of the methods {', '.join(HOOKS)}; subclass clat.Callback")
+        names = logger_names(cfg.log)
+        factories = [LOGGERS.get(n) for n in names]  # an unknown name stops here, on every rank, before anything is written
         if not is_main:
             return cls()
-        lg = cfg.log
-        paths = [rd.best_dir] + [p for p, on in ((rd.csv_path, lg.csv), (rd.tensorboard_dir, lg.tensorboard), (rd.wandb_dir, lg.wandb)) if on]
+        files = ((rd.csv_path, "csv"), (rd.tensorboard_dir, "tensorboard"), (rd.wandb_dir, "wandb"))
+        paths = [rd.best_dir] + [p for p, n in files if n in names]
         foreign = rd.foreign([p.name for p in paths])
         if foreign:
             raise ConfigError(f"run folder {rd.path} holds {', '.join(foreign)} that clat did not write and would write into; "
                               "clat never replaces files it did not write: move them, or choose another --run-dir")
-        loggers: list[Any] = [CSVLogger(rd)] if lg.csv else []
-        loggers += [TensorBoardLogger(rd)] if lg.tensorboard else []
-        loggers += [WandbLogger(rd, lg.wandb_project, lg.wandb_entity)] if lg.wandb else []
-        return cls([*loggers, *user])
+        loggers = [make(rd, cfg) for make in factories]
+        for n, lg in zip(names, loggers):
+            if not any(callable(getattr(lg, h, None)) for h in HOOKS):
+                raise ConfigError(f"log.loggers: {n} returned {type(lg).__name__}, not a callback "
+                                  f"(a clat.Callback, with {'/'.join(HOOKS)})")
+        return cls([*loggers, *user], len(loggers))
 
     def call(self, hook: str, arg: dict) -> None:
         arg = copy.deepcopy(arg)  # what a callback changes is its own
@@ -266,8 +290,8 @@ class Callbacks:
 
     def __exit__(self, *exc) -> None:
         """The loggers' files closed, also when the run stops with an error (which goes on)."""
-        for cb in self.callbacks:
-            if isinstance(cb, (TensorBoardLogger, WandbLogger)):
+        for cb in self.loggers:
+            if callable(getattr(cb, "close", None)):
                 cb.close()
 
 

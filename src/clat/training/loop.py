@@ -54,7 +54,7 @@ log = logging.getLogger("clat")
 # Keys --resume may change: none of them changes what the finished run computes, except the learning rates,
 # which continue on the same schedule from the new value (the divergence remedy); the change is recorded.
 RESUME_OVERRIDABLE = ("pretrain.lr", "finetune.lr", "progress", "keep_checkpoints", "device", "eval.every", "compile",
-                      "log.console", "log.csv", "log.tensorboard", "log.wandb", "fused_optimizer", "data.workers")
+                      "log.console", "log.csv", "log.tensorboard", "log.wandb", "log.loggers", "fused_optimizer", "data.workers")
 
 
 class TrainingDiverged(ClatError):
