@@ -304,11 +304,11 @@ def test_nan_weights_are_evaluated_with_a_warning(tmp_path, capsys):
 def test_eval_into_a_read_only_run_folder_refuses_before_attacking(finished_run, tmp_path, capsys, monkeypatch):
     import importlib
 
-    evaluate_mod = importlib.import_module("clat.eval.accuracy")  # (the package attribute clat.evaluate is the function)
+    commands = importlib.import_module("clat.cli.commands")
     run = copy_run(finished_run, tmp_path / "run")
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == run and mode == os.W_OK else real(p, mode, **k))
-    monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **k: pytest.fail("attacked before checking the output"))
+    monkeypatch.setattr(commands, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking the output"))
     assert main([*Q, "eval", str(run), "--n-examples", "4"]) == 2
     assert "not writable" in capsys.readouterr().err
 
@@ -384,7 +384,7 @@ def test_a_users_report_in_a_run_folder_is_never_replaced(finished_run, tmp_path
 
 
 def test_an_interrupted_command_records_what_it_wrote(finished_run, tmp_path, monkeypatch, capsys):
-    import clat.analysis.plots
+    import clat.cli.analyses
     from clat.runs.folder import RunDir
 
     run = copy_run(finished_run, tmp_path / "run")
@@ -392,7 +392,7 @@ def test_an_interrupted_command_records_what_it_wrote(finished_run, tmp_path, mo
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(clat.analysis.plots, "plot_criticality", interrupted)  # criticality.json is written, then Ctrl-C
+    monkeypatch.setattr(clat.cli.analyses, "plot_criticality", interrupted)  # criticality.json is written, then Ctrl-C
     assert main([*Q, "criticality", str(run), "--batch-size", "4", "--steps", "1"]) == 130
     assert (run / "criticality.json").is_file() and "criticality.json" in RunDir(run).written()
     assert "run the same `clat criticality` command again" in capsys.readouterr().err
@@ -401,7 +401,7 @@ def test_an_interrupted_command_records_what_it_wrote(finished_run, tmp_path, mo
 
 
 @pytest.mark.parametrize("command, patch, hint", [
-    ("eval", "clat.eval.protocol.run_protocol", "run the same `clat eval` command again"),
+    ("eval", "clat.cli.commands.run_protocol", "run the same `clat eval` command again"),
     ("report", "clat.analysis.report.plot_curves", "run `clat report` again"),
     ("train", "clat.training.loop._run_epoch", "continue"),
 ])
@@ -616,7 +616,7 @@ def test_an_unloadable_state_that_matches_its_manifest_falls_back_to_the_previou
 
 # -- messages that name their file and one fix, cheap checks first -----------------------------------------
 def test_eval_out_an_existing_folder_writes_into_it_and_says_what_it_holds(finished_run, tmp_path, capsys, monkeypatch):
-    import clat.eval.protocol
+    import clat.cli.commands
 
     out = tmp_path / "results"
     out.mkdir()
@@ -624,7 +624,7 @@ def test_eval_out_an_existing_folder_writes_into_it_and_says_what_it_holds(finis
     assert main(args) == 0 and json.loads((out / "eval.json").read_text())["n"] == 4
     assert main([*args[:-2], "--steps", "2", "--out", str(out)]) == 0  # other settings: beside it
     assert len(list(out.glob("eval_*.json"))) == 1
-    monkeypatch.setattr(clat.eval.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --out"))
+    monkeypatch.setattr(clat.cli.commands, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --out"))
     assert main(args) == 2
     assert f"{out / 'eval.json'} already holds an evaluation with these settings" in capsys.readouterr().err
     (tmp_path / "mine.json").write_text("[1, 2]")
@@ -636,9 +636,9 @@ def test_eval_out_an_existing_folder_writes_into_it_and_says_what_it_holds(finis
 
 
 def test_eps_sweep_is_checked_before_any_attack(finished_run, tmp_path, monkeypatch, capsys):
-    import clat.eval.protocol
+    import clat.cli.commands
 
-    monkeypatch.setattr(clat.eval.protocol, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --eps-sweep"))
+    monkeypatch.setattr(clat.cli.commands, "run_protocol", lambda *a, **k: pytest.fail("attacked before checking --eps-sweep"))
     assert main([*Q, "eval", str(finished_run), "--n-examples", "4", "--eps-sweep=0,-8/255", "--out", str(tmp_path / "e.json")]) == 2
     assert "argument --eps-sweep: needs one or more finite radii >= 0, got '0,-8/255'" in capsys.readouterr().err
 
