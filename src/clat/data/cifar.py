@@ -4,12 +4,14 @@ small subset bundled with clat. :mod:`clat.data` turns them into training data.
 Why this module looks the way it does:
 
 * The official "python version" CIFAR files are pickles. Unpickling runs code
-  named in the file, so they are read with a restricted unpickler that only
-  builds plain numpy arrays; anything else is refused before it can run.
+  named in the file, so they are read with a restricted unpickler
+  (:mod:`clat.data.safe_pickle`) that only builds plain numpy arrays; anything
+  else is refused before it can run.
 * Every file is checked against the official MD5 by default, so numbers are
   never reported on a silently different copy. A copy known to differ (for
   example a subset) can be read with ``verify=False``, with a warning.
-* Downloading happens only when asked (``download=True``), never at import.
+* Downloading happens only when asked (``download=True``), never at import;
+  :mod:`clat.data.download` fetches, checks and safely extracts the tarball.
 """
 
 from __future__ import annotations
@@ -17,23 +19,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import pickle
-import shutil
-import tarfile
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from clat.base.errors import DataError
-import codecs
+from clat.data.download import download_tarball
+from clat.data.safe_pickle import RefusedGlobal, SafeUnpickler
 
 __all__ = [
     "DatasetName",
@@ -97,7 +93,6 @@ _SPLIT_FILES: dict[str, dict[bool, tuple[str, ...]]] = {
 _LABEL_KEYS: dict[str, str] = {"cifar10": "labels", "cifar100": "fine_labels"}
 _PRETTY: dict[str, str] = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 _PIXELS = 3 * 32 * 32
-_CHUNK = 1 << 20
 
 
 class ChecksumWarning(UserWarning):
@@ -105,67 +100,8 @@ class ChecksumWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------- #
-# Safe unpickling
+# Safe unpickling (clat.data.safe_pickle), with one-line errors
 # --------------------------------------------------------------------------- #
-
-# (module, name) pairs a CIFAR pickle may reference. numpy's array
-# reconstruction helpers and the dtype/ndarray classes build plain arrays and
-# cannot run other code. ``_codecs.encode`` is how Python 3 writes ``bytes``
-# at pickle protocol 2 (it only re-encodes a string), and ``_frombuffer`` is
-# how numpy writes arrays at protocol 5 (the default from Python 3.14); both
-# are allowed so that subsets re-saved by users load too.
-_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),
-    }
-)
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """A pickle referenced a Python object outside the allow-list."""
-
-    def __init__(self, module: str, name: str) -> None:
-        super().__init__(f"{module}.{name}")
-        self.qualname = f"{module}.{name}"
-
-
-def _resolve_allowed(module: str, name: str) -> Any:
-    """Return the object for an allowed (module, name) without importing the
-    deprecated ``numpy.core`` alias (numpy >= 2 warns on it)."""
-    if name == "_reconstruct":
-        try:
-            from numpy._core.multiarray import _reconstruct
-        except ImportError:  # numpy < 2
-            from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-        return _reconstruct
-    if name == "_frombuffer":
-        try:
-            from numpy._core.numeric import _frombuffer  # type: ignore[attr-defined]
-        except ImportError:  # numpy < 2
-            from numpy.core.numeric import _frombuffer  # type: ignore[no-redef]
-        return _frombuffer
-    if module == "numpy" and name == "ndarray":
-        return np.ndarray
-    if module == "numpy" and name == "dtype":
-        return np.dtype
-    if module == "_codecs" and name == "encode":
-        return codecs.encode
-    raise _RefusedGlobal(module, name)  # pragma: no cover - guarded by the allow-list
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler that can only build numpy arrays, dicts, lists and scalars."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise _RefusedGlobal(module, name)
-        return _resolve_allowed(module, name)
 
 
 def _safe_unpickle(blob: bytes, path: Path) -> Any:
@@ -176,8 +112,8 @@ def _safe_unpickle(blob: bytes, path: Path) -> Any:
             f"(re-download it with {HOW_TO_DOWNLOAD}, or re-extract the tarball)."
         )
     try:
-        return _SafeUnpickler(io.BytesIO(blob), encoding="latin1").load()
-    except _RefusedGlobal as err:
+        return SafeUnpickler(io.BytesIO(blob), encoding="latin1").load()
+    except RefusedGlobal as err:
         raise DataError(
             f"CIFAR file {path} references the Python object {err.qualname}, which a CIFAR "
             "file never needs, so it was refused (it could run code): use the official files."
@@ -210,14 +146,6 @@ def _find_folder(name: str, root: Path, train: bool) -> Path | None:
     ):
         return root
     return None
-
-
-def _md5_file(path: Path) -> str:
-    md5 = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            md5.update(chunk)
-    return md5.hexdigest()
 
 
 def _read_batch(name: str, path: Path, verify: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -293,93 +221,6 @@ def _read_batch(name: str, path: Path, verify: bool) -> tuple[np.ndarray, np.nda
     return data, labels.astype(np.int64)
 
 
-def _download(name: str, root: Path) -> None:
-    """Download, check and safely extract the official tarball into ``root``."""
-    url = URLS[name]
-    expected = TARBALL_MD5[name]
-    tar_name = PurePosixPath(urllib.parse.urlparse(url).path).name or f"{name}.tar.gz"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(
-            f"Cannot create data folder {root} ({err.strerror or err}): point data.root at a "
-            "writable folder."
-        ) from None
-    tar_path = root / tar_name
-    # Reuse a complete tarball left by an earlier run.
-    if not (tar_path.is_file() and _md5_file(tar_path) == expected):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{tar_name}.", suffix=".part", dir=root)
-        tmp = Path(tmp_name)
-        md5 = hashlib.md5()
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-                for chunk in iter(lambda: resp.read(_CHUNK), b""):
-                    md5.update(chunk)
-                    out.write(chunk)
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            tmp.unlink(missing_ok=True)
-            reason = getattr(err, "reason", None) or err
-            raise DataError(
-                f"Could not download {_PRETTY[name]} from {url} ({reason}): check the network, "
-                f"or download it by hand and extract it into {root}."
-            ) from None
-        if md5.hexdigest() != expected:
-            tmp.unlink(missing_ok=True)
-            raise DataError(
-                f"The download of {url} has MD5 {md5.hexdigest()}, not the official {expected} "
-                "(it was deleted): try again, or download and extract it by hand."
-            )
-        os.replace(tmp, tar_path)
-    _extract_safely(name, tar_path, root)
-
-
-def _extract_safely(name: str, tar_path: Path, root: Path) -> None:
-    """Extract ``tar_path`` into ``root`` after refusing any member that could
-    land outside it (absolute paths, ``..``, links, devices). Extraction goes
-    to a temporary folder first, so a failure never leaves a half folder."""
-    folder = _FOLDERS[name]
-    unsafe_member: str | None = None
-    try:
-        with tarfile.open(tar_path, "r:*") as tar:
-            members = tar.getmembers()
-            for m in members:
-                parts = PurePosixPath(m.name).parts
-                if (
-                    m.name.startswith(("/", "\\"))
-                    or ".." in parts
-                    or ":" in (parts[0] if parts else "")
-                    or not (m.isfile() or m.isdir())
-                ):
-                    unsafe_member = m.name
-                    break
-            if unsafe_member is None:
-                tmp_dir = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
-                try:
-                    if hasattr(tarfile, "data_filter"):
-                        tar.extractall(tmp_dir, members=members, filter="data")
-                    else:  # pragma: no cover - Python without extraction filters
-                        tar.extractall(tmp_dir, members=members)
-                    if not (tmp_dir / folder).is_dir():
-                        raise DataError(
-                            f"Tarball {tar_path} has no folder {folder}: it is not the "
-                            f"{_PRETTY[name]} python-version tarball; download the official one."
-                        )
-                    os.replace(tmp_dir / folder, root / folder)
-                finally:
-                    shutil.rmtree(tmp_dir, ignore_errors=True)
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise DataError(
-            f"Cannot extract {tar_path} ({err}): delete it and download it again."
-        ) from None
-    if unsafe_member is not None:
-        tar_path.unlink(missing_ok=True)
-        raise DataError(
-            f"Tarball {tar_path} has an unsafe member {unsafe_member!r} (absolute path, '..', "
-            "link or device), so nothing was extracted and it was deleted: download the "
-            "official tarball."
-        )
-
-
 def load_cifar(
     name: DatasetName,
     root: str | os.PathLike[str],
@@ -418,7 +259,8 @@ def load_cifar(
                 f"{_PRETTY[name]} folder {_FOLDERS[name]} not found in {root_path}: download it "
                 f"with {HOW_TO_DOWNLOAD}, or point data.root at a folder holding {_FOLDERS[name]}."
             )
-        _download(name, root_path)
+        download_tarball(URLS[name], TARBALL_MD5[name], root_path, folder=_FOLDERS[name], what=_PRETTY[name],
+                         default_name=f"{name}.tar.gz")
         folder = root_path / _FOLDERS[name]
     files = [folder / f for f in _SPLIT_FILES[name][train]]
     for path in files:

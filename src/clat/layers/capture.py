@@ -14,7 +14,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from clat.base.errors import ConfigError
-from clat.layers.discovery import FeaturePoint, Layer, Tap, func_name, tensor_key, tensors_in
+from clat.layers.discovery import FeaturePoint, Layer, Tap
+from clat.layers.tracing import func_name, tensor_key, tensors_in
 
 
 class TapCapture(TorchFunctionMode):

@@ -1,4 +1,5 @@
-"""Find a model's layers, capture their features, stop a forward pass early, freeze.
+"""Find a model's layers (:func:`find_layers`), what each one is (:class:`Layer`, :class:`Tap`, :class:`Source`), and
+pick them by name or index.
 
 A *layer* (SPEC "Layers and features") is a ``Conv``/``Linear`` module merged
 with the ``BatchNorm`` that directly consumes its output (with
@@ -8,10 +9,10 @@ Discovery runs one real forward pass, so it works on any ``nn.Module``
 (torchvision, timm, hand-written), whatever its ``forward`` does.
 
 Provenance comes from the computation, never from memory addresses: during
-discovery every torch operation is traced (a ``TorchFunctionMode``), every
-tensor it touches is kept alive, and each tensor version is mapped to the
-operation that produced it and the operations' data inputs. From that graph
-each layer gets
+discovery every torch operation is traced (a ``TorchFunctionMode``,
+:mod:`clat.layers.tracing`), every tensor it touches is kept alive, and each
+tensor version is mapped to the operation that produced it and the operations'
+data inputs. From that graph each layer gets
 
 - its *feature taps*: the operations that produce its feature (after its BN,
   or the conv output before it), addressed by the operation's ordinal in the
@@ -32,16 +33,14 @@ how many calls were seen so that tools can warn about it.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from clat.base.errors import ConfigError
+from clat.layers.tracing import ModuleCalls, TensorKey, Tracer
 
 PARAMETRIC_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -131,19 +130,6 @@ class Layer:
 
 
 _POINTS: tuple[FeaturePoint, FeaturePoint] = ("post_bn", "pre_bn")
-_Key = tuple[int, int]  # (id(tensor), tensor._version): one version of one tensor
-
-
-def tensor_key(t: torch.Tensor) -> _Key:
-    return (id(t), t._version)
-
-
-def func_name(func) -> str:
-    name = getattr(func, "__name__", None) or type(func).__name__
-    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
-    return f"{getattr(owner, '__name__', '')}.{name}".lstrip(".") if isinstance(owner, type) else str(name)
-
-
 def _readable(func: str) -> str:
     """``TensorBase.__iadd__`` -> ``sum (__iadd__)``, ``cat`` -> ``concatenation (cat)``."""
     short = func.rsplit(".", 1)[-1]
@@ -152,62 +138,6 @@ def _readable(func: str) -> str:
     if short in ("cat", "concat", "concatenate", "stack"):
         return f"concatenation ({short})"
     return short
-
-
-def tensors_in(tree) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-class _Tracer(TorchFunctionMode):
-    """Discovery's record of the forward pass: every torch operation (counted in the order
-    it runs), its data inputs (tensors computed from the model input) and what it produced.
-    Every tensor seen is kept alive until discovery ends, so no id is reused."""
-
-    def __init__(self, root: torch.Tensor) -> None:
-        super().__init__()
-        self.count = 0
-        self.paused = 0
-        self.keep: list[torch.Tensor] = [root]
-        self.root = tensor_key(root)
-        self.producer: dict[_Key, tuple[int, int, torch.Tensor]] = {}  # key -> (op, slot, tensor)
-        self.data_inputs: dict[int, list[_Key]] = {}  # op -> distinct data-input keys
-        self.funcs: dict[int, str] = {}
-        self.where: dict[int, str] = {}
-        self.modules: list[str] = []  # names of the modules running now (innermost last)
-
-    def is_data(self, k: _Key) -> bool:
-        return k == self.root or k in self.producer
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.paused:
-            return func(*args, **kwargs)
-        ins = tensors_in((args, kwargs))
-        before = [(tensor_key(t), t) for t in ins]
-        out = func(*args, **kwargs)
-        n = self.count
-        self.count += 1
-        data = list(dict.fromkeys(k for k, _ in before if self.is_data(k)))
-        if not data:
-            return out
-        outs = tensors_in(out)
-        slots = outs + [t for (k, t) in before if tensor_key(t) != k]  # outputs, then inputs modified in place
-        self.keep.extend(ins)
-        self.keep.extend(outs)
-        self.data_inputs[n] = data
-        self.funcs[n] = func_name(func)
-        self.where[n] = self.modules[-1] if self.modules else ""
-        for s, t in enumerate(slots):
-            self.producer.setdefault(tensor_key(t), (n, s, t))
-        return out
-
-    @contextmanager
-    def pause(self) -> Iterator[None]:
-        self.paused += 1
-        try:
-            yield
-        finally:
-            self.paused -= 1
 
 
 def find_layers(
@@ -223,69 +153,33 @@ def find_layers(
     ``input_shape`` on the model's device. The model's train/eval mode is restored.
     ``merge_norms=True`` also merges a GroupNorm/LayerNorm/InstanceNorm that directly
     consumes a layer's output into that layer (BatchNorm always is).
+
+    Steps: trace one forward pass (:class:`clat.layers.tracing.Tracer` records the operations,
+    :class:`clat.layers.tracing.ModuleCalls` the layer modules and their norms), then turn the
+    record into :class:`Layer` s (``_Graph``: taps, sources, provenance).
     """
     if example_input is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-        example_input = torch.zeros(2, *input_shape, device=device)
+        example_input = _zero_batch(model, input_shape)
     names = {m: n for n, m in model.named_modules()}
     norm_types = BN_TYPES + (OTHER_NORM_TYPES if merge_norms else ())
-    tracer = _Tracer(example_input)
-    order: list[nn.Module] = []
-    info: dict[nn.Module, dict] = {}
-    conv_out: dict[_Key, nn.Module] = {}  # output (any call) of a conv/linear -> the module
-    norm_of: dict[nn.Module, nn.Module] = {}  # conv -> the norm merged into it
-    outputs: dict[nn.Module, list[_Key]] = {}  # every output of every layer module (conv or merged norm)
-    handles = []
+    tracer = Tracer(example_input)
+    calls = ModuleCalls(tracer, names)
+    _run_traced(model, example_input, tracer, calls.attach(model, PARAMETRIC_TYPES, norm_types))
+    if not calls.order:
+        raise ConfigError("the model has no Conv or Linear layer that runs in its forward pass; CLAT needs at least one")
+    return _Graph(tracer, calls.order, calls.info, calls.norm_of, calls.outputs, names).layers()
 
-    def pre_hook(mod: nn.Module, args: tuple) -> None:
-        with tracer.pause():
-            if mod in info:
-                info[mod]["calls"] += 1
-                return
-            x = args[0]
-            order.append(mod)
-            info[mod] = {"calls": 1, "in_shape": tuple(x.shape[1:]), "in_key": tensor_key(x)}
 
-    def post_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        with tracer.pause():
-            d = info[mod]
-            k = tensor_key(out)
-            if "out_key" not in d:
-                d["out_shape"] = tuple(out.shape[1:])
-                d["out_key"] = k
-            conv_out[k] = mod
-            outputs.setdefault(mod, []).append(k)
+def _zero_batch(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """Two zero images of ``input_shape`` on the model's device (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    return torch.zeros(2, *input_shape, device=device)
 
-    def norm_pre_hook(mod: nn.Module, args: tuple) -> None:
-        with tracer.pause():
-            src = conv_out.get(tensor_key(args[0]))
-            if src is not None and src not in norm_of and mod not in norm_of.values():
-                norm_of[src] = mod
 
-    def norm_post_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        with tracer.pause():
-            for conv, norm in norm_of.items():
-                if norm is mod:
-                    info[conv].setdefault("norm_out_key", tensor_key(out))
-                    outputs.setdefault(mod, []).append(tensor_key(out))
-
-    def enter(mod: nn.Module, args: tuple) -> None:
-        tracer.modules.append(names.get(mod, "?"))
-
-    def leave(mod: nn.Module, args: tuple, out) -> None:
-        if tracer.modules:
-            tracer.modules.pop()
-
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(enter))
-        if isinstance(m, PARAMETRIC_TYPES):
-            handles.append(m.register_forward_pre_hook(pre_hook))
-            handles.append(m.register_forward_hook(post_hook))
-        elif isinstance(m, norm_types):
-            handles.append(m.register_forward_pre_hook(norm_pre_hook))
-            handles.append(m.register_forward_hook(norm_post_hook))
-        handles.append(m.register_forward_hook(leave))
+def _run_traced(model: nn.Module, example_input: torch.Tensor, tracer: Tracer, handles: list) -> None:
+    """One forward pass of ``model`` on ``example_input`` (eval mode, no grad) under ``tracer``; the hooks of
+    ``handles`` are removed and the model's train/eval mode is restored afterwards, however it ends."""
     was_training = model.training
     model.eval()
     try:
@@ -293,27 +187,25 @@ def find_layers(
             model._call_impl(example_input)  # eager even when the model was compiled in place
     except Exception as e:  # the model itself failed on the example input
         raise ConfigError(
-            f"could not run the model on an example input of shape {tuple(example_input.shape)} to find its layers ({type(e).__name__}: {e}); "
+            f"could not run the model on an example input of shape {tuple(example_input.shape)} to find its layers "
+            f"({type(e).__name__}: {e}); "
             "pass example_input= with a batch the model accepts"
         ) from e
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if not order:
-        raise ConfigError("the model has no Conv or Linear layer that runs in its forward pass; CLAT needs at least one")
-    return _Graph(tracer, order, info, norm_of, outputs, names).layers()
 
 
 class _Graph:
     """Turns discovery's trace into :class:`Layer` records (taps, sources, provenance)."""
 
-    def __init__(self, tracer: _Tracer, order, info, norm_of, outputs, names) -> None:
+    def __init__(self, tracer: Tracer, order, info, norm_of, outputs, names) -> None:
         self.t, self.order, self.info, self.norm_of, self.names = tracer, order, info, norm_of, names
         self.index = {mod: i for i, mod in enumerate(order)}
         # the feature of each layer at each point, and every tensor a layer's modules output
-        self.feature: dict[FeaturePoint, dict[_Key, int]] = {"post_bn": {}, "pre_bn": {}}
-        self.stops: dict[FeaturePoint, dict[_Key, int]] = {"post_bn": {}, "pre_bn": {}}
+        self.feature: dict[FeaturePoint, dict[TensorKey, int]] = {"post_bn": {}, "pre_bn": {}}
+        self.stops: dict[FeaturePoint, dict[TensorKey, int]] = {"post_bn": {}, "pre_bn": {}}
         for mod, i in self.index.items():
             d = info[mod]
             norm = norm_of.get(mod)
@@ -325,7 +217,7 @@ class _Graph:
                 for k in outputs.get(norm, []):
                     self.stops["post_bn"][k] = i
 
-    def tap(self, k: _Key) -> Tap | None:
+    def tap(self, k: TensorKey) -> Tap | None:
         p = self.t.producer.get(k)
         if p is None:
             return None
@@ -333,7 +225,7 @@ class _Graph:
         func, where = self.t.funcs[op], self.t.where[op]
         return Tap(op, slot, func, tuple(tensor.shape[1:]), tensor._version != k[1], f"{_readable(func)} in {where or 'the model'}")
 
-    def source(self, start: _Key, point: FeaturePoint) -> Source:
+    def source(self, start: TensorKey, point: FeaturePoint) -> Source:
         k = start
         while True:
             if k == self.t.root:
@@ -352,7 +244,7 @@ class _Graph:
                 return Source("tensor", None, self.tap(k))
             k = data[0]
 
-    def reads_model_input(self, start: _Key) -> bool:
+    def reads_model_input(self, start: TensorKey) -> bool:
         """No layer's output is upstream of ``start`` (walking every data input)."""
         seen, todo = set(), [start]
         while todo:

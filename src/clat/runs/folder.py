@@ -3,22 +3,21 @@
 A run folder (``clat train --run-dir``, ``clat demo --out``) holds clat's files beside whatever
 else a user keeps there. This module owns the rules that keep the user's files safe:
 
-- **Manifest** (``.clat-manifest.json``, :mod:`clat.manifest`): every file or folder clat writes into a
+- **Manifest** (``.clat-manifest.json``, :mod:`clat.runs.manifest`): every file or folder clat writes into a
   run folder is recorded there when it is written, with the command that made the folder; ``--force``
   removes exactly those entries and nothing else, and never replaces another command's folder.
-- **Lock** (``.clat.lock``): one process at a time trains in, resumes or writes results into a
-  run folder (``lock``): an exclusive ``flock`` held for the whole command, so the operating
-  system releases it when the process ends, however it ends (kill -9 included: the next
-  command finds the file unlocked and takes it over); a second process is refused with a
-  message naming the holder. (On a platform without ``fcntl.flock`` there is no lock.)
+- **Lock** (``.clat.lock``, :mod:`clat.runs.lock`): one process at a time trains in, resumes or
+  writes results into a run folder (``lock``): an exclusive ``flock`` held for the whole command,
+  released by the operating system however the process ends; a second process is refused with a
+  message naming the holder.
 - **Config**: ``read_config`` is the one reader of a run's ``config.yaml`` (one-line errors for
   invalid YAML, refused tags, unknown keys); ``owner_of`` says which run a weights file belongs
   to, so a ``config.yaml`` found near a file is used only when the file is that run's.
 - **Layout**: nothing outside this module builds a path inside a run folder. ``metrics()`` is the
   one reader of ``metrics.jsonl``, ``checkpoints()`` owns ``checkpoints/epoch_NNNN/`` (write,
   list, prune, latest valid, the weights of an epoch), ``summary()`` reads ``summary.json``.
-- **Metrics** (:mod:`clat.metricsfile`): a line of ``metrics.jsonl`` that is not a row is named, never
-  dropped silently. **Health** of a checkpoint (:mod:`clat.soundness`, recorded in its ``meta.json``):
+- **Metrics** (:mod:`clat.runs.metrics`): a line of ``metrics.jsonl`` that is not a row is named, never
+  dropped silently. **Health** of a checkpoint (:mod:`clat.runs.soundness`, recorded in its ``meta.json``):
   whether its loss and weights are sane, so that the advice after a divergence names a fix that works.
 
 Run folder::
@@ -27,9 +26,9 @@ Run folder::
     metrics.jsonl        one JSON line per epoch
     checkpoints/epoch_NNNN/{model.safetensors, state.pt, meta.json}   (NNNN: 0-based epoch)
     model.safetensors    final weights (with model metadata)
-    best/{model.safetensors, best.json}   weights of the best held-out PGD accuracy (clat.best)
+    best/{model.safetensors, best.json}   weights of the best held-out PGD accuracy (clat.training.early_stop)
     summary.json         final metrics, selection history, best epoch, early stop
-    metrics.csv, tensorboard/, wandb/     the loggers of ``log:`` (clat.callbacks)
+    metrics.csv, tensorboard/, wandb/     the loggers of ``log:`` (clat.training.callbacks)
     report.md, plots/    the report (``clat report``, and ``clat train`` at the end)
     eval*.json, criticality.json/.png, stability.json, transfer*.json/.png   results of the other commands
     .clat-manifest.json  what clat wrote here, and which command made the folder;  .clat.lock  the lock
@@ -37,35 +36,27 @@ Run folder::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 import shutil
-import socket
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from clat.base.errors import ConfigError
-from clat.runs.manifest import LOCK, MANIFEST, REPORT_FILES, RUN_FILES, Manifest
-from clat.runs.metrics import MetricsFile
 import torch
-from clat.runs.checkpoint import atomic_write_text, save_state, save_weights, sha256
-from clat.runs.checkpoint import sha256
-from clat.base.errors import ClatError
-from clat.runs.checkpoint import atomic_write_text
-from clat.config.load import dump_yaml
+
+from clat.base.errors import ClatError, ConfigError
 from clat.base.versions import header
-from clat.config.load import config_from_dict, read_yaml
+from clat.config.load import config_from_dict, dump_yaml, read_yaml
+from clat.runs.checkpoint import atomic_write_text, save_state, save_weights, sha256
+from clat.runs.lock import FolderLock, RunLocked  # noqa: F401  (RunLocked: re-exported for the clat.runs facade)
+from clat.runs.manifest import MANIFEST, REPORT_FILES, RUN_FILES, Manifest
+from clat.runs.metrics import MetricsFile
 
 log = logging.getLogger("clat")
 
 _TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # clat.base.files.atomic_write's temporary names
-class RunLocked(ConfigError):
-    """Another process holds the run folder."""
 
 
 class Checkpoints:
@@ -169,9 +160,11 @@ def _epoch_of(d: Path) -> int:
     return int(d.name[6:]) if d.name[6:].isdigit() else -1
 
 
-class RunDir(Manifest, MetricsFile):
-    """A run folder: its layout, checkpoints, config, lock, manifest (:class:`clat.runs.manifest.Manifest`) and metrics
-    (:class:`clat.runs.metrics.MetricsFile`)."""
+class RunDir(Manifest, MetricsFile, FolderLock):
+    """A run folder. It owns its layout (every path inside it: ``*_path``, ``*_dir``, :meth:`checkpoints`), its config
+    (:meth:`read_config`, :meth:`owner_of`), the start of a run (:meth:`check_new`, :meth:`prepare`), its summary and
+    :meth:`export`; the manifest (:class:`clat.runs.manifest.Manifest`), ``metrics.jsonl``
+    (:class:`clat.runs.metrics.MetricsFile`) and the lock (:class:`clat.runs.lock.FolderLock`) are mixed in."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -378,62 +371,6 @@ class RunDir(Manifest, MetricsFile):
             if r.holds_run():
                 return r
         return None
-
-    def check_writable(self, command: str) -> None:
-        """A one-line error, before anything is written, where ``command`` could not write into this folder."""
-        parent = next((p for p in (self.path, *self.path.parents) if p.exists()), Path("."))
-        if not os.access(parent, os.W_OK):
-            raise ConfigError(f"cannot write into {self.path}: {parent} is not writable; {_elsewhere(command)}")
-
-    # -- lock ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, command: str) -> Iterator[None]:
-        """Hold the run folder exclusively for the block (see the module docstring). A folder this
-        call had to create is removed again if nothing but the lock was written into it."""
-        self.check_writable(command)  # before the lock, which is the first thing written
-        created = not self.path.exists()
-        lock_path = self.path / LOCK
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ConfigError(f"cannot write into {self.path} ({e.strerror or e}); {_elsewhere(command)}") from None
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: no lock (documented)
-            fcntl = None
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                    raise RunLocked(f"run folder {self.path} is in use by {holder}; wait for it to finish (or stop it) and try again") from None
-        except BaseException:
-            os.close(fd)  # not ours: leave the holder's file as it is
-            raise
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"`clat {command}` (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode(), 0)
-            yield
-        finally:
-            # A run folder keeps its (unlocked) lock file: unlinking it could let two processes lock two files
-            # under one name. A folder that holds no run afterwards (a start that failed its checks) is left as
-            # it was found: without the lock file, and removed again if this call created it.
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # an idle run folder's lock file is empty (it names the holder while held)
-                if not self.holds_run():
-                    lock_path.unlink()
-                    if created and not any(self.path.iterdir()):
-                        self.path.rmdir()
-            os.close(fd)  # releases the flock
-
-
-def _elsewhere(command: str) -> str:
-    """The fix for an unwritable folder, in the words of ``command``'s options."""
-    if command == "train --resume":
-        return "copy the run folder to a writable place and resume it there"
-    return f"choose another {'--run-dir' if command == 'train' else '--out'}"
 
 
 def record_output(path: str | Path) -> None:
