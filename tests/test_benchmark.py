@@ -72,7 +72,7 @@ def test_flags_are_warnings_too(test_split, monkeypatch):
         r = real(*a, **k)
         return EvalResult(r.n, r.clean_acc, r.pgd_acc, None, None, ["possible gradient masking: a test flag"], r.details)
 
-    monkeypatch.setattr(clat.scoring, "run_protocol", flagged)
+    monkeypatch.setattr(clat.eval.benchmark, "run_protocol", flagged)
     with pytest.warns(UserWarning, match="possible gradient masking: a test flag"):
         res = clat.benchmark(_model(), test_split[0][:4], test_split[1][:4], threat=clat.ThreatModel(steps=1), attacks="pgd")
     assert res.flags == ["possible gradient masking: a test flag"]

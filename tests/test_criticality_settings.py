@@ -9,6 +9,7 @@ import pytest
 import clat.criticality.index
 import clat.layers.discovery
 import clat.analysis.stability
+import clat.cli.analyses
 from clat.cli.main import main
 
 Q = ["-q"]
@@ -39,10 +40,10 @@ def seen(monkeypatch):
         calls["merge_norms"].append(k.get("merge_norms", False))
         return real_find(*a, **k)
 
-    for mod in (clat.stability, clat.criticality):
+    for mod in (clat.analysis.stability, clat.cli.analyses):
         monkeypatch.setattr(mod, "compute_criticality", crit, raising=False)
-    monkeypatch.setattr(clat.stability, "find_layers", find)
-    monkeypatch.setattr(clat.layers, "find_layers", find)
+    monkeypatch.setattr(clat.analysis.stability, "find_layers", find)
+    monkeypatch.setattr(clat.cli.analyses, "find_layers", find)
     return calls
 
 
