@@ -52,8 +52,11 @@ def _protocol(threat: ThreatModel, attacks: str | EvalAttack | Sequence[str | Ev
                               "or your own as package.module:Class)")
         named_pgd = isinstance(raw, str) and raw.lower() == "pgd"
         chosen.append(PGD(restarts) if named_pgd else resolve_attack(raw, where=" (clat.benchmark attacks)"))
-    chosen += flag_attacks(pgd=False, restarts=restarts, eps_sweep=tuple(eps_sweep), sanity=sanity)  # checks restarts
-    return EvalProtocol(threat, chosen, **settings)
+    extra = flag_attacks(pgd=False, restarts=restarts, eps_sweep=tuple(eps_sweep), sanity=sanity)  # checks restarts first
+    if restarts != 1 and not any(isinstance(raw, str) and raw.lower() == "pgd" for raw in given):
+        raise ConfigError(f"restarts={restarts} sets the runs of the attack named 'pgd', which attacks= does not name: add 'pgd', "
+                          f"or give PGD(restarts={restarts}) as an attack")
+    return EvalProtocol(threat, chosen + extra, **settings)
 
 
 def _images_and_labels(x, y) -> tuple[torch.Tensor, torch.Tensor]:

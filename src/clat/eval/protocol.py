@@ -124,7 +124,7 @@ def _unique(attacks: list[EvalAttack]) -> list[EvalAttack]:
         same = next((b for b in out if b.key == a.key), None)
         if same is not None:
             what = "one AutoAttack version" if isinstance(a, AutoAttack) else f"one attack of key {a.key!r}" if a.key else "one PGD"
-            raise ConfigError(f"an evaluation runs {what}, got {same.title} and {a.title}: pick one")
+            raise ConfigError(f"an evaluation runs {what}, got {same.title} {same.settings()} and {a.title} {a.settings()}: pick one")
         out.append(a)
     return out
 
