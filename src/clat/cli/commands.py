@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -21,7 +22,8 @@ from clat.base.distributed import resolve_device
 from clat.base.errors import ClatError
 from clat.config.schema import AttackConfig, Config
 from clat.data.prepare import prepare_data
-from clat.eval.protocol import EvalProtocol, run_protocol
+from clat.eval.attacks import EvalAttack, resolve_attack
+from clat.eval.protocol import EvalProtocol, flag_attacks, run_protocol
 from clat.eval.records import record_path, save_record
 from clat.runs.checkpoint import atomic_write_text, read_metadata
 from clat.runs.folder import RunDir
@@ -150,7 +152,8 @@ def _eval_tag(args: argparse.Namespace, a) -> str:
     parts = [args.split, f"n{args.n_examples}" if args.n_examples is not None else "nall", f"{a.norm}-{eps_str(a.eps, a.norm).replace('/', '-')}"]
     parts.append("nopgd" if args.no_pgd else f"pgd{a.steps}x{args.restarts}")
     parts += (["apgdce"] if args.apgd_ce else []) + ([f"aa-{args.autoattack_version}"] if args.autoattack else [])
-    parts += (["sweep"] if args.eps_sweep else []) + (["sanity"] if args.sanity else []) + [f"s{args.seed}"]
+    parts += (["sweep"] if args.eps_sweep else []) + (["sanity"] if args.sanity else [])
+    parts += [re.sub(r"[^A-Za-z0-9]+", "-", a).strip("-") for a in getattr(args, "attack", None) or ()] + [f"s{args.seed}"]
     return "_".join(parts + (["best"] if getattr(args, "which", "last") == "best" else []))  # last: the tag of clat before --which
 
 
@@ -202,7 +205,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_cfg = run_config(args.checkpoint)
     cfg = data_config(args, run_cfg)
     a, source = threat_of(args, run_cfg)
-    out = _eval_out(args, a)  # cheap checks first: nothing is attacked to be lost afterwards
+    _eval_attacks(args)  # cheap checks first: nothing is attacked to be lost afterwards
+    out = _eval_out(args, a)
 
     with writing([out, record_path(out)], "eval"):
         return _eval_into(args, out, cfg, a, source, best)
@@ -221,8 +225,6 @@ def _best_of(args: argparse.Namespace) -> dict | None:
 
 
 def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str, best: dict | None = None) -> int:
-    if args.square_queries < 0:
-        raise ClatError(f"--square-queries must be >= 0, got {args.square_queries}")
     device = pick_device(args.device)
     model, meta = load_checkpoint(best["path"] if best else args.checkpoint, args, device)
     surrogates = {}
@@ -232,9 +234,7 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str, be
     splits = prepare_data(cfg)
     x, y, indices = eval_images(args, splits, with_indices=True)
     print(f"threat model: {threat.text()} ({source})" + (f"; the best epoch's weights (epoch {best['epoch']})" if best else ""))
-    protocol = EvalProtocol(threat, restarts=args.restarts, pgd=not args.no_pgd, apgd_ce=args.apgd_ce,
-                            autoattack=args.autoattack_version if args.autoattack else None, eps_sweep=tuple(args.eps_sweep or ()),
-                            sanity=args.sanity, square_queries=args.square_queries, seed=args.seed, batch_size=args.batch_size)
+    protocol = EvalProtocol(threat, _eval_attacks(args), seed=args.seed, batch_size=args.batch_size)
     result = run_protocol(model, x, y, protocol, surrogates=surrogates, device=device, progress=getattr(args, "progress", not args.quiet))
     res = result.to_dict()
     res.update({"checkpoint": meta["path"], "model": meta["model"], "split": args.split, "data": splits.name, "seed": args.seed,
@@ -255,6 +255,17 @@ def _eval_into(args: argparse.Namespace, out: Path, cfg, threat, source: str, be
         _warn(f)
     print(f"-> {out}")
     return 0
+
+
+def _eval_attacks(args: argparse.Namespace) -> list[EvalAttack]:
+    """The attacks ``clat eval``'s flags choose, then each ``--attack NAME`` (a name of ``clat list attacks`` or
+    ``package.module:Class``)."""
+    if args.square_queries < 0:
+        raise ClatError(f"--square-queries must be >= 0, got {args.square_queries}")
+    return flag_attacks(pgd=not args.no_pgd, restarts=args.restarts, apgd_ce=args.apgd_ce,
+                        autoattack=args.autoattack_version if args.autoattack else None, eps_sweep=tuple(args.eps_sweep or ()),
+                        sanity=args.sanity, square_queries=args.square_queries) + \
+        [resolve_attack(a, where=f" (--attack {a})") for a in getattr(args, "attack", None) or ()]
 
 
 def _surrogate_args(path: str, args: argparse.Namespace) -> argparse.Namespace:

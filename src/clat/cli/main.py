@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sanity", action="store_true", help="checks against gradient masking (flags are printed and stored)")
     e.add_argument("--surrogate", action="append", default=[], metavar="CKPT", help="transfer source for the black-box sanity check (repeatable)")
     e.add_argument("--square-queries", type=int, default=1000, help="queries of the Square black-box sanity check (0: skip; default 1000)")
+    e.add_argument("--attack", action="append", default=[], metavar="NAME",
+                   help="another evaluation attack (repeatable): a name of `clat list attacks` (e.g. square) or your own as "
+                   "package.module:Class")
     e.add_argument("--out", help="JSON file to write (default: <run folder>/eval.json, or eval_<settings>.json when that exists)")
     e.add_argument("--force", action="store_true", help="replace an evaluation file that exists (never done silently)")
 

@@ -189,15 +189,18 @@ def evaluate_outcomes(
     desc: str = "eval",
     seed: int | None = None,
     index_offset: int = 0,
+    stream: object = 0,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """:func:`evaluate`'s dict and the per-image outcomes behind it (bool, CPU; True = correct): ``clean``,
-    ``pgd/run<r>`` for each restart and ``pgd`` (correct under every run), in the order of ``x``."""
+    ``pgd/run<r>`` for each restart and ``pgd`` (correct under every run), in the order of ``x``. ``stream``: which
+    seeded starts (another stream draws independent ones, as :func:`pgd_correct`'s)."""
     check_inputs(x, y, batch_size)
     if restarts < 1:
         raise ConfigError(f"restarts must be >= 1, got {restarts}")
     t0 = time.time()
     clean, runs = pgd_correct(
-        model, x, y, threat if attack else None, restarts=restarts if attack else 1, batch_size=batch_size, seed=seed, progress=progress, desc=desc, index_offset=index_offset,
+        model, x, y, threat if attack else None, restarts=restarts if attack else 1, batch_size=batch_size, seed=seed, stream=stream,
+        progress=progress, desc=desc, index_offset=index_offset,
     )
     n = len(x)
     out: dict = {"n": n, "clean_acc": clean.sum().item() / n, "clean_correct": int(clean.sum())}

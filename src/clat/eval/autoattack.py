@@ -191,73 +191,78 @@ def autoattack_outcomes(
     """:func:`autoattack`'s dict and the per-image outcomes behind it (bool, CPU; True = correct): ``aa/clean``,
     ``aa/<attack>`` after each stage (cumulative) and ``aa`` (the final verdict, recomputed from the returned
     examples), in the order of ``x``."""
+    AutoAttack, aa_version = _pyautoattack()
+    if version not in ("standard", "plus", "rand", "apgd-ce"):
+        raise ConfigError(f"unknown AutoAttack version {version!r}; use standard, plus, rand or apgd-ce")
+    check_inputs(x, y, batch_size)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    xf = to_unit_float(x).to(dev)
+    yd = y.to(dev)
+    t0 = time.time()
+    aa = _autoattack_object(AutoAttack, model, threat, dev, version=version, seed=seed, apgd_restarts=apgd_restarts, attacks=attacks)
+    attacks = list(aa.attacks_to_run)
+    with eval_mode(model), progress_bar(len(attacks), f"AutoAttack ({version})", progress) as bar:
+        clean_ok = _correct(model, xf, yd, batch_size, dev)
+        rec = _StageRecorder(aa, model, clean_ok, xf)
+        x_adv, records, caught, stdout = _run_quietly(aa, xf, yd, batch_size, dev, bar)
+        adv_ok = _correct(model, x_adv.to(dev), yd, batch_size, dev)
+    final = clean_ok & adv_ok
+    outcomes = {"aa/clean": clean_ok, **rec.finish(attacks), "aa": final}
+    stage_last = outcomes.get(f"aa/{attacks[-1]}")
+    delta = (x_adv.to(dev) - xf).flatten(1)
+    size = delta.abs().amax(1) if threat.norm == "linf" else delta.norm(dim=1)
+    n = len(x)
+    out = {
+        "n": n, "library": f"pyautoattack {aa_version}", "version": version, "attacks": attacks, "norm": threat.norm, "eps": threat.eps,
+        "seed": seed, "apgd_restarts": aa.apgd.n_restarts, "clean_acc": clean_ok.sum().item() / n, "robust_acc": final.sum().item() / n,
+        # cumulative, as logged by the library (2 decimals of a percent)
+        "robust_acc_after": _logged_per_attack([r.getMessage() for r in records], attacks, clean_ok.sum().item() / len(x)),
+        "max_perturbation": size.max().item(),
+        "within_eps": bool((size <= threat.eps * (1 + 1e-4) + 1e-6).all().item()),
+        "warnings": [r.getMessage() for r in records if r.levelno >= logging.WARNING] + [str(w.message) for w in caught],
+        "time_s": time.time() - t0,
+        # images whose final verdict (re-evaluated from the returned examples) differs from the stage record's (None: no record)
+        "stage_record_mismatch": None if stage_last is None else int((stage_last != final).sum()),
+    }
+    if stdout.strip():
+        out["stdout"] = stdout[-2000:]
+    return out, outcomes
+
+
+def _pyautoattack():
+    """The library's ``AutoAttack`` class and its version."""
     try:
         from pyautoattack import AutoAttack
         from pyautoattack import __version__ as aa_version
     except ImportError:
         raise ClatError("AutoAttack needs the pyautoattack package (pip install 'pyautoattack>=0.2')") from None
-    if version not in ("standard", "plus", "rand", "apgd-ce"):
-        raise ConfigError(f"unknown AutoAttack version {version!r}; use standard, plus, rand or apgd-ce")
-    check_inputs(x, y, batch_size)
-    eps, norm = threat.eps, threat.norm
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    xf = to_unit_float(x).to(dev)
-    yd = y.to(dev)
-    t0 = time.time()
+    return AutoAttack, aa_version
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, dev: torch.device) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([(model(xb).argmax(1) == yb).cpu() for xb, yb in batches(x, y, batch_size, dev)])
+
+
+def _run_quietly(aa, x: torch.Tensor, y: torch.Tensor, batch_size: int, dev: torch.device, bar):
+    """The library's run with its log (its progress and its own checks' warnings), its prints and its warnings captured
+    and the global RNG restored: ``(x_adv, log records, warnings, stdout)``."""
     logger = logging.getLogger("auto-attack")
     old = (logger.level, logger.propagate, list(logger.handlers))
     stdout = io.StringIO()
-    aa = _autoattack_object(AutoAttack, model, threat, dev, version=version, seed=seed, apgd_restarts=apgd_restarts, attacks=attacks)
-    attacks = list(aa.attacks_to_run)
-    with eval_mode(model), progress_bar(len(attacks), f"AutoAttack ({version})", progress) as bar:
-        with torch.no_grad():
-            clean_ok = torch.cat([(model(xb).argmax(1) == yb).cpu() for xb, yb in batches(xf, yd, batch_size, dev)])
-        rec = _StageRecorder(aa, model, clean_ok, xf)
-        cap = _Capture(bar)
-        logger.handlers, logger.propagate = [cap], False  # its log (and its checks' warnings) go to the result, not the console
-        logger.setLevel(logging.DEBUG)
-        try:
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), contextlib.redirect_stdout(stdout), \
-                    warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                x_adv, _ = aa.run_standard_evaluation(xf, yd, batch_size=batch_size)
-        finally:
-            logger.setLevel(old[0])
-            logger.propagate = old[1]
-            logger.handlers = old[2]
-        with torch.no_grad():
-            adv_ok = torch.cat([(model(xb).argmax(1) == yb).cpu() for xb, yb in batches(x_adv.to(dev), yd, batch_size, dev)])
-    delta = (x_adv.to(dev) - xf).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
-    messages = [r.getMessage() for r in cap.records]
-    lib_warnings = [r.getMessage() for r in cap.records if r.levelno >= logging.WARNING] + [str(w.message) for w in caught]
-    n = len(x)
-    per_attack = _logged_per_attack(messages, attacks, clean_ok.sum().item() / len(x))
-    final = clean_ok & adv_ok
-    outcomes = {"aa/clean": clean_ok, **rec.finish(attacks), "aa": final}
-    stage_last = outcomes.get(f"aa/{attacks[-1]}")
-    out = {
-        "n": n,
-        "library": f"pyautoattack {aa_version}",
-        "version": version,
-        "attacks": attacks,
-        "norm": norm,
-        "eps": eps,
-        "seed": seed,
-        "apgd_restarts": aa.apgd.n_restarts,
-        "clean_acc": clean_ok.sum().item() / n,
-        "robust_acc": final.sum().item() / n,
-        "robust_acc_after": per_attack,  # cumulative, as logged by the library (2 decimals of a percent)
-        "max_perturbation": size.max().item(),
-        "within_eps": bool((size <= eps * (1 + 1e-4) + 1e-6).all().item()),
-        "warnings": lib_warnings,
-        "time_s": time.time() - t0,
-        # images whose final verdict (re-evaluated from the returned examples) differs from the stage record's (None: no record)
-        "stage_record_mismatch": None if stage_last is None else int((stage_last != final).sum()),
-    }
-    if stdout.getvalue().strip():
-        out["stdout"] = stdout.getvalue()[-2000:]
-    return out, outcomes
+    cap = _Capture(bar)
+    logger.handlers, logger.propagate = [cap], False  # its log (and its checks' warnings) go to the result, not the console
+    logger.setLevel(logging.DEBUG)
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), contextlib.redirect_stdout(stdout), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        logger.setLevel(old[0])
+        logger.propagate = old[1]
+        logger.handlers = old[2]
+    return x_adv, cap.records, caught, stdout.getvalue()
 
 
 def square_correct(

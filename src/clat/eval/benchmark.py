@@ -32,33 +32,31 @@ from clat.base.distributed import resolve_device
 from clat.base.errors import ConfigError, DataError
 from clat.data.loader import check_images, to_unit_float
 from clat.data.readers import check_labels, images_from_numpy, labels_from_numpy
-from clat.eval.protocol import EvalProtocol, EvalResult, run_protocol
+from clat.base.registry import is_spec
+from clat.eval.attacks import ATTACKS, PGD, EvalAttack, resolve_attack
+from clat.eval.protocol import EvalProtocol, EvalResult, flag_attacks, run_protocol
 from clat.layers.freezing import eval_mode
 
-# attack name -> what it switches on in the protocol: clat's PGD, pyautoattack's APGD-CE, or an AutoAttack version
-ATTACKS: dict[str, tuple[str, str | None]] = {
-    "pgd": ("pgd", None),
-    "apgd-ce": ("apgd_ce", None),
-    "autoattack": ("autoattack", "standard"),
-    "autoattack-plus": ("autoattack", "plus"),
-    "autoattack-rand": ("autoattack", "rand"),
-}
-
-
-def _protocol(threat: ThreatModel, attacks: str | Sequence[str], **settings) -> EvalProtocol:
-    names = [attacks] if isinstance(attacks, str) else list(attacks)
-    chosen: dict[str, str | None] = {}
-    for raw in names:
-        name = str(raw).lower().replace("_", "-")
-        if name not in ATTACKS:
-            close = difflib.get_close_matches(name, list(ATTACKS), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"unknown attack {raw!r} for clat.benchmark{hint} (attacks: {', '.join(ATTACKS)})")
-        key, version = ATTACKS[name]
-        if key == "autoattack" and chosen.get("autoattack", version) != version:
-            raise ConfigError(f"clat.benchmark runs one AutoAttack version, got {chosen['autoattack']} and {version}: pick one")
-        chosen[key] = version
-    return EvalProtocol(threat, pgd="pgd" in chosen, apgd_ce="apgd_ce" in chosen, autoattack=chosen.get("autoattack"), **settings)
+def _protocol(threat: ThreatModel, attacks: str | EvalAttack | Sequence[str | EvalAttack], *, restarts: int, eps_sweep: Sequence[float],
+              sanity: bool, **settings) -> EvalProtocol:
+    """``attacks`` (names or attack objects) as attack objects: ``restarts`` goes to the PGD named ``pgd``;
+    ``eps_sweep`` and ``sanity`` add theirs."""
+    given = [attacks] if isinstance(attacks, (str, EvalAttack)) else list(attacks)
+    chosen: list[EvalAttack] = []
+    for raw in given:
+        if isinstance(raw, str) and not is_spec(raw) and raw.lower().replace("-", "_") not in ATTACKS:
+            name = raw.lower().replace("-", "_")
+            close = difflib.get_close_matches(name, ATTACKS.names(), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0].replace('_', '-')}?" if close else ""
+            raise ConfigError(f"unknown attack {raw!r} for clat.benchmark{hint} (attacks: {', '.join(ATTACKS.names())}, "
+                              "or your own as package.module:Class)")
+        named_pgd = isinstance(raw, str) and raw.lower() == "pgd"
+        chosen.append(PGD(restarts) if named_pgd else resolve_attack(raw, where=" (clat.benchmark attacks)"))
+    extra = flag_attacks(pgd=False, restarts=restarts, eps_sweep=tuple(eps_sweep), sanity=sanity)  # checks restarts first
+    if restarts != 1 and not any(isinstance(raw, str) and raw.lower() == "pgd" for raw in given):
+        raise ConfigError(f"restarts={restarts} sets the runs of the attack named 'pgd', which attacks= does not name: add 'pgd', "
+                          f"or give PGD(restarts={restarts}) as an attack")
+    return EvalProtocol(threat, chosen + extra, **settings)
 
 
 def _images_and_labels(x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +88,7 @@ def benchmark(
     y: torch.Tensor | np.ndarray,
     *,
     threat: ThreatModel = DEFAULT_THREAT,
-    attacks: str | Sequence[str] = ("pgd", "autoattack"),
+    attacks: str | EvalAttack | Sequence[str | EvalAttack] = ("pgd", "autoattack"),
     restarts: int = 1,
     n_examples: int | None = None,
     eps_sweep: Sequence[float] = (),
@@ -106,9 +104,11 @@ def benchmark(
     (``clean_acc``, ``pgd_acc``, ``apgd_ce_acc``, ``autoattack_acc``, ``robust_acc``: the lowest of them,
     ``flags``, and ``to_dict()``: every number, as ``clat eval`` writes it to ``eval.json``).
 
-    ``attacks``: any of ``pgd`` (clat's PGD, ``threat.steps`` steps, ``restarts`` runs, per-example worst case),
-    ``apgd-ce``, ``autoattack`` (standard: APGD-CE, APGD-T, FAB-T, Square), ``autoattack-plus`` or
-    ``autoattack-rand`` (pyautoattack, in ``threat``'s ball); clean accuracy is always measured.
+    ``attacks``: names or attack objects (:mod:`clat.eval.attacks`): ``pgd`` (clat's PGD, ``threat.steps`` steps,
+    ``restarts`` runs, per-example worst case), ``apgd-ce``, ``autoattack`` (standard: APGD-CE, APGD-T, FAB-T, Square),
+    ``autoattack-plus`` or ``autoattack-rand`` (pyautoattack, in ``threat``'s ball), ``square``, ``noise``, any other
+    name of ``clat list attacks``, your own as ``package.module:Class``, or an object such as ``PGD(restarts=5)``;
+    clean accuracy is always measured.
     ``n_examples``: a random subset drawn with ``seed`` (the images ``clat eval --n-examples N --seed S``
     takes); ``eps_sweep``, ``sanity``, ``surrogates``: as ``clat eval``'s options. ``device``: where to run;
     the model is moved there (None: where its parameters are). Results do not depend on ``batch_size``
@@ -135,4 +135,4 @@ def benchmark(
     return result
 
 
-__all__ = ["ATTACKS", "benchmark"]
+__all__ = ["ATTACKS", "benchmark"]  # ATTACKS: clat.eval.attacks.ATTACKS, the registry of evaluation attacks

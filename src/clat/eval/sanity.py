@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,8 @@ from torch import nn
 
 from clat.attacks.threat import DEFAULT_THREAT, ThreatModel
 from clat.base.errors import ConfigError
-from clat.eval.accuracy import batches, check_inputs, eps_sweep, pgd_correct, pgd_examples, seeded_start
-from clat.eval.autoattack import square_correct
+from clat.eval.accuracy import batches, check_inputs
+from clat.eval.attacks import ATTACKS, AttackContext, AttackResult, EpsSweep, EvalAttack, Noise, PGD, Square, Transfer
 from clat.layers.freezing import eval_mode
 
 BANNER = "possible gradient masking"
@@ -97,126 +98,139 @@ def sanity_checks(
 
     Each check has ``name``, ``title``, ``flag`` (True: possible gradient masking),
     ``message`` and ``values`` (the numbers behind it). ``square_queries=0`` skips
-    the query-based black-box attack (the costliest check).
+    the query-based black-box attack (the costliest check). Every attack is an evaluation attack object
+    (:mod:`clat.eval.attacks`: :class:`~clat.eval.attacks.PGD`, :class:`~clat.eval.attacks.Square`,
+    :class:`~clat.eval.attacks.Transfer`, :class:`~clat.eval.attacks.EpsSweep`, :class:`~clat.eval.attacks.Noise`).
     """
     check_inputs(x, y, batch_size)
     if restarts < 1:
         raise ConfigError(f"sanity checks need restarts >= 1, got {restarts}")
-    eps, alpha, steps, norm = threat.eps, threat.alpha, threat.steps, threat.norm
-    large = large_eps if large_eps is not None else (0.5 if norm == "linf" else 16.0)
-    if large <= eps:
-        raise ConfigError(f"the large ε of the sanity checks ({large}) must exceed ε ({eps})")
+    large = large_eps if large_eps is not None else (0.5 if threat.norm == "linf" else 16.0)
+    if large <= threat.eps:
+        raise ConfigError(f"the large ε of the sanity checks ({large}) must exceed ε ({threat.eps})")
     t0 = time.time()
     n = len(x)
     slack = max(1, math.floor(tol * n))  # examples
-    common = dict(batch_size=batch_size, progress=progress)
-    checks = []
-
-    def acc(c: torch.Tensor) -> float:
-        return c.sum().item() / n
-
-    # white-box PGD: base, 5x steps (same starts), more restarts (other starts)
-    clean, base = pgd_correct(model, x, y, threat, seed=seed, desc="sanity: PGD", **common)
-    _, longer = pgd_correct(model, x, y, threat.replace(steps=5 * steps), seed=seed, desc="sanity: 5x steps", **common)
-    _, multi = pgd_correct(model, x, y, threat, restarts=restarts, seed=seed, stream="restarts", desc="sanity: restarts", **common)
-    base_ok, long_ok, multi_ok = base[0], longer[0], multi.all(0)
-    white = base_ok & long_ok & multi_ok  # the strongest white-box result, per example
-    d = long_ok.sum().item() - base_ok.sum().item()
-    checks.append(_result(
-        "more_steps", "more PGD steps never raise accuracy", d > slack,
-        f"PGD-{5 * steps} {100 * acc(long_ok):.1f}% vs PGD-{steps} {100 * acc(base_ok):.1f}%"
-        + (": more steps raised the accuracy" if d > slack else ""),
-        steps=steps, acc=acc(base_ok), steps_more=5 * steps, acc_more=acc(long_ok),
-    ))
-    d = multi_ok.sum().item() - base_ok.sum().item()
-    checks.append(_result(
-        "more_restarts", "more restarts never raise accuracy", d > slack,
-        f"worst case of {restarts} restarts {100 * acc(multi_ok):.1f}% vs 1 run {100 * acc(base_ok):.1f}%"
-        + (": more restarts raised the accuracy" if d > slack else ""),
-        restarts=restarts, acc_one_run=acc(base_ok), acc_restarts=acc(multi_ok), acc_per_restart=[acc(r) for r in multi],
-    ))
-
-    # black-box: a query-based attack on the model's outputs, and transfer from surrogates
-    bb: dict[str, float] = {}
-    if square_queries > 0:
-        sq = square_correct(model, x, y, threat, n_queries=square_queries, batch_size=batch_size, seed=seed, progress=progress)
-        bb[f"Square, {square_queries} queries"] = acc(sq)
-    tgt_dev = next(model.parameters()).device
-    for name, sur in (surrogates or {}).items():
-        sur_dev = next(sur.parameters()).device
-        ok = torch.zeros(n, dtype=torch.bool)
-        with eval_mode(model, sur):
-            for b, (xb, yb) in enumerate(batches(x, y, batch_size, sur_dev)):
-                sl = slice(b * batch_size, b * batch_size + len(xb))
-                x_adv = pgd_examples(sur, xb, yb, range(sl.start, sl.stop), threat, seed=seed, stream="transfer")
-                with torch.no_grad():
-                    ok[sl] = clean[sl] & (model(x_adv.to(tgt_dev)).argmax(1) == yb.to(tgt_dev)).cpu()
-        bb[f"transfer from {name}"] = acc(ok)
+    ctx = AttackContext(seed=seed, batch_size=batch_size, progress=progress)
+    wb = _white_box(model, x, y, threat, restarts, ctx)
+    checks = _pgd_checks(wb, threat.steps, restarts, slack)
+    bb = {a.title: _acc(a.run(model, x, y, threat, ctx.replace(stream="transfer")).outcomes[a.key])
+          for a in _black_box_attacks(square_queries, surrogates)}
     if bb:
-        worst_name = min(bb, key=lambda k: bb[k])
-        below = round((acc(white) - bb[worst_name]) * n)
-        flag = below > slack
-        msg = (f"black-box {100 * bb[worst_name]:.1f}% ({worst_name}) vs white-box {100 * acc(white):.1f}%"
-               + (": a black-box attack beat the white-box attacks" if flag else ""))
-        checks.append(_result("black_box", "black-box accuracy >= white-box accuracy", flag, msg, white_box_acc=acc(white), black_box_acc=bb))
-
-    # accuracy over ε: falls, and reaches ~0 at a huge ε
-    eps_list = sorted({eps / 4, eps / 2, eps, 2 * eps, 4 * eps, large})
-    sweep = eps_sweep(model, x, y, eps_list, threat, seed=seed, **common)
-    accs = [p["acc"] for p in sweep["points"]]
-    rises = [(sweep["points"][i]["eps"], sweep["points"][i + 1]["eps"]) for i in range(len(accs) - 1) if round((accs[i + 1] - accs[i]) * n) > slack]
-    checks.append(_result(
-        "eps_monotone", "accuracy falls as ε grows", bool(rises),
-        "accuracy " + " → ".join(f"{100 * a:.1f}%" for a in accs) + f" for ε = {', '.join(_eps(e, norm) for e in eps_list)}"
-        + (f": it rises from ε = {_eps(rises[0][0], norm)} to ε = {_eps(rises[0][1], norm)}" if rises else ""),
-        eps=eps_list, acc=accs,
-    ))
-    a_large = accs[-1]
-    flag = round(a_large * n) > math.floor(tol * n)
-    checks.append(_result(
-        "large_eps", f"accuracy ~0 at ε = {_eps(large, norm)}", flag,
-        f"PGD-{steps} accuracy at ε = {_eps(large, norm)}: {100 * a_large:.1f}%" + (" (an unbounded attack should reach ~0)" if flag else ""),
-        eps=large, acc=a_large, threshold=tol,
-    ))
-
-    # random noise of the same ε (PGD's own random start) vs PGD
-    dev = next(model.parameters()).device
-    noise_ok = torch.zeros(n, dtype=torch.bool)
-    with eval_mode(model), torch.no_grad():
-        for b, (xb, yb) in enumerate(batches(x, y, batch_size, dev)):
-            sl = slice(b * batch_size, b * batch_size + len(xb))
-            delta = seeded_start(xb.shape[1:], range(sl.start, sl.stop), threat, seed=seed, stream=(0, 0)).to(xb)
-            x_noise = (xb + delta).clamp(0, 1)
-            noise_ok[sl] = clean[sl] & (model(x_noise).argmax(1) == yb).cpu()
-    flag = noise_ok.sum().item() > 0 and base_ok.sum().item() >= noise_ok.sum().item()
-    checks.append(_result(
-        "noise", "PGD hurts more than random noise of the same ε", flag,
-        f"uniform noise {100 * acc(noise_ok):.1f}% vs PGD-{steps} {100 * acc(base_ok):.1f}% (clean {100 * acc(clean):.1f}%)"
-        + (": PGD is no stronger than random noise" if flag else ""),
-        clean_acc=acc(clean), noise_acc=acc(noise_ok), pgd_acc=acc(base_ok),
-    ))
-
-    # input gradients
-    g = input_gradients(model, x, y, batch_size)
-    zero = int((g == 0).sum().item())
-    checks.append(_result(
-        "gradient", "input gradients are non-zero", zero > 0,
-        f"∂CE/∂x is exactly zero for {zero}/{n} examples (median ℓ1 norm {g.median().item():.3g})",
-        zero_gradients=zero, median_l1=g.median().item(), min_l1=g.min().item(),
-    ))
-
+        checks.append(_black_box_check(bb, _acc(wb["white"]), slack, n))
+    checks += _eps_checks(model, x, y, threat, large, slack, tol, ctx)
+    noise = Noise().run(model, x, y, threat, ctx).outcomes["noise"]
+    checks.append(_noise_check(noise, wb["clean"], wb["base"], threat.steps))
+    checks.append(_gradient_check(input_gradients(model, x, y, batch_size)))
     flags = [f"{c['title']}: {c['message']}" for c in checks if c["flag"]]
     return {
         "n": n,
-        "settings": {"eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts, "norm": norm, "large_eps": large,
-                     "square_queries": square_queries, "surrogates": list(surrogates or {}), "tol": tol, "slack_examples": slack, "seed": seed},
-        "clean_acc": acc(clean),
-        "white_box_acc": acc(white),
+        "settings": {"eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "restarts": restarts, "norm": threat.norm,
+                     "large_eps": large, "square_queries": square_queries, "surrogates": list(surrogates or {}), "tol": tol,
+                     "slack_examples": slack, "seed": seed},
+        "clean_acc": _acc(wb["clean"]),
+        "white_box_acc": _acc(wb["white"]),
         "checks": checks,
         "flags": flags,
         "gradient_masking_suspected": bool(flags),
         "time_s": time.time() - t0,
     }
+
+
+def _acc(c: torch.Tensor) -> float:
+    return c.sum().item() / len(c)
+
+
+def _white_box(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, restarts: int, ctx: AttackContext) -> dict:
+    """PGD (per image, True = correct): one run (``base``), 5× the steps from the same starts (``longer``), ``restarts``
+    runs from other starts (``runs``, worst case ``multi``) and the strongest of them all (``white``)."""
+    base = PGD().run(model, x, y, threat, ctx.replace(desc="sanity: PGD")).outcomes
+    longer = PGD().run(model, x, y, threat.replace(steps=5 * threat.steps), ctx.replace(desc="sanity: 5x steps")).outcomes
+    multi = PGD(restarts).run(model, x, y, threat, ctx.replace(desc="sanity: restarts", stream="restarts")).outcomes
+    out = {"clean": base["clean"], "base": base["pgd"], "longer": longer["pgd"], "multi": multi["pgd"],
+           "runs": [multi[f"pgd/run{r}"] for r in range(restarts)]}
+    out["white"] = out["base"] & out["longer"] & out["multi"]
+    return out
+
+
+def _pgd_checks(wb: dict, steps: int, restarts: int, slack: int) -> list[dict]:
+    """``more_steps`` and ``more_restarts``: a stronger PGD never gives a higher accuracy."""
+    base, longer, multi = wb["base"], wb["longer"], wb["multi"]
+    d = longer.sum().item() - base.sum().item()
+    more_steps = _result(
+        "more_steps", "more PGD steps never raise accuracy", d > slack,
+        f"PGD-{5 * steps} {100 * _acc(longer):.1f}% vs PGD-{steps} {100 * _acc(base):.1f}%"
+        + (": more steps raised the accuracy" if d > slack else ""),
+        steps=steps, acc=_acc(base), steps_more=5 * steps, acc_more=_acc(longer),
+    )
+    d = multi.sum().item() - base.sum().item()
+    more_restarts = _result(
+        "more_restarts", "more restarts never raise accuracy", d > slack,
+        f"worst case of {restarts} restarts {100 * _acc(multi):.1f}% vs 1 run {100 * _acc(base):.1f}%"
+        + (": more restarts raised the accuracy" if d > slack else ""),
+        restarts=restarts, acc_one_run=_acc(base), acc_restarts=_acc(multi), acc_per_restart=[_acc(r) for r in wb["runs"]],
+    )
+    return [more_steps, more_restarts]
+
+
+def _black_box_attacks(square_queries: int, surrogates: Mapping[str, nn.Module] | None) -> list[EvalAttack]:
+    """A query-based attack on the model's outputs, and PGD transferred from each surrogate."""
+    return ([Square(square_queries)] if square_queries > 0 else []) + [Transfer(s, name) for name, s in (surrogates or {}).items()]
+
+
+def _black_box_check(bb: dict[str, float], white: float, slack: int, n: int) -> dict:
+    """``black_box``: attacks that never use the model's gradient are weaker than white-box PGD."""
+    worst_name = min(bb, key=lambda k: bb[k])
+    flag = round((white - bb[worst_name]) * n) > slack
+    msg = (f"black-box {100 * bb[worst_name]:.1f}% ({worst_name}) vs white-box {100 * white:.1f}%"
+           + (": a black-box attack beat the white-box attacks" if flag else ""))
+    return _result("black_box", "black-box accuracy >= white-box accuracy", flag, msg, white_box_acc=white, black_box_acc=bb)
+
+
+def _eps_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, large: float, slack: int, tol: float,
+                ctx: AttackContext) -> list[dict]:
+    """``eps_monotone`` and ``large_eps``: accuracy falls as ε grows, and reaches ~0 at a huge ε."""
+    n, norm, eps = len(x), threat.norm, threat.eps
+    eps_list = sorted({eps / 4, eps / 2, eps, 2 * eps, 4 * eps, large})
+    points = EpsSweep(tuple(eps_list)).run(model, x, y, threat, ctx).details["points"]
+    accs = [p["acc"] for p in points]
+    rises = [(points[i]["eps"], points[i + 1]["eps"]) for i in range(len(accs) - 1) if round((accs[i + 1] - accs[i]) * n) > slack]
+    monotone = _result(
+        "eps_monotone", "accuracy falls as ε grows", bool(rises),
+        "accuracy " + " → ".join(f"{100 * a:.1f}%" for a in accs) + f" for ε = {', '.join(_eps(e, norm) for e in eps_list)}"
+        + (f": it rises from ε = {_eps(rises[0][0], norm)} to ε = {_eps(rises[0][1], norm)}" if rises else ""),
+        eps=eps_list, acc=accs,
+    )
+    a_large = accs[-1]
+    flag = round(a_large * n) > math.floor(tol * n)
+    at_large = _result(
+        "large_eps", f"accuracy ~0 at ε = {_eps(large, norm)}", flag,
+        f"PGD-{threat.steps} accuracy at ε = {_eps(large, norm)}: {100 * a_large:.1f}%"
+        + (" (an unbounded attack should reach ~0)" if flag else ""),
+        eps=large, acc=a_large, threshold=tol,
+    )
+    return [monotone, at_large]
+
+
+def _noise_check(noise: torch.Tensor, clean: torch.Tensor, base: torch.Tensor, steps: int) -> dict:
+    """``noise``: PGD hurts more than uniform noise of the same ε (PGD's own random start)."""
+    flag = noise.sum().item() > 0 and base.sum().item() >= noise.sum().item()
+    return _result(
+        "noise", "PGD hurts more than random noise of the same ε", flag,
+        f"uniform noise {100 * _acc(noise):.1f}% vs PGD-{steps} {100 * _acc(base):.1f}% (clean {100 * _acc(clean):.1f}%)"
+        + (": PGD is no stronger than random noise" if flag else ""),
+        clean_acc=_acc(clean), noise_acc=_acc(noise), pgd_acc=_acc(base),
+    )
+
+
+def _gradient_check(g: torch.Tensor) -> dict:
+    """``gradient``: the input gradient of the loss is non-zero for every example."""
+    zero = int((g == 0).sum().item())
+    return _result(
+        "gradient", "input gradients are non-zero", zero > 0,
+        f"∂CE/∂x is exactly zero for {zero}/{len(g)} examples (median ℓ1 norm {g.median().item():.3g})",
+        zero_gradients=zero, median_l1=g.median().item(), min_l1=g.min().item(),
+    )
 
 
 def autoattack_check(pgd_acc: float, aa_acc: float, n: int, *, gap: float = 0.05, rel: float = 0.25, name: str = "AutoAttack") -> dict:
@@ -233,4 +247,31 @@ def autoattack_check(pgd_acc: float, aa_acc: float, n: int, *, gap: float = 0.05
     )
 
 
-__all__ = ["BANNER", "autoattack_check", "input_gradients", "sanity_checks"]
+@dataclass(frozen=True)
+class Sanity(EvalAttack):
+    """The gradient-masking checks (:func:`sanity_checks`) as an evaluation attack: its numbers go to ``eval.json``'s
+    ``sanity``, its flags (``possible gradient masking: ...``) lead the evaluation's flags; the context's
+    ``surrogates`` are the transfer sources. ``square_queries=0`` skips the Square attack."""
+
+    square_queries: int = 1000
+    restarts: int = 3
+    large_eps: float | None = None
+    tol: float = 0.01
+    name: ClassVar[str] = "sanity"
+    flags_first: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.square_queries < 0:
+            raise ConfigError(f"square_queries must be >= 0, got {self.square_queries}")
+
+    def run(self, model, x, y, threat, ctx):
+        san = sanity_checks(model, x, y, threat, restarts=self.restarts, large_eps=self.large_eps, surrogates=ctx.surrogates,
+                            square_queries=self.square_queries, tol=self.tol, seed=0 if ctx.seed is None else ctx.seed,
+                            batch_size=ctx.batch_size, progress=ctx.progress)
+        san["flags"] = [f"{BANNER}: {f}" for f in san["flags"]]
+        return AttackResult(san, flags=san["flags"])
+
+
+ATTACKS.add("sanity", Sanity, description="checks against gradient masking (PGD variants, Square, ε, noise, gradients), as flags")
+
+__all__ = ["BANNER", "Sanity", "autoattack_check", "input_gradients", "sanity_checks"]
