@@ -88,8 +88,8 @@ def runs(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a report must not run an attack")
 
-    for mod, name in [("clat.attacks", "perturb"), ("clat.evaluate", "perturb"), ("clat.autoattack", "autoattack"),
-                      ("clat.criticality", "compute_criticality")]:
+    for mod, name in [("clat.attacks.threat", "perturb"), ("clat.eval.accuracy", "perturb"), ("clat.eval.autoattack", "autoattack"),
+                      ("clat.criticality.index", "compute_criticality")]:
         monkeypatch.setattr(importlib.import_module(mod), name, refuse)
     return tmp_path
 
