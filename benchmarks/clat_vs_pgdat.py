@@ -142,7 +142,7 @@ def check_equivalence(base, layers, pinned: str, x, y) -> dict:
     step on a few images from the same seed, max |grad difference| per variant."""
     grads = {}
     for key, (cls, _, _) in VARIANTS.items():
-        t = C.Trainer(cls(AttackConfig(), ClatConfig(layers=[pinned]), layers, default_k=1), C.fresh_copy(base), selection=[pinned])
+        t = C.Trainer(cls(AttackConfig(), ClatConfig(layers=[pinned]), layers, k=1), C.fresh_copy(base), selection=[pinned])
         torch.manual_seed(1234)  # same random start
         loss, _ = t.method.loss(t.model, x, y)
         t.opt.zero_grad(set_to_none=True)
@@ -179,7 +179,7 @@ def bench_model(name: str, bs: int, pinned: str, repeats: int, crit_n: int, flop
     attack = AttackConfig()  # eps 8/255, alpha 2/255, 10 steps, linf
     trainers = {"pgd_at": C.Trainer(PGDAT(attack), C.fresh_copy(base))}
     for key, (cls, _, _) in VARIANTS.items():
-        method = cls(attack, ClatConfig(layers=[pinned]), layers, default_k=1)
+        method = cls(attack, ClatConfig(layers=[pinned]), layers, k=1)
         trainers[key] = C.Trainer(method, C.fresh_copy(base), selection=[pinned])
     trainable = {k: sum(q.numel() for q in t.model.parameters() if q.requires_grad) for k, t in trainers.items()}
     fns = {k: (lambda t=t: t.step(x, y)) for k, t in trainers.items()}

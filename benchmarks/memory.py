@@ -180,7 +180,7 @@ def child(model_name: str, variant: str, bs: int, pinned: str) -> dict:
     if variant == "full":
         method, selection = PGDAT(attack), None
     else:
-        method = CLAT(attack, ClatConfig(layers=[pinned], recompute=variant == "clat_recompute"), layers, default_k=1,
+        method = CLAT(attack, ClatConfig(layers=[pinned], recompute=variant == "clat_recompute"), layers, k=1,
                       chunk_size=reselection_chunk(bs))  # as a run's default
         selection = [pinned]
     xs, ys, _ = C.real_images(CRIT_N, seed=1)

@@ -59,7 +59,7 @@ def pretrain(name: str, budget) -> None:
     rows = study.rows_of(run)
     best = study.best_row(rows)
     OUT.mkdir(parents=True, exist_ok=True)
-    shutil.copy(RunDir(run).checkpoints().weights(best["epoch"] - 1), spec["init"])
+    shutil.copy(RunDir(run).checkpoints().weights(epoch=best["epoch"]), spec["init"])
     (OUT / f"{name}_pretrain.json").write_text(json.dumps({"config": str(spec["config"].relative_to(REPO)), "rows": rows,
                                                             "branch_epoch": best["epoch"], "branch_val": best["val"]}, indent=1))
     print(f"{name}: pretrained, best validation epoch {best['epoch']} (PGD {best['val']['pgd_acc']:.3f})", flush=True)

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from clat.config.load import load_config
+from clat.config.load import variant
 from clat.analysis.report import markdown_table
 from clat.runs.folder import RunDir
 from clat.training.loop import train
@@ -32,25 +32,25 @@ def main() -> None:
     ap.add_argument("--doc", default="docs/lambda_sweep.md")
     args = ap.parse_args()
     out = Path(args.out)
-    base = [
-        "model.name=small_cnn", "data.dataset=cifar10", f"data.root={args.root}", "data.verify=false",
-        "data.train_size=10000", "data.val_size=1000", "attack.steps=3", "attack.alpha=3/255",
-        "eval.n_examples=1000", "eval.steps=10", "progress=false", "seed=0",
-    ]
+    base = variant(None, {
+        "model.name": "small_cnn", "data.dataset": "cifar10", "data.root": args.root, "data.verify": False,
+        "data.train_size": 10000, "data.val_size": 1000, "attack.steps": 3, "attack.alpha": 3 / 255,
+        "eval.n_examples": 1000, "eval.steps": 10, "progress": False, "seed": 0,
+    })
     t0 = time.time()
     pre = out / "pretrain"
     if not RunDir(pre).finished():
-        train(load_config(None, base + [f"pretrain.epochs={args.pretrain_epochs}", "pretrain.lr=0.05", "finetune.epochs=0"]), pre, force=True)
+        train(variant(base, {"pretrain.epochs": args.pretrain_epochs, "pretrain.lr": 0.05, "finetune.epochs": 0}), pre, force=True)
     pre_val = RunDir(pre).summary()["final_val"]
     rows = []
     for lam in LAMBDAS:
         run = out / f"lam_{lam:g}"
         if not RunDir(run).finished():
             # the criticality the sweep was measured with (clat 0.1's default), named so that the numbers stay reproducible
-            over = base + ["pretrain.epochs=0", f"finetune.epochs={args.clat_epochs}", "finetune.lr=0.01", "finetune.method=clat",
-                           f"clat.lam={lam}", "clat.reselect_every=2", "clat.criticality.denominator=input",
-                           f"init={RunDir(pre).weights_path}"]
-            train(load_config(None, over), run, force=True)
+            cfg = variant(base, {"pretrain.epochs": 0, "finetune.epochs": args.clat_epochs, "finetune.lr": 0.01, "finetune.method": "clat",
+                                 "clat.lam": lam, "clat.reselect_every": 2, "clat.criticality.denominator": "input",
+                                 "init": str(RunDir(pre).weights_path)})
+            train(cfg, run, force=True)
         s = RunDir(run).summary()
         last = RunDir(run).metrics()[-1]
         rows.append({"lam": lam, **s["final_val"], "feature_dist": last["train"].get("feature_dist"), "ce": last["train"].get("ce"),

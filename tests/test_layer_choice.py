@@ -270,7 +270,7 @@ def test_selection_by_criticality_resolves_names_exactly_on_a_top_level_sequenti
     method = create_method("clat", cfg, layers, default_k=1)
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
     ev = method.on_epoch_start(model, EpochContext(0, 0, lambda n: (x[:n], y[:n]), torch.Generator().manual_seed(0)))
-    picked = max(range(len(layers) - 1), key=lambda i: ev["selection"]["criticality"][i])
+    picked = max(range(len(layers) - 1), key=lambda i: ev["selection"].criticality[i])
     assert [l.index for l in method.selected] == [picked]
     method.load_state_dict(method.state_dict())  # resume resolves the saved names the same way
     assert [l.index for l in method.selected] == [picked]
@@ -576,6 +576,6 @@ def test_deepest_selection_trains_the_last_eligible_layers():
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
     ev = method.on_epoch_start(model, EpochContext(0, 0, lambda n: (x[:n], y[:n]), torch.Generator().manual_seed(0)))
     eligible = [l.name for l, ok in zip(layers, method.eligible) if ok]
-    assert [l.name for l in method.selected] == eligible[-2:] and len(ev["selection"]["criticality"]) == len(layers)
+    assert [l.name for l in method.selected] == eligible[-2:] and len(ev["selection"].criticality) == len(layers)
     with pytest.raises(ConfigError, match="selection"):
         load_config(None, ["clat.selection=shallowest"])

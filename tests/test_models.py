@@ -195,10 +195,10 @@ def test_forward_backward_criticality_and_one_clat_step(name):
     # criticality (inside CLAT's selection: PGD-1 on 2 images) and one CLAT step
     k = model_info(name).default_k
     method, sel, changed, own = _clat_step(model, layers, k)
-    assert len(sel["criticality"]) == len(layers) and all(w >= 0 for w in sel["weakness"])
+    assert len(sel.criticality) == len(layers) and all(w >= 0 for w in sel.weakness)
     eligible = [i for i in range(len(layers) - 1)]  # all but the classifier
-    top = sorted(eligible, key=lambda i: -sel["criticality"][i])[:k]
-    assert sorted(top) == sorted(sel["selected_index"])
+    top = sorted(eligible, key=lambda i: -sel.criticality[i])[:k]
+    assert sorted(top) == sorted(sel.selected_index)
     assert_only_selected_changed(method, changed, own, k)
 
 
@@ -252,5 +252,5 @@ def test_wrn70_16_real_forward_criticality_and_clat_step():
     # criticality on 2 images (PGD-1: one forward/backward through the whole network, two more
     # forwards); pinned early layers keep the feature attack short, the CE term runs the whole network
     method, sel, changed, own = _clat_step(model, layers, 4, ["clat.layers=[0, 1, 2, 3]"])
-    assert len(sel["criticality"]) == 71 and all(w >= 0 for w in sel["weakness"])
+    assert len(sel.criticality) == 71 and all(w >= 0 for w in sel.weakness)
     assert_only_selected_changed(method, changed, own, 4)

@@ -203,7 +203,7 @@ def test_resume_can_lower_the_learning_rate_and_records_it(tmp_path, capsys):
 def test_resume_removes_half_written_temporary_files(tmp_path):
     run = tmp_path / "run"
     assert main([*Q, "train", *TINY, "pretrain.epochs=2", "--until-epoch", "1", "--run-dir", str(run)]) == 0
-    stale = run / "checkpoints" / "epoch_0000" / ".state.pt.k3j9x2.tmp"
+    stale = run / "checkpoints" / "epoch_0001" / ".state.pt.k3j9x2.tmp"
     stale.write_bytes(b"half")
     (run / "my.tmp").write_text("a user's file that happens to end in .tmp")
     assert main([*Q, "train", "--resume", str(run)]) == 0
@@ -464,7 +464,7 @@ def test_resume_says_what_it_does_with_a_damaged_metrics_line(three_epoch_run, t
     assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 3]
     # a line cut by the interruption, after the checkpoint, is the epoch trained again: said, not warned
     run2 = copy_run(three_epoch_run, tmp_path / "run2")
-    shutil.rmtree(run2 / "checkpoints" / "epoch_0002")
+    shutil.rmtree(run2 / "checkpoints" / "epoch_0003")
     (run2 / "summary.json").unlink()
     _cut_line(run2, 3)
     caplog.clear()
@@ -558,7 +558,7 @@ def test_a_sound_last_checkpoint_is_continued_with_a_lower_rate(tmp_path, capsys
     monkeypatch.setattr(clat.training.loop, "_run_epoch", nan_in_epoch_2)
     assert main([*Q, "train", *TINY, "pretrain.epochs=2", "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"the last checkpoint (epoch_0000) is sound (finite loss and weights). Lower the learning rate and continue from it: " \
+    assert f"the last checkpoint (epoch_0001) is sound (finite loss and weights). Lower the learning rate and continue from it: " \
            f"clat train --resume {run} pretrain.lr=0.01" in err, err
 
 
@@ -573,7 +573,7 @@ def test_resume_at_another_thread_count_says_it_is_not_bit_identical(tmp_path, c
     cfg = load_config(None, [*TINY, "pretrain.epochs=2", "progress=false"])
     n = torch.get_num_threads()
     train(cfg, tmp_path / "r", until_epoch=1)
-    assert json.loads((tmp_path / "r" / "checkpoints" / "epoch_0000" / "meta.json").read_text())["cpu_threads"] == n
+    assert json.loads((tmp_path / "r" / "checkpoints" / "epoch_0001" / "meta.json").read_text())["cpu_threads"] == n
     torch.set_num_threads(n + 1)
     try:
         train(None, tmp_path / "r", resume=True)
@@ -603,12 +603,12 @@ def test_an_unloadable_state_that_matches_its_manifest_falls_back_to_the_previou
     train(cfg, tmp_path / "ref")
     run = tmp_path / "r"
     train(cfg, run, until_epoch=2)
-    d = run / "checkpoints" / "epoch_0001"
+    d = run / "checkpoints" / "epoch_0002"
     (d / "state.pt").write_bytes(b"not a torch file, but its checksum is recorded")
     meta = json.loads((d / "meta.json").read_text())
     meta["sha256"]["state.pt"] = sha256(d / "state.pt")
     (d / "meta.json").write_text(json.dumps(meta))
-    with pytest.warns(UserWarning, match=r"epoch_0001 cannot be loaded \(could not read training state .*\); falling back to the previous"):
+    with pytest.warns(UserWarning, match=r"epoch_0002 cannot be loaded \(could not read training state .*\); falling back to the previous"):
         train(None, run, resume=True)
     want, got = read_state_dict(tmp_path / "ref" / "model.safetensors"), read_state_dict(run / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)  # epochs 2 and 3 trained again from epoch 1's checkpoint

@@ -51,7 +51,7 @@ def _run(code, monkeypatch, capsys):
 
 
 def _only_the_selected_layers_trained(model, initial, method, out):
-    assert "epoch 0: training [" in out and re.search(r"^0\.\d+|^[01]\.0", out.splitlines()[-1])
+    assert "epoch 1: training [" in out and re.search(r"^0\.\d+|^[01]\.0", out.splitlines()[-1])
     chosen = set(layer_parameter_names(model, method.selected))
     bns = {f"{l.bn_name}." for l in method.selected if l.bn_name}
     state = model.state_dict()

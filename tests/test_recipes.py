@@ -177,7 +177,7 @@ def test_clipping_with_fp16_unscales_first(monkeypatch):
 
 # -- whole runs: AdamW + warmup + EMA + smoothing + clipping, CLAT's re-selection included ------------------------------
 
-@pytest.mark.parametrize("stop_after", [0, 1, 3])
+@pytest.mark.parametrize("stop_after", [1, 2, 4])
 def test_a_full_recipe_run_resumes_bit_exactly(tmp_path, monkeypatch, stop_after):
     over = FAST + ["pretrain.epochs=2", "finetune.epochs=3", "clat.reselect_every=2", DET] + RECIPE
     assert_resume_matches_uninterrupted(tmp_path, monkeypatch, over, stop_after)  # EMA state restored inside a stage, or at its end
@@ -192,13 +192,13 @@ def test_the_ema_is_evaluated_and_is_the_best_and_last_weights(tmp_path, monkeyp
     import clat.training.loop as loop
 
     seen = []
-    real = loop._held_out
-    monkeypatch.setattr(loop, "_held_out", lambda model, *a, **k: seen.append(model) or real(model, *a, **k))
+    real = loop.held_out
+    monkeypatch.setattr(loop, "held_out", lambda model, *a, **k: seen.append(model) or real(model, *a, **k))
     model = create_model("tiny_cnn")
     over = FAST + ["pretrain.epochs=0", "finetune.epochs=3", "finetune.method=pgd_at", "finetune.ema_decay=0.7"]
     train(load_config(None, over), tmp_path / "run", data=tiny_splits(), model=model)
     assert len(seen) == 3 and all(m is not model for m in seen[:2])  # the EMA's copy while the stage trains
-    last = Checkpoints(tmp_path / "run").dir(2)
+    last = Checkpoints(tmp_path / "run").dir(epoch=3)
     state = load_state(last / "state.pt")
     ema = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
     final = read_state_dict(tmp_path / "run" / "model.safetensors")
@@ -214,8 +214,8 @@ def test_the_ema_is_evaluated_and_is_the_best_and_last_weights(tmp_path, monkeyp
 def test_the_next_stage_starts_from_the_ema_of_the_previous(tmp_path):
     over = FAST + ["pretrain.epochs=2", "finetune.epochs=1", "pretrain.ema_decay=0.9", "keep_checkpoints=5", "finetune.method=pgd_at"]
     train(load_config(None, over), tmp_path / "run", data=tiny_splits())
-    state = load_state(Checkpoints(tmp_path / "run").dir(1) / "state.pt")
-    weights = read_state_dict(Checkpoints(tmp_path / "run").weights(1))
+    state = load_state(Checkpoints(tmp_path / "run").dir(epoch=2) / "state.pt")
+    weights = read_state_dict(Checkpoints(tmp_path / "run").weights(epoch=2))
     assert all(torch.equal(weights[k], state["ema"][f"module.{k}"]) for k in weights)
 
 
@@ -497,10 +497,10 @@ def test_an_adamw_warmup_ema_run_killed_inside_its_stage_resumes_exactly(tmp_pat
     assert [r["epoch"] for r in _rows(run)] == [1, 2, 3]  # epoch 3's row is written, its checkpoint is not complete
     rc, err = _run(["train", "--resume", str(run)])
     assert rc == 0, err
-    assert "epoch_0002 is incomplete or corrupted" in err  # so the resume starts after epoch_0001: the first fine-tuning epoch
+    assert "epoch_0003 is incomplete or corrupted" in err  # so the resume starts after epoch_0002: the first fine-tuning epoch
     for f in ("model.safetensors", "best/model.safetensors"):
         assert (run / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
-    assert "ema" in load_state(Checkpoints(run).dir(3) / "state.pt")
+    assert "ema" in load_state(Checkpoints(run).dir(epoch=4) / "state.pt")
 
 
 # -- docs/recipes.md ---------------------------------------------------------------------------------------------------------

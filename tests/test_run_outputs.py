@@ -59,7 +59,7 @@ def csv_without_times(path: Path) -> list[list[str]]:
 
 
 def crash_before_checkpoint(monkeypatch, epoch: int):
-    """The next run stops (KeyboardInterrupt) after ``epoch``'s row and best weights, before its checkpoint (0-based)."""
+    """The next run stops (KeyboardInterrupt) after ``epoch``'s row and best weights, before its checkpoint (epochs from 1)."""
     real = Checkpoints.save
 
     def save(self, e, *a, **k):
@@ -80,7 +80,7 @@ def test_best_holds_the_best_epochs_weights_and_ties_keep_the_earlier_epoch(tmp_
     assert (s["best_epoch"], s["best_metric"], s["best_value"]) == (1, "val.pgd_acc", rows[0]["val"]["pgd_acc"])
     info = json.loads(rd.best_info_path.read_text())
     assert (info["epoch"], info["metric"], info["value"]) == (1, "val.pgd_acc", rows[0]["val"]["pgd_acc"])
-    assert same_weights(rd.best_weights, rd.checkpoints().weights(0))
+    assert same_weights(rd.best_weights, rd.checkpoints().weights(epoch=1))
     assert not same_weights(rd.best_weights, rd.weights_path)
     assert "best" in rd.written()
     model, meta = load_model(rd.best_weights)  # the final weights' format: loads on its own
@@ -110,7 +110,7 @@ def test_kill_then_resume_gives_the_same_best_and_csv(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     over = ["pretrain.epochs=8", "log.tensorboard=true"]
     run_fast(tmp_path / "a", *over)
-    real = crash_before_checkpoint(monkeypatch, 6)
+    real = crash_before_checkpoint(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         run_fast(tmp_path / "b", *over)
     b = RunDir(tmp_path / "b")
@@ -141,7 +141,7 @@ def test_early_stopping_stops_records_it_and_a_resume_does_not_train_on(tmp_path
 
     def save(self, e, *a, **k):  # killed right after the stopping epoch's checkpoint, before the final files
         out = real(self, e, *a, **k)
-        if e == 3:
+        if e == 4:
             stopped_at.append(e)
             raise KeyboardInterrupt
         return out
@@ -155,7 +155,7 @@ def test_early_stopping_stops_records_it_and_a_resume_does_not_train_on(tmp_path
     assert s["early_stop"] == {"patience": 3, "min_delta": 0.0} and s["finished"]
     rd = RunDir(tmp_path / "r")
     assert [r["epoch"] for r in rd.metrics()] == [1, 2, 3, 4]
-    assert same_weights(rd.weights_path, rd.checkpoints().weights(3))
+    assert same_weights(rd.weights_path, rd.checkpoints().weights(epoch=4))
     again = train(None, tmp_path / "r", resume=True, data=tiny_splits())
     assert again == s and len(rd.metrics()) == 4
     uninterrupted = run_fast(tmp_path / "u", *over)
@@ -185,7 +185,7 @@ def test_early_stopping_inside_a_lora_stage_saves_loadable_weights(tmp_path, mon
 
     def save(self, e, *a, **k):
         out = real(self, e, *a, **k)
-        if e == 1:
+        if e == 2:
             raise KeyboardInterrupt
         return out
 
@@ -194,7 +194,7 @@ def test_early_stopping_inside_a_lora_stage_saves_loadable_weights(tmp_path, mon
         run_fast(tmp_path / "b", *over)
     monkeypatch.setattr(Checkpoints, "save", real)
     b = RunDir(tmp_path / "b")
-    assert any("lora" in k for k in read_state_dict(b.checkpoints().weights(1)))
+    assert any("lora" in k for k in read_state_dict(b.checkpoints().weights(epoch=2)))
     train(None, b.path, resume=True, data=tiny_splits())
     for rd in (RunDir(tmp_path / "a"), b):
         for p in (rd.weights_path, rd.best_weights):

@@ -35,7 +35,7 @@ def test_reselection_at_epochs_1_11_21_and_schedule_uninterrupted(tmp_path):
         assert r["lr"] == pytest.approx(0.05 * f(r["epoch"] * steps_per_epoch), abs=1e-12)
         assert r["trainable_params"] < r["total_params"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [h["epoch"] for h in summary["selection_history"]] == [0, 10, 20]
+    assert [h["epoch"] for h in summary["selection_history"]] == [1, 11, 21]
 
 
 def _final(run):
@@ -44,7 +44,7 @@ def _final(run):
 
 def assert_resume_matches_uninterrupted(tmp_path, monkeypatch, over, stop_after):
     """Train ``over`` once uninterrupted (run a) and once interrupted right after epoch
-    ``stop_after``'s checkpoint, then resumed (run b): the final weights must be identical."""
+    ``stop_after``'s checkpoint (epochs from 1), then resumed (run b): the final weights must be identical."""
     train(load_config(None, over), tmp_path / "a", data=tiny_splits())
     real_save = Checkpoints.save
 
@@ -65,7 +65,7 @@ def assert_resume_matches_uninterrupted(tmp_path, monkeypatch, over, stop_after)
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("stop_after", [1, 3])
+@pytest.mark.parametrize("stop_after", [2, 4])
 def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch, stop_after):
     over = FAST + ["pretrain.epochs=2", "finetune.epochs=3", "clat.reselect_every=2", "data.augment=true", DET]
     assert_resume_matches_uninterrupted(tmp_path, monkeypatch, over, stop_after)
@@ -124,7 +124,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match="lower the learning rate|Lower the learning rate"):
         train(load_config(None, over), tmp_path / "r", data=tiny_splits())
     ck = Checkpoints(tmp_path / "r", 2)
-    assert [p.name for p in ck.list()] == ["epoch_0000"]
+    assert [p.name for p in ck.list()] == ["epoch_0001"]
     sd = read_state_dict(ck.list()[0] / "model.safetensors")
     assert all(torch.isfinite(v.float()).all() for v in sd.values())
 

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from clat.base.records import SelectionEvent
 from clat.attacks.threat import DEFAULT_THREAT, eps_str
 from clat.methods.registry import label as method_name
 
@@ -57,27 +58,29 @@ def plot_criticality(crit: dict, path: str | Path, title: str = "Layer criticali
     return save_figure(fig, path)
 
 
-def plot_selection_history(history: list[dict], path: str | Path, layer_names: Sequence[str] | None = None, title: str = "Critical layers over time") -> Path:
-    """Criticality of every layer (columns) at each re-selection (rows), log colour
-    scale; the selected layers are boxed."""
+def plot_selection_history(history: Sequence[SelectionEvent | dict], path: str | Path, layer_names: Sequence[str] | None = None,
+                           title: str = "Critical layers over time") -> Path:
+    """Criticality of every layer (columns) at each re-selection (rows, labelled with the epoch it trains), log colour
+    scale; the selected layers are boxed. ``history``: selection events, or their dicts in any record schema."""
+    history = [SelectionEvent.of(h) for h in history]
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
 
-    c = np.array([[max(v, 1e-12) if math.isfinite(v) else np.nan for v in h["criticality"]] for h in history], dtype=float)
+    c = np.array([[max(v, 1e-12) if math.isfinite(v) else np.nan for v in h.criticality or []] for h in history], dtype=float)
     n_layers = c.shape[1]
     fig = figure(max(6.0, 0.35 * n_layers + 2.5), 1.4 + 0.42 * len(history))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(c, aspect="auto", cmap="viridis", norm=LogNorm(vmin=np.nanmin(c), vmax=np.nanmax(c)), interpolation="nearest")
     for r, h in enumerate(history):
-        for i in h["selected_index"]:
+        for i in h.selected_index:
             ax.add_patch(Rectangle((i - 0.5, r - 0.5), 1, 1, fill=False, edgecolor=SELECTED, lw=2.2))
         if n_layers <= 30:
-            for i, v in enumerate(h["criticality"]):
+            for i, v in enumerate(h.criticality or []):
                 ax.text(i, r, f"{v:.2g}", ha="center", va="center", fontsize=6.5, color="white" if im.norm(max(v, 1e-12)) < 0.5 else "black")
     ax.set_xticks(range(n_layers))
     ax.set_xticklabels([str(i) for i in range(n_layers)], fontsize=7)
     ax.set_yticks(range(len(history)))
-    ax.set_yticklabels([f"epoch {h['epoch'] + 1}" for h in history], fontsize=8)
+    ax.set_yticklabels([f"epoch {h.epoch}" for h in history], fontsize=8)
     ax.set_xlabel("layer index (execution order); red box = selected")
     ax.set_title(title)
     cb = fig.colorbar(im, ax=ax, pad=0.02)

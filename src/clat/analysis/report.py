@@ -15,51 +15,19 @@ no display needed).
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from clat.analysis.tables import fmt_bytes, markdown_table, pct, rel_path, text_table  # noqa: F401  (also imported from here)
 from clat.analysis.plots import eps_str, plot_criticality, plot_curves, plot_eps_sweep, plot_selection_history, plot_transfer
 from clat.base.errors import ClatError
+from clat.base.records import SelectionEvent
 from clat.config.schema import to_dict
 from clat.methods.registry import label as method_name
 from clat.runs.folder import REPORT_FILES, RunDir
 from clat.runs.metrics import epoch_ranges
 from clat.training.early_stop import ValHistory
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    out = ["  ".join(c.ljust(w) if j <= 1 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-def pct(v: float | None, digits: int = 1) -> str:
-    return "" if v is None else f"{100 * v:.{digits}f}%"
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # -- criticality -------------------------------------------------------------------------
@@ -268,10 +236,6 @@ def transfer_rows(t: dict) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
-def rel_path(p: Path, base: Path) -> str:
-    return os.path.relpath(p, base)
-
-
 # -- a run's report ---------------------------------------------------------------------------
 def _best(summary: dict | None, rows: list[dict]) -> tuple[int | None, float | None]:
     """The best epoch and its held-out PGD accuracy: the summary's, else (an unfinished run) from the rows."""
@@ -296,6 +260,12 @@ def best_lines(summary: dict | None, rows: list[dict]) -> list[str]:
         out.append(f"Stopped early after epoch {summary['epochs_done']} of {summary['epochs']}: the held-out PGD accuracy did not improve by "
                    f"more than {es.get('min_delta', 0):g} in {es.get('patience')} evaluations (early_stop).")
     return [" ".join(out), ""] if out else []
+
+
+def selection_history(summary: dict | None, rows: list[dict]) -> list[SelectionEvent]:
+    """The run's layer selections, typed: the summary's, else (an unfinished run) those of its rows; any record schema."""
+    hist = (summary or {}).get("selection_history") or [r["selection"] for r in rows if "selection" in r]
+    return [SelectionEvent.of(h) for h in hist]
 
 
 def run_report(run_dir: str | Path) -> Path:
@@ -379,14 +349,15 @@ def _render_run_report(run_dir: Path, run: dict) -> Path:
     if rows:
         out += ["## Parameter efficiency", "", markdown_table(PARAM_HEADERS, _param_rows(parameter_efficiency(rows))), "",
                 "Optimizer state: SGD momentum buffers, measured at the end of each epoch; frozen parameters keep none.", ""]
-    hist = (run["summary"] or {}).get("selection_history") or [r["selection"] for r in rows if "selection" in r]
+    hist = selection_history(run["summary"], rows)
     if hist:
         out += ["## Critical layers over time", ""]
-        if all("criticality" in h for h in hist):
+        if all(h.criticality is not None for h in hist):
             p = plot_selection_history(hist, plots / "selection.png", title=f"{run_dir.name}: criticality at each re-selection")
             out += [f"![selection history]({rel_path(p, run_dir)})", ""]
         out += [markdown_table(["epoch", "selected", "indices", "trainable", "λ"],
-                               [[h["epoch"] + 1, ", ".join(h["selected"]), h["selected_index"], f"{h['trainable_params']:,}", h.get("lam", "")] for h in hist]), ""]
+                               [[h.epoch, ", ".join(h.selected), h.selected_index, f"{h.trainable_params:,}",
+                                 "" if h.lam is None else h.lam] for h in hist]), ""]
     if run["criticality"]:
         p = plot_criticality(run["criticality"], plots / "criticality.png")
         h, r = criticality_rows(run["criticality"])

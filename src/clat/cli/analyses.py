@@ -21,7 +21,7 @@ from clat.data.loader import to_unit_float
 from clat.data.prepare import prepare_data
 from clat.eval.accuracy import transfer_matrix
 from clat.layers.discovery import find_layers
-from clat.methods.clat import default_k
+from clat.methods.clat import resolve_k
 from clat.models import create_model
 from clat.runs.checkpoint import atomic_write_text
 from clat.runs.folder import RunDir
@@ -62,12 +62,7 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     y = splits.y_train[idx].to(device)
     layers = find_layers(model, x[:2], merge_norms=cfg.model.merge_norms)
     cc = _criticality_settings(args, cfg)
-    k = args.k
-    if k is None:
-        try:
-            k = default_k(layers, meta["model"])
-        except ClatError:
-            k = default_k(layers)
+    k = resolve_k(args.k if args.k is not None else cfg.clat.k, layers, meta["model"])  # the k the run's CLAT trains (or would)
     n_ok = sum(eligible_mask(layers, include_classifier=cc.include_classifier))
     if k > n_ok:
         raise ClatError(f"k={k} critical layers requested but {n_ok} layers are eligible for selection; choose k between 1 and {n_ok}")

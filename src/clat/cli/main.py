@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     _data_args(c)
     c.add_argument("--batch-size", type=int, default=100, help="training images used (default 100)")
-    c.add_argument("--k", type=int, help="mark the top-k (default: the model's paper default)")
+    c.add_argument("--k", type=int, help="mark the top-k (default: the run's clat.k, else the model's paper default, as CLAT would train)")
     _threat_args(c, steps_default=10)
     c.add_argument("--denominator", choices=["upstream", "previous", "input"],
                    help="Eq. 6's denominator: upstream (the paper's formula; default unless the run says otherwise), previous, input")

@@ -10,7 +10,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -148,6 +148,17 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def values_tree(values: Mapping[str, Any]) -> dict:
+    """``{"clat.lam": 0.05, "finetune.epochs": 2}`` -> nested dict: Python values as they are (no text parsed), for
+    :func:`variant` and :func:`override`."""
+    tree: dict = {}
+    for key, value in values.items():
+        if not (isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key)):
+            raise ConfigError(f"{key!r} is not a dotted config key like clat.k")
+        _set_path(tree, key, value)
+    return tree
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict:
@@ -303,9 +314,17 @@ def get_key(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def override(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict]:
-    """A validated copy of ``cfg`` with ``key=value`` overrides, and ``{key: [old, new]}`` of what changed."""
-    tree = parse_overrides(overrides)
+def variant(cfg: Config | None = None, values: Mapping[str, Any] | None = None) -> Config:
+    """A validated copy of ``cfg`` (default: clat's defaults) with ``values`` set: dotted keys to Python values, checked and
+    converted by each key's type as a config file's are (``variant(cfg, {"clat.lam": 0.05, "finetune.epochs": 2})``).
+    The way to build config variants in code: nothing goes through text, so no value changes on the way."""
+    return override(cfg if cfg is not None else Config(), values or {})[0]
+
+
+def override(cfg: Config, overrides: Sequence[str] | Mapping[str, Any]) -> tuple[Config, dict]:
+    """A validated copy of ``cfg`` with ``key=value`` overrides (text, as on the command line) or a mapping of dotted keys
+    to values (:func:`variant`), and ``{key: [old, new]}`` of what changed."""
+    tree = values_tree(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     keys = flat_keys(tree)
     new = _build(Config, tree, "", copy.deepcopy(cfg))
     validate(new)

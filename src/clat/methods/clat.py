@@ -32,6 +32,7 @@ from torch import nn
 from clat.attacks.threat import Shard, feature_distance, perturb
 from clat.base.distributed import broadcast_object
 from clat.base.errors import ConfigError
+from clat.base.records import SelectionEvent
 from clat.config.schema import AttackConfig
 from clat.criticality.index import CriticalityConfig, compute_criticality, eligible_mask  # noqa: F401  (a section of ClatConfig)
 from clat.criticality.selectors import SELECTORS, LayerScoring, choose, measured_key
@@ -40,7 +41,7 @@ from clat.layers.discovery import Layer, resolve_layers, warn_unassigned
 from clat.layers.freezing import freeze_all_but, frozen_bn_statistics
 from clat.methods.base import EpochContext, Method, accuracy
 from clat.methods.registry import register_method
-from clat.models import model_info
+from clat.models import list_models, model_info
 
 
 def default_k(layers: list[Layer], zoo_model: str | None = None) -> int:
@@ -51,6 +52,17 @@ def default_k(layers: list[Layer], zoo_model: str | None = None) -> int:
         if k is not None:
             return k
     return max(1, round(0.05 * len(layers)))
+
+
+def resolve_k(k: int | None, layers: list[Layer], zoo_model: str | None = None, default: int | None = None) -> int:
+    """The number of layers CLAT trains (and ``clat criticality`` lists as its top-k), the one place its sources meet:
+    ``clat.k`` when set, else ``default`` (``create_method(default_k=...)``), else the paper's number for a zoo model,
+    else about 5% of the layers (:func:`default_k`). ``zoo_model``: a model name that is not in the zoo counts as none."""
+    if k is not None:
+        return k
+    if default is not None:
+        return default
+    return default_k(layers, zoo_model if zoo_model in list_models() else None)
 
 
 @dataclass
@@ -93,6 +105,12 @@ def reselection_chunk(batch_size: int) -> int:
     return max(1, batch_size // 4)
 
 
+def resolve_chunk(chunk_size: int | None, batch_size: int) -> int:
+    """The criticality chunk of a (re)selection: ``clat.criticality.chunk_size`` when set, else :func:`reselection_chunk`
+    of the run's ``data.batch_size``."""
+    return chunk_size or reselection_chunk(batch_size)
+
+
 @register_method("clat", label="CLAT", section=ClatConfig, needs_layers=True)
 class CLAT(Method):
     @classmethod
@@ -101,16 +119,20 @@ class CLAT(Method):
         base = None
         if cfg.clat.ce_on == "base":
             base = ctx.baseline(cfg.clat.base or cfg.pretrain.method, "clat.ce_on=base (clat.base, or else pretrain.method)")
-        k = ctx.default_k if ctx.default_k is not None else default_k(ctx.layers, ctx.zoo_model)
-        return cls(cfg.attack, cfg.clat, ctx.layers, default_k=k, base=base, chunk_size=cfg.clat.criticality.chunk_size or reselection_chunk(cfg.data.batch_size))
+        return cls(cfg.attack, cfg.clat, ctx.layers, k=resolve_k(cfg.clat.k, ctx.layers, ctx.zoo_model, ctx.default_k), base=base,
+                   chunk_size=resolve_chunk(cfg.clat.criticality.chunk_size, cfg.data.batch_size))
 
-    def __init__(self, attack: AttackConfig, cfg: ClatConfig, layers: list[Layer], *, default_k: int, base: Method | None = None,
+    def __init__(self, attack: AttackConfig, cfg: ClatConfig, layers: list[Layer], *, k: int, base: Method | None = None,
                  chunk_size: int | None = None) -> None:
+        """``k`` and ``chunk_size`` as resolved (:func:`resolve_k`, :func:`resolve_chunk`; ``from_config`` does it): a
+        ``cfg.k`` that says otherwise is an error. ``chunk_size`` None: a selection measures its whole batch at once."""
         super().__init__(attack)
+        if cfg.k is not None and cfg.k != k:
+            raise ConfigError(f"clat.k={cfg.k} but CLAT was built with k={k}; build it with k=resolve_k(cfg.k, layers)")
         self.cfg = cfg
-        self.chunk_size = cfg.criticality.chunk_size or chunk_size  # of a (re)selection's criticality (None: the whole batch at once)
+        self.chunk_size = chunk_size  # of a (re)selection's criticality
         self.layers = layers
-        self.k = cfg.k if cfg.k is not None else default_k
+        self.k = k
         self.eligible = eligible_mask(layers, include_classifier=cfg.criticality.include_classifier, exclude=cfg.exclude)
         n_ok = sum(self.eligible)
         if cfg.layers:
@@ -162,18 +184,10 @@ class CLAT(Method):
         trainable = self._freeze(model)
         if self.cfg.lam_mode == "auto":
             self.lam = broadcast_object(self._auto_lambda(model, x, y))
-        event = {
-            "epoch": ctx.epoch,
-            "stage_epoch": ctx.stage_epoch,
-            "selected": [l.name for l in chosen],
-            "selected_index": [l.index for l in chosen],
-            "criticality": result.criticality,
-            "weakness": result.weakness,
-            "denominator": cc.denominator,
-            "trainable_params": trainable,
-            "lam": self.lam,
-        }
-        self.history.append(event)
+        event = SelectionEvent(epoch=ctx.epoch + 1, epoch_in_stage=ctx.stage_epoch + 1, selected=[l.name for l in chosen],
+                               selected_index=[l.index for l in chosen], trainable_params=trainable, criticality=result.criticality,
+                               weakness=result.weakness, denominator=cc.denominator, lam=self.lam)
+        self.history.append(event.to_dict())
         return {**base_events, "selection": event}
 
     def _set_selection(self, chosen: list[Layer]) -> None:

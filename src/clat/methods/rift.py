@@ -21,6 +21,7 @@ from torch import nn
 
 from clat.attacks.threat import Shard, pgd
 from clat.base.distributed import broadcast_object
+from clat.base.records import SelectionEvent
 from clat.config.schema import AttackConfig
 from clat.criticality.estimators import module_robust_criticality
 from clat.criticality.index import eligible_mask
@@ -89,9 +90,10 @@ class RiFT(Method):
         idx = broadcast_object(min((i for i, ok in enumerate(self.eligible) if ok), key=lambda i: mrc[i]))  # rank 0's choice
         self.selected = [self.layers[idx]]
         trainable = freeze_all_but(model, self.selected)
-        event = {"epoch": ctx.epoch, "stage_epoch": ctx.stage_epoch, "selected": [self.layers[idx].name], "selected_index": [idx],
-                 "criticality": mrc, "trainable_params": trainable, "lam": None, "measure": "module robust criticality (lowest is chosen)"}
-        self.history.append(event)
+        event = SelectionEvent(epoch=ctx.epoch + 1, epoch_in_stage=ctx.stage_epoch + 1, selected=[self.layers[idx].name],
+                               selected_index=[idx], trainable_params=trainable, criticality=mrc,
+                               extra={"measure": "module robust criticality (lowest is chosen)"})
+        self.history.append(event.to_dict())
         return {"selection": event}
 
     def trainable_bns(self) -> list[str] | None:

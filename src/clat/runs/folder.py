@@ -24,7 +24,8 @@ Run folder::
 
     config.yaml          resolved config
     metrics.jsonl        one JSON line per epoch
-    checkpoints/epoch_NNNN/{model.safetensors, state.pt, meta.json}   (NNNN: 0-based epoch)
+    checkpoints/epoch_NNNN/{model.safetensors, state.pt, meta.json}   (NNNN: the epoch, from 1, as in metrics.jsonl;
+                         runs written before record schema 2 named them from 0: clat.base.records)
     model.safetensors    final weights (with model metadata)
     best/{model.safetensors, best.json}   weights of the best held-out PGD accuracy (clat.training.early_stop)
     summary.json         final metrics, selection history, best epoch, early stop
@@ -47,6 +48,7 @@ from typing import Any, Iterator
 import torch
 
 from clat.base.errors import ClatError, ConfigError
+from clat.base.records import LEGACY, SCHEMA, checkpoint_epoch, current_summary, schema_of
 from clat.base.versions import header
 from clat.config.load import config_from_dict, dump_yaml, read_yaml
 from clat.runs.checkpoint import atomic_write_text, save_state, save_weights, sha256
@@ -61,39 +63,42 @@ _TMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # clat.base.files.atomic_write
 
 class Checkpoints:
     """Epoch checkpoints in ``RUN/checkpoints``; ``meta.json`` (written last) holds the other files'
-    SHA-256, so a partial or corrupted checkpoint is recognised. Epochs are 0-based here."""
+    SHA-256, so a partial or corrupted checkpoint is recognised. Epochs count from 1, as in metrics.jsonl: ``epoch_0002``
+    holds the weights after epoch 2. A checkpoint written before record schema 2 is named from 0 (its ``meta.json`` has no
+    ``schema``): it is found by its epoch all the same (:func:`clat.base.records.checkpoint_epoch`)."""
 
     def __init__(self, run_dir: Path, keep: int = 1) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
 
-    def dir(self, epoch: int) -> Path:
-        return self.root / f"epoch_{epoch:04d}"
+    def dir(self, *, epoch: int) -> Path:
+        """The checkpoint folder of ``epoch`` (from 1): the one there (named from 0 in an older run), else ``epoch_NNNN``."""
+        return next((d for d in self.list() if _epoch_of(d) == epoch), self.root / f"epoch_{epoch:04d}")
 
-    def weights(self, epoch: int) -> Path:
-        """The model weights saved after (0-based) ``epoch``."""
-        return self.dir(epoch) / "model.safetensors"
+    def weights(self, *, epoch: int) -> Path:
+        """The model weights saved after ``epoch`` (from 1)."""
+        return self.dir(epoch=epoch) / "model.safetensors"
 
     def state(self, epoch_dir: Path) -> Path:
         return epoch_dir / "state.pt"
 
     def save(self, epoch: int, model, state: dict, meta: dict, health: dict | None = None) -> Path:
-        """Write epoch ``epoch``'s checkpoint. ``meta.json`` also records the CPU thread count (a resume at another
+        """Write the checkpoint after ``epoch`` (from 1). ``meta.json`` also records the CPU thread count (a resume at another
         count is not bit-identical: ``--resume`` says so) and, given, the checkpoint's :func:`health`, with the
         epoch since which the checkpoints have been unsound (``unsound_since``)."""
 
 
-        for later in [d for d in self.list() if _epoch_of(d) > epoch]:  # an abandoned future: resume skipped them (unloadable)
+        d = self.root / f"epoch_{epoch:04d}"
+        for later in [x for x in self.list() if _epoch_of(x) >= epoch and x != d]:  # an abandoned future: resume skipped them (unloadable)
             shutil.rmtree(later)
         if health is not None:
             health = {**health, "unsound_since": None if health["sound"] else self._unsound_since(epoch, meta.get("stage"))}
-        d = self.dir(epoch)
         d.mkdir(parents=True, exist_ok=True)
         save_weights(d / "model.safetensors", model, meta)
         save_state(d / "state.pt", state)
         files = {n: sha256(d / n) for n in ("model.safetensors", "state.pt")}
         extra = {"cpu_threads": torch.get_num_threads(), **({"health": health} if health is not None else {})}
-        atomic_write_text(d / "meta.json", json.dumps({"epoch": epoch, "sha256": files, **meta, **extra}))
+        atomic_write_text(d / "meta.json", json.dumps({"schema": SCHEMA, "epoch": epoch, "sha256": files, **meta, **extra}))
         for old in self.list()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return d
@@ -101,9 +106,11 @@ class Checkpoints:
     def _unsound_since(self, epoch: int, stage: str | None) -> dict:
         """Where an unsound run of checkpoints began: the previous checkpoint's record if it was unsound too, else here."""
         prev = [d for d in self.list() if _epoch_of(d) < epoch]
-        h = (self.meta(prev[-1]) or {}).get("health") if prev else None
+        m = (self.meta(prev[-1]) or {}) if prev else {}
+        h = m.get("health")
         if isinstance(h, dict) and h.get("sound") is False and isinstance(h.get("unsound_since"), dict):
-            return h["unsound_since"]
+            since = h["unsound_since"]
+            return {**since, "epoch": since.get("epoch", 0) + 1} if schema_of(m, "checkpoint") == LEGACY else since
         return {"epoch": epoch, "stage": stage}
 
     def meta(self, d: Path) -> dict | None:
@@ -115,15 +122,19 @@ class Checkpoints:
         return m if isinstance(m, dict) else None
 
     def list(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("epoch_*") if p.is_dir()) if self.root.is_dir() else []
+        """The checkpoint folders, oldest epoch first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.glob("epoch_*") if p.is_dir()), key=lambda p: (_epoch_of(p), p.name))
 
     def epochs(self) -> list[int]:
-        return [int(p.name[6:]) for p in self.list() if p.name[6:].isdigit()]
+        """The epochs (from 1) that have a checkpoint folder."""
+        return [e for e in map(_epoch_of, self.list()) if e >= 0]
 
-    def prune(self, keep_epochs: set[int]) -> None:
-        """Remove every epoch checkpoint but those of ``keep_epochs`` (0-based)."""
+    def prune(self, *, keep: set[int]) -> None:
+        """Remove every epoch checkpoint but those of the epochs in ``keep`` (from 1)."""
         for d in self.list():
-            if d.name[6:].isdigit() and int(d.name[6:]) not in keep_epochs:
+            if _epoch_of(d) >= 0 and _epoch_of(d) not in keep:
                 shutil.rmtree(d)
 
     def latest_valid(self) -> Path | None:
@@ -157,7 +168,15 @@ class Checkpoints:
 
 
 def _epoch_of(d: Path) -> int:
-    return int(d.name[6:]) if d.name[6:].isdigit() else -1
+    """The epoch (from 1) of checkpoint folder ``d``: its ``meta.json``'s (schema 1: named and numbered from 0), else its
+    name's (a folder without a readable meta.json: a partial write, or the weights alone that ``RunDir.export`` copies);
+    -1 for a name that is not ``epoch_NNNN``."""
+    if not d.name[6:].isdigit():
+        return -1
+    try:
+        return checkpoint_epoch(json.loads((d / "meta.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ClatError):
+        return int(d.name[6:])
 
 
 class RunDir(Manifest, MetricsFile, FolderLock):
@@ -176,7 +195,8 @@ class RunDir(Manifest, MetricsFile, FolderLock):
         return self.summary_path.is_file()
 
     def summary(self) -> dict | None:
-        return self.read_json("summary.json") if self.finished() else None
+        """``summary.json`` in today's record schema (:func:`clat.base.records.current_summary`), None before the run finished."""
+        return current_summary(self.read_json("summary.json")) if self.finished() else None
 
     def latest_weights(self) -> Path | None:
         """The final weights, else those of the latest epoch checkpoint."""
@@ -185,10 +205,10 @@ class RunDir(Manifest, MetricsFile, FolderLock):
         found = [d / "model.safetensors" for d in self.checkpoints().list() if (d / "model.safetensors").is_file()]
         return found[-1] if found else None
 
-    def export(self, dst: str | Path, *, weights_of: set[int] = frozenset(), extra: tuple[str, ...] = ()) -> str:
+    def export(self, dst: str | Path, *, weights_of_epochs: set[int] = frozenset(), extra: tuple[str, ...] = ()) -> str:
         """A portable copy of this run in ``dst`` (replaced), to continue it in another session or on another
         machine: config, metrics, manifest and the ``extra`` files that exist; a finished run's summary and final
-        weights, else its latest valid checkpoint, plus the weights alone of the 0-based epochs in ``weights_of``.
+        weights, else its latest valid checkpoint, plus the weights alone of the epochs (from 1) in ``weights_of_epochs``.
         Returns what was copied: "finished", "checkpoint" or "" (nothing to copy yet)."""
         dst = Path(dst)
         ck = self.checkpoints()
@@ -206,11 +226,12 @@ class RunDir(Manifest, MetricsFile, FolderLock):
         if latest is None:
             return "finished"
         out = Checkpoints(dst)
-        shutil.copytree(latest, out.dir(int(latest.name[6:])))
-        for e in weights_of:
-            if ck.dir(e) != latest and ck.weights(e).is_file():
-                out.dir(e).mkdir(parents=True, exist_ok=True)
-                shutil.copy(ck.weights(e), out.weights(e))
+        shutil.copytree(latest, out.root / latest.name)  # its name and meta.json as they are (an older run's numbering too)
+        for e in weights_of_epochs:
+            if ck.dir(epoch=e) != latest and ck.weights(epoch=e).is_file():
+                d = out.root / f"epoch_{e:04d}"  # no meta.json: its name says its epoch
+                d.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ck.weights(epoch=e), d / "model.safetensors")
         return "checkpoint"
 
     # -- starting or continuing a run -------------------------------------------------------------

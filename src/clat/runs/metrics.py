@@ -1,4 +1,6 @@
-"""``metrics.jsonl``, one JSON row per epoch: its one reader and writer (mixed into :class:`clat.runs.folder.RunDir`).
+"""``metrics.jsonl``, one JSON row per epoch (:class:`clat.base.records.MetricsRow`): its one reader and writer (mixed
+into :class:`clat.runs.folder.RunDir`). Rows of any record schema are read; the readers return today's
+(:func:`clat.base.records.current_row`); a resume keeps the rows before its checkpoint as they were written.
 
 A line that is not a row (cut by a crash, or damaged since) is never dropped silently: ``read_metrics`` names it,
 ``clat report`` says which epochs it shows, and ``--resume`` says what it does with it. A row that cannot be appended
@@ -14,7 +16,9 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
+
 from clat.base.errors import CheckpointError
+from clat.base.records import MetricsRow, current_row
 from clat.runs.checkpoint import atomic_write_text
 
 log = logging.getLogger("clat")
@@ -26,15 +30,20 @@ class MetricsFile:
     path: Path
 
     def metrics(self) -> list[dict[str, Any]]:
-        """The epoch rows; a line that is not a row (see :meth:`read_metrics`) is skipped, never the rows after it."""
+        """The epoch rows (dicts in today's schema); a line that is not a row (see :meth:`read_metrics`) is skipped, never
+        the rows after it."""
         return self.read_metrics()[0]
+
+    def metric_rows(self) -> list[MetricsRow]:
+        """The epoch rows, typed."""
+        return [MetricsRow.from_dict(r) for r in self._read_metrics()[0]]
 
     def read_metrics(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The epoch rows, and a description of each line that is not one: a line cut by a crash (the last one, only
         ever: a resume rewrites the file), or one damaged since. Each description names the line, what it holds and
         where it stood (after which epoch's row)."""
         rows, bad = self._read_metrics()
-        return rows, [b for b, _ in bad]
+        return [current_row(r) for r in rows], [b for b, _ in bad]
 
     def _read_metrics(self) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
         """Rows, and (description, epoch of the row before it or 0) of each line that is not a row."""
@@ -59,10 +68,11 @@ class MetricsFile:
             bad.append((f"{self.metrics_path} line {i} ({where}) is {what}: {text}", rows[-1]["epoch"] if rows else 0))
         return rows, bad
 
-    def append_metrics(self, row: dict) -> None:
+    def append_metrics(self, row: MetricsRow | dict) -> None:
         """One line more. A write that fails (a full disk) leaves the file as it was, with no partial line, and stops with
         a one-line error that names the file and the fix."""
 
+        row = row.to_dict() if isinstance(row, MetricsRow) else row
         existed = self.metrics_path.is_file()
         size = self.metrics_path.stat().st_size if existed else 0
         try:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from clat.base.records import LEGACY, schema_of
+
 if TYPE_CHECKING:
     from clat.runs.folder import RunDir
 
@@ -49,23 +51,25 @@ def lower_lr(lr: float) -> str:
 
 
 def divergence_advice(rd: "RunDir", cfg, epoch: int, name: str, loss: object) -> str:
-    """The message after the loss of 0-based ``epoch`` (stage ``name``) became ``loss``: continue from the last
+    """The message after the loss of ``epoch`` (from 1; stage ``name``) became ``loss``: continue from the last
     checkpoint only if it is sound; else start again with a lower learning rate for the stage where the weights
     exploded (an earlier stage's, where it began there)."""
     lr = getattr(cfg, name).lr
-    head = f"the training loss became {loss} in epoch {epoch + 1} ({name} stage, {name}.lr={lr:g})"
+    head = f"the training loss became {loss} in epoch {epoch} ({name} stage, {name}.lr={lr:g})"
     ck = rd.checkpoints()
     latest = ck.latest_valid()
     if latest is None:
         return (f"{head}; no checkpoint was written yet: start again with a lower learning rate, {name}.lr={lower_lr(lr)}, "
                 "and --force (it replaces this run)")
-    h = (ck.meta(latest) or {}).get("health")
+    meta = ck.meta(latest) or {}
+    h = meta.get("health")
     if not isinstance(h, dict) or h.get("sound") is not False:  # sound, or written before clat recorded it
         return (f"{head}; the last checkpoint ({latest.name}) is sound (finite loss and weights). Lower the learning rate and "
                 f"continue from it: clat train --resume {rd.path} {name}.lr={lower_lr(lr)}")
-    since = h.get("unsound_since") if isinstance(h.get("unsound_since"), dict) else {"epoch": epoch, "stage": name}
+    since = h.get("unsound_since") if isinstance(h.get("unsound_since"), dict) else {}
     stage = since.get("stage") if since.get("stage") in ("pretrain", "finetune") else name
-    return (f"{head}; the weights had already exploded in epoch {int(since.get('epoch', epoch)) + 1} ({stage} stage; largest magnitude "
+    began = int(since["epoch"]) + (1 if schema_of(meta, "checkpoint") == LEGACY else 0) if "epoch" in since else epoch  # schema 1: from 0
+    return (f"{head}; the weights had already exploded in epoch {began} ({stage} stage; largest magnitude "
             f"{h.get('max_abs_param', float('nan')):.3g} in {latest.name}, over the sound limit {h.get('limit', float('nan')):.3g}), so no "
             f"kept checkpoint can be continued: start again with a lower {stage}.lr and --force (it replaces this run), e.g. "
             f"clat train CONFIG {stage}.lr={lower_lr(getattr(cfg, stage).lr)} --force --run-dir {rd.path}")

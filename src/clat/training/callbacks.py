@@ -94,9 +94,11 @@ class Callback:
 def flat_row(row: dict, sep: str = ".", numbers_only: bool = False) -> dict[str, Any]:
     """A metrics row as flat columns: scalars, and the scalars of its flat sections (``train.loss``, ``val.pgd_acc``);
     a list of scalars (CLAT's ``selected`` layers) becomes one ``;``-joined string. Events with nested data (CLAT's
-    ``selection``, RiFT's ``interpolation``, ``resume_overrides``) stay in metrics.jsonl only."""
+    ``selection``, RiFT's ``interpolation``, ``resume_overrides``) and the record's ``schema`` stay in metrics.jsonl only."""
     out: dict[str, Any] = {}
     for k, v in row.items():
+        if k == "schema":
+            continue
         if isinstance(v, dict) and all(isinstance(x, _SCALARS) for x in v.values()):
             out.update({f"{k}{sep}{kk}": x for kk, x in v.items()})
         elif isinstance(v, list) and all(isinstance(x, _SCALARS) for x in v):

@@ -31,22 +31,24 @@ from tqdm.auto import tqdm
 from clat.base import distributed as dist_mod
 from clat.base import rng
 from clat.base.errors import ClatError, ConfigError
+from clat.base.records import SCHEMA, MetricsRow, SelectionEvent, Summary
 from clat.base.versions import versions
 from clat.config.load import flat_keys, override, parse_overrides
 from clat.config.schema import Config, StageConfig, to_dict
 from clat.data.loader import Loader, Splits, to_unit_float
 from clat.data.prepare import run_data
 from clat.data.stream import train_loader
-from clat.eval.accuracy import evaluate
 from clat.layers.discovery import Layer, find_layers
 from clat.methods import EpochContext, create_method
 from clat.models import PYTHON_MODEL, is_factory, model_info
-from clat.runs.checkpoint import atomic_write_text, load_into, load_training_state, read_state_dict, save_weights
+from clat.runs.checkpoint import atomic_write_text, load_into, save_weights
 from clat.runs.folder import RunDir
-from clat.runs.soundness import divergence_advice, health, note_thread_count, weight_scale
+from clat.runs.soundness import divergence_advice, health, weight_scale
 from clat.training.callbacks import Callbacks, LiveRun, console, format_row
 from clat.training.early_stop import ValHistory, save_best
+from clat.training.resume import Resumed
 from clat.training.stage import Stage, StepRunner, resolve_channels_last
+from clat.training.validation import held_out, validate
 from clat.training.warmstart import build_model, load_init
 
 log = logging.getLogger("clat")
@@ -192,28 +194,7 @@ def _stages(cfg: Config) -> list[tuple[str, StageConfig, int]]:
     return out
 
 
-@dataclass
-class _Resumed:
-    """The checkpoint a resumed run continues from, until the stage it belongs to has taken it."""
-
-    weights: dict | None = None
-    state: dict | None = None
-    source: str = ""
-
-    @classmethod
-    def latest(cls, rd: RunDir, device: torch.device | None = None) -> tuple["_Resumed", int]:
-        ck = rd.checkpoints()
-        found = ck.loadable(lambda d: (load_training_state(ck.state(d)), read_state_dict(d / "model.safetensors")))
-        if found is None:
-            log.warning("no valid checkpoint in %s: starting from the beginning", rd.path)
-            return cls(), 0
-        d, (state, weights) = found
-        log.info("resuming %s after epoch %d", rd.path, int(state["epoch"]) + 1)
-        note_thread_count(rd, d, device)
-        return cls(weights, state, str(d)), int(state["epoch"]) + 1
-
-
-def _enter_stage(run: _Run, name: str, scfg: StageConfig, loader: Loader, runner: StepRunner, resumed: _Resumed, changed: dict) -> Stage:
+def _enter_stage(run: _Run, name: str, scfg: StageConfig, loader: Loader, runner: StepRunner, resumed: Resumed, changed: dict) -> Stage:
     """The stage's method set up and its optimizer made, or (resumed inside it) all restored from the checkpoint.
     A checkpoint from inside this stage holds the method's structure (LoRA adapters): set up first, then load.
     Resumed at a stage boundary, an uninterrupted run sets the stage up with the RNG as the previous stage left
@@ -241,7 +222,7 @@ def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int |
     runner = StepRunner.from_config(run.model, run.device, cfg)
     if cfg.compile:
         run.model.compile(mode=None if cfg.compile is True else cfg.compile)
-    resumed, start_epoch = _Resumed.latest(rd, run.device) if resume else (_Resumed(), 0)
+    resumed, start_epoch = Resumed.latest(rd, run.device) if resume else (Resumed(), 0)  # start_epoch: the epochs done
     if dinfo.is_main:
         rd.truncate_metrics(start_epoch)
     history = ValHistory.of([r for r in rd.metrics() if r["epoch"] <= start_epoch], cfg.early_stop)  # on every rank: one decision
@@ -262,14 +243,15 @@ def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int |
             stage, stage_name = _enter_stage(run, name, scfg, loader, runner, resumed, changed), name
             live.optimizer, live.scheduler = stage.optimizer, stage.scheduler
             live.ema_model = stage.ema.module if stage.ema is not None else None
-        row = _run_epoch(run, stage, loader, epoch, name, scfg, first, cbs)
-        if row is None:  # a callback stopped the run inside the epoch: it is not committed, a resumed run redoes it
+        record = _run_epoch(run, stage, loader, epoch, name, scfg, first, cbs)
+        if record is None:  # a callback stopped the run inside the epoch: it is not committed, a resumed run redoes it
             break
         if changed and epoch == start_epoch:
-            row["resume_overrides"] = changed
+            record.resume_overrides = changed
+        row = record.to_dict()
         improved = history.add(row)
         if dinfo.is_main:
-            _commit(run, stage, epoch, row, history.best if improved else None)
+            _commit(run, stage, record, history.best if improved else None)
             cbs.call("on_epoch_end", row)
         done = epoch + 1
     stopped = dist_mod.broadcast_object(live.stop_reason)
@@ -289,24 +271,24 @@ def _train_locked(run: _Run, cbs: Callbacks, *, resume: bool, until_epoch: int |
     return out
 
 
-def _commit(run: _Run, stage: Stage, epoch: int, row: dict, best: dict | None) -> None:
-    """Rank 0 writes the epoch: its row, the best weights if it is the new best, then the checkpoint. The checkpoint
-    comes last: a run killed before it redoes the epoch and writes the row and the best weights again."""
-    meta = {**run.meta, "stage": row["stage"], "method": row["method"]}
+def _commit(run: _Run, stage: Stage, row: MetricsRow, best: dict | None) -> None:
+    """Rank 0 writes the epoch: its row, the best weights if it is the new best, then the checkpoint (numbered as the
+    row). The checkpoint comes last: a run killed before it redoes the epoch and writes the row and the best weights again."""
+    meta = {**run.meta, "stage": row.stage, "method": row.method}
     if run.cfg.log.console:
-        log.info(format_row(row))
+        log.info(format_row(row.to_dict()))
     run.rd.append_metrics(row)
     if best is not None:
         save_best(run.rd, stage.method.plain_model(stage.eval_model()), meta, best)
-    state = {"epoch": epoch, "stage": row["stage"], **stage.state_dict(), "rng": rng.get_state()}
-    sound = health(run.model, row["train"].get("loss"), run.start_scale)
-    run.rd.checkpoints(run.cfg.keep_checkpoints).save(epoch, run.model, state, meta, sound)
+    state = {"schema": SCHEMA, "epoch": row.epoch, "stage": row.stage, **stage.state_dict(), "rng": rng.get_state()}
+    sound = health(run.model, row.train.get("loss"), run.start_scale)
+    run.rd.checkpoints(run.cfg.keep_checkpoints).save(row.epoch, run.model, state, meta, sound)
 
 
-def _restore_last(run: _Run, loader: Loader, runner: StepRunner, resumed: _Resumed, changed: dict) -> Stage | None:
+def _restore_last(run: _Run, loader: Loader, runner: StepRunner, resumed: Resumed, changed: dict) -> Stage | None:
     """The checkpoint a run resumed after its last epoch ends with: a stage's last epoch holds the plain model; an early
     stop inside a stage may hold the method's structure (LoRA's adapters), so the stage is set up to load it."""
-    epoch = int(resumed.state["epoch"])
+    epoch = resumed.epoch - 1  # the 0-based index of the checkpoint's epoch
     name, scfg, first = run.stage_at(epoch)
     if epoch - first < scfg.epochs - 1:
         return _enter_stage(run, name, scfg, loader, runner, resumed, changed)
@@ -315,9 +297,9 @@ def _restore_last(run: _Run, loader: Loader, runner: StepRunner, resumed: _Resum
 
 
 def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, scfg: StageConfig, first: int,
-               cbs: Callbacks) -> dict | None:
-    """One epoch of ``stage``; its metrics row (validation included when due), or None when a callback stopped the run
-    inside it (``stop(now=True)``, one rank)."""
+               cbs: Callbacks) -> MetricsRow | None:
+    """The run's epoch ``epoch + 1`` (``epoch``: its 0-based index, as ``EpochContext`` has it) of ``stage``; its metrics row
+    (validation included when due), or None when a callback stopped the run inside it (``stop(now=True)``, one rank)."""
     cfg, dinfo = run.cfg, dist_mod.info()
     t0 = time.time()
     ctx = EpochContext(epoch, epoch - first, run.splits.sampler(lambda: rng.epoch_generator(cfg.seed, epoch, 2), run.device), rng.epoch_generator(cfg.seed, epoch, 1))
@@ -352,20 +334,28 @@ def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, s
     n_val = min(cfg.eval.n_examples, len(run.splits.x_val))
     if epoch - first == scfg.epochs - 1:
         stage.use_average()  # with an EMA, the stage's result is its average: the model takes its weights
-        events.update(stage.method.on_stage_end(run.model, lambda m: _validate(m, cfg, run.splits, n_val, stage.runner.autocast)))
-    row = {"epoch": epoch + 1, "stage": name, "method": scfg.method, "lr": stage.lr, "train": train_metrics,
-           "trainable_params": trainable, "total_params": sum(p.numel() for p in run.model.parameters()),
-           "optimizer_state_bytes": stage.optimizer_state_bytes(), "epoch_time_s": train_time, **events, **stage.method.log_fields()}
+        events.update(stage.method.on_stage_end(run.model, lambda m: validate(m, cfg, run.splits, n_val, stage.runner.autocast)))
+    row = MetricsRow(epoch + 1, name, scfg.method, stage.lr, train_metrics, trainable, sum(p.numel() for p in run.model.parameters()),
+                     stage.optimizer_state_bytes(), train_time, selection=_selection(events.pop("selection", None), scfg.method),
+                     extra={**events, **stage.method.log_fields()})
     if n_val and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == run.total_epochs):
-        row["val"] = _held_out(stage.eval_model(), cfg, run.splits, n_val, stage.runner.autocast, progress=cfg.progress and dinfo.is_main)
-    row["time_s"] = time.time() - t0
+        row.val = held_out(stage.eval_model(), cfg, run.splits, n_val, stage.runner.autocast, progress=cfg.progress and dinfo.is_main)
+    row.time_s = time.time() - t0
     if dinfo.world_size > 1:
-        row["world_size"] = dinfo.world_size
+        row.world_size = dinfo.world_size
     return row
 
 
 def _diverged(run: _Run, epoch: int, name: str, scfg: StageConfig, train_metrics: dict) -> TrainingDiverged:
-    return TrainingDiverged(divergence_advice(run.rd, run.cfg, epoch, name, train_metrics.get("loss")))
+    """The error of a loss that became NaN or infinite in the run's epoch ``epoch + 1``."""
+    return TrainingDiverged(divergence_advice(run.rd, run.cfg, epoch + 1, name, train_metrics.get("loss")))
+
+
+def _selection(event, method: str) -> SelectionEvent | None:
+    if event is None or isinstance(event, SelectionEvent):
+        return event
+    raise ClatError(f"method {method!r} returned a 'selection' event of type {type(event).__name__}; return a "
+                    "clat.base.records.SelectionEvent (its epochs count from 1, as the metrics rows')")
 
 
 def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) -> dict:
@@ -377,46 +367,17 @@ def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) ->
     if stage is not None:
         stage.use_average()  # stopped early inside a stage with an EMA: the run ends with the average, as at a stage's end
     save_weights(rd.weights_path, stage.method.plain_model(run.model) if stage is not None else run.model, run.meta)  # stopped early: LoRA merged
-    rows = rd.metrics()
-    overrides = [r["resume_overrides"] for r in rows if "resume_overrides" in r]
-    summary = {
-        "run_dir": str(rd.path), "data": run.splits.name, "model": run.meta, "epochs": run.total_epochs,
-        "final_val": rows[-1].get("val") if rows else None,
-        "selection_history": [r["selection"] for r in rows if "selection" in r],
-        "trainable_params_last": rows[-1]["trainable_params"] if rows else None,
-        "total_params": sum(p.numel() for p in run.model.parameters()), "layers": len(run.layers),
-        "wall_time_s_this_session": wall,
-        "train_time_s": sum(r["time_s"] for r in rows),
-        "world_size": dinfo.world_size, "precision": run.cfg.precision, "versions": versions(),
-        **({"resume_overrides": overrides} if overrides else {}),
-        **history.summary(rows[-1]["epoch"] if rows else 0, run.total_epochs),
-        "finished": True,
-    }
+    rows = rd.metric_rows()
+    overrides = [r.resume_overrides for r in rows if r.resume_overrides is not None]
+    summary = Summary(
+        str(rd.path), run.total_epochs, run.splits.name, run.meta, final_val=rows[-1].val if rows else None,
+        selection_history=[r.selection for r in rows if r.selection is not None],
+        trainable_params_last=rows[-1].trainable_params if rows else None, total_params=sum(p.numel() for p in run.model.parameters()),
+        layers=len(run.layers),
+        extra={"wall_time_s_this_session": wall, "train_time_s": sum(r.time_s for r in rows), "world_size": dinfo.world_size,
+               "precision": run.cfg.precision, "versions": versions(), **({"resume_overrides": overrides} if overrides else {}),
+               **history.summary(rows[-1].epoch if rows else 0, run.total_epochs)},
+    ).to_dict()
     atomic_write_text(rd.summary_path, json.dumps(summary, indent=2))
     dist_mod.barrier()
     return summary
-
-
-def _held_out(model: nn.Module, cfg: Config, splits: Splits, n_val: int, autocast, progress: bool = False) -> dict:
-    """Clean and PGD accuracy on the first ``n_val`` validation images; several ranks split
-    them and sum the counts. Random starts are seeded per example, so the result does not
-    depend on the number of ranks or the batch size, and the global RNG is not touched."""
-    i = dist_mod.info()
-    lo, hi = n_val * i.rank // i.world_size, n_val * (i.rank + 1) // i.world_size
-    counts = torch.zeros(2, dtype=torch.float64)
-    if hi > lo:
-        with autocast():
-            r = evaluate(model, splits.x_val[lo:hi], splits.y_val[lo:hi], cfg.attack.threat().replace(steps=cfg.eval.steps),
-                         restarts=cfg.eval.restarts, batch_size=cfg.data.eval_batch_size, progress=progress, desc="val",
-                         seed=cfg.seed, index_offset=lo)
-        counts[:] = torch.tensor([r["clean_correct"], r["pgd_correct"]], dtype=torch.float64)
-    dev = next(model.parameters()).device
-    counts = dist_mod.all_reduce_(counts.to(dev)).cpu() if i.enabled else counts
-    return {"clean_acc": counts[0].item() / n_val, "pgd_acc": counts[1].item() / n_val, "n": n_val}
-
-
-def _validate(model: nn.Module, cfg: Config, splits: Splits, n_val: int, autocast=contextlib.nullcontext) -> dict:
-    if n_val == 0:
-        raise ConfigError("this method chooses on the validation split, but it is empty: set data.val_size and eval.n_examples > 0")
-    r = _held_out(model, cfg, splits, n_val, autocast)
-    return {"clean_acc": r["clean_acc"], "pgd_acc": r["pgd_acc"]}
