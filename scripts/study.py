@@ -105,9 +105,9 @@ def save_partial(s: StudySettings, run: Path) -> None:
     from clat.runs.folder import RunDir
 
     rows = rows_of(run)
-    best = {best_row(rows)["epoch"] - 1} if rows and "val" in rows[0] else set()
+    best = {best_row(rows)["epoch"]} if rows and "val" in rows[0] else set()
     dst = partial_dir(s, run)
-    what = RunDir(run).export(dst, weights_of=best, extra=(DEVICE_FILE,))
+    what = RunDir(run).export(dst, weights_of_epochs=best, extra=(DEVICE_FILE,))
     if what == "finished":
         log(f"{run.name}: trained weights kept in {dst.relative_to(s.study.parent)} until its evaluation is written")
     elif what:
@@ -141,10 +141,10 @@ def prune_checkpoints(run: Path) -> None:
     from clat.runs.folder import RunDir
 
     rows = rows_of(run)
-    keep = {len(rows) - 1}
+    keep = {rows[-1]["epoch"]} if rows else set()  # epochs count from 1, as in metrics.jsonl
     if rows and "val" in rows[0]:
-        keep.add(best_row(rows)["epoch"] - 1)
-    RunDir(run).checkpoints().prune(keep)
+        keep.add(best_row(rows)["epoch"])
+    RunDir(run).checkpoints().prune(keep=keep)
 
 
 def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
@@ -191,7 +191,7 @@ def do_pretraining(s: StudySettings, budget: Budget) -> dict:
     best = branch_row(s, rows)
     p = best["epoch"]
     s.ckpts.mkdir(parents=True, exist_ok=True)
-    shutil.copy(RunDir(run).checkpoints().weights(p - 1), s.ckpts / "pgd_at_branch.safetensors")
+    shutil.copy(RunDir(run).checkpoints().weights(epoch=p), s.ckpts / "pgd_at_branch.safetensors")
     write_json(s.results / "pgd_at_pretrain.json", {"config": str(s.pretrain_cfg.relative_to(REPO)), "rows": rows,
                                                    "summary": RunDir(run).summary(), "train_devices": train_devices(run)})
     rule = "epoch of the highest validation PGD-10 accuracy (earliest on ties)" if s.branch == "best" else "the last epoch"
@@ -218,7 +218,7 @@ def do_trades_pretraining(s: StudySettings, budget: Budget, p: int) -> None:
         return
     run = s.runs / "trades_pretrain"
     run_training(s, run, pretrain_cfg(s, "trades"), budget, until=p)
-    shutil.copy(RunDir(run).checkpoints().weights(p - 1), s.ckpts / "trades_branch.safetensors")
+    shutil.copy(RunDir(run).checkpoints().weights(epoch=p), s.ckpts / "trades_branch.safetensors")
     write_json(s.results / "trades_pretrain.json", {"rows": rows_of(run), "stopped_at": p})
 
 
@@ -269,6 +269,7 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
     part's per-image outcomes beside its JSON (``pgd.records.npz``, ``aa_00000.records.npz``); ``stages``: run only these
     first stages of AutoAttack (a screening evaluation)."""
     from clat.runs.checkpoint import sha256
+    from clat.eval.attacks import APGDCE, PGD, AutoAttack
     from clat.eval.protocol import EvalProtocol, run_protocol
     from clat.eval.records import EvalRecord, record_path, save_record
 
@@ -280,7 +281,7 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
         budget.check()
         # in two parts, so that PGD is also known on exactly the images AutoAttack sees
         parts = [(0, s.n_test_aa), (s.n_test_aa, s.n_test_pgd)]
-        protocol = EvalProtocol(THREAT.replace(steps=s.pgd["steps"]), restarts=s.pgd["restarts"], batch_size=500, seed=0)
+        protocol = EvalProtocol(THREAT.replace(steps=s.pgd["steps"]), [PGD(s.pgd["restarts"])], batch_size=500, seed=0)
         results = [run_protocol(model, x[a:b], y[a:b], protocol, index_offset=a) for a, b in parts if b > a]
         r = [p.to_dict() for p in results]
         n = sum(p["n"] for p in r)
@@ -297,8 +298,8 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
         if not _done(f, records):
             budget.check()
             alone = s.aa_version == "apgd-ce"  # the smoke check's cheap stand-in (StudySettings.smoke)
-            protocol = EvalProtocol(THREAT, pgd=False, apgd_ce=alone, autoattack=None if alone else s.aa_version, batch_size=s.aa_chunk, seed=i,
-                                    autoattack_stages=None if alone else stages)
+            attack = APGDCE() if alone else AutoAttack(s.aa_version, stages)
+            protocol = EvalProtocol(THREAT, [attack], batch_size=s.aa_chunk, seed=i)
             result = run_protocol(model, x[i : i + s.aa_chunk], y[i : i + s.aa_chunk], protocol, index_offset=i)
             r = result.to_dict()["apgd_ce" if alone else "autoattack"]
             if records:

@@ -34,6 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 
+
+def stage_epoch_of(sel: dict) -> int:
+    """A selection's epoch within its stage, from 0 (clat's records before schema 2 wrote ``stage_epoch``, from 0; since
+    then ``epoch_in_stage``, from 1)."""
+    return sel["stage_epoch"] if "stage_epoch" in sel else sel["epoch_in_stage"] - 1
+
 def hits(results: Path) -> list[dict]:
     """Selections with C_i == W_i for a layer i > 0, in the results and in the results superseded since (study/superseded/)."""
     out = []
@@ -46,7 +52,7 @@ def hits(results: Path) -> list[dict]:
                 continue  # RiFT records its own measure
             flagged = [i for i in range(1, len(c)) if c[i] == w[i]]
             if flagged:
-                out.append({"item": f.stem, "arm": d["arm"], "seed": d["seed"], "stage_epoch": sel["stage_epoch"], "flagged_index": flagged,
+                out.append({"item": f.stem, "arm": d["arm"], "seed": d["seed"], "stage_epoch": stage_epoch_of(sel), "flagged_index": flagged,
                             "recorded_selected": sel["selected"], "recorded": sel})
     return out
 
@@ -94,8 +100,8 @@ def recompute(run: Path, arm: str, stage_epoch: int, branch: Path) -> dict:
     model = build_model(cfg, splits.num_classes, torch.device("cpu"))
     if stage_epoch > 0:
         ck = RunDir(run).checkpoints()
-        load_into(model, read_state_dict(ck.weights(stage_epoch - 1)))
-        clat_rng.set_state(load_state(ck.state(ck.dir(stage_epoch - 1)))["rng"])
+        load_into(model, read_state_dict(ck.weights(epoch=stage_epoch)))  # the checkpoint after epoch stage_epoch (from 1)
+        clat_rng.set_state(load_state(ck.state(ck.dir(epoch=stage_epoch)))["rng"])
     else:
         load_into(model, read_state_dict(branch))
     if cfg.channels_last:

@@ -196,7 +196,7 @@ def plot_criticality(s: StudySettings, run: dict) -> str | None:
     width = 0.8 / len(hist)
     for j, h in enumerate(hist):
         xs = [i - 0.4 + (j + 0.5) * width for i in range(n)]
-        bars = ax.bar(xs, h["criticality"][:n], width=width, label=f"epoch {h['stage_epoch'] + 1}: chose {', '.join(h['selected'])}")
+        bars = ax.bar(xs, h["criticality"][:n], width=width, label=f"epoch {h.get('epoch_in_stage', h.get('stage_epoch', 0) + 1)}: chose {', '.join(h['selected'])}")
         for i in h["selected_index"]:
             if i < n:
                 bars[i].set_edgecolor("black")

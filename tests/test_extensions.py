@@ -1,6 +1,6 @@
-"""One plug-in pattern (issue 35): every kind of extension (model, method, selector, dataset, logger; evaluation
-attacks once they have their registry) is added from ONE file outside the package, named on the command line as
-``module:name``, runs, and is listed by ``clat list``."""
+"""One plug-in pattern (issue 35): every kind of extension (model, method, selector, evaluation attack, dataset,
+logger) is added from ONE file outside the package, named on the command line as ``module:name``, runs, and is listed
+by ``clat list``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import clat
+from clat.eval.attacks import AttackResult, EvalAttack
 from clat.methods import PGDAT
 
 
@@ -51,6 +52,17 @@ def noise(cfg):                                    # a data set: data.dataset=my
     x = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.arange(100) % 10
     return x[:80], y[:80], x[80:], y[80:]
+
+
+class Flip(EvalAttack):                            # an evaluation attack: clat eval --attack myext:Flip
+    """the image mirrored left-right"""
+    name = "flip"
+
+    def run(self, model, x, y, threat, ctx):
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        with torch.no_grad():
+            ok = (model(x).argmax(1) == y) & (model(x.flip(3)).argmax(1) == y)
+        return AttackResult({"n": len(ok), "robust_acc": ok.float().mean().item()}, {"flip": ok}, robust_acc=ok.float().mean().item())
 
 
 class EpochFile(clat.Callback):                    # a logger: log.loggers=myext:EpochFile
@@ -112,10 +124,15 @@ def test_one_of_each_kind_from_one_outside_file(myext, capsys):
     est = compute_estimates(model, layers, x, y, ThreatModel(steps=1), names=["depth", "myext:widest"])
     assert est["myext:widest"] == [float(layer.numel) for layer in layers] and est["depth"] == [float(layer.index) for layer in layers]
 
+    # the evaluation attack, beside PGD; its per-image outcomes go into the evaluation's records
+    assert main(["-q", "eval", str(run), "--n-examples", "10", "--steps", "1", "--attack", "myext:Flip", "--out", str(myext / "e.json")]) == 0
+    ev = json.loads((myext / "e.json").read_text())
+    assert ev["flip"]["n"] == 10 and 0 <= ev["flip"]["robust_acc"] <= 1
+
     capsys.readouterr()
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for kind, name in [("models", "myext:make_net"), ("methods", "myext:HalfAT"), ("selectors", "myext:widest"),
+    for kind, name in [("models", "myext:make_net"), ("methods", "myext:HalfAT"), ("selectors", "myext:widest"), ("attacks", "myext:Flip"),
                        ("datasets", "myext:noise"), ("loggers", "myext:EpochFile")]:
         assert main(["list", kind]) == 0
         assert name in capsys.readouterr().out and name in out, (kind, name)
@@ -154,14 +171,3 @@ def test_an_unknown_logger_stops_before_the_run_folder(myext, capsys):
     err = capsys.readouterr().err
     assert "unknown logger 'tensorbord'; did you mean tensorboard?" in err and err.count("\n") == 1
     assert not run.exists()
-
-
-def test_an_evaluation_attack_from_outside(myext, capsys):
-    """The evaluation attacks' registry comes with their objects (issue 35, item 3): ``clat.eval.attacks.ATTACKS``."""
-    attacks = pytest.importorskip("clat.eval.attacks")
-    if "ATTACKS" not in vars(attacks):
-        pytest.skip("clat.eval.attacks has no ATTACKS registry yet")
-    (myext / "myattack.py").write_text("def nothing(*args, **kwargs):\n    \"\"\"no attack at all\"\"\"\n    return None\n")
-    assert attacks.ATTACKS.get("myattack:nothing") is not None
-    assert main(["list", "attacks"]) == 0
-    assert "myattack:nothing" in capsys.readouterr().out

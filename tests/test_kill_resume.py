@@ -23,7 +23,7 @@ OVERRIDES = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=600
 CHILD = textwrap.dedent(
     """
     import importlib, os, signal, sys
-    C = importlib.import_module("clat.checkpoint")  # clat.runs imports save_state from here at each call
+    C = importlib.import_module("clat.runs.folder")  # Checkpoints.save looks save_state up here
     M = importlib.import_module("clat.methods.clat")
     mode, n = sys.argv[1], int(sys.argv[2])
     calls = [0]

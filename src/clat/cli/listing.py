@@ -15,6 +15,7 @@ from clat.base.errors import ClatError
 from clat.base.registry import Registry, import_user_module
 from clat.config.help import CONFIGS, describe, list_configs, render
 from clat.config.load import dump_yaml, load_config
+from clat.eval.attacks import ATTACKS
 from clat.criticality.selectors import SELECTORS
 from clat.data.prepare import DATASETS
 from clat.layers.discovery import find_layers
@@ -23,9 +24,8 @@ from clat.models import create_model, list_models, model_info
 from clat.models.registry import MODELS
 from clat.training.callbacks import LOGGERS
 
-# Every kind of extension, with its registry (clat.base.registry): `clat list KIND`. The evaluation attacks get
-# theirs with the attack objects (clat.eval.attacks.ATTACKS); until then the kind is listed as empty.
-REGISTRIES: dict[str, Registry | None] = {"models": MODELS, "methods": METHODS, "selectors": SELECTORS, "attacks": None,
+# Every kind of extension, with its registry (clat.base.registry): `clat list KIND`.
+REGISTRIES: dict[str, Registry | None] = {"models": MODELS, "methods": METHODS, "selectors": SELECTORS, "attacks": ATTACKS,
                                           "datasets": DATASETS, "loggers": LOGGERS}
 
 

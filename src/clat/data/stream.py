@@ -33,7 +33,7 @@ from clat.base.errors import ConfigError, DataError
 from clat.data.items import FolderDataset, SeededItems, as_pair, collate
 from clat.data.readers import check_every_class_trained
 
-__all__ = ["DatasetSplits", "StreamLoader", "as_splits", "train_loader", "stream_folder", "run_data", "fingerprint", "python_data_message"]
+__all__ = ["DatasetSplits", "StreamLoader", "as_splits", "train_loader", "stream_folder", "fingerprint", "python_data_message"]
 
 log = logging.getLogger("clat")
 

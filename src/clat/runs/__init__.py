@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clat.runs.folder import (log, RunLocked, Checkpoints, RunDir, record_output)  # noqa: F401
+from clat.runs.folder import (RunLocked, Checkpoints, RunDir, record_output)  # noqa: F401
 from clat.runs.loading import (find_weights, load_model)  # noqa: F401
 
-__all__ = ['log', 'RunLocked', 'Checkpoints', 'RunDir', 'record_output', 'find_weights', 'load_model']
+__all__ = ['RunLocked', 'Checkpoints', 'RunDir', 'record_output', 'find_weights', 'load_model']

@@ -6,10 +6,8 @@ else a user keeps there. This module owns the rules that keep the user's files s
 - **Manifest** (``.clat-manifest.json``, :mod:`clat.runs.manifest`): every file or folder clat writes into a
   run folder is recorded there when it is written, with the command that made the folder; ``--force``
   removes exactly those entries and nothing else, and never replaces another command's folder.
-- **Lock** (``.clat.lock``, :mod:`clat.runs.lock`): one process at a time trains in, resumes or
-  writes results into a run folder (``lock``): an exclusive ``flock`` held for the whole command,
-  released by the operating system however the process ends; a second process is refused with a
-  message naming the holder.
+- **Lock** (``.clat.lock``, :mod:`clat.runs.lock`): one process at a time writes into a run folder; a
+  second is refused with a message naming the holder.
 - **Config**: ``read_config`` is the one reader of a run's ``config.yaml`` (one-line errors for
   invalid YAML, refused tags, unknown keys); ``owner_of`` says which run a weights file belongs
   to, so a ``config.yaml`` found near a file is used only when the file is that run's.
