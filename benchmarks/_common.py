@@ -147,7 +147,8 @@ def timing_parser(doc: str, models: Sequence[str], default: Sequence[str], repea
     ap.add_argument("--quick", action="store_true", help="tiny_cnn only: a smoke test (< 1 min)")
     ap.add_argument("--models", nargs="+", choices=list(models), help=f"default: {' '.join(default)} (--quick: tiny_cnn)")
     ap.add_argument("--repeats", type=int, help=repeats)
-    ap.add_argument("--min-time", type=float, help="seconds per timed measurement at least (short calls are repeated; default 1, --quick 0.5)")
+    ap.add_argument("--min-time", type=float, help="seconds per timed measurement at least (short calls are repeated; default 1, --quick "
+                                                   "0.5)")
     return ap
 
 
@@ -281,7 +282,8 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, *, warmup: int
     for _ in range(warmup):
         for n in names:
             warm[n], other = measure(fns[n])
-            log(f"  {label} warm-up {n}: {warm[n]:.2f}s" + (f"  (other processes: {other:.2f} cores)" if other and other > CONTENDED_CORES else ""))
+            busy_note = f"  (other processes: {other:.2f} cores)" if other and other > CONTENDED_CORES else ""
+            log(f"  {label} warm-up {n}: {warm[n]:.2f}s" + busy_note)
     inner = max(1, math.ceil(min_time / min(warm.values()))) if (min_time > 0 and warm) else 1
     if inner > 1:
         log(f"  {label} {inner} calls per timed measurement")
@@ -294,7 +296,8 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, *, warmup: int
             for attempt in range(retries + 1):
                 dt, other = measure(fns[n], inner)
                 busy = other is not None and other > CONTENDED_CORES
-                note = f"  (other processes used {other:.2f} cores: contended{', retrying' if busy and attempt < retries else ''})" if busy else ""
+                again = ", retrying" if busy and attempt < retries else ""
+                note = f"  (other processes used {other:.2f} cores: contended{again})" if busy else ""
                 log(f"  {label} round {r + 1}/{repeats} {n}: {dt:.3f}s per call{note}")
                 if not busy:
                     break

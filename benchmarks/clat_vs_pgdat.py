@@ -203,7 +203,8 @@ def bench_model(name: str, bs: int, pinned: str, repeats: int, crit_n: int, flop
         "times": {k: C.summary(v) for k, v in times.items()},
         "img_per_s": {k: bs / v for k, v in med.items()},
         "trainable_params": trainable,
-        "breakdown": {k: {"optimisation": VARIANTS[k][1], "turned_off": VARIANTS[k][2], "rel_to_clat": C.median(C.paired_ratios(times[k], times["clat"])),
+        "breakdown": {k: {"optimisation": VARIANTS[k][1], "turned_off": VARIANTS[k][2],
+                          "rel_to_clat": C.median(C.paired_ratios(times[k], times["clat"])),
                           "saving": 1 - 1 / C.median(C.paired_ratios(times[k], times["clat"])),
                           "rel_ratio_of_medians": med[k] / med["clat"],
                           "paired_rel": C.paired_ratios(times[k], times["clat"])} for k in VARIANTS if k != "clat"},
@@ -239,7 +240,8 @@ def main() -> None:
                      "yes" if r["within_10pct_of_bound"] else "no"])
     print(C.table(["model", "batch", "deepest critical layer", "p", "bound", "FLOP ratio", "PGD-AT s", "CLAT s",
                    "t_clat/t_pgdat", "per-round", "within 10%"], rows,
-                  "Step time, CLAT (pinned layer) vs PGD-10 AT. bound = (22p+2)/23; FLOP ratio = FlopCounterMode(CLAT step)/FlopCounterMode(PGD-AT step)"))
+                  "Step time, CLAT (pinned layer) vs PGD-10 AT. bound = (22p+2)/23; FLOP ratio = FlopCounterMode(CLAT "
+                  "step)/FlopCounterMode(PGD-AT step)"))
     print()
     for r in results:
         rows = [[k, v["optimisation"], v["turned_off"], f"{r['times'][k]['median_s']:.2f}", f"{v['rel_to_clat']:.3f}x",
@@ -248,7 +250,8 @@ def main() -> None:
         print(C.table(["variant", "opt.", "turned off", "median s", "time / CLAT", "per-round", "saved by opt."], rows,
                       f"Savings breakdown, {r['model']} batch {r['batch_size']} (each optimisation off on its own)"))
         print()
-    rows = [[r["model"], r["real_selection"]["k"], ", ".join(f"{i} {n}" for i, n in zip(r["real_selection"]["selected_index"], r["real_selection"]["selected"])),
+    rows = [[r["model"], r["real_selection"]["k"],
+             ", ".join(f"{i} {n}" for i, n in zip(r["real_selection"]["selected_index"], r["real_selection"]["selected"])),
              f"{r['real_selection']['p']:.3f}", f"{r['real_selection']['bound']:.3f}"] for r in results]
     for r in results:
         worst = max(v["max_rel_grad_diff"] for v in r["ablation_equivalence"].values())
@@ -259,7 +262,8 @@ def main() -> None:
                   f"Selection a real criticality run makes (CLAT.on_epoch_start, {args.criticality_batch} bundled CIFAR-10 images, "
                   "randomly initialised model: the paper's selection is for trained models)"))
     C.finish(info)
-    path = C.write_json("clat_vs_pgdat" + ("_quick" if args.quick else ""), {"benchmark": "clat_vs_pgdat", "quick": args.quick, "env": info, "results": results})
+    path = C.write_json("clat_vs_pgdat" + ("_quick" if args.quick else ""),
+                        {"benchmark": "clat_vs_pgdat", "quick": args.quick, "env": info, "results": results})
     print(f"\nresults: {path}")
 
 

@@ -87,7 +87,8 @@ def main() -> None:
                    "amortised (every 10 ep.)", "<= 1%"], rows,
                   f"Criticality cost (target <= {100 * TARGET:.0f}% of an epoch per selection; paper Table 7: {100 * PAPER:.1f}%)"))
     C.finish(info)
-    path = C.write_json("criticality_cost" + ("_quick" if args.quick else ""), {"benchmark": "criticality_cost", "quick": args.quick, "env": info, "results": results})
+    path = C.write_json("criticality_cost" + ("_quick" if args.quick else ""),
+                        {"benchmark": "criticality_cost", "quick": args.quick, "env": info, "results": results})
     print(f"\nresults: {path}")
 
 

@@ -41,7 +41,8 @@ VARIANTS: dict[str, tuple[str, list[str], int, int]] = {
     "preact_pgd_at_bf16_cl": ("preact_resnet18_fast_at.yaml", ["pretrain.method=pgd_at", "precision=bf16", "channels_last=true"], 2, 0),
     "preact_pgd_at_fp16_cl": ("preact_resnet18_fast_at.yaml", ["pretrain.method=pgd_at", "precision=fp16", "channels_last=true"], 2, 0),
     "preact_pgd_at_bf16_cl_b512": ("preact_resnet18_fast_at.yaml",
-                                   ["pretrain.method=pgd_at", "precision=bf16", "channels_last=true", "data.batch_size=512", "pretrain.lr=0.2"], 2, 0),
+                                   ["pretrain.method=pgd_at", "precision=bf16", "channels_last=true", "data.batch_size=512",
+                                    "pretrain.lr=0.2"], 2, 0),
     "resnet18_pgd_at_then_clat_bf16_cl": ("resnet18_pgd_at_clat.yaml", ["precision=bf16", "channels_last=true"], 2, 2),
     "resnet18_pgd_at_then_clat_fp32": ("resnet18_pgd_at_clat.yaml", [], 2, 2),
     "wrn34_10_pgd_at_bf16_cl": ("wrn34_10_pgd_at.yaml", ["precision=bf16", "channels_last=true"], 2, 0),
@@ -52,7 +53,8 @@ VARIANTS: dict[str, tuple[str, list[str], int, int]] = {
                                       ["pretrain.method=pgd_at", "precision=bf16", "channels_last=true", "fused_optimizer=false"], 2, 0),
     # CUDA graphs through torch.compile's cudagraph trees (never measured yet)
     "preact_pgd_at_bf16_cl_reduce_overhead": ("preact_resnet18_fast_at.yaml",
-                                              ["pretrain.method=pgd_at", "precision=bf16", "channels_last=true", "compile=reduce-overhead"], 3, 0),
+                                              ["pretrain.method=pgd_at", "precision=bf16", "channels_last=true",
+                                               "compile=reduce-overhead"], 3, 0),
 }
 
 
@@ -78,7 +80,8 @@ def run_variant(name: str, root: str, verify: bool, n_val_eval: int, smoke: bool
     wall = time.time() - t0
     out = {"config": f"configs/paper/cifar10/{cfg_file}", "overrides": overrides, "wall_s": wall, "epochs": []}
     for r in rows:
-        out["epochs"].append({k: r.get(k) for k in ("epoch", "stage", "method", "epoch_time_s", "time_s", "trainable_params", "selected", "val")})
+        out["epochs"].append({k: r.get(k) for k in ("epoch", "stage", "method", "epoch_time_s", "time_s", "trainable_params", "selected",
+                                                    "val")})
     out["n_train"] = n_train
     if torch.cuda.is_available():
         out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
         for stage in ("pretrain", "finetune"):
             if f"{stage}_last_epoch_s" in r:
                 t = r[f"{stage}_last_epoch_s"]
-                rows.append([name, r[f"{stage}_method"], f"{t:.2f}", f"{n / t:,.0f}", f"{t * FULL_TRAIN / n:.1f}", f"{r.get('peak_gpu_mem_gib', 0):.2f}"])
+                rows.append([name, r[f"{stage}_method"], f"{t:.2f}", f"{n / t:,.0f}", f"{t * FULL_TRAIN / n:.1f}",
+                             f"{r.get('peak_gpu_mem_gib', 0):.2f}"])
     print(C.table(["variant", "method", "epoch s", "img/s", "49k-image epoch s (extrap.)", "peak GiB"], rows))
     print(f"results: {C.write_json(out_name, res)}")
     return 0

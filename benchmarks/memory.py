@@ -297,7 +297,8 @@ def main() -> None:
         for v, rs in runs.items():
             first = rs[0]
             agg[v] = {
-                **{k: first[k] for k in ("trainable_params", "total_params", "param_bytes", "grad_bytes", "optimizer_state_bytes", "selected") if k in first},
+                **{k: first[k] for k in ("trainable_params", "total_params", "param_bytes", "grad_bytes", "optimizer_state_bytes",
+                                         "selected") if k in first},
                 "peak_increase_median": C.median(r["peak_increase"] for r in rs),
                 "peak_increase_all": [r["peak_increase"] for r in rs],
                 "maxrss_before_median": C.median(r["maxrss_before"] for r in rs),
@@ -343,7 +344,8 @@ def main() -> None:
             ["gradient bytes", C.human_bytes(f["grad_bytes"]), C.human_bytes(c["grad_bytes"]), f"{100 * red['grad_bytes']:.1f}%"],
             ["SGD momentum state bytes", C.human_bytes(f["optimizer_state_bytes"]), C.human_bytes(c["optimizer_state_bytes"]),
              f"{100 * red['optimizer_state_bytes']:.1f}%"],
-            ["peak step memory (1st step, maxrss increase)", C.human_bytes(f["peak_increase_median"]), C.human_bytes(c["peak_increase_median"]),
+            ["peak step memory (1st step, maxrss increase)", C.human_bytes(f["peak_increase_median"]),
+             C.human_bytes(c["peak_increase_median"]),
              f"{100 * red['peak_increase']:.1f}%" if red["peak_increase"] is not None else "-"],
             ["steady-state step peak (2nd step, RSS high-water - RSS before)",
              C.human_bytes(f["steady_peak_increase_median"]) if "steady_peak_increase_median" in f else "-",
@@ -352,7 +354,8 @@ def main() -> None:
             ["live heap peak (3rd step, mallinfo2 sampled)",
              C.human_bytes(f["in_use_peak_median"]) if "in_use_peak_median" in f else "-",
              C.human_bytes(c["in_use_peak_median"]) if "in_use_peak_median" in c else "-",
-             f"{100 * (1 - c['in_use_peak_median'] / f['in_use_peak_median']):.1f}%" if f.get("in_use_peak_median") and "in_use_peak_median" in c else "-"],
+             f"{100 * (1 - c['in_use_peak_median'] / f['in_use_peak_median']):.1f}%"
+             if f.get("in_use_peak_median") and "in_use_peak_median" in c else "-"],
             ["process maxrss before the step", C.human_bytes(f["maxrss_before_median"]), C.human_bytes(c["maxrss_before_median"]), ""],
         ]
         if cuda:
@@ -367,7 +370,8 @@ def main() -> None:
             s = agg["clat_selection"]
             print(f"  one CLAT re-selection (criticality on {CRIT_N} images, every 10 epochs): maxrss increase "
                   f"{C.human_bytes(s['peak_increase_median'])}, {s['step_seconds_median']:.1f}s"
-                  + (f"; steady (2nd selection) {C.human_bytes(s['steady_peak_increase_median'])}" if "steady_peak_increase_median" in s else "")
+                  + (f"; steady (2nd selection) {C.human_bytes(s['steady_peak_increase_median'])}"
+                     if "steady_peak_increase_median" in s else "")
                   + (f"; live heap peak (3rd) {C.human_bytes(s['in_use_peak_median'])}" if "in_use_peak_median" in s else ""))
         t = agg["targets"]
         if t["clat_step_over_full_step"] is not None:
@@ -376,14 +380,16 @@ def main() -> None:
         if t["clat_recompute_step_over_full_step"] is not None:
             r = agg["clat_recompute"]
             print(f"  with clat.recompute=true: CLAT step peak {t['clat_recompute_step_over_full_step']:.2f}x full PGD-AT's -> "
-                  f"{'MET' if t['clat_recompute_step_over_full_step'] <= 0.7 else 'NOT MET'} (first step {r['step_seconds_median']:.1f}s vs "
+                  f"{'MET' if t['clat_recompute_step_over_full_step'] <= 0.7 else 'NOT MET'} (first step {r['step_seconds_median']:.1f}s "
+                  f"vs "
                   f"{c['step_seconds_median']:.1f}s without)")
         if t["reselection_over_clat_step"] is not None:
             print(f"  target re-selection peak <= CLAT step peak ({t['measure']}): {t['reselection_over_clat_step']:.2f}x -> "
                   f"{'MET' if t['reselection_le_clat_step'] else 'NOT MET'}")
         print()
     C.finish(info)
-    path = C.write_json("memory" + ("_quick" if args.quick else ""), {"benchmark": "memory", "quick": args.quick, "env": info, "results": results})
+    path = C.write_json("memory" + ("_quick" if args.quick else ""),
+                        {"benchmark": "memory", "quick": args.quick, "env": info, "results": results})
     print(f"results: {path}")
 
 

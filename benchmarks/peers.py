@@ -237,7 +237,8 @@ def main() -> None:
                   f"target >= {TARGET}x: {'MET' if r['meets_target'] else 'NOT MET'}")
         print()
     C.finish(info)
-    path = C.write_json("peers" + ("_quick" if args.quick else ""), {"benchmark": "peers", "quick": args.quick, "env": info, "skipped": skip, "target": TARGET,
+    path = C.write_json("peers" + ("_quick" if args.quick else ""),
+                        {"benchmark": "peers", "quick": args.quick, "env": info, "skipped": skip, "target": TARGET,
                                   "results": results})
     print(f"results: {path}")
 

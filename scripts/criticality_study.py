@@ -31,7 +31,8 @@ IMG = REPO / "docs" / "img"
 DATA_ROOT = REPO.parent / "shared" / "data"
 FINETUNE = ["pretrain.epochs=0", "finetune.epochs=5", "finetune.lr=0.01", "finetune.schedule=cosine", f"data.root={DATA_ROOT}"]
 SWEEPS = {
-    "resnet18_w16": {"config": REPO / "configs" / "study" / "pgd_at_pretrain.yaml", "init": REPO / "study" / "checkpoints" / "pgd_at_branch.safetensors",
+    "resnet18_w16": {"config": REPO / "configs" / "study" / "pgd_at_pretrain.yaml",
+                     "init": REPO / "study" / "checkpoints" / "pgd_at_branch.safetensors",
                      "title": "ResNet-18 at 1/4 width (the study's branch checkpoint)"},
     "vgg11_w16": {"config": REPO / "configs" / "study" / "vgg11_w16_pretrain.yaml", "init": OUT / "vgg11_w16_branch.safetensors",
                   "title": "VGG-11 at 1/4 width (a chain), pretrained by the study's recipe", "pretrain": True},
@@ -84,7 +85,8 @@ def run_all(hours: float) -> None:
             print("time budget used: run the same command again to continue", flush=True)
             return
         cfg = load_config(spec["config"], [*FINETUNE, f"init={spec['init']}"])
-        res = layer_sweep(cfg, OUT / name, settings(), hours=left, log=lambda m, n=name: print(f"[{n} {time.strftime('%H:%M:%S')}] {m}", flush=True))
+        res = layer_sweep(cfg, OUT / name, settings(), hours=left, log=lambda m,
+                          n=name: print(f"[{n} {time.strftime('%H:%M:%S')}] {m}", flush=True))
         if res["done"] < res["total"]:
             return
 

@@ -58,7 +58,8 @@ def main() -> None:
     (out / "sweep.json").write_text(json.dumps({"pretrain_val": pre_val, "rows": rows}, indent=2))
     table = markdown_table(
         ["λ", "val clean (%)", "val PGD-10 (%)", "last-epoch CE", "last-epoch L_C", "layers selected"],
-        [[r["lam"], f"{100 * r['clean_acc']:.1f}", f"{100 * r['pgd_acc']:.1f}", r["ce"], r["feature_dist"], "; ".join(",".join(s) for s in r["selected"])] for r in rows],
+        [[r["lam"], f"{100 * r['clean_acc']:.1f}", f"{100 * r['pgd_acc']:.1f}", r["ce"], r["feature_dist"],
+          "; ".join(",".join(s) for s in r["selected"])] for r in rows],
     )
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -67,10 +68,13 @@ def main() -> None:
         f"Setting: `small_cnn`, CIFAR-10 subset (JPEG-recovered): 9,000 training images, 1,000 held out for validation; "
         f"PGD-AT pretraining {args.pretrain_epochs} epochs (PGD-3, ε = 8/255, step 3/255, lr 0.05), then CLAT {args.clat_epochs} epochs "
         "(k = 1, re-selection every 2 epochs, lr 0.01; criticality with clat 0.1's post-activation-input denominator, "
-        "`clat.criticality.denominator=input`, which the script names since clat 0.2 changed the default) from that checkpoint for each λ. Validation: clean and PGD-10 (ε = 8/255, step 2/255) "
-        f"on the 1,000 held-out images. Pretrained checkpoint: clean {100 * pre_val['clean_acc']:.1f}%, PGD-10 {100 * pre_val['pgd_acc']:.1f}%.\n\n"
+        "`clat.criticality.denominator=input`, which the script names since clat 0.2 changed the default) from that checkpoint for each "
+        "λ. Validation: clean and PGD-10 (ε = 8/255, step 2/255) "
+        f"on the 1,000 held-out images. Pretrained checkpoint: clean {100 * pre_val['clean_acc']:.1f}%, PGD-10 "
+        f"{100 * pre_val['pgd_acc']:.1f}%.\n\n"
         + table
-        + f"\n\nReproduce: `python scripts/lambda_sweep.py --root DIR`, DIR holding `cifar-10-batches-py` ({time.time() - t0:.0f} s for the runs "
+        + f"\n\nReproduce: `python scripts/lambda_sweep.py --root DIR`, DIR holding `cifar-10-batches-py` ({time.time() - t0:.0f} s for "
+          f"the runs "
         "not already on disk, 2 CPU cores).\n"
     )
     print(doc.read_text())

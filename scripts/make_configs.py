@@ -17,7 +17,8 @@ OUT = Path("configs/paper")
 TABLE1 = {
     "densenet121": [("pgd_at", None), ("pgd_at", "clat")],
     "resnet50": [("pgd_at", None), ("pgd_at", "clat")],
-    "wrn34_10": [("pgd_at", None), ("pgd_at", "lora"), ("pgd_at", "rift"), ("pgd_at", "clat"), ("trades", None), ("trades", "rift"), ("trades", "clat")],
+    "wrn34_10": [("pgd_at", None), ("pgd_at", "lora"), ("pgd_at", "rift"), ("pgd_at", "clat"), ("trades", None), ("trades", "rift"),
+                 ("trades", "clat")],
     "vgg19": [("pgd_at", None), ("pgd_at", "clat")],
     "resnet18": [("pgd_at", "lora")] + [(b, f) for b in ("pgd_at", "trades", "mart", "awp", "score") for f in (None, "rift", "clat")],
     "preact_resnet18": [("fast_at", None), ("fast_at", "clat"), ("fast_at", "clat_fast")],
@@ -66,12 +67,14 @@ def main() -> None:
                     if ft == "clat_fast":
                         cfg["clat"] = {"inner": "fast"}
                     title = f"{base} 50 epochs + {ft} 50 epochs"
-                header = f"# Paper Table 1: {model}, {title}, {dataset}. GPU-sized.\n# clat train configs/paper/{dataset}/{name}.yaml data.root=/path/to/data\n"
+                header = (f"# Paper Table 1: {model}, {title}, {dataset}. GPU-sized.\n"
+                          f"# clat train configs/paper/{dataset}/{name}.yaml data.root=/path/to/data\n")
                 write(OUT / dataset / f"{name}.yaml", header, cfg)
                 n += 1
                 if dataset == "cifar10":
                     label = METHOD_NAME[base] + (f" + {METHOD_NAME[ft]}" if ft else "")
-                    doc.append(f"| {PAPER_NAME[model]} | {label} | `configs/paper/cifar10/{name}.yaml` | `configs/paper/cifar100/{name}.yaml` |")
+                    doc.append(f"| {PAPER_NAME[model]} | {label} | `configs/paper/cifar10/{name}.yaml` | "
+                               f"`configs/paper/cifar100/{name}.yaml` |")
         for model, sources in PUBLIC.items():
             for src in sources:
                 cfg = {"model": {"name": model}, "data": data, **COMMON, "init": f"checkpoints/{model}_{src}_{dataset}.safetensors",
@@ -81,14 +84,17 @@ def main() -> None:
                 write(OUT / dataset / f"{model}_{src}_clat.yaml", header, cfg)
                 n += 1
                 if dataset == "cifar10":
-                    doc.append(f"| {PAPER_NAME[model]} | {src} + CLAT (public checkpoint; `init=`) | `configs/paper/cifar10/{model}_{src}_clat.yaml` | `configs/paper/cifar100/{model}_{src}_clat.yaml` |")
+                    doc.append(f"| {PAPER_NAME[model]} | {src} + CLAT (public checkpoint; `init=`) | "
+                               f"`configs/paper/cifar10/{model}_{src}_clat.yaml` | `configs/paper/cifar100/{model}_{src}_clat.yaml` |")
     # Ablations (Tables 4, 5, 10; Figures 2, 3), on RN18 / CIFAR-10 unless the paper used another model.
     data = {"dataset": "cifar10", "root": "data", "download": True, "batch_size": 128, "val_size": 1000}
     abl = OUT / "ablations"
     for model in ("densenet121", "resnet50", "resnet18"):
         base = {"model": {"name": model}, "data": data, **COMMON, "pretrain": stage("pgd_at", 50), "finetune": stage("clat", 50)}
-        write(abl / f"{model}_nondynamic.yaml", "# Table 4: CLAT with the layers selected once (non-dynamic).\n", {**base, "clat": {"dynamic": False}})
-        write(abl / f"{model}_random_layers.yaml", "# Tables 5/10: random layers, re-drawn at each re-selection (λ as in Table 1's CLAT row).\n",
+        write(abl / f"{model}_nondynamic.yaml", "# Table 4: CLAT with the layers selected once (non-dynamic).\n",
+              {**base, "clat": {"dynamic": False}})
+        write(abl / f"{model}_random_layers.yaml", "# Tables 5/10: random layers, re-drawn at each re-selection (λ as in Table 1's CLAT "
+                                                   "row).\n",
               {**base, "clat": {"selection": "random"}})
         n += 2
     # The same comparison under this project's automatic λ (SPEC): CLAT and random layers, both with lam_mode auto.
@@ -98,12 +104,15 @@ def main() -> None:
     write(abl / "resnet18_random_layers_lam_auto.yaml", "# Random layers with automatic λ: compare with resnet18_lam_auto.yaml.\n",
           {**rn18, "clat": {"selection": "random", "lam_mode": "auto"}})
     n += 2
-    write(abl / "resnet18_ce_adv.yaml", "# CLAT with the CE term on x + δ* instead of x (SPEC option).\n", {**rn18, "clat": {"ce_on": "adv"}})
+    write(abl / "resnet18_ce_adv.yaml", "# CLAT with the CE term on x + δ* instead of x (SPEC option).\n",
+          {**rn18, "clat": {"ce_on": "adv"}})
     write(abl / "resnet18_sqrt_n.yaml", "# Criticality normalised by 1/sqrt(N_i) instead of 1/N_i (SPEC ablation).\n",
           {**rn18, "clat": {"criticality": {"scaling": "sqrt_n"}}})
-    write(abl / "resnet18_previous_denominator.yaml", "# Criticality with the paper's formula read literally: C_i = W_i / W_(i-1) in execution order.\n",
+    write(abl / "resnet18_previous_denominator.yaml", "# Criticality with the paper's formula read literally: C_i = W_i / W_(i-1) in "
+                                                      "execution order.\n",
           {**rn18, "clat": {"criticality": {"denominator": "previous"}}})
-    write(abl / "resnet18_input_denominator.yaml", "# Criticality divided by the weakness of the tensor a layer reads, after its activation (clat 0.1's default).\n",
+    write(abl / "resnet18_input_denominator.yaml", "# Criticality divided by the weakness of the tensor a layer reads, after its "
+                                                   "activation (clat 0.1's default).\n",
           {**rn18, "clat": {"criticality": {"denominator": "input"}}})
     n += 4
     data100 = {**data, "dataset": "cifar100"}
@@ -114,15 +123,19 @@ def main() -> None:
         n += 1
     for k in (1, 2, 3, 4, 5, 8):
         base = {"model": {"name": "resnet18"}, "data": data, **COMMON, "pretrain": stage("pgd_at", 50), "finetune": stage("clat", 50)}
-        write(abl / f"resnet18_k{k}.yaml", f"# Figure 3: number of critical layers k = {k} (λ as in Table 1's CLAT row).\n", {**base, "clat": {"k": k}})
+        write(abl / f"resnet18_k{k}.yaml", f"# Figure 3: number of critical layers k = {k} (λ as in Table 1's CLAT row).\n",
+              {**base, "clat": {"k": k}})
         n += 1
     for pre in (0, 10, 30, 50, 70, 90):
-        cfg = {"model": {"name": "wrn34_10"}, "data": data, **COMMON, "pretrain": stage("pgd_at", pre), "finetune": stage("clat", 100 - pre)}
-        write(abl / f"wrn34_10_split_{pre}_{100 - pre}.yaml", f"# Figure 2: {pre} PGD-AT epochs + {100 - pre} CLAT epochs (100-epoch budget).\n", cfg)
+        cfg = {"model": {"name": "wrn34_10"}, "data": data, **COMMON, "pretrain": stage("pgd_at", pre),
+               "finetune": stage("clat", 100 - pre)}
+        write(abl / f"wrn34_10_split_{pre}_{100 - pre}.yaml", f"# Figure 2: {pre} PGD-AT epochs + {100 - pre} CLAT epochs (100-epoch "
+                                                              f"budget).\n", cfg)
         n += 1
     doc += ["", "## Ablations", "", "| paper | what | configs |", "|---|---|---|",
             "| Table 4 | non-dynamic selection | `configs/paper/ablations/{densenet121,resnet50,resnet18}_nondynamic.yaml` |",
-            "| Tables 5, 10 | random layers, re-drawn at each re-selection | `configs/paper/ablations/*_random_layers.yaml`, `*_random_layers_cifar100.yaml` |",
+            "| Tables 5, 10 | random layers, re-drawn at each re-selection | `configs/paper/ablations/*_random_layers.yaml`, "
+            "`*_random_layers_cifar100.yaml` |",
             "| Figure 3 | number of critical layers k | `configs/paper/ablations/resnet18_k{1,2,3,4,5,8}.yaml` |",
             "| Figure 2 | split of a 100-epoch budget between PGD-AT and CLAT | `configs/paper/ablations/wrn34_10_split_*.yaml` |",
             "| SPEC options | CE on x+δ*, 1/√N scaling, literal 'previous layer' denominator, post-activation input denominator | "

@@ -286,7 +286,8 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
         r = [p.to_dict() for p in results]
         n = sum(p["n"] for p in r)
         r = {"n": n, "clean_acc": sum(p["clean_correct"] for p in r) / n, "pgd_acc": sum(p["pgd_correct"] for p in r) / n,
-             "pgd_acc_aa_images": r[0]["pgd_acc"], "n_aa_images": r[0]["n"], "attack": r[0]["attack"], "time_s": sum(p["time_s"] for p in r),
+             "pgd_acc_aa_images": r[0]["pgd_acc"], "n_aa_images": r[0]["n"], "attack": r[0]["attack"],
+             "time_s": sum(p["time_s"] for p in r),
              "device": device_label(), "records": records}
         if records:
             save_record(record_path(pgd_file), EvalRecord.concat([p.record(**meta) for p in results]))
@@ -474,11 +475,13 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the CPU study: a second network or the overfitted start")
     ap.add_argument("--data-root", default=str(REPO / "data"), help="with --scale: where full CIFAR lives or is downloaded to")
     ap.add_argument("--smoke", metavar="DIR", help="the whole pipeline at toy size in DIR (a check of this script, ~2 min)")
-    ap.add_argument("--seeds", type=int, nargs="+", metavar="N", help=f"run the arms with these seeds only (default {' '.join(map(str, StudySettings.cpu().seeds))})")
+    ap.add_argument("--seeds", type=int, nargs="+", metavar="N", help=f"run the arms with these seeds only (default "
+                                                                      f"{' '.join(map(str, StudySettings.cpu().seeds))})")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM", help="run these arms only: " + ", ".join(ARMS))
     ap.add_argument("--no-report", action="store_true", help="do not render docs/results.md (parallel workers)")
     ap.add_argument("--check-shared", action="store_true", help="only check that the items all arms share are done (exit 1 if not)")
-    ap.add_argument("--redo", nargs="+", metavar="ITEM", help="set these finished items aside (study/superseded/) and redo them, e.g. clat_s2")
+    ap.add_argument("--redo", nargs="+", metavar="ITEM", help="set these finished items aside (study/superseded/) and redo them, e.g. "
+                                                              "clat_s2")
     ap.add_argument("--why", help="with --redo: the reason, kept with the superseded result and shown in the report")
     args = ap.parse_args(argv)
     if args.redo and not args.why:

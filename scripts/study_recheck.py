@@ -52,7 +52,8 @@ def hits(results: Path) -> list[dict]:
                 continue  # RiFT records its own measure
             flagged = [i for i in range(1, len(c)) if c[i] == w[i]]
             if flagged:
-                out.append({"item": f.stem, "arm": d["arm"], "seed": d["seed"], "stage_epoch": stage_epoch_of(sel), "flagged_index": flagged,
+                out.append({"item": f.stem, "arm": d["arm"], "seed": d["seed"], "stage_epoch": stage_epoch_of(sel),
+                            "flagged_index": flagged,
                             "recorded_selected": sel["selected"], "recorded": sel})
     return out
 
@@ -113,7 +114,8 @@ def recompute(run: Path, arm: str, stage_epoch: int, branch: Path) -> dict:
     out = {}
     for den in dict.fromkeys([cc.denominator, "upstream"]):
         torch.set_rng_state(rng)  # the same PGD start for both
-        out[den] = compute_criticality(model, layers, x, y, cfg.attack.threat().replace(steps=cc.steps), denominator=den, scaling=cc.scaling,
+        out[den] = compute_criticality(model, layers, x, y, cfg.attack.threat().replace(steps=cc.steps), denominator=den,
+                                       scaling=cc.scaling,
                                        point=cc.point, include_classifier=cc.include_classifier)
     return {"layers": layers, "results": out, "denominator": cc.denominator, "k": len(cfg.clat.layers) or (cfg.clat.k or 1)}
 
@@ -155,10 +157,12 @@ def main(argv=None) -> int:
             "flagged": [names[i] for i in h["flagged_index"]],
             "denominator": r["denominator"],
             "replay_max_rel_diff_weakness": max(abs(a - b) / b for a, b in zip(fixed.weakness, rec["weakness"])),
-            "replay_max_rel_diff_criticality_others": max(abs(fixed.criticality[i] - rec["criticality"][i]) / rec["criticality"][i] for i in others),
+            "replay_max_rel_diff_criticality_others": max(abs(fixed.criticality[i] - rec["criticality"][i]) / rec["criticality"][i]
+                                                          for i in others),
             "recorded_criticality_flagged": [rec["criticality"][i] for i in h["flagged_index"]],
             "fixed_criticality_flagged": [fixed.criticality[i] for i in h["flagged_index"]],
-            "recorded_top3": [[names[i], rec["criticality"][i]] for i in sorted(others + h["flagged_index"], key=lambda i: -rec["criticality"][i])[:3]],
+            "recorded_top3": [[names[i], rec["criticality"][i]] for i in sorted(others + h["flagged_index"],
+                                                                                key=lambda i: -rec["criticality"][i])[:3]],
             "fixed_top3": [[l.name, fixed.criticality[l.index]] for l in fixed.top_k(3)],
             "fixed_selected": top,
             "changed": top != h["recorded_selected"],

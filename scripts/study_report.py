@@ -159,7 +159,8 @@ def overfitting_text(s: StudySettings, pre: dict, branch: dict | None, title: st
     elif drop_avg >= 0.01:
         out.append("That is **mild** robust overfitting: validation robustness falls after its peak while training robustness keeps "
                    "rising, but by little more than the noise of the measurement — far less than the drop of several points Rice et al. "
-                   "report for a PreAct ResNet-18 on full CIFAR-10. The room for any method to reduce overfitting here is correspondingly small.")
+                   "report for a PreAct ResNet-18 on full CIFAR-10. The room for any method to reduce overfitting here is correspondingly "
+                   "small.")
     else:
         out.append("This budget does **not** reach clear robust overfitting (a drop under 1 point).")
     return out
@@ -196,7 +197,8 @@ def plot_criticality(s: StudySettings, run: dict) -> str | None:
     width = 0.8 / len(hist)
     for j, h in enumerate(hist):
         xs = [i - 0.4 + (j + 0.5) * width for i in range(n)]
-        bars = ax.bar(xs, h["criticality"][:n], width=width, label=f"epoch {h.get('epoch_in_stage', h.get('stage_epoch', 0) + 1)}: chose {', '.join(h['selected'])}")
+        bars = ax.bar(xs, h["criticality"][:n], width=width, label=f"epoch {h.get('epoch_in_stage', h.get('stage_epoch', 0) + 1)}: chose "
+                                                                   f"{', '.join(h['selected'])}")
         for i in h["selected_index"]:
             if i < n:
                 bars[i].set_edgecolor("black")
@@ -289,11 +291,13 @@ def discovery_section(s: StudySettings, res: dict[str, dict[int, dict]]) -> list
         L += [f"clat 0.1 decided that a layer \"reads the model input\" by comparing memory addresses, so a layer whose input was "
               "allocated where the stem's freed input had been got C = W (about 0.002 instead of 1-2) and could not be selected. "
               f"{len(hits)} recorded selections were hit (C_i = W_i for a layer i > 0). `scripts/study_recheck.py` replayed each "
-              f"item's training to that epoch with {next((h['replayed_with'] for h in hits if 'replayed_with' in h), 'the code that ran it')} "
+              f"item's training to that epoch with "
+              f"{next((h['replayed_with'] for h in hits if 'replayed_with' in h), 'the code that ran it')} "
               "and recomputed the criticality there with the fixed discovery, on the same batch and PGD start, with the arm's own "
               "denominator (`input`). The replay is not bit-identical to the recorded run, but its weaknesses agree "
               "with the recorded ones to the last column's relative difference, far below the margins that decide a choice:", ""]
-        L += ["| item | stage epoch | layer hit | its C: recorded → fixed | recorded choice (C) | choice with the fix (C) | changed | replay vs record (max rel. diff. of W) |",
+        L += ["| item | stage epoch | layer hit | its C: recorded → fixed | recorded choice (C) | choice with the fix (C) | changed | "
+              "replay vs record (max rel. diff. of W) |",
               "|---|---|---|---|---|---|---|---|"]
         for h in hits:
             if "fixed_selected" not in h:
@@ -302,15 +306,17 @@ def discovery_section(s: StudySettings, res: dict[str, dict[int, dict]]) -> list
                 continue
             rec_c = dict((n, c) for n, c in h["recorded_top3"])
             fix_c = dict((n, c) for n, c in h["fixed_top3"])
+            changes = ', '.join(f'{a:.4f} → {b:.3f}' for a, b in zip(h['recorded_criticality_flagged'], h['fixed_criticality_flagged']))
             L.append(f"| {h['item']} | {h['stage_epoch']} | {', '.join(h['flagged'])} | "
-                     f"{', '.join(f'{a:.4f} → {b:.3f}' for a, b in zip(h['recorded_criticality_flagged'], h['fixed_criticality_flagged']))} | "
+                     f"{changes} | "
                      f"{', '.join(f'{n} ({rec_c[n]:.3f})' if n in rec_c else n for n in h['recorded_selected'])} | "
                      f"{', '.join(f'{n} ({fix_c[n]:.3f})' if n in fix_c else n for n in h['fixed_selected'])} | "
                      f"{'**yes**' if h['changed'] else 'no'} | {h['replay_max_rel_diff_weakness']:.1e} |")
         changed = [h["item"] for h in hits if h.get("changed")]
         L += ["", f"So the bug changed the layer CLAT trained in {len(changed)} of the {len(hits)} hit selections"
               + (f" ({', '.join(changed)}); {'that item was' if len(changed) == 1 else 'those items were'} redone with the fixed code "
-                 "(`python scripts/study.py --redo ITEM --why ...`), the same arm settings and seed." if changed else "; no item had to be redone.")]
+                 "(`python scripts/study.py --redo ITEM --why ...`), the same arm settings and seed." if changed else "; no item had to "
+                                                                                                                      "be redone.")]
         if n_sel:
             L += [f"The CLAT arms recorded {n_sel} selections in all; every other one had no layer with C = W."]
         L += [""]
@@ -329,7 +335,8 @@ def discovery_section(s: StudySettings, res: dict[str, dict[int, dict]]) -> list
         rows.append(f"| {item} | {old['superseded_because']} | {' | '.join(cells)} | {layers} |")
     if rows:
         L += ["Items redone (old → new, test accuracy in %; the tables above use the new result):", "",
-              "| item | why | clean | PGD-20×5 | AutoAttack | layers trained after the fix (per selection) |", "|---|---|---|---|---|---|", *rows, ""]
+              "| item | why | clean | PGD-20×5 | AutoAttack | layers trained after the fix (per selection) |",
+              "|---|---|---|---|---|---|", *rows, ""]
     return L
 
 
@@ -430,7 +437,8 @@ def reproduction_rows(s: StudySettings, f: Finished) -> list[str]:
         return []
     return ["**Does training reproduce?** The arms of the primary comparisons were re-trained (same code path, settings and seed; "
             "another CPU thread count changes only the order of sums) to keep per-image records and weights:", "",
-            "| item | clean: first run → re-run | PGD-20×5 | AutoAttack | same layers selected | max |Δ| of validation PGD-10 over epochs (points) |",
+            "| item | clean: first run → re-run | PGD-20×5 | AutoAttack | same layers selected | "
+            "max |Δ| of validation PGD-10 over epochs (points) |",
             "|---|---|---|---|---|---|", *rows, ""]
 
 
@@ -445,7 +453,8 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
     L = ["## Design", "",
          f"- **Data**: {s.text['data']}",
          f"- **Model and pretraining**: {s.text['model']}",
-         f"- **Branch point P**: {s.text.get('branch', 'the pretraining epoch with the highest validation PGD-10 accuracy')}. Every arm starts from that "
+         f"- **Branch point P**: {s.text.get('branch', 'the pretraining epoch with the highest validation PGD-10 accuracy')}. Every arm "
+         f"starts from that "
          f"checkpoint and trains {s.f_epochs} more epochs with the same optimizer settings (SGD, lr 0.01 with cosine decay): "
          f"PGD-AT continued on the full model; CLAT ({s.text['k']}); CLAT with random layers; CLAT non-dynamic; "
          "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "
@@ -458,10 +467,14 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
          "use `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it reads, after its activation), "
          "clat 0.1's default, named in every such arm's config so that each arm stays one variant. The arms added with clat 0.2 "
          "use the paper's Eq. 6 (`denominator=upstream`, the default since clat 0.2), which ranks the layers differently (see the "
-         "table of the bug below); the random-layer and deepest-layer arms choose their layers without it (criticality is still measured and logged). "
-         "TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's choice; the reference code uses eval mode).",
-         f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in s.lambdas)} on the validation split (seed 0), the best used by every CLAT arm with fixed λ (the arms with automatic λ set λ = ρ·CE/L_C at each selection, ρ = 1).",
-         f"- **Seeds**: {len(s.seeds)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data order). "
+         "table of the bug below); the random-layer and deepest-layer arms choose their layers without it (criticality is still measured "
+         "and logged). "
+         "TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's choice; the reference code uses eval "
+         "mode).",
+         f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in s.lambdas)} on the validation split (seed 0), the best used by every "
+         f"CLAT arm with fixed λ (the arms with automatic λ set λ = ρ·CE/L_C at each selection, ρ = 1).",
+         f"- **Seeds**: {len(s.seeds)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data "
+         f"order). "
          "The final checkpoint of each arm is evaluated (no early stopping: every arm gets the same epochs)."]
     res = f.res
     if len({train_device(r) for v in res.values() for r in v.values()}) > 1:
@@ -525,7 +538,8 @@ def results_section(s: StudySettings, f: Finished) -> list[str]:
          "on each machine (× the number of seeds it trained).", "",
          f"Clean and PGD on all {s.n_test_pgd:,} test images; AutoAttack on the first {s.n_test_aa:,}, with PGD on those same images "
          "beside it (AutoAttack should never be above it).", "",
-         f"| arm | seeds | clean | PGD-{s.pgd['steps']} (worst of {s.pgd['restarts']}) | PGD, AA images | AutoAttack | trainable params | train time |",
+         f"| arm | seeds | clean | PGD-{s.pgd['steps']} (worst of {s.pgd['restarts']}) | PGD, AA images | AutoAttack | trainable params | "
+         f"train time |",
          "|---|---|---|---|---|---|---|---|"]
     for ref, r in f.branches.items():
         if r is not None:
@@ -557,7 +571,8 @@ def curves_and_layers_section(s: StudySettings, f: Finished) -> list[str]:
         n = len(clat_runs[0]["selection_history"])
         L += ["## Critical layers over time (CLAT arm)", "",
               "| seed | " + " | ".join(f"selection {i + 1}" for i in range(n)) + " |", "|---|" + "---|" * n]
-        L += [f"| {r['seed']} | " + " | ".join(f"{', '.join(h['selected'])} (C = {max(h['criticality'][i] for i in h['selected_index']):.2f})"
+        L += [f"| {r['seed']} | " + " | ".join(f"{', '.join(h['selected'])} (C = "
+                                               f"{max(h['criticality'][i] for i in h['selected_index']):.2f})"
                                               for h in r["selection_history"]) + " |" for r in clat_runs]
         L.append("")
         img = plot_criticality(s, clat_runs[0])
@@ -590,7 +605,8 @@ def reproduce_section(s: StudySettings, f: Finished) -> list[str]:
             f"{s.text['command']} --report     # re-render this page from {_rel(s.results)}/",
             "```", "",
             f"A clean clone holds every finished piece in `{_rel(s.study)}/`, so these commands only re-render. To re-measure every number "
-            f"from scratch, remove `{_rel(s.study)}/` and `{_rel(s.runs)}/` first: the same commands then redo the pretraining, the λ sweep "
+            f"from scratch, remove `{_rel(s.study)}/` and `{_rel(s.runs)}/` first: the same commands then redo the pretraining, the λ "
+            f"sweep "
             "and every arm and evaluation. A seed's arms can also be trained on one GPU, one worker per arm, with "
             "`bash scripts/study_gpu.sh SEED` (as seed 3 was).", "",
             "The same study at paper scale on a GPU (full CIFAR-10/100 downloaded and verified, 50 + 50 epochs): "
@@ -604,7 +620,8 @@ def render(s: StudySettings) -> None:
     s.img.mkdir(parents=True, exist_ok=True)
     f = read_finished(s)
     L = [*head(s, f), *design_section(s, f), *overfitting_section(s, f), *lambda_section(f), *results_section(s, f),
-         *verdict_section(s, f), *comparisons_section(f), *curves_and_layers_section(s, f), *discovery_section(s, f.res), *conclusions_section(s, f),
+         *verdict_section(s, f), *comparisons_section(f), *curves_and_layers_section(s, f), *discovery_section(s, f.res),
+         *conclusions_section(s, f),
          *reproduce_section(s, f), *compute_total(f.res, f.branches, f.pre)]
     s.doc.write_text("\n".join(L) + "\n")
 

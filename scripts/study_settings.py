@@ -37,12 +37,15 @@ ARMS: dict[str, tuple[str, str, list[str], str]] = {
     # the feature term has the same weight whatever layers are chosen (docs/criticality.md measures which layers help).
     "clat_paper": ("pgd_at", "clat", [PAPER_DENOMINATOR], "CLAT, the paper's Eq. 6 (k=1, dynamic)"),
     "clat_paper_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.lam_mode=auto"], "CLAT, Eq. 6, automatic λ"),
-    "clat_random_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.selection=random", "clat.lam_mode=auto"], "CLAT, random layers, automatic λ"),
+    "clat_random_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.selection=random", "clat.lam_mode=auto"], "CLAT, random layers, "
+                                                                                                               "automatic λ"),
     # depth predicted the layer oracle on this network better than Eq. 6 (ρ +0.62 [+0.27, +0.81] vs -0.07; docs/criticality.md)
-    "clat_deepest_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.selection=deepest", "clat.lam_mode=auto"], "CLAT, deepest layer, automatic λ"),
+    "clat_deepest_auto": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.selection=deepest", "clat.lam_mode=auto"], "CLAT, deepest layer, "
+                                                                                                                 "automatic λ"),
     # Is it "automatic" or just "a larger λ"? A fixed λ equal to the mean automatic λ at Eq. 6's selections (issue 34).
     "clat_paper_lam21": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.lam=0.21"], "CLAT, Eq. 6, fixed λ = 0.21"),
-    "clat_random_lam21": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.selection=random", "clat.lam=0.21"], "CLAT, random layers, fixed λ = 0.21"),
+    "clat_random_lam21": ("pgd_at", "clat", [PAPER_DENOMINATOR, "clat.selection=random", "clat.lam=0.21"], "CLAT, random layers, fixed λ "
+                                                                                                           "= 0.21"),
 }
 CLAT_ARMS = {a for a, v in ARMS.items() if v[1] == "clat"}
 # λ = 0.21 above: the mean of the automatic λ that clat_paper_auto set at its 20 selections (4 seeds x 5; 0.211, range 0.12-0.35).
@@ -111,7 +114,8 @@ CPU_PILOT = (
 # What docs/results.md says about the CPU study's setting (the paper-scale presets have their own).
 CPU_TEXT = {
     "title": "the CIFAR-10 subset",
-    "data": "the project's CIFAR-10 subset (JPEG-recovered, not distributed with clat; 10,000 training and 2,000 test images). The study uses "
+    "data": "the project's CIFAR-10 subset (JPEG-recovered, not distributed with clat; 10,000 training and 2,000 test images). The study "
+            "uses "
             "its first 3,000 training images: 2,000 to train on and 1,000 held out (fixed split, `data.split_seed=0`) that "
             "decide every choice below (with all 9,000 the model underfits: see the first attempt below); the 2,000 test "
             "images are used only for the final evaluation.",

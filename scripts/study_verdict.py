@@ -129,7 +129,8 @@ def _agreement(ve: float, vci, te: float, tci) -> str:
     excl = lambda ci: ci[0] > 0 or ci[1] < 0
     if np.sign(ve) == np.sign(te):
         return "same sign" + (", both intervals exclude 0" if excl(vci) and excl(tci) else "")
-    return "opposite sign" + (" (both intervals exclude 0: they disagree)" if excl(vci) and excl(tci) else " (at least one interval spans 0)")
+    return "opposite sign" + (" (both intervals exclude 0: they disagree)" if excl(vci) and excl(tci) else " (at least one interval spans "
+                                                                                                           "0)")
 
 
 def primary_p(c: dict) -> float | None:

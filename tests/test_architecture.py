@@ -174,7 +174,9 @@ def test_lines_are_at_most_140_characters():
 
 def test_nothing_outside_the_run_folder_owner_builds_a_checkpoint_path():
     hits = [f"{p.relative_to(REPO)}:{i}" for p in SRC.rglob("*.py") if p.name != "folder.py"
-            for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"""/ *["']checkpoints["']|["']checkpoints/|epoch_(\d|\*|\{)""", line)]
+            for i,
+            line in enumerate(p.read_text().splitlines(), 1) if re.search(r"""/ *["']checkpoints["']|["']checkpoints/|epoch_(\d|\*|\{)""",
+                                                                          line)]
     assert not hits, hits
 
 
@@ -184,10 +186,12 @@ def test_the_default_threat_model_is_written_once():
     where = []
     for p in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(p.read_text())):
-            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant) and node.right.value == 255
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right,
+                                                                                            ast.Constant) and node.right.value == 255
                     and isinstance(node.left, ast.Constant) and node.left.value in (8, 2)):
                 where.append(f"{p.relative_to(REPO)}:{node.lineno}")
-            elif isinstance(node, ast.Constant) and isinstance(node.value, float) and round(node.value, 6) in (round(8 / 255, 6), round(2 / 255, 6)):
+            elif isinstance(node, ast.Constant) and isinstance(node.value, float) and round(node.value, 6) in (round(8 / 255, 6),
+                                                                                                               round(2 / 255, 6)):
                 where.append(f"{p.relative_to(REPO)}:{node.lineno}")
     assert len(where) == 2 and all("attacks/threat.py" in w for w in where), where
     from clat.attacks.threat import DEFAULT_THREAT, pgd

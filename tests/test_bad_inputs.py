@@ -150,7 +150,8 @@ def build_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("eval restarts zero", ["eval", str(tiny_ckpt), "--restarts", "0", "--n-examples", "4"], "restarts must be >= 1"),
         ("eval eps not a number", ["eval", str(tiny_ckpt), "--eps", "lots"], "--eps"),
         ("eval steps zero", ["eval", str(tiny_ckpt), "--steps", "0", "--n-examples", "4"], "must be >= 1"),
-        ("eval eps beyond the image range", ["eval", str(tiny_ckpt), "--eps", "5", "--n-examples", "4"], "covers the whole [0, 1] image range"),
+        ("eval eps beyond the image range", ["eval", str(tiny_ckpt), "--eps", "5", "--n-examples", "4"], "covers the whole [0, 1] image "
+                                                                                                         "range"),
         ("criticality k zero", ["criticality", "--model", "tiny_cnn", "--k", "0"], "--k must be >= 1"),
         ("report transfer missing", ["report", str(tmp), "--transfer", str(tmp / "missing.json")], "could not read the transfer JSON"),
         ("unknown command", ["fly"], "invalid choice"),

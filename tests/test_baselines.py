@@ -220,7 +220,8 @@ def test_rift_resumed_mid_stage_still_interpolates(tmp_path, monkeypatch):
     from clat.training.loop import train
     from tests.test_train import FAST, tiny_splits
 
-    over = FAST + ["pretrain.epochs=0", "finetune.method=rift", "finetune.epochs=3", "rift.batch_size=16", "rift.steps=1", "rift.alphas=[0, 1]"]
+    over = FAST + ["pretrain.epochs=0", "finetune.method=rift", "finetune.epochs=3", "rift.batch_size=16", "rift.steps=1",
+                   "rift.alphas=[0, 1]"]
     train(load_config(None, over), tmp_path / "a", data=tiny_splits())
     real = Checkpoints.save
 

@@ -84,7 +84,8 @@ class _NoParams(nn.Module):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda m, x, y: clat.benchmark(m, x, y, attacks=["pgd", "autoatack"]), "unknown attack 'autoatack' for clat.benchmark; did you mean autoattack?"),
+    (lambda m, x, y: clat.benchmark(m, x, y, attacks=["pgd", "autoatack"]), "unknown attack 'autoatack' for clat.benchmark; did you mean "
+                                                                            "autoattack?"),
     (lambda m, x, y: clat.benchmark(m, x, y, attacks=["autoattack", "autoattack-plus"]), "one AutoAttack version"),
     (lambda m, x, y: clat.benchmark(m, x.float(), y), "float x must lie in [0, 1], got values from 0 to 255; divide them by 255"),
     (lambda m, x, y: clat.benchmark(m, x, y + 5), "y holds the label 14 but the model has 10 outputs (classes 0..9)"),

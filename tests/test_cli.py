@@ -39,7 +39,8 @@ def test_train_refuses_existing_run_and_resume_of_finished_run_is_a_noop(trained
 
 def test_eval(trained, capsys):
     out = trained / "e.json"
-    assert main(["-q", "eval", str(trained), "--n-examples", "40", "--steps", "2", "--restarts", "2", "--eps", "8/255", "--out", str(out)]) == 0
+    assert main(["-q", "eval", str(trained), "--n-examples", "40", "--steps", "2", "--restarts", "2", "--eps", "8/255", "--out",
+                 str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["n"] == 40 and 0 <= res["pgd_acc"] <= res["clean_acc"] <= 1
     assert len(res["pgd_acc_per_restart"]) == 2 and res["pgd_acc"] <= min(res["pgd_acc_per_restart"])

@@ -40,7 +40,9 @@ def test_resolved_config_round_trips():
     dyn=st.booleans(),
 )
 def test_valid_overrides_parse_to_their_values(k, lam, eps_num, bs, dyn):
-    c = load_config(None, [f"clat.k={k}", f"clat.lam={lam!r}", f"attack.eps={eps_num}/255", f"data.batch_size={bs}", f"clat.dynamic={str(dyn).lower()}"])
+    c = load_config(None,
+                    [f"clat.k={k}", f"clat.lam={lam!r}", f"attack.eps={eps_num}/255", f"data.batch_size={bs}",
+                     f"clat.dynamic={str(dyn).lower()}"])
     assert c.clat.k == k and c.clat.lam == pytest.approx(lam) and c.attack.eps == pytest.approx(eps_num / 255)
     assert c.data.batch_size == bs and c.clat.dynamic is dyn
 

@@ -87,7 +87,8 @@ T = clat.ThreatModel(steps=2)
 
 
 def test_the_registry_holds_every_built_in_attack_and_each_is_an_eval_attack():
-    assert {"pgd", "apgd_ce", "autoattack", "autoattack_plus", "autoattack_rand", "eps_sweep", "square", "noise", "sanity"} <= set(ATTACKS.names())
+    assert {"pgd", "apgd_ce", "autoattack", "autoattack_plus", "autoattack_rand", "eps_sweep", "square", "noise",
+            "sanity"} <= set(ATTACKS.names())
     for name in ATTACKS.names():
         a = resolve_attack(name)
         assert isinstance(a, EvalAttack) and a.name and isinstance(a.describe()["settings"], dict), name

@@ -146,7 +146,8 @@ def test_gradient_free_model_gives_a_clear_error(data):
 def test_criticality_stability(data):
     xtr, ytr, _, _ = load_bundled()
     m = _model()
-    s = criticality_stability(m, xtr[:40], ytr[:40], batch_sizes=(4, 8), repeats=2, reference_size=16, k=2, threat=ThreatModel(steps=1), epoch_time_s=10.0)
+    s = criticality_stability(m, xtr[:40], ytr[:40], batch_sizes=(4, 8), repeats=2, reference_size=16, k=2, threat=ThreatModel(steps=1),
+                              epoch_time_s=10.0)
     assert s["k"] == 2 and len(s["reference"]["top_k"]) == 2 and [r["batch_size"] for r in s["rows"]] == [4, 8]
     for r in s["rows"]:
         assert len(r["top_k"]) == 2 and all(len(t) == 2 for t in r["top_k"])

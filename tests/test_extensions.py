@@ -125,7 +125,8 @@ def test_one_of_each_kind_from_one_outside_file(myext, capsys):
     assert est["myext:widest"] == [float(layer.numel) for layer in layers] and est["depth"] == [float(layer.index) for layer in layers]
 
     # the evaluation attack, beside PGD; its per-image outcomes go into the evaluation's records
-    assert main(["-q", "eval", str(run), "--n-examples", "10", "--steps", "1", "--attack", "myext:Flip", "--out", str(myext / "e.json")]) == 0
+    assert main(["-q", "eval", str(run), "--n-examples", "10", "--steps", "1", "--attack", "myext:Flip", "--out",
+                 str(myext / "e.json")]) == 0
     ev = json.loads((myext / "e.json").read_text())
     assert ev["flip"]["n"] == 10 and 0 <= ev["flip"]["robust_acc"] <= 1
 
@@ -166,7 +167,8 @@ def test_registered_names_are_listed_and_checked(myext, capsys):
 
 def test_an_unknown_logger_stops_before_the_run_folder(myext, capsys):
     run = myext / "bad"
-    assert main(["-q", "train", "model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=60", "pretrain.epochs=1", "finetune.epochs=0",
+    assert main(["-q", "train", "model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=60", "pretrain.epochs=1",
+                 "finetune.epochs=0",
                  "log.loggers=[tensorbord]", *TINY, "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert "unknown logger 'tensorbord'; did you mean tensorboard?" in err and err.count("\n") == 1

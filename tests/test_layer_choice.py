@@ -170,7 +170,8 @@ def test_default_is_eq6_exactly_on_a_conv_bn_relu_chain(scaling):
     for i in range(1, len(layers)):
         assert res.criticality[i] == res.weakness[i] / res.weakness[i - 1]  # bit for bit
     # the post-activation input (the earlier default) is a different number on this chain
-    old = compute_criticality(model, layers, x, y, ThreatModel(steps=3), x_adv=None, scaling=scaling, denominator="input", include_classifier=True)
+    old = compute_criticality(model, layers, x, y, ThreatModel(steps=3), x_adv=None, scaling=scaling, denominator="input",
+                              include_classifier=True)
     assert any(abs(o / n - 1) > 0.05 for o, n in zip(old.criticality[1:], res.criticality[1:]))
 
 
@@ -234,7 +235,8 @@ def test_criticality_attacks_with_the_runs_norm(monkeypatch):
     monkeypatch.setattr(crit_mod, "pgd", lambda *a, **k: (seen.append(a[3]), real(*a, **k))[1])
     model = create_model("tiny_cnn")
     layers = find_layers(model)
-    cfg = load_config(None, ["attack.norm=l2", "attack.eps=0.5", "attack.alpha=0.1", "clat.criticality.steps=2", "clat.criticality.batch_size=4"])
+    cfg = load_config(None,
+                      ["attack.norm=l2", "attack.eps=0.5", "attack.alpha=0.1", "clat.criticality.steps=2", "clat.criticality.batch_size=4"])
     method = create_method("clat", cfg, layers, default_k=1)
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
     method.on_epoch_start(model, EpochContext(0, 0, lambda n: (x[:n], y[:n]), torch.Generator().manual_seed(0)))
@@ -432,7 +434,9 @@ def test_clat_over_awp_runs_and_forwards_the_warmup():
     for stage_epoch, active in ((0, False), (1, True)):
         _epoch(method, model, stage_epoch, x, y)
         assert method.base._active is active
-        assert {n for n, p in model.named_parameters() if p.requires_grad} <= {f"{m}.{w}" for l in method.selected for m in l.module_names for w in ("weight", "bias")}
+        assert {n for n,
+                p in model.named_parameters() if p.requires_grad} <= {f"{m}.{w}" for l in method.selected for m in l.module_names
+                                                                      for w in ("weight", "bias")}
         before = {k: v.clone() for k, v in model.state_dict().items()}
         loss, m = method.loss(model, x, y)  # used to fail: AWP perturbed weights the feature graph held
         opt.zero_grad(set_to_none=True)
@@ -493,7 +497,8 @@ def test_clat_with_ce_on_adv_updates_bn_statistics_once_per_step():
     torch.manual_seed(0)
     model = create_model("tiny_cnn")
     layers = find_layers(model)
-    cfg = load_config(None, ["clat.ce_on=adv", "clat.layers=[1]", "attack.steps=1", "clat.criticality.steps=1", "clat.criticality.batch_size=8"])
+    cfg = load_config(None,
+                      ["clat.ce_on=adv", "clat.layers=[1]", "attack.steps=1", "clat.criticality.steps=1", "clat.criticality.batch_size=8"])
     method = create_method("clat", cfg, layers, default_k=1)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     _epoch(method, model, 0, x, y)

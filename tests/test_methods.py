@@ -28,7 +28,9 @@ def _ctx(x, y, epoch=0):
 
 
 def _setup(name, overrides):
-    cfg = load_config(None, ["attack.steps=2", "clat.criticality.steps=2", "clat.criticality.batch_size=8", "rift.batch_size=8", "rift.steps=1"] + overrides)
+    cfg = load_config(None,
+                      ["attack.steps=2", "clat.criticality.steps=2", "clat.criticality.batch_size=8", "rift.batch_size=8",
+                       "rift.steps=1"] + overrides)
     model = create_model("tiny_cnn")
     layers = find_layers(model)
     method = create_method(name, cfg, layers, default_k=1)
@@ -225,7 +227,8 @@ def test_a_new_baseline_is_one_file(monkeypatch, tmp_path, capsys):
 
     cfg = load_config(None, ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=200", "data.val_size=50", "data.test_size=20",
                              "data.batch_size=50", "attack.steps=1", "eval.n_examples=20", "eval.steps=1", "pretrain.epochs=1",
-                             "pretrain.method=half_at", "half_at.weight=0.25", "finetune.epochs=1", "finetune.method=clat", "clat.ce_on=base",
+                             "pretrain.method=half_at", "half_at.weight=0.25", "finetune.epochs=1", "finetune.method=clat",
+                             "clat.ce_on=base",
                              "clat.criticality.steps=1", "clat.criticality.batch_size=10", "progress=false"])
     assert cfg.half_at.weight == 0.25 and "half_at:\n  weight: 0.25" in dump_yaml(cfg)
     with pytest.raises(ConfigError, match=r"half_at.weight must be in \[0, 1\]"):

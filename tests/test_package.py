@@ -157,7 +157,8 @@ def wheel_env(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     py = env_dir / "bin" / "python"
     site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)], check=True,
+                   capture_output=True)
     deps = Path(torch.__file__).parents[1]  # torch, numpy, ... of this environment; a plain path line does not run its .pth files
     (site / "zz_deps.pth").write_text(f"{deps}\n")
     env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
@@ -301,12 +302,14 @@ def test_a_log_file_gets_lines_not_progress_bars_and_long_steps_say_what_they_do
     assert _clat("-q", "eval", str(run), "--n-examples", "8", "--steps", "1").returncode == 0
     r = _clat("-q", "report", str(run), str(tmp_path / "other"), "--names", "A,B")
     table = (tmp_path / "comparison" / "report.md").read_text()
-    assert r.returncode == 0 and "| B | not evaluated | — | — |" in table and f"B: not evaluated yet (`clat eval {tmp_path / 'other'}`" in table
+    assert r.returncode == 0 and "| B | not evaluated | — | — |" in table
+    assert f"B: not evaluated yet (`clat eval {tmp_path / 'other'}`" in table
 
 
 def test_a_closed_pipe_ends_quietly():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    r = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m clat config show | head -1"], capture_output=True, text=True, env=env)
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m clat config show | head -1"], capture_output=True, text=True,
+                       env=env)
     assert r.stdout.startswith("# defaults") and r.stdout.count("\n") == 1
     assert r.stderr == "" and r.returncode == 141  # 128 + SIGPIPE, as `yes | head -1` under pipefail; no "clat: error: Broken pipe"
 
@@ -326,7 +329,8 @@ def test_the_unassigned_parameters_warning_does_not_repeat_the_program_name():
     net(torch.rand(1, 3, 8, 8))
     with pytest.warns(UserWarning) as w:
         warn_unassigned(net, find_layers(net, torch.rand(2, 3, 8, 8)), "clat")
-    assert str(w[0].message).startswith("method clat: 8 of ")  # printed as "clat: warning: method clat: ...", not "clat: warning: clat: ..."
+    # printed as "clat: warning: method clat: ...", not "clat: warning: clat: ..."
+    assert str(w[0].message).startswith("method clat: 8 of ")
 
 
 def test_a_merged_norm_is_named_in_full_where_its_short_name_is_an_index():

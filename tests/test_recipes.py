@@ -398,7 +398,8 @@ def test_a_callback_sees_the_live_optimizer_and_the_ema(tmp_path):
     class Peek(clat.Callback):
         def on_epoch_end(self, row):
             run = self.run
-            self.seen = (run.optimizer, run.ema_model is not run.model and type(run.ema_model) is type(run.model), run.stage, run.epoch, run.step)
+            self.seen = (run.optimizer, run.ema_model is not run.model and type(run.ema_model) is type(run.model), run.stage, run.epoch,
+                         run.step)
 
     peek = Peek()
     over = FAST + ["pretrain.epochs=1", "finetune.epochs=0", "pretrain.optimizer=adamw", "pretrain.ema_decay=0.9", "pretrain.lr=1e-3"]

@@ -27,7 +27,8 @@ def _rows(finetune: str) -> list[dict]:
         if clat_stage:
             row["selected"] = ["features.3.0"]
             row["selection"] = {"epoch": e - 1, "stage_epoch": e - 4, "selected": ["features.3.0"], "selected_index": [3],
-                                "criticality": [0.01, 1.1, 1.3, 1.9 + 0.1 * e, 0.5], "weakness": [0.01] * 5, "trainable_params": 73728, "lam": 0.01}
+                                "criticality": [0.01, 1.1, 1.3, 1.9 + 0.1 * e, 0.5], "weakness": [0.01] * 5, "trainable_params": 73728,
+                                "lam": 0.01}
         rows.append(row)
     return rows
 
@@ -48,11 +49,15 @@ def _eval(clean: float, pgd: float, aa: float, flag: bool) -> dict:
     return {
         "n": 200, "clean_acc": clean, "pgd_acc": pgd, "pgd_acc_per_restart": [pgd + 0.01, pgd + 0.005], "pgd_acc_lowest_run": pgd + 0.005,
         "pgd_acc_mean_run": pgd + 0.0075,
-        "attack": {"name": "pgd", "norm": "linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": 10, "restarts": 2, "random_start": "per-example, seeded", "seed": 0},
-        "autoattack": {"n": 200, "library": "pyautoattack 0.2.0", "version": "standard", "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
-                       "clean_acc": clean, "robust_acc": aa, "robust_acc_after": {"apgd-ce": aa + 0.01, "apgd-t": aa, "fab-t": aa, "square": aa},
+        "attack": {"name": "pgd", "norm": "linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": 10, "restarts": 2,
+                   "random_start": "per-example, seeded", "seed": 0},
+        "autoattack": {"n": 200, "library": "pyautoattack 0.2.0", "version": "standard",
+                       "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                       "clean_acc": clean, "robust_acc": aa,
+                       "robust_acc_after": {"apgd-ce": aa + 0.01, "apgd-t": aa, "fab-t": aa, "square": aa},
                        "time_s": 60.0, "warnings": [], "within_eps": True, "max_perturbation": 8 / 255},
-        "eps_sweep": {"n": 200, "norm": "linf", "steps": 10, "restarts": 1, "alpha_ratio": 0.25, "seed": 0, "clean_acc": clean, "points": sweep},
+        "eps_sweep": {"n": 200, "norm": "linf", "steps": 10, "restarts": 1, "alpha_ratio": 0.25, "seed": 0, "clean_acc": clean,
+                      "points": sweep},
         "sanity": sanity,
         "flags": sanity["flags"],
     }
@@ -70,12 +75,14 @@ def _write_run(d, finetune: str, clean: float, pgd: float, aa: float, flag: bool
     (d / "stability.json").write_text(json.dumps({
         "k": 2, "layers": LAYERS, "reference": {"size": 500, "top_k": [3, 2], "names": ["features.3.0", "features.2.0"], "time_s": 1.0},
         "repeats": 3, "attack": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10}, "seed": 0, "epoch_time_s": 11.0,
-        "epoch_time_source": "metrics", "rows": [{"batch_size": b, "top_k": [[3, 2]] * 3, "overlap_mean": 1.0, "same_set": 1.0, "top1_agrees": 1.0,
+        "epoch_time_source": "metrics",
+        "rows": [{"batch_size": b, "top_k": [[3, 2]] * 3, "overlap_mean": 1.0, "same_set": 1.0, "top1_agrees": 1.0,
                                                    "time_s_mean": 0.01 * b, "fraction_of_epoch": 0.01 * b / 11} for b in (10, 30, 50, 100)],
     }))
 
 
-TRANSFER = {"names": ["PGD-AT + CLAT", "PGD-AT"], "n": 200, "matrix": [[0.19, 0.25], [0.27, 0.20]], "clean_acc": {"PGD-AT + CLAT": 0.31, "PGD-AT": 0.30},
+TRANSFER = {"names": ["PGD-AT + CLAT", "PGD-AT"], "n": 200, "matrix": [[0.19, 0.25], [0.27, 0.20]],
+            "clean_acc": {"PGD-AT + CLAT": 0.31, "PGD-AT": 0.30},
             "attack": {"name": "pgd", "norm": "linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": 10, "restarts": 1, "seed": 0}}
 
 
@@ -96,7 +103,8 @@ def runs(tmp_path, monkeypatch):
 
 def test_run_report_from_json(runs):
     text = run_report(runs / "a").read_text()
-    for needle in ["PGD-AT + CLAT", "## Evaluation", "17.00%", "AutoAttack", "No flag raised", "### Accuracy over ε", "## Parameter efficiency",
+    for needle in ["PGD-AT + CLAT", "## Evaluation", "17.00%", "AutoAttack", "No flag raised", "### Accuracy over ε", "## Parameter "
+                                                                                                                      "efficiency",
                    "73,728", "74.7%", "## Critical layers over time", "selection.png", "Criticality stability", "## Black-box transfer",
                    "each method's own training objective"]:
         assert needle in text, needle

@@ -29,7 +29,8 @@ FAST = ["model.name=tiny_cnn", "attack.steps=1", "eval.steps=1", "eval.n_example
         "data.dataset=bundled", "pretrain.lr=0.05", "pretrain.schedule=constant", "finetune.epochs=0", "data.augment=false",
         "keep_checkpoints=10", "deterministic=true"]
 # real (bundled) images end to end, for the CLI
-BUNDLED = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=96", "data.val_size=32", "data.test_size=32", "eval.n_examples=32",
+BUNDLED = ["model.name=tiny_cnn", "data.dataset=bundled", "data.train_size=96", "data.val_size=32", "data.test_size=32",
+           "eval.n_examples=32",
            "attack.steps=1", "eval.steps=1", "data.batch_size=32", "progress=false", "pretrain.epochs=3", "finetune.epochs=0"]
 TIMES = ("time_s", "epoch_time_s")
 
@@ -220,7 +221,8 @@ def test_eval_best_and_last_keep_two_files(bundled_run, capsys):
     evals = [json.loads((bundled_run / f).read_text()) for f in files]
     best = next(e for e in evals if e["which"] == "best")
     last = next(e for e in evals if e["which"] == "last")
-    assert best["best"]["epoch"] == RunDir(bundled_run).summary()["best_epoch"] and best["checkpoint"].endswith(str(Path("best") / "model.safetensors"))
+    assert best["best"]["epoch"] == RunDir(bundled_run).summary()["best_epoch"]
+    assert best["checkpoint"].endswith(str(Path("best") / "model.safetensors"))
     assert last["checkpoint"].endswith("model.safetensors") and "best" not in last
     assert main([*args, "--which", "best"]) == 2  # the same settings again: never replaced silently
     assert "already holds an evaluation" in capsys.readouterr().err
@@ -304,8 +306,10 @@ def test_console_lines_follow_log_console(tmp_path, caplog):
 
 
 def test_the_python_api_prints_epoch_lines_where_logging_is_not_configured(tmp_path):
-    code = ("import clat; clat.train(clat.load_config(None, " + repr([*BUNDLED, "pretrain.epochs=2"]) + "), " + repr(str(tmp_path / "r")) + ")")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    code = ("import clat; clat.train(clat.load_config(None, " + repr([*BUNDLED,
+                                                                      "pretrain.epochs=2"]) + "), " + repr(str(tmp_path / "r")) + ")")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=300)
     assert p.returncode == 0, p.stderr
     assert [l for l in p.stderr.splitlines() if l.startswith("epoch ")][1].startswith("epoch   2 pgd_at")
 
@@ -350,7 +354,8 @@ def wandb_records(run_file: Path):
 
 def test_wandb_offline_writes_a_run_under_the_run_folder_and_resume_continues_it(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    for k, v in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "cfg", "WANDB_CACHE_DIR": tmp_path / "cache",
+    for k, v in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "cfg",
+                 "WANDB_CACHE_DIR": tmp_path / "cache",
                  "WANDB_DATA_DIR": tmp_path / "data", "WANDB_DISABLE_GIT": "true"}.items():
         monkeypatch.setenv(k, str(v))
     run_fast(tmp_path / "r", "pretrain.epochs=3", "log.wandb=true", until_epoch=2)

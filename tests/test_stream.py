@@ -209,7 +209,8 @@ def test_a_dataset_and_a_dataloader_train_exactly_as_the_same_tensors_in_memory(
         got = _weights(tmp_path / name)
         assert all(torch.equal(got[k], want[k]) for k in want), name
     cfg = clat.runs.folder.RunDir(tmp_path / "loader").read_config()
-    assert cfg.data.workers == 2 and cfg.data.dataset == "python" and "Items: 34 train + 6 val items 3x8x8 uint8, 3 classes" in cfg.data.fingerprint
+    assert cfg.data.workers == 2 and cfg.data.dataset == "python"
+    assert "Items: 34 train + 6 val items 3x8x8 uint8, 3 classes" in cfg.data.fingerprint
 
 
 def test_a_run_on_python_data_records_it_and_commands_ask_for_the_data(tmp_path, capsys):

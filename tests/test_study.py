@@ -44,7 +44,8 @@ def test_the_study_scripts_import_as_a_tree():
 @pytest.mark.slow
 def test_study_pipeline_at_toy_size_renders_results_and_resumes(study, tmp_path, shared_cifar, monkeypatch):
     settings_of = study.settings_of  # four of the arms: the pipeline, not every arm
-    monkeypatch.setattr(study, "settings_of", lambda args: dataclasses.replace(settings_of(args), arms=("pgd_at_cont", "clat", "trades_cont", "trades_clat")))
+    monkeypatch.setattr(study, "settings_of",
+                        lambda args: dataclasses.replace(settings_of(args), arms=("pgd_at_cont", "clat", "trades_cont", "trades_clat")))
     assert study.main(["--smoke", str(tmp_path), "--hours", "0"]) == 0  # budget spent at once: nothing done, report renders
     assert "0 of" in (tmp_path / "results.md").read_text()
     # parallel workers (--seeds/--arms) refuse to start before the items every arm shares are done

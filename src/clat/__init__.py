@@ -36,8 +36,10 @@ from clat.analysis.oracle import SweepSettings, layer_sweep
 
 
 __all__ = [
-    "CLAT", "Callback", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "DatasetSplits", "EvalProtocol",
-    "EvalResult", "FeatureExtractor", "Layer", "Method", "Normalize", "Shard", "Splits", "SweepSettings", "ThreatModel", "benchmark", "compute_criticality",
+    "CLAT", "Callback", "CheckpointError", "ClatError", "Config", "ConfigError", "CriticalityResult", "DataError", "DatasetSplits",
+    "EvalProtocol",
+    "EvalResult", "FeatureExtractor", "Layer", "Method", "Normalize", "Shard", "Splits", "SweepSettings", "ThreatModel", "benchmark",
+    "compute_criticality",
     "create_method", "create_model",
     "evaluate", "fgsm_rs", "find_layers", "freeze_all_but", "layer_sweep", "list_methods", "list_models", "load_config",
     "perturb", "pgd", "register_model", "resolve_layers", "run_protocol", "select_random", "train",

@@ -38,7 +38,8 @@ def _labels(runs: list[tuple[Path, dict]], names: Sequence[str] | None) -> list[
 def _data_name(run: dict) -> str:
     cfg = run.get("config") or {}
     ds = (cfg.get("data") or {}).get("dataset")
-    return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "bundled": "CIFAR-10 (bundled subset)"}.get(ds, (run.get("summary") or {}).get("data", "?"))
+    names = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "bundled": "CIFAR-10 (bundled subset)"}
+    return names.get(ds, (run.get("summary") or {}).get("data", "?"))
 
 
 def comparison_rows(runs: list[tuple[Path, dict]], labels: Sequence[str]) -> tuple[list[str], list[list[Any]], list[str]]:
@@ -54,7 +55,8 @@ def comparison_rows(runs: list[tuple[Path, dict]], labels: Sequence[str]) -> tup
     headers = ["model", "method"] + [f"{d} {c}" for d in datasets for c in ("clean", "PGD", aa_name)]
     rows, notes = [], []
     prev_model = None
-    for (d, r), label, e in sorted(zip(runs, labels, evs), key=lambda t: ((t[0][1].get("summary") or {}).get("model", {}).get("model", ""),)):
+    for (d, r), label, e in sorted(zip(runs, labels, evs),
+                                   key=lambda t: ((t[0][1].get("summary") or {}).get("model", {}).get("model", ""),)):
         model = ((r.get("summary") or {}).get("model") or {}).get("model", "?")
         cells = ["", "", ""] * len(datasets)
         if not e:  # a blank row would read as a missing number: say why, and how to get it
@@ -74,7 +76,8 @@ def comparison_rows(runs: list[tuple[Path, dict]], labels: Sequence[str]) -> tup
     return headers, rows, notes
 
 
-def comparison_report(run_dirs: Sequence[str | Path], out: str | Path, *, names: Sequence[str] | None = None, transfer: dict | None = None) -> Path:
+def comparison_report(run_dirs: Sequence[str | Path], out: str | Path, *, names: Sequence[str] | None = None,
+                      transfer: dict | None = None) -> Path:
     """``out/report.md`` and ``out/plots/*.png`` comparing several run folders."""
     out = Path(out)
     runs = [(Path(d), read_run(d)) for d in run_dirs]
@@ -107,7 +110,8 @@ def comparison_report(run_dirs: Sequence[str | Path], out: str | Path, *, names:
         pe = parameter_efficiency(r["rows"])
         last = pe["stages"][-1]
         prow.append([l, f"{last['total_params']:,}", f"{last['trainable_max']:,}", f"{100 * last['fraction_max']:.1f}%",
-                     fmt_bytes(last["optimizer_state_bytes_max"]), f"{100 * last['optimizer_state_vs_full']:.1f}%" if last["optimizer_state_vs_full"] else ""])
+                     fmt_bytes(last["optimizer_state_bytes_max"]),
+                     f"{100 * last['optimizer_state_vs_full']:.1f}%" if last["optimizer_state_vs_full"] else ""])
     if prow:
         lines += ["## Trainable parameters in the last stage (paper Table 6)", "",
                   markdown_table(["method", "total", "trainable", "% used", "optimizer state", "vs full model"], prow), ""]
@@ -117,7 +121,8 @@ def comparison_report(run_dirs: Sequence[str | Path], out: str | Path, *, names:
         lines += ["## Accuracy over ε (paper Figure 4)", "", f"![accuracy over eps]({rel_path(p, out)})", ""]
         first = next(iter(sweeps.values()))
         if all([pt["eps"] for pt in s["points"]] == [pt["eps"] for pt in first["points"]] for s in sweeps.values()):
-            lines += [markdown_table(["ε", *sweeps], [[eps_str(pt["eps"], first["norm"]), *[pct(s["points"][i]["acc"]) for s in sweeps.values()]]
+            lines += [markdown_table(["ε", *sweeps],
+                                     [[eps_str(pt["eps"], first["norm"]), *[pct(s["points"][i]["acc"]) for s in sweeps.values()]]
                                                      for i, pt in enumerate(first["points"])]), ""]
     if transfer is not None:
         p = plot_transfer(transfer, plots / "transfer.png")

@@ -188,7 +188,8 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
         load_into(trained, read_state_dict(RunDir(run).weights_path), source=str(run))
         trained.eval()
         res = {"layer": layer, "name": "full model (PGD-AT)" if layer is None else layers[layer].name, "seed": seed,
-               "val": _measure(trained, splits, cfg, settings, record_path(f), item=name), "trainable_params": summary["trainable_params_last"],
+               "val": _measure(trained, splits, cfg, settings, record_path(f), item=name),
+               "trainable_params": summary["trainable_params_last"],
                "train_time_s": summary["train_time_s"], "lam": [h.get("lam") for h in summary["selection_history"]]}
         _write(f, res)
         done += 1
@@ -276,13 +277,19 @@ def render(out: str | Path, title: str | None = None) -> Path:
         t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(v), 2.0)
         return f"{100 * fmean(v):+.1f} ± {100 * t * stdev(v) / len(v) ** 0.5:.1f}"
 
-    rows = [[i, names[i], f"{params[i]:,}", len(gains[i]), mci(gains[i]), mci(clean[i]), *(f"{est[e][i]:.3g}" for e in ("paper", "input") if e in est)]
+    rows = [[i, names[i], f"{params[i]:,}", len(gains[i]), mci(gains[i]), mci(clean[i]),
+             *(f"{est[e][i]:.3g}" for e in ("paper", "input") if e in est)]
             for i in sorted(gains, key=lambda i: -sum(gains[i]) / len(gains[i]))]
+    lam = str(st['lam']) if st['lam'] is not None else str(meta['config']['clat']['lam'])
+    objective = (f"CLAT objective, λ = {lam}" if st['lam_mode'] == 'fixed' else "CLAT objective, automatic λ") \
+        if st['objective'] == 'clat' else "PGD-AT objective on that layer"
     lines = [f"# Layer oracle{': ' + title if title else ''}", "",
              f"From `{meta['init']}`: each layer fine-tuned alone for {st['epochs']} epochs "
-             f"({'CLAT objective, λ = ' + (str(st['lam']) if st['lam'] is not None else str(meta['config']['clat']['lam'])) if st['objective'] == 'clat' and st['lam_mode'] == 'fixed' else ('CLAT objective, automatic λ' if st['objective'] == 'clat' else 'PGD-AT objective on that layer')}), "
-             f"seeds {', '.join(map(str, st['seeds']))}; validation accuracy under PGD-{st['val_steps']} on {sw['start']['n']} held-out images. "
-             f"Gains in percentage points over the checkpoint itself (clean {100 * sw['start']['clean_acc']:.1f}%, PGD {100 * sw['start']['pgd_acc']:.1f}%), "
+             f"({objective}), "
+             f"seeds {', '.join(map(str, st['seeds']))}; validation accuracy under PGD-{st['val_steps']} on {sw['start']['n']} held-out "
+             f"images. "
+             f"Gains in percentage points over the checkpoint itself (clean {100 * sw['start']['clean_acc']:.1f}%, PGD "
+             f"{100 * sw['start']['pgd_acc']:.1f}%), "
              "mean ± 95% t-interval over seeds.", ""]
     if ref:
         lines += [f"Reference, the same budget on the full model (PGD-AT): PGD {mci(ref)}, clean {mci(ref_c)} ({len(ref)} seeds).", ""]
@@ -295,7 +302,8 @@ def render(out: str | Path, title: str | None = None) -> Path:
                   "and seeds), and the regret of choosing by it: the mean gain of the truly best k layers minus that of the k it "
                   "ranks first (percentage points; 0 is perfect).", "",
                   markdown_table(["estimator", "ρ", "95% CI", "regret top-1", "regret top-2", "its top-1"],
-                                 [[r["label"], f"{r['rho']:+.2f}", f"[{r['rho_ci'][0]:+.2f}, {r['rho_ci'][1]:+.2f}]", f"{100 * r['regret_top1']:.2f}",
+                                 [[r["label"], f"{r['rho']:+.2f}", f"[{r['rho_ci'][0]:+.2f}, {r['rho_ci'][1]:+.2f}]",
+                                   f"{100 * r['regret_top1']:.2f}",
                                    f"{100 * r['regret_top2']:.2f}", r["top1"] or "—"] for r in table]), ""]
     png = plot_oracle(sw, out / "oracle.png", title)
     if png is not None:

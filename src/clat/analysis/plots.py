@@ -51,7 +51,8 @@ def plot_criticality(crit: dict, path: str | Path, title: str = "Layer criticali
     from matplotlib.patches import Patch
 
     ax.legend(
-        handles=[Patch(color=SELECTED, label="selected (top-k)"), Patch(color=ELIGIBLE, label="eligible"), Patch(color=EXCLUDED, label="excluded")],
+        handles=[Patch(color=SELECTED, label="selected (top-k)"), Patch(color=ELIGIBLE, label="eligible"),
+                 Patch(color=EXCLUDED, label="excluded")],
         fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
     )
     fig.tight_layout()
@@ -76,7 +77,8 @@ def plot_selection_history(history: Sequence[SelectionEvent | dict], path: str |
             ax.add_patch(Rectangle((i - 0.5, r - 0.5), 1, 1, fill=False, edgecolor=SELECTED, lw=2.2))
         if n_layers <= 30:
             for i, v in enumerate(h.criticality or []):
-                ax.text(i, r, f"{v:.2g}", ha="center", va="center", fontsize=6.5, color="white" if im.norm(max(v, 1e-12)) < 0.5 else "black")
+                ax.text(i, r, f"{v:.2g}", ha="center", va="center", fontsize=6.5,
+                        color="white" if im.norm(max(v, 1e-12)) < 0.5 else "black")
     ax.set_xticks(range(n_layers))
     ax.set_xticklabels([str(i) for i in range(n_layers)], fontsize=7)
     ax.set_yticks(range(len(history)))
@@ -136,7 +138,8 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "Training curve
 
 
 # -- evaluation plots ------------------------------------------------------------------------
-def plot_eps_sweep(sweeps: Mapping[str, dict], path: str | Path, title: str = "Accuracy under PGD over ε", train_eps: float | None = DEFAULT_THREAT.eps) -> Path:
+def plot_eps_sweep(sweeps: Mapping[str, dict], path: str | Path, title: str = "Accuracy under PGD over ε",
+                   train_eps: float | None = DEFAULT_THREAT.eps) -> Path:
     """Accuracy (%) against the attack radius for one or more models (paper Figure 4)."""
     fig = figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)

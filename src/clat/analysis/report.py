@@ -42,7 +42,8 @@ def layer_label(name: str, bn: str | None) -> str:
 
 def criticality_rows(crit: dict) -> tuple[list[str], list[list[Any]]]:
     with_src = any(l.get("denominator_source") for l in crit["layers"])
-    headers = ["idx", "layer", "output", "params", "weakness W", "criticality C", "rank", "selected"] + (["C = W / W of"] if with_src else [])
+    headers = ["idx", "layer", "output", "params", "weakness W", "criticality C", "rank",
+               "selected"] + (["C = W / W of"] if with_src else [])
     rows = []
     for l in crit["layers"]:
         rows.append(
@@ -146,7 +147,8 @@ def parameter_efficiency(rows: list[dict]) -> dict:
             full_bytes = max(ob)
         out.append(st)
     for st in out:
-        st["optimizer_state_vs_full"] = st["optimizer_state_bytes_max"] / full_bytes if full_bytes and st["optimizer_state_bytes_max"] is not None else None
+        known = full_bytes and st["optimizer_state_bytes_max"] is not None
+        st["optimizer_state_vs_full"] = st["optimizer_state_bytes_max"] / full_bytes if known else None
     return {"stages": out, "full_model_optimizer_state_bytes": full_bytes}
 
 
@@ -156,13 +158,15 @@ def _param_rows(pe: dict) -> list[list[Any]]:
         tr = f"{s['trainable_max']:,}" if s["trainable_min"] == s["trainable_max"] else f"{s['trainable_min']:,}–{s['trainable_max']:,}"
         rows.append([
             s["stage"], method_name(s["method"]), s["epochs"], tr, f"{s['total_params']:,}", f"{100 * s['fraction_max']:.1f}%",
-            fmt_bytes(s["optimizer_state_bytes_max"]), f"{100 * s['optimizer_state_vs_full']:.1f}%" if s["optimizer_state_vs_full"] is not None else "",
+            fmt_bytes(s["optimizer_state_bytes_max"]),
+            f"{100 * s['optimizer_state_vs_full']:.1f}%" if s["optimizer_state_vs_full"] is not None else "",
             f"{s['epoch_time_s_mean']:.1f}" if s["epoch_time_s_mean"] is not None else "",
         ])
     return rows
 
 
-PARAM_HEADERS = ["stage", "method", "epochs", "trainable params", "total", "% trained", "optimizer state", "vs full model", "epoch time (s)"]
+PARAM_HEADERS = ["stage", "method", "epochs", "trainable params", "total", "% trained", "optimizer state", "vs full model", "epoch time "
+                                                                                                                            "(s)"]
 
 
 # -- evaluation sections ---------------------------------------------------------------------
@@ -170,7 +174,8 @@ def attack_str(e: dict) -> str:
     a = e.get("attack")
     if not a:
         return ""
-    return f"PGD-{a['steps']} ({a['norm']}, ε={eps_str(a['eps'], a['norm'])}, α={eps_str(a['alpha'], a['norm'])}, {a['restarts']} restart(s))"
+    eps, alpha = eps_str(a['eps'], a['norm']), eps_str(a['alpha'], a['norm'])
+    return f"PGD-{a['steps']} ({a['norm']}, ε={eps}, α={alpha}, {a['restarts']} restart(s))"
 
 
 def _aa_str(aa: dict) -> str:
@@ -183,8 +188,10 @@ def eval_rows(evals: Mapping[str, dict]) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for k, e in evals.items():
         rows.append([
-            k, f"best (epoch {e['best']['epoch']})" if "best" in e else e.get("which", ""), e["n"], pct(e.get("clean_acc"), 2), pct(e.get("pgd_acc"), 2), pct(e.get("pgd_acc_lowest_run"), 2),
-            pct(e["apgd_ce"]["robust_acc"], 2) if "apgd_ce" in e else "", pct(e["autoattack"]["robust_acc"], 2) if "autoattack" in e else "",
+            k, f"best (epoch {e['best']['epoch']})" if "best" in e else e.get("which", ""), e["n"], pct(e.get("clean_acc"), 2),
+            pct(e.get("pgd_acc"), 2), pct(e.get("pgd_acc_lowest_run"), 2),
+            pct(e["apgd_ce"]["robust_acc"], 2) if "apgd_ce" in e else "",
+            pct(e["autoattack"]["robust_acc"], 2) if "autoattack" in e else "",
             attack_str(e),
         ])
     return headers, rows
@@ -204,8 +211,10 @@ def sanity_section(s: dict) -> list[str]:
         out += [f"> - **{c['title']}**: {c['message']}" for c in flags]
         out += [""]
     else:
-        out += [f"No flag raised: {len(s['checks'])} of {len(s['checks'])} checks passed (n = {s['n']}, ε = {eps_str(s['settings']['eps'], s['settings']['norm'])}).", ""]
-    out += [markdown_table(["check", "result", "numbers"], [[c["title"], "**FLAG**" if c["flag"] else "ok", c["message"]] for c in s["checks"]]), ""]
+        out += [f"No flag raised: {len(s['checks'])} of {len(s['checks'])} checks passed (n = {s['n']}, ε = "
+                f"{eps_str(s['settings']['eps'], s['settings']['norm'])}).", ""]
+    out += [markdown_table(["check", "result", "numbers"],
+                           [[c["title"], "**FLAG**" if c["flag"] else "ok", c["message"]] for c in s["checks"]]), ""]
     return out
 
 
@@ -257,7 +266,8 @@ def best_lines(summary: dict | None, rows: list[dict]) -> list[str]:
         out.append(f"Best epoch: none ({summary['best_note']}).")
     if summary and summary.get("stopped_early"):
         es = summary.get("early_stop") or {}
-        out.append(f"Stopped early after epoch {summary['epochs_done']} of {summary['epochs']}: the held-out PGD accuracy did not improve by "
+        out.append(f"Stopped early after epoch {summary['epochs_done']} of {summary['epochs']}: the held-out PGD accuracy did not improve "
+                   f"by "
                    f"more than {es.get('min_delta', 0):g} in {es.get('patience')} evaluations (early_stop).")
     return [" ".join(out), ""] if out else []
 
@@ -301,7 +311,8 @@ def _render_run_report(run_dir: Path, run: dict) -> Path:
     out += damage_lines(run.get("damaged", []), rows)
     if run["summary"]:
         s = run["summary"]
-        out += [f"Model `{s['model']['model']}` ({s['total_params']:,} parameters, {s['layers']} layers) on {s['data']}, {s['epochs']} epoch{'' if s['epochs'] == 1 else 's'}.", ""]
+        out += [f"Model `{s['model']['model']}` ({s['total_params']:,} parameters, {s['layers']} layers) on {s['data']}, {s['epochs']} "
+                f"epoch{'' if s['epochs'] == 1 else 's'}.", ""]
     out += best_lines(run["summary"], rows)
 
     if run["evals"]:
@@ -326,7 +337,8 @@ def _render_run_report(run_dir: Path, run: dict) -> Path:
             p = plot_eps_sweep(sweeps, plots / "eps_sweep.png", f"{run_dir.name}: accuracy over ε")
             pts = next(iter(sweeps.values()))
             out += ["### Accuracy over ε", "", f"![accuracy over eps]({rel_path(p, run_dir)})", ""]
-            out += [markdown_table(["ε", *sweeps], [[eps_str(pt["eps"], pts["norm"]), *[pct(s["points"][i]["acc"]) for s in sweeps.values()]]
+            out += [markdown_table(["ε", *sweeps],
+                                   [[eps_str(pt["eps"], pts["norm"]), *[pct(s["points"][i]["acc"]) for s in sweeps.values()]]
                                                     for i, pt in enumerate(pts["points"])]), ""]
 
     plot = plot_curves(rows, plots / "curves.png", f"{run_dir.name}: held-out accuracy")
@@ -339,12 +351,14 @@ def _render_run_report(run_dir: Path, run: dict) -> Path:
         table.append(
             [
                 r["epoch"], r["stage"], r["method"], r["train"].get("loss", float("nan")),
-                f"{100 * v['clean_acc']:.1f}%" if v else "", (f"{100 * v['pgd_acc']:.1f}%" + (" (best)" if r["epoch"] == best_epoch else "")) if v else "",
+                f"{100 * v['clean_acc']:.1f}%" if v else "",
+                (f"{100 * v['pgd_acc']:.1f}%" + (" (best)" if r["epoch"] == best_epoch else "")) if v else "",
                 f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.1f}%)",
                 ", ".join(r.get("selected", [])) or "all", r["time_s"],
             ]
         )
-    out += [markdown_table(headers, table), "", "The loss column is each method's own training objective (e.g. CE on PGD examples for PGD-AT, "
+    out += [markdown_table(headers, table), "", "The loss column is each method's own training objective (e.g. CE on PGD examples for "
+                                                "PGD-AT, "
             "CE + λ·L_C for CLAT): compare it within a stage, not across stages.", ""]
     if rows:
         out += ["## Parameter efficiency", "", markdown_table(PARAM_HEADERS, _param_rows(parameter_efficiency(rows))), "",

@@ -44,7 +44,8 @@ class Shard:
     total: int
 
 
-def _draw(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor], shard: Shard | None = None, per_sample: bool = False) -> torch.Tensor:
+def _draw(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor], shard: Shard | None = None,
+          per_sample: bool = False) -> torch.Tensor:
     """A random tensor shaped like ``x`` (or ``[B, 1, ...]`` with ``per_sample``), drawn for the
     whole global batch when ``shard`` is given. Values are drawn in contiguous order whatever
     ``x``'s memory format, so a channels-last run draws the same numbers as a contiguous one."""
@@ -58,7 +59,8 @@ def _draw(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor], shard: 
     return out.contiguous()
 
 
-def uniform_like(x: torch.Tensor, low: float, high: float, shard: Shard | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def uniform_like(x: torch.Tensor, low: float, high: float, shard: Shard | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     return _draw(x, lambda t: t.uniform_(low, high, generator=generator), shard)
 
 
@@ -196,7 +198,8 @@ def ce_objective(model: nn.Module, y: torch.Tensor) -> Objective:
     return lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="none")
 
 
-def feature_distance(adv: Mapping[str, torch.Tensor], clean: Mapping[str, torch.Tensor], scale: Mapping[str, float] | None = None) -> torch.Tensor:
+def feature_distance(adv: Mapping[str, torch.Tensor], clean: Mapping[str, torch.Tensor],
+                     scale: Mapping[str, float] | None = None) -> torch.Tensor:
     """Per-sample ``Σ_i s_i ‖F_i(x+δ) − F_i(x)‖₂`` (Eq. 8); ``s_i`` = 1 unless ``scale`` says otherwise."""
     total = None
     for name, a in adv.items():
@@ -208,11 +211,13 @@ def feature_distance(adv: Mapping[str, torch.Tensor], clean: Mapping[str, torch.
     return total
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel = DEFAULT_THREAT, *, shard: Shard | None = None) -> torch.Tensor:
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel = DEFAULT_THREAT, *,
+        shard: Shard | None = None) -> torch.Tensor:
     """Untargeted PGD on the cross-entropy (Madry et al. 2018) under ``threat``. Returns ``x_adv``."""
     return perturb(ce_objective(model, y), x, threat, shard=shard)
 
 
-def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel = DEFAULT_THREAT, *, shard: Shard | None = None) -> torch.Tensor:
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel = DEFAULT_THREAT, *,
+            shard: Shard | None = None) -> torch.Tensor:
     """FGSM with a random start and one step of 1.25 ε (Wong et al. 2020), in ``threat``'s ball."""
     return perturb(ce_objective(model, y), x, threat.replace(alpha=1.25 * threat.eps, steps=1, random_start=True), shard=shard)

@@ -104,7 +104,8 @@ def setup(device: str) -> tuple[DistInfo, torch.device | None]:
         if use_cuda:
             local_rank, n_gpu = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
             if local_rank >= n_gpu:
-                raise ConfigError(f"this process has LOCAL_RANK {local_rank} but only {n_gpu} CUDA device(s) are visible: start at most {n_gpu} "
+                raise ConfigError(f"this process has LOCAL_RANK {local_rank} but only {n_gpu} CUDA device(s) are visible: start at most "
+                                  f"{n_gpu} "
                                   f"process(es) per node (torchrun --nproc_per_node {n_gpu}), or train on CPUs with device=cpu")
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")

@@ -86,7 +86,8 @@ def cmd_criticality(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     if args.restarts < 1:
         raise ClatError(f"--restarts must be >= 1, got {args.restarts}")
-    names = [n.strip() for n in args.names.split(",")] if args.names else [Path(c).stem if Path(c).is_file() else Path(c).name for c in args.checkpoints]
+    default = [Path(c).stem if Path(c).is_file() else Path(c).name for c in args.checkpoints]
+    names = [n.strip() for n in args.names.split(",")] if args.names else default
     if len(names) != len(args.checkpoints):
         raise ClatError(f"--names gives {len(names)} names for {len(args.checkpoints)} checkpoints")
     if len(set(names)) != len(names):
@@ -145,7 +146,8 @@ def _stability_into(args: argparse.Namespace, sizes: list[int], out: Path, run_d
         source = f"measured: PGD-AT (PGD-{a.steps}) steps of batch {cfg.data.batch_size}, extrapolated to {len(splits.x_train)} images"
     print(f"threat model: {threat.text()} ({threat_source})")
     status(f"reference ranking on {args.reference_size} training images, then {args.repeats} batches of each size {args.batch_sizes} ...")
-    res = criticality_stability(model, splits.x_train, splits.y_train, batch_sizes=sizes, repeats=args.repeats, reference_size=args.reference_size,
+    res = criticality_stability(model, splits.x_train, splits.y_train, batch_sizes=sizes, repeats=args.repeats,
+                                reference_size=args.reference_size,
                                 k=args.k, threat=threat, criticality=_criticality_settings(args, cfg), merge_norms=cfg.model.merge_norms,
                                 seed=args.seed, epoch_time_s=epoch_time,
                                 progress=getattr(args, "progress", not args.quiet))
@@ -153,7 +155,8 @@ def _stability_into(args: argparse.Namespace, sizes: list[int], out: Path, run_d
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(res, indent=2))
 
-    print(f"reference top-{res['k']} ({res['reference']['size']} images): {res['reference']['top_k']}  ({', '.join(res['reference']['names'])})")
+    print(f"reference top-{res['k']} ({res['reference']['size']} images): {res['reference']['top_k']}  "
+          f"({', '.join(res['reference']['names'])})")
     print(text_table(["batch", "overlap", "same set", "same order", "top-1", "Spearman", "time (s)", "% of epoch"],
                      [[r["batch_size"], f"{100 * r['overlap_mean']:.0f}%", f"{100 * r['same_set']:.0f}%", f"{100 * r['same_order']:.0f}%",
                        f"{100 * r['top1_agrees']:.0f}%", f"{r['spearman_mean']:.2f}", f"{r['time_s_mean']:.3f}",

@@ -118,7 +118,8 @@ def pick_device(name: str):
 
 
 def load_checkpoint(path: str, args: argparse.Namespace, device):
-    return load_model(path, model_name=args.model, num_classes=args.num_classes, normalize=False if args.no_normalize else None, device=device)
+    return load_model(path, model_name=args.model, num_classes=args.num_classes, normalize=False if args.no_normalize else None,
+                      device=device)
 
 
 def eval_images(args: argparse.Namespace, splits, *, with_indices: bool = False):
@@ -149,7 +150,8 @@ def _warn(msg: str) -> None:
 def _eval_tag(args: argparse.Namespace, a) -> str:
     """A file-name tag for an evaluation setting: ``test_n1000_linf-8-255_pgd20x5_aa-standard_s0``."""
 
-    parts = [args.split, f"n{args.n_examples}" if args.n_examples is not None else "nall", f"{a.norm}-{eps_str(a.eps, a.norm).replace('/', '-')}"]
+    parts = [args.split, f"n{args.n_examples}" if args.n_examples is not None else "nall",
+             f"{a.norm}-{eps_str(a.eps, a.norm).replace('/', '-')}"]
     parts.append("nopgd" if args.no_pgd else f"pgd{a.steps}x{args.restarts}")
     parts += (["apgdce"] if args.apgd_ce else []) + ([f"aa-{args.autoattack_version}"] if args.autoattack else [])
     parts += (["sweep"] if args.eps_sweep else []) + (["sanity"] if args.sanity else [])

@@ -57,7 +57,8 @@ class DemoSettings:
     val_examples: int = 250  # of the held-out images, evaluated each epoch
 
 
-FAST = DemoSettings(model="tiny_cnn", pretrain_epochs=1, finetune_epochs=2, train_size=1000, val_size=200, test_size=200, eval_steps=3, reselect_every=1)
+FAST = DemoSettings(model="tiny_cnn", pretrain_epochs=1, finetune_epochs=2, train_size=1000, val_size=200, test_size=200, eval_steps=3,
+                    reselect_every=1)
 
 
 def _base_values(s: DemoSettings, progress: bool) -> dict:
@@ -161,7 +162,8 @@ def _run_demo(out: Path, s: DemoSettings, progress: bool) -> Path:
 
     # 4. test-set evaluation before / after
     results = {}
-    for name, path in [("pretrained (PGD-AT)", ckpt), ("+ CLAT", out / "clat" / "model.safetensors"), ("+ PGD-AT continued", out / "pgd_at_continued" / "model.safetensors")]:
+    for name, path in [("pretrained (PGD-AT)", ckpt), ("+ CLAT", out / "clat" / "model.safetensors"),
+                       ("+ PGD-AT continued", out / "pgd_at_continued" / "model.safetensors")]:
         m, _ = load_model(path)
         torch.manual_seed(0)
         r = evaluate(m, splits.x_test, splits.y_test, ThreatModel(steps=s.eval_steps), batch_size=250, progress=progress, desc=name)
@@ -206,7 +208,8 @@ def _write_report(out: Path, s: DemoSettings, crit: dict, results: dict, total: 
     }
     table = [
         [
-            name, f"{100 * r['clean_acc']:.1f}", f"{100 * r['pgd_acc']:.1f}", f"{trainable[name]:,} ({100 * trainable[name] / total_params:.1f}%)",
+            name, f"{100 * r['clean_acc']:.1f}", f"{100 * r['pgd_acc']:.1f}", f"{trainable[name]:,} "
+                                                                              f"({100 * trainable[name] / total_params:.1f}%)",
             f"{train_time[name]:.1f}" if name in train_time else "",
         ]
         for name, r in results.items()
@@ -220,7 +223,8 @@ def _write_report(out: Path, s: DemoSettings, crit: dict, results: dict, total: 
         f"{min(s.val_examples, s.val_size)} of them, PGD-{s.val_steps}), "
         f"{s.test_size} test images for the table below. Model `{s.model}` ({total_params:,} parameters).",
         f"Pretraining: PGD-AT for {_n(s.pretrain_epochs, 'epoch')} (PGD-{s.attack_steps}, ε = 8/255, step {s.attack_alpha * 255:.0f}/255). "
-        f"Then {_n(s.finetune_epochs, 'epoch')} of CLAT (k = 1, λ = {s.lam}, re-selection every {_n(s.reselect_every, 'epoch')}) or, as the "
+        f"Then {_n(s.finetune_epochs, 'epoch')} of CLAT (k = 1, λ = {s.lam}, re-selection every {_n(s.reselect_every, 'epoch')}) or, as "
+        f"the "
         f"control, {_n(s.finetune_epochs, 'more epoch')} of PGD-AT on the full model; both with lr {s.finetune_lr}, cosine.",
         "",
         f"## Test accuracy (PGD-{s.eval_steps}, ε = 8/255, step 2/255)",

@@ -64,7 +64,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_models():
         with torch.device("meta"):  # counting only: no memory for WRN-70-16's 267M parameters
             m = create_model(name)
-        rows.append([name, f"{sum(p.numel() for p in m.parameters()):,}", len(find_layers(m)), model_info(name).default_k, model_info(name).description])
+        rows.append([name, f"{sum(p.numel() for p in m.parameters()):,}", len(find_layers(m)), model_info(name).default_k,
+                     model_info(name).description])
     print(text_table(["name", "params (10 classes)", "layers", "default k", "description"], rows))
     return 0
 

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train from a YAML config (pretrain stage, then CLAT fine-tuning)")
-    t.add_argument("config", nargs="?", help="YAML file, or a packaged config by name (`clat configs`), e.g. paper/cifar10/resnet18_pgd_at_clat")
+    t.add_argument("config", nargs="?", help="YAML file, or a packaged config by name (`clat configs`), e.g. "
+                                             "paper/cifar10/resnet18_pgd_at_clat")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. clat.k=2 finetune.epochs=10")
     t.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint (overrides: only the "
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--which", choices=["last", "best"], default="last",
                    help="weights of a run folder: last (the final ones, default) or best (RUN/best/: the best held-out PGD accuracy)")
     _attack_args(e)
-    e.add_argument("--restarts", type=int, default=1, help="PGD runs; accuracy of each, the lowest, and the per-example worst case (paper: >= 10)")
+    e.add_argument("--restarts", type=int, default=1, help="PGD runs; accuracy of each, the lowest, and the per-example worst case "
+                                                           "(paper: >= 10)")
     e.add_argument("--no-pgd", action="store_true", help="skip clat's own PGD (clean accuracy is still measured)")
     e.add_argument("--autoattack", action="store_true", help="standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from pyautoattack")
     e.add_argument("--autoattack-version", choices=["standard", "plus", "rand"], default="standard")
@@ -136,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eps-sweep", type=_eps_list, metavar="LIST",
                    help="PGD accuracy at each ε, e.g. 0,2/255,4/255,8/255,16/255 (Figure 4)")
     e.add_argument("--sanity", action="store_true", help="checks against gradient masking (flags are printed and stored)")
-    e.add_argument("--surrogate", action="append", default=[], metavar="CKPT", help="transfer source for the black-box sanity check (repeatable)")
+    e.add_argument("--surrogate", action="append", default=[], metavar="CKPT", help="transfer source for the black-box sanity check "
+                                                                                    "(repeatable)")
     e.add_argument("--square-queries", type=int, default=1000, help="queries of the Square black-box sanity check (0: skip; default 1000)")
     e.add_argument("--attack", action="append", default=[], metavar="NAME",
                    help="another evaluation attack (repeatable): a name of `clat list attacks` (e.g. square) or your own as "
@@ -165,13 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     _threat_args(st, steps_default=10)
     st.add_argument("--denominator", choices=["upstream", "previous", "input"], help="default: the run's, else upstream (Eq. 6)")
     st.add_argument("--epoch-time", type=float, help="seconds of one PGD-AT epoch (default: the run's metrics, else measured)")
-    st.add_argument("--measure-epoch", action="store_true", help="time PGD-AT steps now, beside the criticality timings (same machine load)")
+    st.add_argument("--measure-epoch", action="store_true", help="time PGD-AT steps now, beside the criticality timings (same machine "
+                                                                 "load)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     st.add_argument("--out", help="JSON file (default: <run folder>/stability.json or ./stability.json)")
 
-    ls = sub.add_parser("layer-sweep", help="the layer oracle: from a checkpoint (init=), fine-tune each layer alone and measure the robust gain")
-    ls.add_argument("config", nargs="?", help="YAML config of the fine-tuning (data, model, attack, lr); overrides after it, init=CKPT required")
+    ls = sub.add_parser("layer-sweep", help="the layer oracle: from a checkpoint (init=), fine-tune each layer alone and measure the "
+                                            "robust gain")
+    ls.add_argument("config", nargs="?", help="YAML config of the fine-tuning (data, model, attack, lr); overrides after it, init=CKPT "
+                                              "required")
     ls.add_argument("overrides", nargs="*", help="key=value overrides, e.g. init=ckpt.safetensors finetune.lr=0.01")
     ls.add_argument("--out", required=True, help="sweep folder: one JSON per (layer, seed); a second call continues it")
     ls.add_argument("--epochs", type=int, default=5, help="epochs per item (default 5)")
@@ -241,7 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not distributed.info().is_main:  # data-parallel run: rank 0 reports
         return 0
     if not summary.get("finished", True):
-        print(f"stopped after epoch {summary['epochs_done']} of {summary['epochs']}: continue with `clat train --resume {summary['run_dir']}`")
+        print(f"stopped after epoch {summary['epochs_done']} of {summary['epochs']}: continue with `clat train --resume "
+              f"{summary['run_dir']}`")
         return 0
 
     report = run_report(summary["run_dir"])
@@ -251,7 +258,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"held-out: clean {100 * v['clean_acc']:.2f}%  PGD {100 * v['pgd_acc']:.2f}%  (n={v['n']})")
     if summary.get("best_epoch"):
         stopped = f"; stopped early after epoch {summary['epochs_done']} of {summary['epochs']}" if summary.get("stopped_early") else ""
-        print(f"best: epoch {summary['best_epoch']} (held-out PGD {100 * summary['best_value']:.2f}%) in {summary['run_dir']}/best{stopped}")
+        print(f"best: epoch {summary['best_epoch']} (held-out PGD {100 * summary['best_value']:.2f}%) in "
+              f"{summary['run_dir']}/best{stopped}")
     return 0
 
 
@@ -308,7 +316,8 @@ def _version_line() -> str:
 
 
 COMMANDS = {
-    "train": cmd_train, "layer-sweep": cmd_layer_sweep, "criticality": cmd_criticality, "eval": cmd_eval, "transfer": cmd_transfer, "stability": cmd_stability, "report": cmd_report,
+    "train": cmd_train, "layer-sweep": cmd_layer_sweep, "criticality": cmd_criticality, "eval": cmd_eval, "transfer": cmd_transfer,
+    "stability": cmd_stability, "report": cmd_report,
     "demo": cmd_demo, "models": cmd_models, "methods": cmd_methods, "list": cmd_list, "configs": cmd_configs, "config": cmd_config,
 }
 

@@ -228,8 +228,10 @@ def validate(cfg: Config) -> None:
     need(a.steps >= 1, f"attack.steps must be >= 1, got {a.steps}")
     # images are in [0, 1]: an l-inf radius of 1 lets the attack set every pixel to anything; an l2 radius
     # above the diameter of a 3x32x32 image (55.4) bounds nothing either
-    need(a.norm != "linf" or a.eps < 1, f"attack.eps={a.eps:g} covers the whole [0, 1] pixel range under linf; images are in [0, 1] (the paper uses 8/255)")
-    need(a.norm != "l2" or a.eps < 55.5, f"attack.eps={a.eps:g} exceeds the l2 diameter of a 3x32x32 image in [0, 1] (55.4); the usual l2 radius is 0.5")
+    need(a.norm != "linf" or a.eps < 1, f"attack.eps={a.eps:g} covers the whole [0, 1] pixel range under linf; images are in [0, 1] (the "
+                                        f"paper uses 8/255)")
+    need(a.norm != "l2" or a.eps < 55.5, f"attack.eps={a.eps:g} exceeds the l2 diameter of a 3x32x32 image in [0, 1] (55.4); the usual l2 "
+                                         f"radius is 0.5")
     d = cfg.data
     DATASETS.entry(d.dataset)  # a known data set (a package.module:loader is imported now): else one line naming them
     need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
@@ -237,11 +239,13 @@ def validate(cfg: Config) -> None:
     need(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
     need(d.train_size is None or d.train_size > d.val_size, f"data.train_size ({d.train_size}) must exceed data.val_size ({d.val_size})")
     need(d.test_size is None or d.test_size >= 1, f"data.test_size must be >= 1, got {d.test_size}")
-    need(not (d.download and d.dataset in ("folder", "npz")), f"data.download=true has nothing to download for data.dataset={d.dataset}: drop it")
+    need(not (d.download and d.dataset in ("folder", "npz")), f"data.download=true has nothing to download for data.dataset={d.dataset}: "
+                                                              f"drop it")
     need(d.image_size is None or d.image_size >= 1, f"data.image_size must be >= 1 (or null: images as stored), got {d.image_size}")
     need(d.image_size is None or d.dataset == "folder", f"data.image_size resizes the images of an image folder (data.dataset=folder), not "
          f"{d.dataset}: drop it")
-    need(not d.stream or d.dataset == "folder", f"data.stream=true streams an image folder (data.dataset=folder); {d.dataset} is held in memory: "
+    need(not d.stream or d.dataset == "folder", f"data.stream=true streams an image folder (data.dataset=folder); {d.dataset} is held in "
+                                                f"memory: "
          "drop it (torch Datasets stream from Python: docs/data.md)")
     need(d.workers >= 0, f"data.workers must be >= 0 (0: the training process reads the images), got {d.workers}")
     need(d.fingerprint is None or d.dataset == "python", "data.fingerprint is written by clat.train(data=...) for data given from Python "
@@ -268,13 +272,15 @@ def validate(cfg: Config) -> None:
     need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 (or null: no early stopping), got {es.patience}")
     need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0, got {es.min_delta}")
     need(es.patience is None or (e.n_examples > 0 and d.val_size > 0),
-         "early_stop.patience watches the held-out evaluation, which is off: set data.val_size and eval.n_examples > 0, or early_stop.patience=null")
+         "early_stop.patience watches the held-out evaluation, which is off: set data.val_size and eval.n_examples > 0, or "
+         "early_stop.patience=null")
     need(cfg.log.wandb_project.strip() != "", "log.wandb_project must not be empty")
     for k in ("num_classes", "normalize"):
         need(k not in cfg.model.kwargs, f"model.kwargs.{k}: clat passes {k} to the factory itself; set model.{k} instead")
     need(not cfg.init_reset_head or cfg.init is not None, "init_reset_head=true resets the classifier of init, but init is not set")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
-    need(cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device) is not None, f"device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
+    need(cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device) is not None, f"device must be auto, cpu, cuda, cuda:N "
+                                                                                               f"or mps; got {cfg.device!r}")
     for section in cfg.sections.values():  # each method checks its own section
         if hasattr(section, "check"):
             section.check(need)

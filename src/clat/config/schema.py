@@ -21,14 +21,16 @@ class ModelConfig:
     name: str = "resnet18"  # see `clat models`
     num_classes: int | None = None  # None: from the data set
     normalize: bool = True  # normalization inside the model (inputs are [0, 1] pixels)
-    merge_norms: bool = False  # also merge a GroupNorm/LayerNorm/InstanceNorm that directly follows a conv/linear into its layer (BatchNorm always is)
+    # also merge a GroupNorm/LayerNorm/InstanceNorm that directly follows a conv/linear into its layer (BatchNorm always is)
+    merge_norms: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a model factory (model.kwargs.depth=10; YAML: a mapping)
 
 
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"  # cifar10, cifar100, bundled (a subset in the package), folder, npz (docs/data.md): `clat list datasets`
-    root: str = "data"  # folder holding cifar-10-batches-py / cifar-100-python; folder: root/{train,test}/<class>/<image>; npz: the .npz file
+    # folder holding cifar-10-batches-py / cifar-100-python; folder: root/{train,test}/<class>/<image>; npz: the .npz file
+    root: str = "data"
     download: bool = False  # fetch the official archive (checksum verified) if missing
     verify: bool = True  # check official MD5s; false accepts a local copy that differs, with a warning
     train_size: int | None = None  # use only the first N training images (CPU studies)
@@ -67,7 +69,8 @@ class StageConfig:
     momentum: float = 0.9  # SGD momentum (optimizer=sgd)
     weight_decay: float = 5e-4  # weight decay of the trained parameters: L2 for sgd, decoupled for adamw (where 0.05 is usual)
     nesterov: bool = False  # Nesterov momentum (optimizer=sgd)
-    schedule: Literal["cosine", "constant", "piecewise"] = "cosine"  # per-step cosine decay over the stage; piecewise: x0.1 at 50% and 75% (Rice et al. 2020)
+    # per-step cosine decay over the stage; piecewise: x0.1 at 50% and 75% (Rice et al. 2020)
+    schedule: Literal["cosine", "constant", "piecewise"] = "cosine"
     optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd (momentum, nesterov) or adamw (betas, eps); torch.optim's
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's running-average coefficients (optimizer=adamw)
     eps: float = 1e-8  # AdamW's denominator term (optimizer=adamw)
@@ -145,9 +148,13 @@ class Config:
     seed: int = 0  # initialization, shuffling, augmentation and attack starts
     device: str = "auto"  # auto: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for every forward pass (attacks included); fp16 adds a GradScaler
-    channels_last: bool | Literal["auto"] = "auto"  # NHWC model and inputs; auto: on a CPU (measured faster) and on a GPU with bf16/fp16, else off
-    deterministic: bool = False  # bit-identical GPU runs and resumes (deterministic cuDNN/cuBLAS kernels; speed cost not measured); CPU runs are anyway
-    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False  # torch.compile the model (opt-in; true = mode default; reduce-overhead: CUDA graphs on a GPU; CLAT's early-stopping feature passes run partly eager)
+    # NHWC model and inputs; auto: on a CPU (measured faster) and on a GPU with bf16/fp16, else off
+    channels_last: bool | Literal["auto"] = "auto"
+    # bit-identical GPU runs and resumes (deterministic cuDNN/cuBLAS kernels; speed cost not measured); CPU runs are anyway
+    deterministic: bool = False
+    # torch.compile the model (opt-in; true = mode default; reduce-overhead: CUDA graphs on a GPU; CLAT's early-stopping feature passes run
+    # partly eager)
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
     fused_optimizer: bool | Literal["auto"] = "auto"  # the optimizer step as one fused kernel; auto: on a GPU, not on a CPU
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPU data-parallel runs only)
     keep_checkpoints: int = 2  # epoch checkpoints kept in the run folder

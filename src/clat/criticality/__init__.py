@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from clat.criticality.index import (Denominator, Scaling, DENOMINATORS, scale, CriticalityConfig, CriticalityResult, eligible_mask, distance, weakness_from_features, compute_criticality, select_random)  # noqa: F401
+from clat.criticality.index import (Denominator, Scaling, DENOMINATORS, scale, CriticalityConfig, CriticalityResult, eligible_mask,
+                                    distance, weakness_from_features, compute_criticality, select_random)  # noqa: F401
 from clat.criticality.selectors import SELECTORS, LayerScoring, choose, register_selector, scores  # noqa: F401
 from clat.criticality.estimators import ESTIMATORS, compute_estimates  # noqa: F401  (registers the oracle's estimators as selectors)
 

@@ -92,7 +92,8 @@ def compute_estimates(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor
     return {name: scores(name, scoring) for name in names}
 
 
-def _max_weakness(model: nn.Module, x: torch.Tensor, extract: Callable[[torch.Tensor], torch.Tensor], numel: int, threat: ThreatModel) -> float:
+def _max_weakness(model: nn.Module, x: torch.Tensor, extract: Callable[[torch.Tensor], torch.Tensor], numel: int,
+                  threat: ThreatModel) -> float:
     """W of Eq. 5 for one feature: the mean distance under the PGD attack that maximizes it (1/N scaling)."""
     with torch.no_grad():
         clean = extract(x).detach()
@@ -114,7 +115,8 @@ def exact_criticality(model: nn.Module, layers: Sequence[Layer], x: torch.Tensor
             src = layer.source()
             if src.kind == "tensor" and src.tap is not None and src.tap not in w_tap:
                 ext = FeatureExtractor(model, [layer], taps=[src.tap])
-                w_tap[src.tap] = _max_weakness(model, x, lambda xa, e=ext, t=src.tap: e(xa, stop_early=False).taps[t], src.tap.numel, threat)
+                w_tap[src.tap] = _max_weakness(model, x, lambda xa, e=ext, t=src.tap: e(xa, stop_early=False).taps[t], src.tap.numel,
+                                               threat)
     out = []
     for layer in layers:
         src = layer.source()
@@ -192,7 +194,8 @@ def score(est: Sequence[float] | None, gains: Sequence[Sequence[float]], *, n_bo
         draws = [rng.sample(range(n), n) for _ in range(n_boot)]
         rhos = sorted(spearman(d, mean) for d in draws)
         return {"rho": sum(rhos) / len(rhos), "rho_ci": [rhos[int(0.025 * n_boot)], rhos[int(0.975 * n_boot) - 1]],
-                "regret_top1": sum(regret(d, mean, 1) for d in draws) / n_boot, "regret_top2": sum(regret(d, mean, 2) for d in draws) / n_boot}
+                "regret_top1": sum(regret(d, mean, 1) for d in draws) / n_boot,
+                "regret_top2": sum(regret(d, mean, 2) for d in draws) / n_boot}
     boots = []
     for _ in range(n_boot):
         idx = [rng.randrange(n) for _ in range(n)]
@@ -208,7 +211,8 @@ def _adv_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return F.cross_entropy(model(x), y).item()
 
 
-def module_robust_criticality(model: nn.Module, layers: list[Layer], x_adv: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int) -> list[float]:
+def module_robust_criticality(model: nn.Module, layers: list[Layer], x_adv: torch.Tensor, y: torch.Tensor, *, eps: float,
+                              steps: int) -> list[float]:
     """MRC of every layer (module-weight perturbation bounded by ``eps·‖w‖``); model in eval mode."""
     modules = dict(model.named_modules())
     base = _adv_loss(model, x_adv, y)

@@ -55,17 +55,21 @@ def scale(n: int, scaling: Scaling) -> float:
 @dataclass
 class CriticalityConfig:
     batch_size: int = 100  # fresh random training images per (re)selection
-    denominator: Literal["upstream", "previous", "input"] = "upstream"  # Eq. 6: upstream (default), previous in execution order, or the post-activation input (ablations)
+    # Eq. 6: upstream (default), previous in execution order, or the post-activation input (ablations)
+    denominator: Literal["upstream", "previous", "input"] = "upstream"
     scaling: Literal["n", "sqrt_n", "none"] = "n"  # 1/N_i (paper), 1/sqrt(N_i) or none
     point: Literal["post_bn", "pre_bn"] = "post_bn"  # where a layer's feature is read: after its BatchNorm (default) or before
     include_classifier: bool = False  # the last layer (the classifier) may be selected too
     steps: int = 10  # PGD steps of the criticality perturbation (eps/alpha from `attack`)
-    chunk_size: int | None = None  # images attacked and measured at once (same result); null: a quarter of data.batch_size, so a re-selection peaks below a training step (benchmarks/memory.py)
+    # images attacked and measured at once (same result); null: a quarter of data.batch_size, so a re-selection peaks below a training step
+    # (benchmarks/memory.py)
+    chunk_size: int | None = None
 
     def measure_kwargs(self) -> dict:
         """The settings that decide what :func:`compute_criticality` measures, as its keywords: every caller that ranks
         layers (CLAT's selection, ``clat criticality``, ``clat stability``) passes them whole, so none drops one."""
-        return {"denominator": self.denominator, "scaling": self.scaling, "point": self.point, "include_classifier": self.include_classifier}
+        return {"denominator": self.denominator, "scaling": self.scaling, "point": self.point,
+                "include_classifier": self.include_classifier}
 
 
 
@@ -220,7 +224,8 @@ def compute_criticality(
             w_src.append(dist["taps"][src.tap] * scale(src.tap.numel, scaling))
             sources.append(src.describe())
     c = [w[i] if math.isnan(d) else (w[i] / d if d > 0 else float("inf")) for i, d in enumerate(w_src)]
-    settings = {"eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "norm": threat.norm, "denominator": denominator, "scaling": scaling,
+    settings = {"eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "norm": threat.norm, "denominator": denominator,
+                "scaling": scaling,
                 "point": point, "batch_size": int(x.shape[0])}
     return CriticalityResult(list(layers), w, w_src, c, eligible_mask(layers, include_classifier=include_classifier, exclude=exclude),
                              settings, sources)

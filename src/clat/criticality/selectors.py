@@ -104,7 +104,8 @@ def choose(name: str, scoring: LayerScoring) -> list[Layer]:
     s = scores(name, scoring)
     pool = [i for i, ok in enumerate(scoring.eligible) if ok]
     if not 1 <= scoring.k <= len(pool):
-        raise ConfigError(f"k={scoring.k} layers requested but {len(pool)} layers are eligible for selection; choose k between 1 and {len(pool)}")
+        raise ConfigError(f"k={scoring.k} layers requested but {len(pool)} layers are eligible for selection; choose k between 1 and "
+                          f"{len(pool)}")
     chosen = [scoring.layers[i] for i in sorted(pool, key=lambda i: -s[i])[: scoring.k]]
     entry = SELECTORS.entry(name)
     return sorted(chosen, key=lambda layer: layer.index) if entry.extra.get("order") == "depth" else chosen

@@ -215,7 +215,8 @@ class DatasetSplits:
         up to 64 validation images and the first 2 training images (read with fixed seeds)."""
         x_val, y_val = self.x_val, self.y_val
         probe = self.probe(2)
-        h = hashlib.sha256(repr((self.source, self.n_train, len(y_val), self.num_classes, tuple(probe.shape[1:]), str(probe.dtype))).encode())
+        h = hashlib.sha256(repr((self.source, self.n_train, len(y_val), self.num_classes, tuple(probe.shape[1:]),
+                                 str(probe.dtype))).encode())
         for t in (y_val, probe, x_val[torch.linspace(0, len(x_val) - 1, min(64, len(x_val))).long()] if len(x_val) else x_val):
             h.update(t.contiguous().numpy().tobytes())
         shape = "x".join(map(str, probe.shape[1:]))
@@ -358,7 +359,8 @@ def fingerprint(splits: Splits | DatasetSplits) -> str:
         if len(xp):
             h.update(xp[torch.linspace(0, len(xp) - 1, min(64, len(xp))).long()].contiguous().numpy().tobytes())
     return (f"{splits.name} (tensors): {len(x)} train + {len(parts[1][0])} val + {len(parts[2][0])} test images "
-            f"{'x'.join(map(str, x.shape[1:]))} {str(x.dtype).removeprefix('torch.')}, {splits.num_classes} classes, sha256 {h.hexdigest()[:16]}")
+            f"{'x'.join(map(str, x.shape[1:]))} {str(x.dtype).removeprefix('torch.')}, {splits.num_classes} classes, sha256 "
+            f"{h.hexdigest()[:16]}")
 
 
 def python_data_message(fingerprint: str | None) -> str:

@@ -215,7 +215,8 @@ def evaluate_outcomes(
                 "pgd_acc_lowest_run": min(per_run),
                 "pgd_acc_mean_run": sum(per_run) / len(per_run),
                 "attack": {
-                    "name": "pgd", "norm": threat.norm, "eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "restarts": restarts,
+                    "name": "pgd", "norm": threat.norm, "eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps,
+                    "restarts": restarts,
                     "random_start": "per-example, seeded" if seed is not None else "global RNG", "seed": seed,
                 },
             }
@@ -318,7 +319,8 @@ def transfer_matrix(
         "rows": "attacker (source of the PGD examples)",
         "columns": "victim (evaluated model)",
         "clean_acc": {names[j]: clean_n[j].item() / n for j in range(k)},
-        "attack": {"name": "pgd", "norm": threat.norm, "eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps, "restarts": restarts, "seed": seed},
+        "attack": {"name": "pgd", "norm": threat.norm, "eps": threat.eps, "alpha": threat.alpha, "steps": threat.steps,
+                   "restarts": restarts, "seed": seed},
         "time_s": time.time() - t0,
     }
 

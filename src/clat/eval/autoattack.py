@@ -156,7 +156,8 @@ def _autoattack_object(AutoAttack, model: nn.Module, threat: ThreatModel, dev: t
     if attacks is not None:
         full = list(aa.attacks_to_run)
         if not attacks or list(attacks) != full[: len(attacks)]:
-            raise ConfigError(f"attacks must be the first attacks of AutoAttack {version} in order ({', '.join(full)}), got {list(attacks)}")
+            raise ConfigError(f"attacks must be the first attacks of AutoAttack {version} in order ({', '.join(full)}), got "
+                              f"{list(attacks)}")
         aa.attacks_to_run = list(attacks)
     return aa
 

@@ -106,7 +106,8 @@ class FeatureExtractor:
         modules = dict(model.named_modules())
         self._out_mod = {layer.name: modules[layer.output_module(point)] for layer in self.layers}
         self._in_mod = {layer.name: modules[layer.name] for layer in self.layers}
-        self._clone = {layer.name: (layer.tap(point).inplace_after if layer.tap(point) is not None else layer.inplace_after) for layer in self.layers}
+        self._clone = {layer.name: (layer.tap(point).inplace_after if layer.tap(point) is not None else layer.inplace_after)
+                       for layer in self.layers}
 
     def __call__(self, x: torch.Tensor, *, stop_early: bool = True) -> Features:
         outputs: dict[str, torch.Tensor] = {}

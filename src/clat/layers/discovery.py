@@ -338,7 +338,8 @@ def resolve_layers(layers: Sequence[Layer], selectors: Iterable[str | int]) -> l
             if s.lstrip("-").isdigit():
                 hint = f"; to select the layer with index {s}, write it as an integer (clat.layers=[{s}], not '{s}')"
             close = [n for n in by_name if s.split(".")[-1] in n][:5]
-            raise ConfigError(f"no layer named {s!r}{hint}; layer names look like {close or list(by_name)[:5]} (see `clat criticality` for the full list)")
+            raise ConfigError(f"no layer named {s!r}{hint}; layer names look like {close or list(by_name)[:5]} (see `clat criticality` "
+                              f"for the full list)")
     return out
 
 

@@ -62,7 +62,8 @@ class AWP(Method):
     def _weights(self, model: nn.Module) -> list[torch.Tensor]:
         return [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor,
+                                                                                                            dict[str, torch.Tensor]]:
         x_adv = self.base.adversarial(model, x, y, shard)
         if self._active and self.gamma > 0:
             weights = self._weights(model)

@@ -86,7 +86,8 @@ class Method:
             p.requires_grad_(True)
         return {}
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor,
+                                                                                                            dict[str, torch.Tensor]]:
         """The training loss of a batch and the metrics to log. ``shard``: where ``x`` sits in a data-parallel
         step's global batch; pass it to every random draw of an attack (``pgd(..., shard=shard)``)."""
         raise NotImplementedError
@@ -134,8 +135,10 @@ class AdversarialMethod(Method):
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                          dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor,
+                                                                                                            dict[str, torch.Tensor]]:
         return self.objective(model, x, self.adversarial(model, x, y, shard), y)

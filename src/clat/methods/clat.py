@@ -80,7 +80,9 @@ class ClatConfig:
     base: str | None = None  # base method for ce_on=base (default: the pretrain method)
     inner: Literal["pgd", "fast"] = "pgd"  # inner maximisation: PGD or one FGSM-RS step ("CLAT (Fast)")
     distance_scaling: Literal["none", "n", "sqrt_n"] = "none"  # Eq. 8 has no 1/N_i
-    recompute: bool = False  # the feature attack recomputes the blocks before the critical layers in its backward (activation checkpointing): same result, less memory, about one more forward per attack step
+    # the feature attack recomputes the blocks before the critical layers in its backward (activation checkpointing): same result, less
+    # memory, about one more forward per attack step
+    recompute: bool = False
     freeze_bn_stats: bool = False  # also keep the selected layers' BN running statistics fixed
     criticality: CriticalityConfig = field(default_factory=CriticalityConfig)
 
@@ -140,7 +142,8 @@ class CLAT(Method):
         else:
             self.pinned = []
             if not 1 <= self.k <= n_ok:
-                raise ConfigError(f"clat.k={self.k} but the model has {n_ok} layers eligible for selection (of {len(layers)}); choose k between 1 and {n_ok}")
+                raise ConfigError(f"clat.k={self.k} but the model has {n_ok} layers eligible for selection (of {len(layers)}); choose k "
+                                  f"between 1 and {n_ok}")
         if cfg.ce_on == "base" and base is None:
             raise ConfigError("clat.ce_on=base needs a base method (clat.base or a pretrain method)")
         self.base = base
@@ -210,7 +213,8 @@ class CLAT(Method):
         return self._extractor
 
     # -- the objective ------------------------------------------------------------------
-    def attack_features(self, model: nn.Module, x: torch.Tensor, target: dict[str, torch.Tensor], shard: Shard | None = None) -> torch.Tensor:
+    def attack_features(self, model: nn.Module, x: torch.Tensor, target: dict[str, torch.Tensor],
+                        shard: Shard | None = None) -> torch.Tensor:
         """δ* of Eq. 8: maximise the feature distance to the (fixed) clean features."""
         ext = self.extractor(model)
         threat = self.threat.replace(steps=1, alpha=1.25 * self.threat.eps) if self.cfg.inner == "fast" else self.threat
@@ -219,7 +223,8 @@ class CLAT(Method):
         with frozen_bn_statistics(model), recompute:
             return perturb(lambda xa: feature_distance(ext(xa).outputs, target, self._scale), x, threat, shard=shard)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor,
+                                                                                                            dict[str, torch.Tensor]]:
         if not self.selected:
             raise RuntimeError("CLAT.loss called before any layer was selected (on_epoch_start)")
         ext = self.extractor(model)

@@ -56,7 +56,8 @@ class MART(TRADES):
         with eval_mode(model) if self.attack_mode == "eval" else frozen_bn_statistics(model):
             return perturb(ce_objective(model, y), x, self.threat, delta0=0.001 * randn_like(x, shard))
 
-    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                          dict[str, torch.Tensor]]:
         logits_adv = model(x_adv)
         with frozen_bn_statistics(model):
             logits = model(x)

@@ -25,7 +25,8 @@ class PGDAT(AdversarialMethod):
         with frozen_bn_statistics(model):
             return pgd(model, x, y, self.threat, shard=shard)
 
-    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                          dict[str, torch.Tensor]]:
         logits = model(x_adv)
         loss = self.ce(logits, y)
         return loss, {"loss": loss.detach(), "adv_acc": accuracy(logits, y)}

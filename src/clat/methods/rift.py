@@ -47,12 +47,15 @@ class RiftConfig:
     weight_eps: float = 0.1  # MRC: weight perturbation bound, relative to the layer's weight norm
     steps: int = 5  # MRC: gradient-ascent steps on the weight perturbation
     batch_size: int = 256  # training images used for MRC
-    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])  # interpolation weights tried between the start and the fine-tuned weights
+    # interpolation weights tried between the start and the fine-tuned weights
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     tolerance: float = 0.005  # allowed drop of validation PGD accuracy when choosing α
 
     def check(self, need) -> None:
-        need(self.weight_eps > 0 and self.steps >= 1 and self.batch_size >= 1, "rift.weight_eps must be > 0, rift.steps and rift.batch_size >= 1")
-        need(bool(self.alphas) and all(0 <= a <= 1 for a in self.alphas), f"rift.alphas must be a non-empty list of values in [0, 1], got {self.alphas}")
+        need(self.weight_eps > 0 and self.steps >= 1 and self.batch_size >= 1, "rift.weight_eps must be > 0, rift.steps and "
+                                                                               "rift.batch_size >= 1")
+        need(bool(self.alphas) and all(0 <= a <= 1 for a in self.alphas), f"rift.alphas must be a non-empty list of values in [0, 1], got "
+                                                                          f"{self.alphas}")
 
 
 @register_method("rift", label="RiFT", section=RiftConfig, needs_layers=True)
@@ -99,7 +102,8 @@ class RiFT(Method):
     def trainable_bns(self) -> list[str] | None:
         return [l.bn_name for l in self.selected if l.bn_name is not None]
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> tuple[torch.Tensor,
+                                                                                                            dict[str, torch.Tensor]]:
         logits = model(x)
         loss = self.ce(logits, y)
         return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}

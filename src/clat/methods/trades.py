@@ -31,7 +31,8 @@ def kl_per_sample(logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.
 @dataclass
 class TradesConfig:
     beta: float = 6.0  # weight of the robust (KL) term
-    attack_mode: Literal["eval", "train"] = "eval"  # model mode while crafting the attack: eval as the reference code; train (batch statistics, running ones frozen) as clat 0.1
+    # model mode while crafting the attack: eval as the reference code; train (batch statistics, running ones frozen) as clat 0.1
+    attack_mode: Literal["eval", "train"] = "eval"
 
     def check(self, need) -> None:
         need(self.beta >= 0, f"trades.beta must be >= 0, got {self.beta}")
@@ -56,11 +57,13 @@ class TRADES(AdversarialMethod):
     def natural(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.ce(logits, y)
 
-    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def objective(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                          dict[str, torch.Tensor]]:
         logits = model(x)
         with frozen_bn_statistics(model):  # one statistics update per step, from the clean batch
             logits_adv = model(x_adv)
         natural = self.natural(logits, y)
         robust = self.divergence(logits_adv, F.softmax(logits, dim=1)).mean()
         loss = natural + self.beta * robust
-        return loss, {"loss": loss.detach(), "natural": natural.detach(), "robust": robust.detach(), "acc": accuracy(logits, y), "adv_acc": accuracy(logits_adv, y)}
+        return loss, {"loss": loss.detach(), "natural": natural.detach(), "robust": robust.detach(), "acc": accuracy(logits, y),
+                      "adv_acc": accuracy(logits_adv, y)}

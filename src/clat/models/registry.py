@@ -77,8 +77,10 @@ def model_info(name: str) -> ModelInfo:
     the current folder is searched too, as ``python -m`` would, so ``model.name=mymodels:make_net`` finds
     ``./mymodels.py`` from the command line)."""
     if name.startswith(PYTHON_MODEL):
-        raise ConfigError(f"model.name={name}: this run's model was handed to clat.train(model=...) from Python, so clat cannot rebuild it; "
-                          f"pass the same model again (clat.train(None, RUN, resume=True, model=...)), or name it as model.name=package.module:factory "
+        raise ConfigError(f"model.name={name}: this run's model was handed to clat.train(model=...) from Python, so clat cannot rebuild "
+                          f"it; "
+                          f"pass the same model again (clat.train(None, RUN, resume=True, model=...)), or name it as "
+                          f"model.name=package.module:factory "
                           "(docs/models.md)")
     if is_factory(name):
         factory = load_spec(name, what=f"model.name={name}", bad="neither a zoo model nor package.module:factory (e.g. mymodels:make_net)")

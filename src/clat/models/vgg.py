@@ -65,7 +65,8 @@ VGG11_W16_CFG: list[int | str] = [16, "M", 32, "M", 64, 64, "M", 128, 128, "M", 
 
 
 @register_model("vgg11_w16", default_k=1,
-                description="CIFAR VGG-11-BN at 1/4 width (16-128 channels) with a 256-256 classifier, 0.68M parameters: CPU studies (a chain)")
+                description="CIFAR VGG-11-BN at 1/4 width (16-128 channels) with a 256-256 classifier, 0.68M parameters: CPU studies (a "
+                            "chain)")
 def vgg11_w16(num_classes: int, normalize: nn.Module) -> nn.Module:
     """VGG-11 (configuration A of Simonyan & Zisserman) at a quarter of its width: 8 conv+BN layers and
     3 linears, 11 layers in a plain chain, where Eq. 6 has no ambiguity (the CPU-sized counterpart of

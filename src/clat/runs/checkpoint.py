@@ -133,7 +133,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "clat never runs code from a checkpoint; re-save its state_dict() with torch.save or safetensors"
         ) from None
     except Exception as e:  # corrupted zip, wrong format
-        raise CheckpointError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); is it a PyTorch or safetensors file?") from None
+        raise CheckpointError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); is it a PyTorch or safetensors "
+                              f"file?") from None
     for _ in range(2):  # e.g. {"last": {"state_dict": ...}}
         for key in ("state_dict", "model_state_dict", "model", "net", "last"):
             if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -266,7 +267,8 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
     state = {**{k: v for k, v in state.items() if k not in keep}, **{k: own[k] for k in keep}}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+                  if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
         parts = []
         if mismatched:

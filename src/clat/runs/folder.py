@@ -8,12 +8,10 @@ else a user keeps there. This module owns the rules that keep the user's files s
   removes exactly those entries and nothing else, and never replaces another command's folder.
 - **Lock** (``.clat.lock``, :mod:`clat.runs.lock`): one process at a time writes into a run folder; a
   second is refused with a message naming the holder.
-- **Config**: ``read_config`` is the one reader of a run's ``config.yaml`` (one-line errors for
-  invalid YAML, refused tags, unknown keys); ``owner_of`` says which run a weights file belongs
-  to, so a ``config.yaml`` found near a file is used only when the file is that run's.
-- **Layout**: nothing outside this module builds a path inside a run folder. ``metrics()`` is the
-  one reader of ``metrics.jsonl``, ``checkpoints()`` owns ``checkpoints/epoch_NNNN/`` (write,
-  list, prune, latest valid, the weights of an epoch), ``summary()`` reads ``summary.json``.
+- **Config**: ``read_config`` is the one reader of a run's ``config.yaml`` (one-line errors); ``owner_of`` says
+  which run a weights file belongs to, so a ``config.yaml`` near a file is used only when the file is that run's.
+- **Layout**: nothing outside this module builds a path inside a run folder. ``metrics()`` reads ``metrics.jsonl``,
+  ``checkpoints()`` owns ``checkpoints/epoch_NNNN/`` (write, list, prune, latest valid), ``summary()`` ``summary.json``.
 - **Metrics** (:mod:`clat.runs.metrics`): a line of ``metrics.jsonl`` that is not a row is named, never
   dropped silently. **Health** of a checkpoint (:mod:`clat.runs.soundness`, recorded in its ``meta.json``):
   whether its loss and weights are sane, so that the advice after a divergence names a fix that works.
@@ -215,7 +213,8 @@ class RunDir(Manifest, MetricsFile, FolderLock):
             return ""
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
-        names = ["config.yaml", "metrics.jsonl", "metrics.csv", MANIFEST, *extra] + (["summary.json", "model.safetensors"] if self.finished() else [])
+        names = ["config.yaml", "metrics.jsonl", "metrics.csv", MANIFEST,
+                 *extra] + (["summary.json", "model.safetensors"] if self.finished() else [])
         for n in names:
             if (self.path / n).is_file():
                 shutil.copy(self.path / n, dst / n)
@@ -275,7 +274,8 @@ class RunDir(Manifest, MetricsFile, FolderLock):
             log.info("removed %d half-written temporary file(s) of an interrupted write", stale)
         if changed:
             atomic_write_text(self.config_path, header() + dump_yaml(cfg))
-            log.info("--resume with %s (recorded in config.yaml and metrics.jsonl)", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+            log.info("--resume with %s (recorded in config.yaml and metrics.jsonl)",
+                     ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
     # -- layout -------------------------------------------------------------------------------
     @property

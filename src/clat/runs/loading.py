@@ -64,12 +64,14 @@ def load_model(
 def _check_meta(meta: dict, path: Path) -> None:
     """The fields clat reads from a safetensors header have the types it expects (a crafted header stops here)."""
     def bad(field: str, what: str) -> CheckpointError:
-        return CheckpointError(f"{path}: metadata field {field!r} must be {what}, got {meta.get(field)!r}; the file was not written by clat "
+        return CheckpointError(f"{path}: metadata field {field!r} must be {what}, got {meta.get(field)!r}; the file was not written by "
+                               f"clat "
                                "or was altered (pass --model NAME to load its weights alone)")
 
     if "model" in meta and not (isinstance(meta["model"], str) and meta["model"]):
         raise bad("model", "a model name")
-    if "num_classes" in meta and not (isinstance(meta["num_classes"], int) and not isinstance(meta["num_classes"], bool) and meta["num_classes"] >= 1):
+    if "num_classes" in meta and not (isinstance(meta["num_classes"], int) and not isinstance(meta["num_classes"],
+                                                                                              bool) and meta["num_classes"] >= 1):
         raise bad("num_classes", "a positive integer")
     if "normalize" in meta and not isinstance(meta["normalize"], bool):
         raise bad("normalize", "true or false")

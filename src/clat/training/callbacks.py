@@ -148,7 +148,8 @@ def _optional(module: str, extra: str, key: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"{key}=true needs the {extra} package: pip install \"clat-at[{extra}]\" (or pip install {extra}), or set {key}=false") from None
+        raise ConfigError(f"{key}=true needs the {extra} package: pip install \"clat-at[{extra}]\" (or pip install {extra}), or set "
+                          f"{key}=false") from None
 
 
 class TensorBoardLogger(Callback):
@@ -207,7 +208,8 @@ class WandbLogger(Callback):
         self.run.log(flat_row(row, "/", numbers_only=True), step=row["epoch"])
 
     def on_train_end(self, summary: dict) -> None:
-        self.run.summary.update({k: v for k, v in summary.items() if k.startswith(("best_", "stopped_", "epochs")) and isinstance(v, _SCALARS)})
+        self.run.summary.update({k: v for k,
+                                 v in summary.items() if k.startswith(("best_", "stopped_", "epochs")) and isinstance(v, _SCALARS)})
         self.run.finish()
         self.run = None
 

@@ -57,7 +57,8 @@ class ValHistory:
             self.wait += 1
         if self.best is not None and acc <= self.best["value"]:
             return False
-        self.best = {"epoch": row["epoch"], "metric": METRIC, "value": acc, "clean_acc": v["clean_acc"], "stage": row["stage"], "method": row["method"]}
+        self.best = {"epoch": row["epoch"], "metric": METRIC, "value": acc, "clean_acc": v["clean_acc"], "stage": row["stage"],
+                     "method": row["method"]}
         return True
 
     @property
@@ -68,7 +69,8 @@ class ValHistory:
     def summary(self, epochs_done: int, epochs: int) -> dict:
         """The fields ``summary.json`` gets: the best epoch, and where the run stopped if that was early."""
         b = self.best
-        out = {"best_epoch": b and b["epoch"], "best_metric": METRIC, "best_value": b and b["value"], "best_clean_acc": b and b["clean_acc"]}
+        out = {"best_epoch": b and b["epoch"], "best_metric": METRIC, "best_value": b and b["value"],
+               "best_clean_acc": b and b["clean_acc"]}
         if b is None:
             out["best_note"] = NO_BEST
         out["stopped_early"] = epochs_done < epochs
@@ -90,7 +92,8 @@ def read_best(rd: "RunDir") -> dict:
     """``best.json`` of a run, checked against the weights beside it; a one-line ClatError when there is none."""
 
     if not rd.best_info_path.is_file():
-        why = (rd.summary() or {}).get("best_note") or "it was trained by a clat without best checkpoints, or has not evaluated an epoch yet"
+        why = ((rd.summary() or {}).get("best_note")
+               or "it was trained by a clat without best checkpoints, or has not evaluated an epoch yet")
         raise ClatError(f"{rd.path} holds no best/ ({why}); evaluate its final weights instead (--which last)")
     info = rd.read_json(str(rd.best_info_path.relative_to(rd.path)))
     if not isinstance(info, dict) or not rd.best_weights.is_file() or sha256(rd.best_weights) != info.get("sha256"):

@@ -165,7 +165,8 @@ class _Run:
         for _, scfg, _ in run.stages:  # fail on a bad method setting now, not after hours of pretraining
             run.method(scfg)
         if cfg.early_stop.patience is not None and min(cfg.eval.n_examples, len(splits.x_val)) == 0:
-            raise ConfigError("early_stop.patience watches held-out images, but the validation split is empty; set early_stop.patience=null")
+            raise ConfigError("early_stop.patience watches held-out images, but the validation split is empty; set "
+                              "early_stop.patience=null")
         world, global_batch = dist_mod.info().world_size, cfg.data.batch_size * dist_mod.info().world_size
         if world > 1 and splits.n_train < global_batch:
             raise ConfigError(f"{splits.n_train} training images cannot fill one global batch of {global_batch} "
@@ -302,7 +303,8 @@ def _run_epoch(run: _Run, stage: Stage, loader: Loader, epoch: int, name: str, s
     (validation included when due), or None when a callback stopped the run inside it (``stop(now=True)``, one rank)."""
     cfg, dinfo = run.cfg, dist_mod.info()
     t0 = time.time()
-    ctx = EpochContext(epoch, epoch - first, run.splits.sampler(lambda: rng.epoch_generator(cfg.seed, epoch, 2), run.device), rng.epoch_generator(cfg.seed, epoch, 1))
+    ctx = EpochContext(epoch, epoch - first, run.splits.sampler(lambda: rng.epoch_generator(cfg.seed, epoch, 2), run.device),
+                       rng.epoch_generator(cfg.seed, epoch, 1))
     events = stage.begin_epoch(ctx)
     trainable = stage.trainable_params()
     loader.set_epoch(epoch)
@@ -366,7 +368,8 @@ def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) ->
         return rd.summary()
     if stage is not None:
         stage.use_average()  # stopped early inside a stage with an EMA: the run ends with the average, as at a stage's end
-    save_weights(rd.weights_path, stage.method.plain_model(run.model) if stage is not None else run.model, run.meta)  # stopped early: LoRA merged
+    # stopped early: LoRA merged
+    save_weights(rd.weights_path, stage.method.plain_model(run.model) if stage is not None else run.model, run.meta)
     rows = rd.metric_rows()
     overrides = [r.resume_overrides for r in rows if r.resume_overrides is not None]
     summary = Summary(
