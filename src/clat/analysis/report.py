@@ -314,7 +314,6 @@ def _render_run_report(run_dir: Path, run: dict) -> Path:
         out += [f"Model `{s['model']['model']}` ({s['total_params']:,} parameters, {s['layers']} layers) on {s['data']}, {s['epochs']} "
                 f"epoch{'' if s['epochs'] == 1 else 's'}.", ""]
     out += best_lines(run["summary"], rows)
-
     if run["evals"]:
         out += ["## Evaluation", ""]
         h, r = eval_rows(run["evals"])
