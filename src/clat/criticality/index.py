@@ -166,8 +166,8 @@ def compute_criticality(
     """Criticality of every layer from one PGD perturbation of the batch ``(x, y)``.
 
     ``threat`` is the attack's threat model (norm, ε, step, steps; CLAT passes its run's, with
-    ``clat.criticality.steps``). The model runs in eval mode (its mode is restored). ``x_adv`` may be given to reuse a perturbation (then no attack is
-    run). ``x`` holds [0, 1] images. ``chunk_size``: attack and measure at most this many images
+    ``clat.criticality.steps``). The model runs in eval mode (its mode is restored). ``x_adv`` may be given
+    to reuse a perturbation (then no attack is run). ``x`` holds [0, 1] images. ``chunk_size``: attack and measure at most this many images
     at a time (the peak memory of a batch of that size; the result is the whole batch's, see
     :func:`_mean_distances`).
     """
