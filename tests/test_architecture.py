@@ -90,6 +90,17 @@ def test_every_module_lives_on_a_floor():
         assert ast.get_docstring(ast.parse((SRC / floor / "__init__.py").read_text())), f"clat.{floor} says what it holds"
 
 
+def test_the_readme_map_names_every_module():
+    """README's Architecture map lists every floor and every module in it (issue 35): the map is the package."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Architecture"):]
+    block = block[block.index("```"):block.index("```", block.index("```") + 3)]
+    missing = [f"{floor}/" for floor in FLOORS if f"  {floor}/" not in block]
+    missing += [f"{p.parent.name}/{p.name}" for floor in FLOORS for p in sorted((SRC / floor).glob("*.py"))
+                if p.stem != "__init__" and not re.search(rf"\b{p.stem}\b", block)]
+    assert not missing, missing
+
+
 def test_no_import_goes_up_a_floor():
     """Every import between clat's modules, at the top of a module or inside a function, points to the same floor or
     one below (the facade ``clat`` imports everything and nothing imports it)."""

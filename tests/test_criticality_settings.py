@@ -10,6 +10,7 @@ import clat.criticality.index
 import clat.layers.discovery
 import clat.analysis.stability
 import clat.cli.analyses
+import clat.training.warmstart
 from clat.cli.main import main
 
 Q = ["-q"]
@@ -44,7 +45,7 @@ def seen(monkeypatch):
         monkeypatch.setattr(mod, "compute_criticality", crit, raising=False)
     monkeypatch.setattr(clat.analysis.stability, "find_layers", find)
     monkeypatch.setattr(clat.layers, "find_layers", find)
-    monkeypatch.setattr(clat.cli.analyses, "find_layers", find)
+    monkeypatch.setattr(clat.training.warmstart, "find_layers", find)
     return calls
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clat.base.errors import ClatError, ConfigError
-from clat.base.records import SCHEMA, MetricsRow, SelectionEvent, Summary, checkpoint_epoch, current_row, current_summary
+from clat.base.run_records import SCHEMA, MetricsRow, SelectionEvent, Summary, checkpoint_epoch, current_row, current_summary
 from clat.cli.main import main
 from clat.config.load import load_config, override, variant
 from clat.data.loader import Splits

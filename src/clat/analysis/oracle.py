@@ -35,17 +35,16 @@ from clat.base.errors import ConfigError
 from clat.config.load import config_from_dict
 from clat.config.schema import Config, to_dict
 from clat.criticality.estimators import ESTIMATORS, LABELS, compute_estimates, score
-from clat.criticality.selectors import SELECTORS, label
 from clat.criticality.index import eligible_mask
+from clat.criticality.selectors import SELECTORS, label
 from clat.data.loader import to_unit_float
 from clat.data.prepare import prepare_data
 from clat.eval.accuracy import evaluate_outcomes
 from clat.eval.records import EvalRecord, record_path, save_record
-from clat.layers.discovery import find_layers
 from clat.runs.checkpoint import atomic_write_text, load_into, read_state_dict, sha256
 from clat.runs.folder import RunDir
 from clat.training.loop import train
-from clat.training.warmstart import build_model
+from clat.training.warmstart import build_model, run_layers
 
 Objective = Literal["clat", "pgd_at"]
 
@@ -132,7 +131,7 @@ def layer_sweep(base: Config, out: str | Path, settings: SweepSettings, *, hours
     device = resolve_device(base.device)
     splits = prepare_data(base)
     model = build_model(base, splits.num_classes, device)
-    layers = find_layers(model, to_unit_float(splits.x_train[:2].to(device)), merge_norms=base.model.merge_norms)
+    layers = run_layers(model, base, splits.x_train[:2].to(device))
     eligible = [l.index for l, ok in zip(layers, eligible_mask(layers, include_classifier=base.clat.criticality.include_classifier)) if ok]
     chosen = settings.layers if settings.layers is not None else eligible
     bad = [i for i in chosen if i not in eligible]

@@ -11,8 +11,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from clat.base.records import SelectionEvent
 from clat.attacks.threat import DEFAULT_THREAT, eps_str
+from clat.base.run_records import SelectionEvent
 from clat.methods.registry import label as method_name
 
 SELECTED, ELIGIBLE, EXCLUDED = "#d62728", "#1f77b4", "#bbbbbb"

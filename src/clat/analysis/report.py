@@ -19,10 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from clat.analysis.tables import fmt_bytes, markdown_table, pct, rel_path, text_table  # noqa: F401  (also imported from here)
 from clat.analysis.plots import eps_str, plot_criticality, plot_curves, plot_eps_sweep, plot_selection_history, plot_transfer
+from clat.analysis.tables import fmt_bytes, markdown_table, pct, rel_path, text_table  # noqa: F401  (also imported from here)
 from clat.base.errors import ClatError
-from clat.base.records import SelectionEvent
+from clat.base.run_records import SelectionEvent
 from clat.config.schema import to_dict
 from clat.methods.registry import label as method_name
 from clat.runs.folder import REPORT_FILES, RunDir

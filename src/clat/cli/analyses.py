@@ -20,11 +20,11 @@ from clat.criticality.index import compute_criticality, eligible_mask
 from clat.data.loader import to_unit_float
 from clat.data.prepare import prepare_data
 from clat.eval.accuracy import transfer_matrix
-from clat.layers.discovery import find_layers
 from clat.methods.clat import resolve_k
 from clat.models import create_model
 from clat.runs.checkpoint import atomic_write_text
 from clat.runs.folder import RunDir
+from clat.training.warmstart import run_layers
 
 
 def _criticality_settings(args: argparse.Namespace, cfg):
@@ -60,7 +60,7 @@ def cmd_criticality(args: argparse.Namespace) -> int:
     idx = torch.randperm(len(splits.x_train), generator=g)[: args.batch_size]
     x = to_unit_float(splits.x_train[idx]).to(device)
     y = splits.y_train[idx].to(device)
-    layers = find_layers(model, x[:2], merge_norms=cfg.model.merge_norms)
+    layers = run_layers(model, cfg, x)
     cc = _criticality_settings(args, cfg)
     k = resolve_k(args.k if args.k is not None else cfg.clat.k, layers, meta["model"])  # the k the run's CLAT trains (or would)
     n_ok = sum(eligible_mask(layers, include_classifier=cc.include_classifier))

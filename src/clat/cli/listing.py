@@ -15,9 +15,9 @@ from clat.base.errors import ClatError
 from clat.base.registry import Registry, import_user_module
 from clat.config.help import CONFIGS, describe, list_configs, render
 from clat.config.load import dump_yaml, load_config
-from clat.eval.attacks import ATTACKS
 from clat.criticality.selectors import SELECTORS
 from clat.data.prepare import DATASETS
+from clat.eval.attacks import ATTACKS
 from clat.layers.discovery import find_layers
 from clat.methods.registry import METHODS
 from clat.models import create_model, list_models, model_info

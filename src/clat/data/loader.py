@@ -22,13 +22,30 @@ from dataclasses import dataclass
 
 import torch
 
-from clat.data.augment import AUGMENTATIONS, augment, augment_mode, crop_flip, draw_augment_params  # noqa: F401  (public API)
-from clat.data.cifar import (FILE_MD5, NUM_CLASSES, TARBALL_MD5, URLS, ChecksumWarning, DatasetName, load_bundled,
-                             # noqa: F401  (public API)
-                        load_cifar)
 from clat.base.errors import DataError
-from clat.data.readers import (check_every_class_trained, check_labels, check_pair, class_count, images_from_numpy,
-                           labels_from_numpy, load_image_folder, load_npz, read_image_folders)
+from clat.data.augment import AUGMENTATIONS, augment, augment_mode, crop_flip, draw_augment_params  # noqa: F401  (public API)
+from clat.data.cifar import (
+    FILE_MD5,
+    NUM_CLASSES,
+    TARBALL_MD5,
+    URLS,
+    ChecksumWarning,
+    DatasetName,
+    load_bundled,
+    # noqa: F401  (public API)
+    load_cifar,
+)
+from clat.data.readers import (
+    check_every_class_trained,
+    check_labels,
+    check_pair,
+    class_count,
+    images_from_numpy,
+    labels_from_numpy,
+    load_image_folder,
+    load_npz,
+    read_image_folders,
+)
 
 __all__ = ["DatasetName", "NUM_CLASSES", "URLS", "TARBALL_MD5", "FILE_MD5", "ChecksumWarning", "load_cifar", "load_bundled",
            "to_unit_float", "check_images", "train_val_split", "augment", "Loader", "Splits", "load_image_folder",

@@ -17,7 +17,6 @@ from clat.data.loader import Splits, train_val_split
 from clat.data.readers import load_own
 from clat.data.stream import DatasetSplits, as_splits, fingerprint, python_data_message, stream_folder
 
-
 # The data sets a run may name (``data.dataset``; :class:`clat.base.registry.Registry`): a loader ``fn(cfg)`` returns the
 # data set, as :class:`Images` (or the four tensors x_train, y_train, x_test, y_test), or as splits made already (a
 # :class:`Splits`, :class:`DatasetSplits` or anything ``clat.train(data=...)`` takes). ``checked=False``: clat's own

@@ -28,9 +28,9 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, Subset
 from torch.utils.data._utils.collate import default_collate
 
-from clat.data.loader import Loader, Splits, derive_seed, to_unit_float, train_val_split
 from clat.base.errors import ConfigError, DataError
 from clat.data.items import FolderDataset, SeededItems, as_pair, collate
+from clat.data.loader import Loader, Splits, derive_seed, to_unit_float, train_val_split
 from clat.data.readers import check_every_class_trained
 
 __all__ = ["DatasetSplits", "StreamLoader", "as_splits", "train_loader", "stream_folder", "fingerprint", "python_data_message"]

@@ -30,12 +30,13 @@ from torch import nn
 from clat.attacks.threat import DEFAULT_THREAT, ThreatModel
 from clat.base.distributed import resolve_device
 from clat.base.errors import ConfigError, DataError
+from clat.base.registry import is_spec
 from clat.data.loader import check_images, to_unit_float
 from clat.data.readers import check_labels, images_from_numpy, labels_from_numpy
-from clat.base.registry import is_spec
 from clat.eval.attacks import ATTACKS, PGD, EvalAttack, resolve_attack
 from clat.eval.protocol import EvalProtocol, EvalResult, flag_attacks, run_protocol
 from clat.layers.freezing import eval_mode
+
 
 def _protocol(threat: ThreatModel, attacks: str | EvalAttack | Sequence[str | EvalAttack], *, restarts: int, eps_sweep: Sequence[float],
               sanity: bool, **settings) -> EvalProtocol:

@@ -46,7 +46,7 @@ from torch import nn
 from clat.attacks.threat import DEFAULT_THREAT, ThreatModel
 from clat.base.errors import ConfigError
 from clat.eval.accuracy import batches, check_inputs
-from clat.eval.attacks import ATTACKS, AttackContext, AttackResult, EpsSweep, EvalAttack, Noise, PGD, Square, Transfer
+from clat.eval.attacks import ATTACKS, PGD, AttackContext, AttackResult, EpsSweep, EvalAttack, Noise, Square, Transfer
 from clat.layers.freezing import eval_mode
 
 BANNER = "possible gradient masking"

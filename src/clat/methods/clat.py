@@ -32,7 +32,7 @@ from torch import nn
 from clat.attacks.threat import Shard, feature_distance, perturb
 from clat.base.distributed import broadcast_object
 from clat.base.errors import ConfigError
-from clat.base.records import SelectionEvent
+from clat.base.run_records import SelectionEvent
 from clat.config.schema import AttackConfig
 from clat.criticality.index import CriticalityConfig, compute_criticality, eligible_mask  # noqa: F401  (a section of ClatConfig)
 from clat.criticality.selectors import SELECTORS, LayerScoring, choose, measured_key

@@ -21,7 +21,7 @@ from torch import nn
 
 from clat.attacks.threat import Shard, pgd
 from clat.base.distributed import broadcast_object
-from clat.base.records import SelectionEvent
+from clat.base.run_records import SelectionEvent
 from clat.config.schema import AttackConfig
 from clat.criticality.estimators import module_robust_criticality
 from clat.criticality.index import eligible_mask

@@ -21,18 +21,17 @@ import json
 import logging
 import math
 import pickle
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from clat.base.errors import CheckpointError
 from clat.base.files import atomic_write, atomic_write_text, sha256  # noqa: F401  (part of this module's interface)
 from clat.models.registry import Normalize
-from safetensors.torch import save
-import re
 
 log = logging.getLogger("clat")
 

@@ -21,7 +21,7 @@ Run folder::
     config.yaml          resolved config
     metrics.jsonl        one JSON line per epoch
     checkpoints/epoch_NNNN/{model.safetensors, state.pt, meta.json}   (NNNN: the epoch, from 1, as in metrics.jsonl;
-                         runs written before record schema 2 named them from 0: clat.base.records)
+                         runs written before record schema 2 named them from 0: clat.base.run_records)
     model.safetensors    final weights (with model metadata)
     best/{model.safetensors, best.json}   weights of the best held-out PGD accuracy (clat.training.early_stop)
     summary.json         final metrics, selection history, best epoch, early stop
@@ -44,7 +44,7 @@ from typing import Any, Iterator
 import torch
 
 from clat.base.errors import ClatError, ConfigError
-from clat.base.records import LEGACY, SCHEMA, checkpoint_epoch, current_summary, schema_of
+from clat.base.run_records import LEGACY, SCHEMA, checkpoint_epoch, current_summary, schema_of
 from clat.base.versions import header
 from clat.config.load import config_from_dict, dump_yaml, read_yaml
 from clat.runs.checkpoint import atomic_write_text, save_state, save_weights, sha256
@@ -61,7 +61,7 @@ class Checkpoints:
     """Epoch checkpoints in ``RUN/checkpoints``; ``meta.json`` (written last) holds the other files'
     SHA-256, so a partial or corrupted checkpoint is recognised. Epochs count from 1, as in metrics.jsonl: ``epoch_0002``
     holds the weights after epoch 2. A checkpoint written before record schema 2 is named from 0 (its ``meta.json`` has no
-    ``schema``): it is found by its epoch all the same (:func:`clat.base.records.checkpoint_epoch`)."""
+    ``schema``): it is found by its epoch all the same (:func:`clat.base.run_records.checkpoint_epoch`)."""
 
     def __init__(self, run_dir: Path, keep: int = 1) -> None:
         self.root = Path(run_dir) / "checkpoints"
@@ -191,7 +191,7 @@ class RunDir(Manifest, MetricsFile, FolderLock):
         return self.summary_path.is_file()
 
     def summary(self) -> dict | None:
-        """``summary.json`` in today's record schema (:func:`clat.base.records.current_summary`), None before the run finished."""
+        """``summary.json`` in today's record schema (:func:`clat.base.run_records.current_summary`), None before the run finished."""
         return current_summary(self.read_json("summary.json")) if self.finished() else None
 
     def latest_weights(self) -> Path | None:

@@ -1,6 +1,6 @@
-"""``metrics.jsonl``, one JSON row per epoch (:class:`clat.base.records.MetricsRow`): its one reader and writer (mixed
+"""``metrics.jsonl``, one JSON row per epoch (:class:`clat.base.run_records.MetricsRow`): its one reader and writer (mixed
 into :class:`clat.runs.folder.RunDir`). Rows of any record schema are read; the readers return today's
-(:func:`clat.base.records.current_row`); a resume keeps the rows before its checkpoint as they were written.
+(:func:`clat.base.run_records.current_row`); a resume keeps the rows before its checkpoint as they were written.
 
 A line that is not a row (cut by a crash, or damaged since) is never dropped silently: ``read_metrics`` names it,
 ``clat report`` says which epochs it shows, and ``--resume`` says what it does with it. A row that cannot be appended
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from clat.base.errors import CheckpointError
-from clat.base.records import MetricsRow, current_row
+from clat.base.run_records import MetricsRow, current_row
 from clat.runs.checkpoint import atomic_write_text
 
 log = logging.getLogger("clat")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clat.base.records import LEGACY, schema_of
+from clat.base.run_records import LEGACY, schema_of
 
 if TYPE_CHECKING:
     from clat.runs.folder import RunDir

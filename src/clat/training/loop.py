@@ -31,14 +31,14 @@ from tqdm.auto import tqdm
 from clat.base import distributed as dist_mod
 from clat.base import rng
 from clat.base.errors import ClatError, ConfigError
-from clat.base.records import SCHEMA, MetricsRow, SelectionEvent, Summary
+from clat.base.run_records import SCHEMA, MetricsRow, SelectionEvent, Summary
 from clat.base.versions import versions
 from clat.config.load import flat_keys, override, parse_overrides
 from clat.config.schema import Config, StageConfig, to_dict
-from clat.data.loader import Loader, Splits, to_unit_float
+from clat.data.loader import Loader, Splits
 from clat.data.prepare import run_data
 from clat.data.stream import train_loader
-from clat.layers.discovery import Layer, find_layers
+from clat.layers.discovery import Layer
 from clat.methods import EpochContext, create_method
 from clat.models import PYTHON_MODEL, is_factory, model_info
 from clat.runs.checkpoint import atomic_write_text, load_into, save_weights
@@ -49,7 +49,7 @@ from clat.training.early_stop import ValHistory, save_best
 from clat.training.resume import Resumed
 from clat.training.stage import Stage, StepRunner, resolve_channels_last
 from clat.training.validation import held_out, validate
-from clat.training.warmstart import build_model, load_init
+from clat.training.warmstart import build_model, load_init, run_layers
 
 log = logging.getLogger("clat")
 
@@ -160,7 +160,7 @@ class _Run:
         if resolve_channels_last(cfg.channels_last, device, cfg.precision):
             model = model.to(memory_format=torch.channels_last)
         dist_mod.broadcast_module(model)  # every rank starts from rank 0's weights
-        layers = find_layers(model, to_unit_float(splits.probe(2).to(device)), merge_norms=cfg.model.merge_norms)
+        layers = run_layers(model, cfg, splits.probe(2).to(device))
         run = cls(cfg, rd, model, splits, layers, meta, zoo_model, _stages(cfg), device, weight_scale(model))
         for _, scfg, _ in run.stages:  # fail on a bad method setting now, not after hours of pretraining
             run.method(scfg)
@@ -357,7 +357,7 @@ def _selection(event, method: str) -> SelectionEvent | None:
     if event is None or isinstance(event, SelectionEvent):
         return event
     raise ClatError(f"method {method!r} returned a 'selection' event of type {type(event).__name__}; return a "
-                    "clat.base.records.SelectionEvent (its epochs count from 1, as the metrics rows')")
+                    "clat.base.run_records.SelectionEvent (its epochs count from 1, as the metrics rows')")
 
 
 def _finish(run: _Run, wall: float, stage: Stage | None, history: ValHistory) -> dict:

@@ -1,5 +1,5 @@
 """Where a resumed run continues: the newest checkpoint that loads, and the run's epoch it was written after (from 1, in
-any record schema: :func:`clat.base.records.checkpoint_epoch`)."""
+any record schema: :func:`clat.base.run_records.checkpoint_epoch`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clat.base.records import checkpoint_epoch
+from clat.base.run_records import checkpoint_epoch
 from clat.runs.checkpoint import load_training_state, read_state_dict
 from clat.runs.folder import RunDir
 from clat.runs.soundness import note_thread_count

@@ -6,9 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from clat.base.errors import ConfigError
+from clat.data.loader import to_unit_float
+from clat.layers.discovery import Layer, find_layers
 from clat.models import create_model
 from clat.runs.checkpoint import adapt_state_dict, load_into, read_state_dict
 
@@ -55,3 +58,10 @@ def build_model(cfg, num_classes: int, device="cpu"):
     if cfg.init:
         load_init(model, cfg.init, num_classes, reset_head=cfg.init_reset_head)
     return model.to(device)
+
+
+def run_layers(model: nn.Module, cfg, images: torch.Tensor) -> list[Layer]:
+    """The layers of a run's model as its training found them: traced on two of ``images`` (the run's data, on the
+    model's device) with the run's ``model.merge_norms``. Training, ``clat criticality`` and the layer oracle all
+    find a run's layers here, so they rank the same layers."""
+    return find_layers(model, to_unit_float(images[:2]), merge_norms=cfg.model.merge_norms)
