@@ -223,16 +223,16 @@ def do_trades_pretraining(s: StudySettings, budget: Budget, p: int) -> None:
 
 
 def arm_cfg(s: StudySettings, arm: str, seed: int, lam: float | None):
-    from clat.config.load import load_config
+    from clat.config.load import load_config, variant
 
     branch, method, extra, _ = ARMS[arm]
     over = [f"init={s.ckpts / f'{branch}_branch.safetensors'}", f"finetune.method={method}", f"seed={seed}",
             *(f"{k}={v}" for k, v in s.arm_settings.items()), *extra]
     if branch == "trades":
         over.append("pretrain.method=trades")  # CLAT's base method (used only with clat.ce_on=base)
-    if lam is not None and not own_lam(arm):
-        over.append(f"clat.lam={lam}")
-    return load_config(s.pretrain_cfg, [*s.extra, *over])
+    cfg = load_config(s.pretrain_cfg, [*s.extra, *over])
+    # the swept λ as the number itself, not through text (a float like 1e-05 would not read back from YAML as one)
+    return variant(cfg, {"clat.lam": lam}) if lam is not None and not own_lam(arm) else cfg
 
 
 def own_lam(arm: str) -> float | None:

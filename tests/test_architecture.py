@@ -230,3 +230,17 @@ def test_the_threat_model_travels_whole():
     assert not loose, loose
     tree = ast.parse((SRC / "attacks" / "threat.py").read_text())
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)] and "ContextVar" not in ast.unparse(tree)
+
+
+def test_methods_take_a_threat_model_not_the_config_section():
+    """The methods' floor reads no run-config section for its attacks (issue 35): ``Method(threat)`` takes a
+    :class:`ThreatModel`; ``from_config`` turns the run's ``attack:`` section into one."""
+    users = [f"{p.relative_to(REPO)}:{n.lineno}" for p in (SRC / "methods").glob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+             if isinstance(n, ast.ImportFrom) and any(a.name == "AttackConfig" for a in n.names)]
+    assert not users, users
+    from clat.attacks.threat import ThreatModel
+    from clat.config.schema import AttackConfig
+    from clat.methods import PGDAT
+
+    t = ThreatModel(steps=3, random_start=False)
+    assert PGDAT(t).threat is t and PGDAT(AttackConfig(steps=3)).threat == AttackConfig(steps=3).threat()

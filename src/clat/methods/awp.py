@@ -18,8 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from clat.attacks.threat import Shard
-from clat.config.schema import AttackConfig
+from clat.attacks.threat import Shard, ThreatModel
 from clat.layers.freezing import frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, EpochContext, Method
 from clat.methods.registry import register_method
@@ -41,10 +40,10 @@ class AWP(Method):
     @classmethod
     def from_config(cls, ctx) -> "AWP":
         c = ctx.cfg.awp
-        return cls(ctx.cfg.attack, ctx.baseline(c.base, "awp.base"), c.gamma, c.warmup)
+        return cls(ctx.cfg.attack.threat(), ctx.baseline(c.base, "awp.base"), c.gamma, c.warmup)
 
 
-    def __init__(self, attack: AttackConfig, base: AdversarialMethod, gamma: float = 5e-3, warmup: int = 0) -> None:
+    def __init__(self, attack: ThreatModel, base: AdversarialMethod, gamma: float = 5e-3, warmup: int = 0) -> None:
         super().__init__(attack)
         self.base = base
         self.gamma = gamma

@@ -18,7 +18,6 @@ from torch import nn
 
 from clat.attacks.threat import Shard, ThreatModel
 from clat.base import rng
-from clat.config.schema import AttackConfig
 from clat.data.loader import to_unit_float
 
 
@@ -61,17 +60,16 @@ class Method:
     name = "base"
     label_smoothing = 0.0  # of the cross-entropy terms of the training loss (the stage's label_smoothing); attacks use plain labels
 
-    def __init__(self, attack: AttackConfig | ThreatModel) -> None:
-        if isinstance(attack, ThreatModel):
-            attack = AttackConfig(eps=attack.eps, alpha=attack.alpha, steps=attack.steps, norm=attack.norm)
-        self.attack = attack  # the run's ``attack:`` section
-        self.threat: ThreatModel = attack.threat()  # the training threat model every attack of the method uses
+    def __init__(self, attack: ThreatModel) -> None:
+        """``attack``: the training threat model every attack of the method uses (a run's is its ``attack:`` section's,
+        ``cfg.attack.threat()``; an object with a ``threat()`` method, such as that section itself, is taken too)."""
+        self.threat: ThreatModel = attack if isinstance(attack, ThreatModel) else attack.threat()
 
     @classmethod
     def from_config(cls, ctx) -> "Method":
         """The method as a run config describes it (``ctx``: :class:`clat.methods.registry.BuildContext`): the run's
         attack section, and the method's own section as keyword arguments (``trades.beta`` -> ``beta=``)."""
-        return cls(ctx.cfg.attack, **ctx.options(cls.name))
+        return cls(ctx.cfg.attack.threat(), **ctx.options(cls.name))
 
     def setup(self, model: nn.Module) -> None:
         """Called once when the stage starts, before the optimizer is built (LoRA adds its adapters here)."""

@@ -29,11 +29,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from clat.attacks.threat import Shard, feature_distance, perturb
+from clat.attacks.threat import Shard, ThreatModel, feature_distance, perturb
 from clat.base.distributed import broadcast_object
 from clat.base.errors import ConfigError
 from clat.base.run_records import SelectionEvent
-from clat.config.schema import AttackConfig
 from clat.criticality.index import CriticalityConfig, compute_criticality, eligible_mask  # noqa: F401  (a section of ClatConfig)
 from clat.criticality.selectors import SELECTORS, LayerScoring, choose, measured_key
 from clat.layers.capture import FeatureExtractor, recomputed_blocks
@@ -121,10 +120,10 @@ class CLAT(Method):
         base = None
         if cfg.clat.ce_on == "base":
             base = ctx.baseline(cfg.clat.base or cfg.pretrain.method, "clat.ce_on=base (clat.base, or else pretrain.method)")
-        return cls(cfg.attack, cfg.clat, ctx.layers, k=resolve_k(cfg.clat.k, ctx.layers, ctx.zoo_model, ctx.default_k), base=base,
+        return cls(cfg.attack.threat(), cfg.clat, ctx.layers, k=resolve_k(cfg.clat.k, ctx.layers, ctx.zoo_model, ctx.default_k), base=base,
                    chunk_size=resolve_chunk(cfg.clat.criticality.chunk_size, cfg.data.batch_size))
 
-    def __init__(self, attack: AttackConfig, cfg: ClatConfig, layers: list[Layer], *, k: int, base: Method | None = None,
+    def __init__(self, attack: ThreatModel, cfg: ClatConfig, layers: list[Layer], *, k: int, base: Method | None = None,
                  chunk_size: int | None = None) -> None:
         """``k`` and ``chunk_size`` as resolved (:func:`resolve_k`, :func:`resolve_chunk`; ``from_config`` does it): a
         ``cfg.k`` that says otherwise is an error. ``chunk_size`` None: a selection measures its whole batch at once."""

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from clat.attacks.threat import ThreatModel
 from clat.base.errors import ConfigError
-from clat.config.schema import AttackConfig
 from clat.layers.discovery import Layer, resolve_layers
 from clat.methods.base import EpochContext
 from clat.methods.pgd_at import PGDAT
@@ -62,10 +62,10 @@ class LoraConfig:
 class LoRA(PGDAT):
     @classmethod
     def from_config(cls, ctx) -> "LoRA":
-        return cls(ctx.cfg.attack, ctx.cfg.lora, ctx.layers)
+        return cls(ctx.cfg.attack.threat(), ctx.cfg.lora, ctx.layers)
 
 
-    def __init__(self, attack: AttackConfig, cfg: LoraConfig, layers: list[Layer]) -> None:
+    def __init__(self, attack: ThreatModel, cfg: LoraConfig, layers: list[Layer]) -> None:
         super().__init__(attack)
         self.cfg = cfg
         targets = resolve_layers(layers, cfg.layers) if cfg.layers else [l for l in layers if l.kind.startswith("Conv")]

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from clat.attacks.threat import Shard, pgd
+from clat.attacks.threat import Shard, ThreatModel, pgd
 from clat.base.distributed import broadcast_object
 from clat.base.run_records import SelectionEvent
-from clat.config.schema import AttackConfig
 from clat.criticality.estimators import module_robust_criticality
 from clat.criticality.index import eligible_mask
 from clat.layers.discovery import Layer, resolve_layers, warn_unassigned
@@ -62,10 +61,10 @@ class RiftConfig:
 class RiFT(Method):
     @classmethod
     def from_config(cls, ctx) -> "RiFT":
-        return cls(ctx.cfg.attack, ctx.cfg.rift, ctx.layers)
+        return cls(ctx.cfg.attack.threat(), ctx.cfg.rift, ctx.layers)
 
 
-    def __init__(self, attack: AttackConfig, cfg: RiftConfig, layers: list[Layer]) -> None:
+    def __init__(self, attack: ThreatModel, cfg: RiftConfig, layers: list[Layer]) -> None:
         super().__init__(attack)
         self.cfg = cfg
         self.layers = layers

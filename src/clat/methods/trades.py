@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clat.attacks.threat import Shard, perturb, randn_like
-from clat.config.schema import AttackConfig
+from clat.attacks.threat import Shard, ThreatModel, perturb, randn_like
 from clat.layers.freezing import eval_mode, frozen_bn_statistics
 from clat.methods.base import AdversarialMethod, accuracy
 from clat.methods.registry import register_method
@@ -40,7 +39,7 @@ class TradesConfig:
 
 @register_method("trades", label="TRADES", section=TradesConfig, baseline=True)
 class TRADES(AdversarialMethod):
-    def __init__(self, attack: AttackConfig, beta: float = 6.0, attack_mode: str = "eval") -> None:
+    def __init__(self, attack: ThreatModel, beta: float = 6.0, attack_mode: str = "eval") -> None:
         super().__init__(attack)
         self.beta = beta
         self.attack_mode = attack_mode
