@@ -8,26 +8,18 @@ with code 2; nothing else in here knows about training.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import NoReturn, Sequence
 
-from clat.analysis.comparison import comparison_report
-from clat.analysis.oracle import SweepSettings, layer_sweep, render
-from clat.analysis.report import read_run, run_report
-from clat.base import distributed
 from clat.base.errors import ClatError
 from clat.base.versions import __version__
 from clat.cli.analyses import cmd_criticality, cmd_stability, cmd_transfer
-from clat.cli.commands import cmd_eval, writing
-from clat.cli.demo import run_demo
-from clat.cli.listing import REGISTRIES, cmd_config, cmd_configs, cmd_list, cmd_methods, cmd_models, config_and_overrides
-from clat.config.load import coerce, load_config
-from clat.training.loop import train
+from clat.cli.commands import cmd_demo, cmd_eval, cmd_layer_sweep, cmd_report, cmd_train
+from clat.cli.listing import REGISTRIES, cmd_config, cmd_configs, cmd_list, cmd_methods, cmd_models
+from clat.config.load import coerce
 
 log = logging.getLogger("clat")
 
@@ -223,92 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--import", dest="imports", action="append", metavar="MODULE",
                     help="import MODULE first (a file of yours: its registrations are listed)")
     return p
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    if args.resume:
-        overrides = ([args.config] if args.config else []) + list(args.overrides)
-        if args.config and "=" not in args.config:
-            raise ClatError("--resume continues a run with its saved config; drop the config file (key=value overrides such as "
-                            "pretrain.lr=0.01 may change the learning rate)")
-        if not args.progress and not any(o.startswith("progress=") for o in overrides):
-            overrides.append("progress=false")
-        summary = train(None, args.resume, resume=True, until_epoch=args.until_epoch, overrides=overrides)
-    else:
-        if not args.config:
-            raise ClatError("clat train needs a config file (see configs/), or --resume RUN_DIR")
-        cfg_path, overrides = config_and_overrides(args.config, args.overrides)
-        cfg = load_config(cfg_path, overrides)
-        if not args.progress:  # -q, or output that is not a terminal (a log file)
-            cfg.progress = False
-        run_dir = args.run_dir = args.run_dir or f"runs/{Path(cfg_path).stem if cfg_path else 'run'}"  # (named by a Ctrl-C)
-        summary = train(cfg, run_dir, force=args.force, until_epoch=args.until_epoch)
-
-    if not distributed.info().is_main:  # data-parallel run: rank 0 reports
-        return 0
-    if not summary.get("finished", True):
-        print(f"stopped after epoch {summary['epochs_done']} of {summary['epochs']}: continue with `clat train --resume "
-              f"{summary['run_dir']}`")
-        return 0
-
-    report = run_report(summary["run_dir"])
-    print(f"done: {summary['run_dir']} (report: {report})")
-    if summary.get("final_val"):
-        v = summary["final_val"]
-        print(f"held-out: clean {100 * v['clean_acc']:.2f}%  PGD {100 * v['pgd_acc']:.2f}%  (n={v['n']})")
-    if summary.get("best_epoch"):
-        stopped = f"; stopped early after epoch {summary['epochs_done']} of {summary['epochs']}" if summary.get("stopped_early") else ""
-        print(f"best: epoch {summary['best_epoch']} (held-out PGD {100 * summary['best_value']:.2f}%) in "
-              f"{summary['run_dir']}/best{stopped}")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-
-    transfer = None
-    if args.transfer:  # read (and refused) before any report is rendered
-        try:
-            transfer = json.loads(Path(args.transfer).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ClatError(f"could not read the transfer JSON {args.transfer}: {e}") from None
-        if not isinstance(transfer, dict) or "matrix" not in transfer or "names" not in transfer:
-            raise ClatError(f"{args.transfer} is not a transfer matrix written by `clat transfer`")
-
-    for d in args.run_dirs:
-        read_run(d)  # every run folder readable before anything is written
-    for d in args.run_dirs:
-        with writing([Path(d) / "report.md", Path(d) / "plots"], "report"):
-            print(run_report(d))
-    if len(args.run_dirs) > 1 or args.transfer:
-        if args.out:
-            out = Path(args.out)
-        elif len(args.run_dirs) > 1:
-            out = Path(os.path.commonpath([str(Path(d).resolve()) for d in args.run_dirs])) / "comparison"
-        else:
-            out = Path(args.run_dirs[0]) / "comparison"
-        names = [n.strip() for n in args.names.split(",")] if args.names else None
-        with writing([out], "report"):
-            print(comparison_report(args.run_dirs, out, names=names, transfer=transfer))
-    return 0
-
-
-def cmd_layer_sweep(args: argparse.Namespace) -> int:
-    if not args.report:
-        cfg_path, overrides = config_and_overrides(args.config, args.overrides)
-        cfg = load_config(cfg_path, overrides)
-        settings = SweepSettings(epochs=args.epochs, seeds=list(args.seeds), objective=args.objective, lam=args.lam,
-                                 lam_mode="auto" if args.lam_auto else "fixed", val_steps=args.val_steps, n_val=args.n_val,
-                                 layers=args.layers, reference=not args.no_reference, estimators=list(args.estimators))
-        res = layer_sweep(cfg, args.out, settings, hours=args.hours, log=lambda m: print(m, flush=True) if not args.quiet else None)
-        print(f"{res['done']} of {res['total']} items done in {args.out}")
-    print(f"report: {render(args.out, args.title)}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    path = run_demo(args.out, force=args.force, fast=args.fast, progress=args.progress)
-    print(f"demo report: {path}")
-    return 0
 
 
 def _version_line() -> str:
