@@ -82,17 +82,20 @@ class KeyDoc:
 
 @functools.cache
 def field_help(cls: type) -> dict[str, str]:
-    """``{field: comment}`` from the source of a dataclass (a field without a comment maps to '')."""
+    """``{field: comment}`` from the source of a dataclass: the comment beside the field, or the comment lines right above
+    it (a field without a comment maps to '')."""
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):  # pragma: no cover (source not shipped)
         return {}
     names = {f.name for f in dataclasses.fields(cls)}
     out: dict[str, str] = {}
+    above: list[str] = []  # a comment on the lines right above a field (where the line beside it would be too long)
     for line in lines:
         m = _FIELD.match(line)
         if m and m.group(1) in names and m.group(1) not in out:
-            out[m.group(1)] = (m.group(2) or "").strip()
+            out[m.group(1)] = (m.group(2) or "").strip() or " ".join(above)
+        above = [*above, line.strip()[1:].strip()] if line.strip().startswith("#") else []
     return out
 
 
