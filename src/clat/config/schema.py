@@ -113,6 +113,8 @@ class LogConfig:
 
 # Each method's own section of the config (``clat:``, ``trades:``, ...), registered by the method's file
 # (:func:`clat.methods.registry.register_method`): name -> dataclass. A section reads and writes like a field.
+# The built-in methods register theirs when clat.methods is imported, which `import clat` (and so any
+# `import clat.<module>`) does first: a config never lacks them.
 _SECTIONS: dict[str, type] = {}
 
 
@@ -123,12 +125,6 @@ def register_section(name: str, cls: type) -> None:
     if _SECTIONS.get(name, cls) is not cls:
         raise ValueError(f"config section {name!r} is registered already (by {_SECTIONS[name].__module__})")
     _SECTIONS[name] = cls
-
-
-def _sections() -> dict[str, type]:
-    """The registered sections. The built-in methods register theirs when :mod:`clat.methods` is imported, which
-    ``import clat`` (and so any ``import clat.<module>``) does first: a config never lacks them."""
-    return _SECTIONS
 
 
 @dataclass(eq=False)
@@ -161,11 +157,11 @@ class Config:
     progress: bool = True  # progress bars
 
     def __post_init__(self) -> None:
-        self.__dict__["sections"] = {name: cls() for name, cls in _sections().items()}
+        self.__dict__["sections"] = {name: cls() for name, cls in _SECTIONS.items()}
 
     def add_new_sections(self) -> None:
         """Give this config the sections registered since it was made (a user's method, imported by its name)."""
-        for name, cls in _sections().items():
+        for name, cls in _SECTIONS.items():
             if name not in self.sections:
                 self.sections[name] = cls()
 
