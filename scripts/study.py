@@ -25,6 +25,7 @@ import argparse
 import json
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +46,54 @@ THREAT = ThreatModel()
 
 class OutOfTime(Exception):
     pass
+
+
+class PauseMeter:
+    """Seconds this process did not run (stopped with SIGSTOP while timings or CI had the cores, or starved), told by a
+    thread that wakes every second: a wake-up over ``GAP`` s late is time the process was stopped. The study records
+    it beside each epoch and attack chunk and the report subtracts it from their wall times (their cost on this
+    machine, undisturbed). Torch releases the GIL in its kernels, so a busy process still wakes the thread on time."""
+
+    GAP = 30.0
+
+    def __init__(self) -> None:
+        self.stopped = 0.0
+        self.running = False
+        self.last: float | None = None
+
+    def start(self) -> None:
+        if not self.running:
+            self.running = True
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def observe(self, now: float) -> None:
+        """One wake-up of the thread at monotonic time ``now`` (it sleeps 1 s between wake-ups)."""
+        if self.last is not None and now - self.last > self.GAP:
+            self.stopped += now - self.last - 1.0
+        self.last = now
+
+    def _tick(self) -> None:
+        while True:
+            self.observe(time.monotonic())
+            time.sleep(1.0)
+
+
+PAUSES = PauseMeter()  # started by main(): the scripts that import this module measure nothing
+
+
+def paused_since(mark: float) -> float:
+    return round(PAUSES.stopped - mark, 1)
+
+
+def pause_mark() -> float:
+    return PAUSES.stopped
+
+
+PAUSED_FILE = "study_paused.json"  # in a run folder: {epoch: seconds the process was stopped during it}
+
+
+def train_paused_s(run: Path) -> float:
+    return round(sum((read_json(run / PAUSED_FILE) or {}).values()), 1)
 
 
 def log(msg: str) -> None:
@@ -159,12 +208,14 @@ def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
             return
         budget.check()
         started = (run / "config.yaml").is_file()
-        t0 = time.time()
+        t0, mark = time.time(), pause_mark()
         note_device(run)
         if started:
             train(None, run, resume=True, until_epoch=done + 1)
         else:
             train(cfg, run, until_epoch=done + 1, force=True)
+        if paused_since(mark) > 0:
+            write_json(run / PAUSED_FILE, {**(read_json(run / PAUSED_FILE) or {}), str(done + 1): paused_since(mark)})
         prune_checkpoints(run)
         log(f"{run.name}: epoch {done + 1}/{stop} in {time.time() - t0:.0f} s")
 
@@ -279,6 +330,7 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
     pgd_file = out_dir / "pgd.json"
     if not _done(pgd_file, records):
         budget.check()
+        mark = pause_mark()
         # in two parts, so that PGD is also known on exactly the images AutoAttack sees
         parts = [(0, s.n_test_aa), (s.n_test_aa, s.n_test_pgd)]
         protocol = EvalProtocol(THREAT.replace(steps=s.pgd["steps"]), [PGD(s.pgd["restarts"])], batch_size=500, seed=0)
@@ -287,7 +339,7 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
         n = sum(p["n"] for p in r)
         r = {"n": n, "clean_acc": sum(p["clean_correct"] for p in r) / n, "pgd_acc": sum(p["pgd_correct"] for p in r) / n,
              "pgd_acc_aa_images": r[0]["pgd_acc"], "n_aa_images": r[0]["n"], "attack": r[0]["attack"],
-             "time_s": sum(p["time_s"] for p in r),
+             "time_s": sum(p["time_s"] for p in r), "paused_s": paused_since(mark),
              "device": device_label(), "records": records}
         if records:
             save_record(record_path(pgd_file), EvalRecord.concat([p.record(**meta) for p in results]))
@@ -298,6 +350,7 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
         f = out_dir / f"aa_{i:05d}.json"
         if not _done(f, records):
             budget.check()
+            mark = pause_mark()
             alone = s.aa_version == "apgd-ce"  # the smoke check's cheap stand-in (StudySettings.smoke)
             attack = APGDCE() if alone else AutoAttack(s.aa_version, stages)
             protocol = EvalProtocol(THREAT, [attack], batch_size=s.aa_chunk, seed=i)
@@ -305,7 +358,7 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
             r = result.to_dict()["apgd_ce" if alone else "autoattack"]
             if records:
                 save_record(record_path(f), result.record(**meta))
-            write_json(f, {**r, "device": device_label(), "records": records})
+            write_json(f, {**r, "paused_s": paused_since(mark), "device": device_label(), "records": records})
             log(f"{name}: AutoAttack images {i}-{i + s.aa_chunk}: {r['robust_acc']:.3f} ({r['time_s']:.0f} s)")
         chunks.append(read_json(f))
     pgd = read_json(pgd_file)
@@ -317,6 +370,7 @@ def evaluate_weights(s: StudySettings, weights: Path, out_dir: Path, budget: Bud
         "n_aa": n, "aa_library": chunks[0]["library"], "aa_warnings": sorted({w for c in chunks for w in c["warnings"]}),
         "aa_attacks": chunks[0].get("attacks"), "aa_acc_after": after,
         "eval_time_s": pgd["time_s"] + sum(c["time_s"] for c in chunks),
+        "eval_paused_s": round(sum(c.get("paused_s", 0.0) for c in (pgd, *chunks)), 1),
         "eval_devices": sorted({c.get("device", LEGACY_DEVICE) for c in (pgd, *chunks)}),
         "records": records,
     }
@@ -414,7 +468,7 @@ def do_arm(s: StudySettings, arm: str, seed: int, lam: float, budget: Budget) ->
     lam_used = (own_lam(arm) if own_lam(arm) is not None else lam) if arm in CLAT_ARMS else None
     write_json(out, {"arm": arm, "seed": seed, "label": ARMS[arm][3], "lam": lam_used, "test": res,
                      "trainable_params": summary["trainable_params_last"], "total_params": summary["total_params"],
-                     "train_time_s": summary["train_time_s"], "train_devices": train_devices(run),
+                     "train_time_s": summary["train_time_s"], "train_paused_s": train_paused_s(run), "train_devices": train_devices(run),
                      "rows": rows, "selection_history": summary["selection_history"], "records": records,
                      **({"weights": _rel_study(weights)} if records else {})})
     shutil.rmtree(partial_dir(s, run), ignore_errors=True)
@@ -511,6 +565,7 @@ def main(argv=None) -> int:
 
         logging.basicConfig(level=logging.WARNING)
         warnings.filterwarnings("ignore", message=".*without checking their checksums.*")
+        PAUSES.start()
         t0 = time.time()
         try:
             run_all(s, Budget(args.hours), tuple(args.seeds) if args.seeds else None, args.arms)

@@ -222,6 +222,17 @@ def diff_cell(d: list[float]) -> str:
             + (f" ± {100 * h:.1f}" if h is not None else "") + (" *" if h is not None and abs(m) > h else ""))
 
 
+def train_time(x: dict) -> float:
+    """An arm item's training time (s): the wall time of its epochs less the time its process was stopped during them
+    (``train_paused_s``, measured by the study's PauseMeter while timings or CI had the cores)."""
+    return x["train_time_s"] - x.get("train_paused_s", 0.0)
+
+
+def eval_time(r: dict) -> float:
+    """An evaluation's time (s), less the time its process was stopped (``eval_paused_s``)."""
+    return r["eval_time_s"] - r.get("eval_paused_s", 0.0)
+
+
 def devices(names: list[str] | None) -> str:
     """Recorded machines in short form (``CPU + H100``); results from before they were recorded ran on the CPU."""
     return " + ".join(dict.fromkeys(short_device(d) for d in names or [LEGACY_DEVICE]))  # CPU at 2 then 1 thread: "CPU"
@@ -262,19 +273,24 @@ def compute_total(res: dict[str, dict[int, dict]], branches: dict[str, dict | No
     for v in res.values():
         for x in v.values():
             d = devices(x.get("train_devices"))
-            train[d] = train.get(d, 0.0) + x["train_time_s"]
+            train[d] = train.get(d, 0.0) + train_time(x)
     for r in [x["test"] for v in res.values() for x in v.values()] + [b for b in branches.values() if b is not None]:
         d = devices(r.get("eval_devices"))
-        evals[d] = evals.get(d, 0.0) + r["eval_time_s"]
+        evals[d] = evals.get(d, 0.0) + eval_time(r)
     if not train:
         return []
     hours = lambda t: ", ".join((f"{v / 3600:.1f} h" if v >= 3600 else f"{v / 60:.0f} min") + f" on {d}" for d, v in sorted(t.items()))
     pre_txt = ""
     if pre and "summary" in pre:
         pre_txt = f"; the PGD-AT pretraining {pre['summary']['train_time_s'] / 3600:.1f} h on {devices(pre.get('train_devices'))}"
+    paused = {f"{ARMS[x['arm']][3]} seed {x['seed']}" + (" (estimated after the fact)" if "paused_estimated" in x else ""):
+              x.get("train_paused_s", 0.0) + x["test"].get("eval_paused_s", 0.0) for v in res.values() for x in v.values()}
+    paused = {k: v for k, v in paused.items() if v > 0}
+    paused_txt = (f" Times are wall times less the time a worker was stopped while timings or CI had the cores "
+                  f"({sum(paused.values()) / 3600:.1f} h, in {', '.join(paused)})." if paused else "")
     return [f"In total, the runs behind this page took: training the arms {hours(train)}{pre_txt}; evaluating them and the "
             f"branch checkpoints {hours(evals)}. Not counted: the TRADES pretraining to P, the λ sweep's other runs and "
-            "the first attempt."]
+            f"the first attempt.{paused_txt}"]
 
 
 def discovery_section(s: StudySettings, res: dict[str, dict[int, dict]]) -> list[str]:
@@ -526,7 +542,7 @@ def arm_row(a: str, v: list[dict]) -> str:
               f"{tps[0]:,}–{tps[-1]:,} ({100 * tps[0] / tot:.1f}–{100 * tps[-1] / tot:.1f}%)")
     by_dev: dict[str, list[float]] = {}
     for x in v:
-        by_dev.setdefault(devices(x.get("train_devices")), []).append(x["train_time_s"])
+        by_dev.setdefault(devices(x.get("train_devices")), []).append(train_time(x))
     t_txt = " · ".join(f"{statistics.fmean(ts) / 60:.1f} min ({d} ×{len(ts)})" for d, ts in by_dev.items())
     return (f"| {ARMS[a][3]} | {len(v)} | {fmt([x['test']['clean_acc'] for x in v])} | {fmt([x['test']['pgd20x5_acc'] for x in v])} | "
             f"{fmt([x['test']['pgd20x5_acc_aa_images'] for x in v])} | {fmt([x['test']['aa_acc'] for x in v])} | {tp_txt} | {t_txt} |")
@@ -596,7 +612,7 @@ def reproduce_section(s: StudySettings, f: Finished) -> list[str]:
     evals: dict[str, list[float]] = {}  # evaluation time per run, by the machine(s) that evaluated it
     for v in f.res.values():
         for x in v.values():
-            evals.setdefault(device_names(x["test"].get("eval_devices")), []).append(x["test"]["eval_time_s"])
+            evals.setdefault(device_names(x["test"].get("eval_devices")), []).append(eval_time(x["test"]))
     cost = ("; ".join(f"{statistics.fmean(t) / 60:.0f} min per run on {d} ({len(t)} runs)" for d, t in evals.items()) if evals
             else "its own time")
     return ["## Reproduce", "", "```bash",

@@ -202,5 +202,5 @@ def aa_time_per_chunk(s: StudySettings) -> dict[str, list[float]]:
     for p in sorted((s.study / "eval").glob("*/aa_*.json")):
         c = read_json(p)
         if c.get("records") and c.get("version") == "standard":
-            out["screening" if c.get("attacks") == list(SCREEN_STAGES) else "standard"].append(c["time_s"])
+            out["screening" if c.get("attacks") == list(SCREEN_STAGES) else "standard"].append(c["time_s"] - c.get("paused_s", 0.0))
     return out

@@ -271,6 +271,31 @@ def test_report_names_machines_by_kind_not_by_cpu_thread_count(study):
     assert "2.0 min (CPU + H100 ×1)" in report.arm_row("pgd_at_cont", [run])
 
 
+def test_time_a_worker_was_stopped_is_measured_and_left_out_of_the_reported_times(study, tmp_path, monkeypatch):
+    """A worker stopped (SIGSTOP) while CI had the cores: its thread wakes late, the gap is recorded beside the epoch and
+    the report counts the epoch's wall time less it; an item without the record counts its whole wall time."""
+    meter = study.PauseMeter()
+    for now in (0.0, 1.0, 2.0, 3.0 + study.PauseMeter.GAP + 5, 4.0 + study.PauseMeter.GAP + 5):
+        meter.observe(now)
+    assert meter.stopped == pytest.approx(study.PauseMeter.GAP + 5)  # the late wake-up, less the second it sleeps
+    monkeypatch.setattr(study, "PAUSES", meter)
+    run = tmp_path / "run"
+    run.mkdir()
+    mark = study.pause_mark()
+    meter.observe(100.0)  # stopped again during this "epoch"
+    meter.observe(101.0)
+    study.write_json(run / study.PAUSED_FILE, {"8": study.paused_since(mark)})
+    assert study.train_paused_s(run) == pytest.approx(100.0 - (4.0 + study.PauseMeter.GAP + 5) - 1.0, abs=0.1)
+    report = importlib.import_module("study_report")
+    x = {"arm": "pgd_at_cont", "seed": 2, "train_time_s": 1000.0, "train_paused_s": 400.0, "train_devices": ["CPU (1 thread)"],
+         "test": {"eval_time_s": 900.0, "eval_paused_s": 300.0, "eval_devices": ["CPU (1 thread)"]}}
+    assert report.train_time(x) == 600.0 and report.eval_time(x["test"]) == 600.0
+    assert report.train_time({"train_time_s": 5.0}) == 5.0 and report.eval_time({"eval_time_s": 7.0}) == 7.0
+    line = report.compute_total({"pgd_at_cont": {2: x}}, {}, None)[0]
+    assert "training the arms 10 min on CPU" in line and "evaluating them and the branch checkpoints 10 min on CPU" in line
+    assert "less the time a worker was stopped" in line and "seed 2" in line
+
+
 @pytest.mark.slow
 def test_record_arms_keep_records_and_weights_and_the_verdict_uses_them(study, tmp_path, shared_cifar, monkeypatch):
     """Issue 34: the arms of the primary comparisons keep per-image records and fp16 weights; a first-run result without
