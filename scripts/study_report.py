@@ -376,6 +376,16 @@ def _ci_txt(iv: dict | None) -> str:
     return f"{_pts(iv['estimate'])} [{_pts(lo)}, {_pts(hi)}]"
 
 
+def _si_txt(m: dict, n: int) -> str:
+    """A metric's seeds x images interval; where only some seeds kept records yet, theirs, named (``(seeds 0, 1 of 4)``)."""
+    if m["seeds_images"] is not None:
+        return _ci_txt(m["seeds_images"])
+    part = m.get("seeds_images_partial")
+    if part is None:
+        return "—"
+    return f"{_ci_txt(part)} (seeds {', '.join(map(str, part['seeds']))} of {n})"
+
+
 def _p_txt(p: float | None) -> str:
     return "—" if p is None else ("< 0.0001" if p < 1e-4 else f"{p:.4f}" if p < 0.01 else f"{p:.3f}")
 
@@ -389,9 +399,9 @@ def verdict_rows(v: dict, family: str) -> list[str]:
         aa, clean = c["metrics"]["aa"], c["metrics"]["clean"]
         stage = "" if "/" not in aa["outcome"] else f" (after {aa['outcome'].split('/')[1].upper()})"
         p = primary_p(c)
-        L.append(f"| {c['label']}{stage} | {len(c['seeds'])} | {_ci_txt(aa['over_seeds'])} | {_ci_txt(aa['seeds_images'])} | "
+        L.append(f"| {c['label']}{stage} | {len(c['seeds'])} | {_ci_txt(aa['over_seeds'])} | {_si_txt(aa, len(c['seeds']))} | "
                  f"{_p_txt(p)}{'' if aa['seeds_images'] else ' (seeds)'} | {_p_txt(c.get('p_holm'))} | "
-                 f"{_ci_txt(clean['seeds_images'] or clean['over_seeds'])}{'' if clean['seeds_images'] else ' (seeds)'} | "
+                 f"{_si_txt(clean, len(c['seeds'])) if clean['seeds_images'] else _ci_txt(clean['over_seeds']) + ' (seeds)'} | "
                  f"{_ci_txt(c['validation_pgd10'])} | {c['validation_pgd10']['agrees_with_test'] or '—'} |")
     return L
 
@@ -408,7 +418,8 @@ def verdict_section(s: StudySettings, f: Finished) -> list[str]:
          "per-seed difference with its Student-t 95% interval; every seed is scored on the same images, so this interval leaves "
          "out which images the test set happens to hold. **Over seeds × images**: a two-way bootstrap that resamples seeds and "
          "test images independently (10,000 replicates; it needs both sides' per-image records, kept since issue 34; it is "
-         "mildly conservative). **p**: two-sided, from the seeds × images bootstrap where records exist (else the paired t-test "
+         "mildly conservative; where only some seeds have records yet, because the others wait for their re-run, it is shown over "
+         "those seeds, named, and not used for p). **p**: two-sided, from the seeds × images bootstrap where records exist (else the paired t-test "
          "over seeds, marked); **Holm p**: adjusted over the primary family only. **Validation**: the same difference in "
          "validation PGD-10 accuracy at the last epoch (the branch checkpoint: at the branch point), which chose every setting; "
          "the last column says whether it points the same way as the test's AutoAttack difference.", "",

@@ -81,6 +81,16 @@ def _test_value(s: StudySettings, test: dict, metric: str, outcome: str, item: s
     return sum(c["robust_acc_after"][stage] * c["n"] for c in chunks) / sum(c["n"] for c in chunks)
 
 
+def _bootstrap(ra: list[EvalRecord], rb: list[EvalRecord], outcome: str, branch: bool, n_boot: int) -> dict:
+    """The seeds x images bootstrap of ``a − b`` on the images every record holds (``rb``: one model, the branch, when ``branch``)."""
+    common = ra[0].indices
+    for r in ra[1:] + rb:
+        common = np.intersect1d(common, r.indices)
+    A = np.stack([r.select(common)[outcome] for r in ra])
+    B = rb[0].select(common)[outcome] if branch else np.stack([r.select(common)[outcome] for r in rb])
+    return seeds_images_bootstrap(A, B, n_boot=n_boot).to_dict()
+
+
 def _val(row_or_branch: dict) -> float:
     return row_or_branch["pgd_acc"]
 
@@ -104,15 +114,15 @@ def compare(s: StudySettings, res: dict[str, dict[int, dict]], branch_eval: dict
         m = {"outcome": outcome, "a": statistics.fmean(va), "b": statistics.fmean(vb), "over_seeds": over_seeds.to_dict(),
              "seeds_images": None}
         which = METRICS[metric][2]
-        ra = [item_record(s, f"{a}_s{sd}", which) for sd in seeds]
-        rb = [item_record(s, "pgd_at_branch", which)] if b == BRANCH else [item_record(s, f"{b}_s{sd}", which) for sd in seeds]
-        if all(r is not None for r in ra + rb):
-            common = ra[0].indices
-            for r in ra[1:] + rb:
-                common = np.intersect1d(common, r.indices)
-            A = np.stack([r.select(common)[outcome] for r in ra])
-            B = rb[0].select(common)[outcome] if b == BRANCH else np.stack([r.select(common)[outcome] for r in rb])
-            m["seeds_images"] = seeds_images_bootstrap(A, B, n_boot=n_boot).to_dict()
+        ra = {sd: item_record(s, f"{a}_s{sd}", which) for sd in seeds}
+        rb = ({sd: item_record(s, "pgd_at_branch", which) for sd in seeds} if b == BRANCH else
+              {sd: item_record(s, f"{b}_s{sd}", which) for sd in seeds})
+        recorded = [sd for sd in seeds if ra[sd] is not None and rb[sd] is not None]
+        if recorded:
+            iv = _bootstrap([ra[sd] for sd in recorded], [rb[sd] for sd in recorded], outcome, b == BRANCH, n_boot)
+            # all seeds recorded: the interval of the comparison; some only (the others still to be re-run with records):
+            # shown beside it, with its seeds, and not used for p
+            m["seeds_images" if recorded == seeds else "seeds_images_partial"] = {**iv, "seeds": recorded}
         out["metrics"][metric] = m
     # validation: PGD-10 on the held-out split at the last epoch (the branch: at the branch point)
     vals_a = [_val(res[a][sd]["rows"][-1]["val"]) for sd in seeds]
