@@ -406,25 +406,56 @@ def verdict_rows(v: dict, family: str) -> list[str]:
     return L
 
 
+def variants_rows(s: StudySettings, v: dict) -> list[str]:
+    """The primary comparisons repeated by the variants of this study (a second network, the overfitted start: ``study.py
+    --variant``), as far as they are done; each variant's verdict goes into ``v["variants"]`` (study/verdict.json) too."""
+    if not s.variants:
+        return []
+    L = ["### The same primary comparisons on a second network and from the overfitted start", "",
+         "Each variant runs the CPU study's recipe, λ sweep and evaluation with the arms of the primary comparisons only (4 seeds, "
+         "per-image records, standard AutoAttack); its Holm adjustment is over its own four primary comparisons, declared with "
+         "these. Its full page: `docs/results_<variant>.md`.", "",
+         "| network, start | comparison | seeds | Δ AutoAttack, over seeds | over seeds × images | p | Holm p | Δ clean, over seeds |",
+         "|---|---|---|---|---|---|---|---|"]
+    v["variants"] = {}
+    for name in s.variants:
+        vs = StudySettings.variant(name)
+        vv = v["variants"][name] = verdict(vs, arm_results(vs), [])
+        where = f"{vs.text['title']} (`--variant {name}`)"
+        prim = [c for c in vv["comparisons"] if c["family"] == "primary" and "aa" in c["metrics"]]
+        done = sum(d for _, d in plan(vs))
+        if not prim:
+            L.append(f"| {where} | none finished yet ({done} of {len(plan(vs))} work items done) | | | | | | |")
+        for c in prim:
+            aa = c["metrics"]["aa"]
+            L.append(f"| {where} | {c['label']} | {len(c['seeds'])} | {_ci_txt(aa['over_seeds'])} | {_si_txt(aa, len(c['seeds']))} | "
+                     f"{_p_txt(primary_p(c))}{'' if aa['seeds_images'] else ' (seeds)'} | {_p_txt(c.get('p_holm'))} | "
+                     f"{_ci_txt(c['metrics']['clean']['over_seeds'])} |")
+    return [*L, ""]
+
+
 def verdict_section(s: StudySettings, f: Finished) -> list[str]:
     """study/verdict.json (every comparison, both intervals, Holm over the primary family) and its tables."""
     v = verdict(s, f.res, PAIRS + CLAT_PAIRS)
+    across = variants_rows(s, v)
     s.study.mkdir(parents=True, exist_ok=True)
     (s.study / "verdict.json").write_text(json.dumps(v, indent=1) + "\n")
     g = stage_gains(s)
     times = aa_time_per_chunk(s)
     L = ["## Verdict: every comparison with its noise", "",
-         "Rendered from `study/verdict.json`. Each row is `a − b` on the test images, in percentage points. **Over seeds**: the mean "
+         f"Rendered from `{_rel(s.study)}/verdict.json`. Each row is `a − b` on the test images, in percentage points. "
+         "**Over seeds**: the mean "
          "per-seed difference with its Student-t 95% interval; every seed is scored on the same images, so this interval leaves "
          "out which images the test set happens to hold. **Over seeds × images**: a two-way bootstrap that resamples seeds and "
          "test images independently (10,000 replicates; it needs both sides' per-image records, kept since issue 34; it is "
          "mildly conservative; where only some seeds have records yet, because the others wait for their re-run, it is shown over "
-         "those seeds, named, and not used for p). **p**: two-sided, from the seeds × images bootstrap where records exist (else the paired t-test "
+         "those seeds, named, and not used for p). **p**: two-sided, from the seeds × images bootstrap where records exist "
+         "(else the paired t-test "
          "over seeds, marked); **Holm p**: adjusted over the primary family only. **Validation**: the same difference in "
          "validation PGD-10 accuracy at the last epoch (the branch checkpoint: at the branch point), which chose every setting; "
          "the last column says whether it points the same way as the test's AutoAttack difference.", "",
          f"### Primary comparisons (declared before their re-runs{'' if v['primary_complete'] else '; not all finished yet'})", "",
-         *verdict_rows(v, "primary"), "",
+         *verdict_rows(v, "primary"), "", *across,
          "### Exploratory comparisons (not adjusted for multiplicity; read them as leads, not findings)", "",
          *verdict_rows(v, "exploratory"), "",
          "Rows marked *(after APGD-T)* compare a screening arm (scored with standard AutoAttack's first two stages) on those "
@@ -471,9 +502,34 @@ def reproduction_rows(s: StudySettings, f: Finished) -> list[str]:
 
 def head(s: StudySettings, f: Finished) -> list[str]:
     status = f"**Status: {f.done} of {len(f.items)} work items done**" + (" — the study is complete." if f.complete else
-             " — the study is in progress; `python scripts/study.py` continues it (every finished piece is kept in `study/`).")
+             f" — the study is in progress; `{s.text['command'].replace('.venv/bin/', '')}` continues it (every finished piece is "
+             f"kept in `{_rel(s.study)}/`).")
     return [f"# Does CLAT help? A controlled study on {s.text['title']}", "",
             "<!-- generated by scripts/study_report.py from study/results/*.json; do not edit by hand -->", "", status, ""]
+
+
+def arms_text(s: StudySettings) -> list[str]:
+    """The design's sentences on the arms, then its bullet on their criticality: the CPU study's narrative when it runs every
+    arm, else the arms it runs (a variant: the arms of the primary comparisons)."""
+    if set(s.arms) == set(ARMS):
+        return [f"PGD-AT continued on the full model; CLAT ({s.text['k']}); CLAT with random layers; CLAT non-dynamic; "
+         "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "
+         "stopped at P, then CLAT, against TRADES continued. Added with clat 0.2: CLAT with the paper's Eq. 6 (fixed λ, and automatic "
+         "λ = ρ·CE/L_C set at each selection) and random layers with automatic λ, so that the random control gets the same λ rule; "
+         "and CLAT on the deepest eligible layer with automatic λ (`clat.selection=deepest`), because depth predicted the layer "
+         "oracle of docs/criticality.md better than Eq. 6 on this network. The deepest-layer rule does not depend on the model's "
+         "state, so its re-selections always return the same layer: it is non-dynamic in effect, and cannot be otherwise.",
+                "- **Criticality of the CLAT arms**: the arms of clat 0.1 (CLAT, its non-dynamic and CE-on-x+δ* ablations, TRADES + CLAT) "
+         "use `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it reads, after its activation), "
+         "clat 0.1's default, named in every such arm's config so that each arm stays one variant. The arms added with clat 0.2 "
+         "use the paper's Eq. 6 (`denominator=upstream`, the default since clat 0.2), which ranks the layers differently (see the "
+         "table of the bug below); the random-layer and deepest-layer arms choose their layers without it (criticality is still measured "
+         "and logged). "
+         "TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's choice; the reference code uses eval "
+         "mode)."]
+    return ["; ".join(ARMS[a][3] for a in s.arms) + f". CLAT: {s.text['k']}; automatic λ = ρ·CE/L_C set at each selection (ρ = 1: "
+            "this project's rule, not the paper's). The Eq. 6 arms rank layers with the paper's Eq. 6 (`denominator=upstream`); the "
+            "random-layer arms choose their layers without it (criticality is still measured and logged)."]
 
 
 def design_section(s: StudySettings, f: Finished) -> list[str]:
@@ -483,21 +539,7 @@ def design_section(s: StudySettings, f: Finished) -> list[str]:
          f"- **Branch point P**: {s.text.get('branch', 'the pretraining epoch with the highest validation PGD-10 accuracy')}. Every arm "
          f"starts from that "
          f"checkpoint and trains {s.f_epochs} more epochs with the same optimizer settings (SGD, lr 0.01 with cosine decay): "
-         f"PGD-AT continued on the full model; CLAT ({s.text['k']}); CLAT with random layers; CLAT non-dynamic; "
-         "CLAT with CE on x+δ*; RiFT; LoRA (rank 8 on every conv, peft). TRADES → TRADES + CLAT: a TRADES run of the same schedule "
-         "stopped at P, then CLAT, against TRADES continued. Added with clat 0.2: CLAT with the paper's Eq. 6 (fixed λ, and automatic "
-         "λ = ρ·CE/L_C set at each selection) and random layers with automatic λ, so that the random control gets the same λ rule; "
-         "and CLAT on the deepest eligible layer with automatic λ (`clat.selection=deepest`), because depth predicted the layer "
-         "oracle of docs/criticality.md better than Eq. 6 on this network. The deepest-layer rule does not depend on the model's "
-         "state, so its re-selections always return the same layer: it is non-dynamic in effect, and cannot be otherwise.",
-         "- **Criticality of the CLAT arms**: the arms of clat 0.1 (CLAT, its non-dynamic and CE-on-x+δ* ablations, TRADES + CLAT) "
-         "use `clat.criticality.denominator=input` (each layer's W divided by the W of the tensor it reads, after its activation), "
-         "clat 0.1's default, named in every such arm's config so that each arm stays one variant. The arms added with clat 0.2 "
-         "use the paper's Eq. 6 (`denominator=upstream`, the default since clat 0.2), which ranks the layers differently (see the "
-         "table of the bug below); the random-layer and deepest-layer arms choose their layers without it (criticality is still measured "
-         "and logged). "
-         "TRADES crafts its attack with batch statistics (`trades.attack_mode=train`, clat 0.1's choice; the reference code uses eval "
-         "mode).",
+         + arms_text(s)[0], *arms_text(s)[1:],
          f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in s.lambdas)} on the validation split (seed 0), the best used by every "
          f"CLAT arm with fixed λ (the arms with automatic λ set λ = ρ·CE/L_C at each selection, ρ = 1).",
          f"- **Seeds**: {len(s.seeds)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data "
@@ -634,11 +676,11 @@ def reproduce_section(s: StudySettings, f: Finished) -> list[str]:
             f"A clean clone holds every finished piece in `{_rel(s.study)}/`, so these commands only re-render. To re-measure every number "
             f"from scratch, remove `{_rel(s.study)}/` and `{_rel(s.runs)}/` first: the same commands then redo the pretraining, the λ "
             f"sweep "
-            "and every arm and evaluation. A seed's arms can also be trained on one GPU, one worker per arm, with "
-            "`bash scripts/study_gpu.sh SEED` (as seed 3 was).", "",
-            "The same study at paper scale on a GPU (full CIFAR-10/100 downloaded and verified, 50 + 50 epochs): "
-            + ", ".join(f"`python scripts/study.py --scale {p} --data-root DATA`" for p in PAPER_SCALE)
-            + " (configs in `configs/study/paper/`; each renders its own `docs/results_<preset>.md`).", "",
+            "and every arm and evaluation." + (" A seed's arms can also be trained on one GPU, one worker per arm, with `bash "
+                                               "scripts/study_gpu.sh SEED` (as seed 3 was)." if s.text.get("gpu_workers") else ""), "",
+            *(["The same study at paper scale on a GPU (full CIFAR-10/100 downloaded and verified, 50 + 50 epochs): "
+               + ", ".join(f"`python scripts/study.py --scale {p} --data-root DATA`" for p in PAPER_SCALE)
+               + " (configs in `configs/study/paper/`; each renders its own `docs/results_<preset>.md`).", ""] if s.variants else []),
             f"Measured cost: the training times are in the table above; evaluation adds {cost}. " + s.text["sessions"], ""]
 
 

@@ -129,6 +129,7 @@ CPU_TEXT = {
     "machine": "2 CPU cores",
     "command": ".venv/bin/python scripts/study.py",
     "sessions": "The whole study needs several sessions of 2 hours.",
+    "gpu_workers": True,  # scripts/study_gpu.sh trains a seed's arms of this study on one GPU
 }
 # The smoke check's config overrides: everything at toy size.
 TOY_OVERRIDES = ("model.name=tiny_cnn", "data.train_size=260", "data.val_size=40", "pretrain.epochs=3", "eval.n_examples=40",
@@ -171,6 +172,7 @@ class StudySettings:
     primary: tuple = PRIMARY
     record_refs: tuple[str, ...] = ("pgd_at",)  # branch checkpoints re-evaluated with per-image records
     branch: str = "best"  # where the arms start: "best" = the pretraining epoch of best validation PGD-10, "last" = its last epoch
+    variants: tuple[str, ...] = tuple(VARIANTS)  # the variants whose primary comparisons this study's report shows beside its own
 
     @property
     def results(self) -> Path:
@@ -221,27 +223,29 @@ class StudySettings:
         return cls(runs=REPO / "runs" / f"study_{name}", study=REPO / "study" / "paper" / name, doc=REPO / "docs" / f"results_{name}.md",
                    pretrain_cfg=REPO / "configs" / "study" / "paper" / f"{name}.yaml", img_prefix=f"study_{name}_", seeds=(0, 1, 2),
                    f_epochs=50, reselect_every=10, n_test_pgd=10_000, n_test_aa=1000, aa_chunk=500, pilot=None,
-                   data_root=data_root, dataset=dataset, download=True, verify=True, text=text)
+                   data_root=data_root, dataset=dataset, download=True, verify=True, text=text, variants=())
 
     @classmethod
     def variant(cls, name: str) -> StudySettings:
         """A variant of the CPU study (``VARIANTS``): its own runs/, study/variants/<name>/ and docs/results_<name>.md, the
         arms of the primary comparisons only, 4 seeds, every arm with per-image records and standard AutoAttack."""
         cfg, branch, title, model, plot_title = VARIANTS[name]
-        text = {**CPU_TEXT, "title": title, "model": model, "plot_title": plot_title, "branch": BRANCH_TEXT[branch],
+        text = {**CPU_TEXT, "title": title, "model": model, "plot_title": plot_title, "branch": BRANCH_TEXT[branch], "gpu_workers": False,
+                "data": CPU_TEXT["data"].replace(" (with all 9,000 the model underfits: see the first attempt below)", ""),
+                "k": "k = 1, as in the CPU study; dynamic re-selection every 4 epochs (5 selections)",
                 "command": f".venv/bin/python scripts/study.py --variant {name}"}
         return cls(runs=REPO / "runs" / f"study_{name}", study=REPO / "study" / "variants" / name, doc=REPO / "docs" / f"results_{name}.md",
                    pretrain_cfg=REPO / "configs" / "study" / cfg, img_prefix=f"study_{name}_", arms=VARIANT_ARMS, pilot=None,
                    record_arms=frozenset(VARIANT_ARMS), screen_arms=frozenset(), extra_seeds={},
                    priority=tuple(tuple(a for a in g if a in VARIANT_ARMS) for g in PRIORITY if set(g) & set(VARIANT_ARMS)),
-                   branch=branch, text=text)
+                   branch=branch, text=text, variants=())
 
     @classmethod
     def smoke(cls, root: Path, base: StudySettings | None = None) -> StudySettings:
         """``base`` (the CPU study by default) with everything at toy size in ``root``: checks the whole pipeline in
         about a minute. Its AutoAttack is APGD-CE alone: standard AutoAttack costs ~20 s per chunk even on 4 images of a
         toy model (Square's 5,000 queries, 9 targets of APGD-T and FAB-T), and tests/test_evaluate.py runs it."""
-        return replace(base or cls(), runs=root / "runs", study=root / "study", doc=root / "results.md", img=root / "img",
+        return replace(base or cls(), runs=root / "runs", study=root / "study", doc=root / "results.md", img=root / "img", variants=(),
                        seeds=(0, 1), f_epochs=2, lambdas=(0.1, 1.0), n_test_pgd=40, n_test_aa=8, aa_chunk=4, aa_version="apgd-ce",
                        pgd={"steps": 2, "restarts": 2}, overrides=TOY_OVERRIDES, extra_seeds={"clat_random_auto": (2,)})
 

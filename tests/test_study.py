@@ -360,8 +360,17 @@ def test_study_variants_run_the_primary_arms_on_their_own_folders(name, study, t
     for arm in s.arms:
         assert study.arm_cfg(s, arm, 0, 0.1 if arm in study.CLAT_ARMS else None).model.name == study.pretrain_cfg(s).model.name
     s = dataclasses.replace(s, doc=tmp_path / "results.md", img=tmp_path / "img", study=tmp_path / "study")
-    importlib.import_module("study_report").render(s)
-    assert BRANCH_WORDS[name] in (tmp_path / "results.md").read_text()
+    report = importlib.import_module("study_report")
+    report.render(s)
+    page = (tmp_path / "results.md").read_text()
+    assert BRANCH_WORDS[name] in page and f"`python scripts/study.py --variant {name}` continues it" in page
+    # the design names the variant's arms only, and the page offers no GPU worker or paper preset of the CPU study
+    assert "TRADES" not in page and "RiFT" not in page and "study_gpu.sh" not in page and "--scale" not in page
+    # the CPU study's report shows each variant's primary comparisons beside its own, and keeps them in study/verdict.json
+    v: dict = {}
+    rows = report.variants_rows(dataclasses.replace(study.StudySettings.cpu(), variants=(name,)), v)
+    assert list(v["variants"]) == [name] and any(f"`--variant {name}`" in r for r in rows)
+    assert not report.variants_rows(s, {})  # a variant has no variants
 
 
 BRANCH_WORDS = {"vgg11_w16": "highest validation PGD-10 accuracy", "resnet18_w16_last": "the last pretraining epoch"}
