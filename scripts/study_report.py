@@ -15,7 +15,7 @@ import json
 
 from clat.analysis.plots import figure, save_figure
 from study_settings import ARMS, LEGACY_DEVICE, PAPER_SCALE, REPO, StudySettings, best_row, plan, read_json
-from study_verdict import aa_time_per_chunk, primary_p, stage_gains, verdict
+from study_verdict import aa_time_per_chunk, later_stage_time, primary_p, stage_gains, verdict
 
 
 def _rel(p: Path) -> Path:
@@ -473,6 +473,12 @@ def verdict_section(s: StudySettings, f: Finished) -> list[str]:
             L[-1] += (f" Measured: {sc / 60:.1f} min per {s.aa_chunk}-image chunk against {st / 60:.1f} min for standard AutoAttack "
                       f"(means over {len(times['screening'])} and {len(times['standard'])} chunks of this study, same machine kind), "
                       f"a saving of {100 * (1 - sc / st):.0f}%.")
+        lt = later_stage_time(s)
+        if lt["chunks"]:
+            per = lambda v: f"{v / lt['chunks'] / 60:.1f}"
+            L[-1] += (f" Timed stage by stage in {lt['chunks']} standard chunks, FAB-T and Square took "
+                      f"{100 * lt['later_s'] / lt['total_s']:.0f}% of standard AutoAttack's time ({per(lt['later_s'])} of "
+                      f"{per(lt['total_s'])} min per chunk): what the screening saves.")
         L.append("")
     L += reproduction_rows(s, f)
     return L

@@ -214,3 +214,14 @@ def aa_time_per_chunk(s: StudySettings) -> dict[str, list[float]]:
         if c.get("records") and c.get("version") == "standard":
             out["screening" if c.get("attacks") == list(SCREEN_STAGES) else "standard"].append(c["time_s"] - c.get("paused_s", 0.0))
     return out
+
+
+def later_stage_time(s: StudySettings) -> dict:
+    """What standard AutoAttack spends after APGD-CE and APGD-T (FAB-T and Square), over the chunks that timed each stage
+    (``time_s_by_attack``, recorded since it was added): the time a screening with the first stages saves."""
+    chunks = [c for c in (read_json(p) for p in sorted((s.study / "eval").glob("*/aa_*.json")))
+              if c.get("version") == "standard" and c.get("time_s_by_attack") and not c.get("paused_s")]
+    total = sum(c["time_s"] for c in chunks)
+    later = sum(v for c in chunks for a, v in c["time_s_by_attack"].items() if a not in SCREEN_STAGES)
+    return {"chunks": len(chunks), "total_s": total, "later_s": later}
+

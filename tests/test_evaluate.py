@@ -127,6 +127,10 @@ def test_standard_autoattack(data):
     assert r["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and r["clean_acc"] == 1.0
     assert r["within_eps"] and r["robust_acc"] <= pgd["clean_acc"]
     assert list(r["robust_acc_after"]) == r["attacks"] and r["robust_acc_after"]["square"] == r["robust_acc"]
+    # the time of each attack that ran (what a screening with the first stages would save is the others')
+    by = r["time_s_by_attack"]
+    assert list(by) == [a for a in r["attacks"] if a in by] and "apgd-ce" in by and all(v > 0 for v in by.values())
+    assert sum(by.values()) <= r["time_s"]
 
 
 def test_gradient_free_model_gives_a_clear_error(data):

@@ -296,6 +296,21 @@ def test_time_a_worker_was_stopped_is_measured_and_left_out_of_the_reported_time
     assert "less the time a worker was stopped" in line and "seed 2" in line
 
 
+def test_the_screening_saving_is_the_time_standard_autoattack_spends_after_apgd_t(study, tmp_path):
+    """Standard AutoAttack chunks timed stage by stage: FAB-T and Square's share is what the screening saves; a chunk whose
+    worker was stopped, or timed before stages were, does not count."""
+    verdict = importlib.import_module("study_verdict")
+    s = dataclasses.replace(study.StudySettings.cpu(), study=tmp_path / "study")
+    by = {"apgd-ce": 100.0, "apgd-t": 200.0, "fab-t": 50.0, "square": 40.0}
+    chunks = {"a_s0/aa_00000": {"version": "standard", "time_s": 400.0, "time_s_by_attack": by},
+              "a_s0/aa_00250": {"version": "standard", "time_s": 400.0, "time_s_by_attack": by},
+              "a_s1/aa_00000": {"version": "standard", "time_s": 4000.0, "time_s_by_attack": by, "paused_s": 3600.0},
+              "a_s2/aa_00000": {"version": "standard", "time_s": 500.0}}
+    for name, c in chunks.items():
+        study.write_json(s.study / "eval" / f"{name}.json", c)
+    assert verdict.later_stage_time(s) == {"chunks": 2, "total_s": 800.0, "later_s": 180.0}
+
+
 @pytest.mark.slow
 def test_record_arms_keep_records_and_weights_and_the_verdict_uses_them(study, tmp_path, shared_cifar, monkeypatch):
     """Issue 34: the arms of the primary comparisons keep per-image records and fp16 weights; a first-run result without

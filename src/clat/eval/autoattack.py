@@ -68,6 +68,7 @@ class _StageRecorder:
         self.order = torch.empty(0, dtype=torch.long)
         self.pos = 0
         self.ok = True  # False if a batch did not match the images expected: the stage records are then not kept
+        self.seconds: dict[str, float] = {}  # wall time in each attack's perturb calls (and their record), in run order
         for attr, name in (("apgd", lambda o: "apgd-ce" if o.loss == "ce" else "apgd-dlr"), ("apgd_targeted", lambda o: "apgd-t"),
                            ("fab", lambda o: "fab-t" if o.targeted else "fab"), ("square", lambda o: "square")):
             obj = getattr(aa, attr)
@@ -75,8 +76,10 @@ class _StageRecorder:
 
     def _wrap(self, obj, perturb, name):
         def perturb_and_record(x, y, *args, **kwargs):
+            t0 = time.perf_counter()
             adv = perturb(x, y, *args, **kwargs)
             self._record(name(obj), x, y, adv)
+            self.seconds[name(obj)] = self.seconds.get(name(obj), 0.0) + time.perf_counter() - t0
             return adv
 
         return perturb_and_record
@@ -222,6 +225,9 @@ def autoattack_outcomes(
         "within_eps": bool((size <= threat.eps * (1 + 1e-4) + 1e-6).all().item()),
         "warnings": [r.getMessage() for r in records if r.levelno >= logging.WARNING] + [str(w.message) for w in caught],
         "time_s": time.time() - t0,
+        # seconds in each attack (those that ran: the library skips one when no image is left); the rest of time_s is the
+        # clean pass and the checks. What a screening with the first stages saves is the time of the others.
+        "time_s_by_attack": {a: round(rec.seconds[a], 3) for a in attacks if a in rec.seconds},
         # images whose final verdict (re-evaluated from the returned examples) differs from the stage record's (None: no record)
         "stage_record_mismatch": None if stage_last is None else int((stage_last != final).sum()),
     }
