@@ -466,8 +466,8 @@ def verdict_section(s: StudySettings, f: Finished) -> list[str]:
               "that APGD-CE and APGD-T had not (from the library's logged accuracy after each stage, exact at 250 images a chunk)"
               + (f"; the per-image records of {g['record_chunks']} chunks ({g['record_images']:,} images) confirm it image by image: "
                  f"{g['record_images_fooled_only_by_fab_t_or_square']} such images" if g["record_chunks"] else "")
-              + ". The screening arms are therefore scored with APGD-CE + APGD-T only; the arms of the primary comparisons keep "
-              "standard AutoAttack."]
+              + (". The screening arms are therefore scored with APGD-CE + APGD-T only; the arms of the primary comparisons keep "
+                 "standard AutoAttack." if s.screen_arms else ". Every arm of this study is scored with standard AutoAttack.")]
         if times["standard"] and times["screening"]:
             st, sc = statistics.fmean(times["standard"]), statistics.fmean(times["screening"])
             L[-1] += (f" Measured: {sc / 60:.1f} min per {s.aa_chunk}-image chunk against {st / 60:.1f} min for standard AutoAttack "
