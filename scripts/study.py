@@ -214,8 +214,8 @@ def _train_epochs(run: Path, cfg, budget: Budget, until: int | None) -> None:
             train(None, run, resume=True, until_epoch=done + 1)
         else:
             train(cfg, run, until_epoch=done + 1, force=True)
-        if paused_since(mark) > 0:
-            write_json(run / PAUSED_FILE, {**(read_json(run / PAUSED_FILE) or {}), str(done + 1): paused_since(mark)})
+        if (paused := paused_since(mark)) > 0:
+            write_json(run / PAUSED_FILE, {**(read_json(run / PAUSED_FILE) or {}), str(done + 1): paused})
         prune_checkpoints(run)
         log(f"{run.name}: epoch {done + 1}/{stop} in {time.time() - t0:.0f} s")
 

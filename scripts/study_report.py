@@ -423,9 +423,9 @@ def variants_rows(s: StudySettings, v: dict) -> list[str]:
         vv = v["variants"][name] = verdict(vs, arm_results(vs), [])
         where = f"{vs.text['title']} (`--variant {name}`)"
         prim = [c for c in vv["comparisons"] if c["family"] == "primary" and "aa" in c["metrics"]]
-        done = sum(d for _, d in plan(vs))
+        items = plan(vs)
         if not prim:
-            L.append(f"| {where} | none finished yet ({done} of {len(plan(vs))} work items done) | | | | | | |")
+            L.append(f"| {where} | none finished yet ({sum(d for _, d in items)} of {len(items)} work items done) | | | | | | |")
         for c in prim:
             aa = c["metrics"]["aa"]
             L.append(f"| {where} | {c['label']} | {len(c['seeds'])} | {_ci_txt(aa['over_seeds'])} | {_si_txt(aa, len(c['seeds']))} | "
@@ -539,13 +539,14 @@ def arms_text(s: StudySettings) -> list[str]:
 
 
 def design_section(s: StudySettings, f: Finished) -> list[str]:
+    arms, *criticality = arms_text(s)
     L = ["## Design", "",
          f"- **Data**: {s.text['data']}",
          f"- **Model and pretraining**: {s.text['model']}",
          f"- **Branch point P**: {s.text.get('branch', 'the pretraining epoch with the highest validation PGD-10 accuracy')}. Every arm "
          f"starts from that "
          f"checkpoint and trains {s.f_epochs} more epochs with the same optimizer settings (SGD, lr 0.01 with cosine decay): "
-         + arms_text(s)[0], *arms_text(s)[1:],
+         + arms, *criticality,
          f"- **λ** of CLAT: swept over {', '.join(f'{v:g}' for v in s.lambdas)} on the validation split (seed 0), the best used by every "
          f"CLAT arm with fixed λ (the arms with automatic λ set λ = ρ·CE/L_C at each selection, ρ = 1).",
          f"- **Seeds**: {len(s.seeds)} per arm (data order, augmentation, attack starts; the same seed gives two arms the same data "

@@ -224,4 +224,3 @@ def later_stage_time(s: StudySettings) -> dict:
     total = sum(c["time_s"] for c in chunks)
     later = sum(v for c in chunks for a, v in c["time_s_by_attack"].items() if a not in SCREEN_STAGES)
     return {"chunks": len(chunks), "total_s": total, "later_s": later}
-
