@@ -311,6 +311,15 @@ def test_the_screening_saving_is_the_time_standard_autoattack_spends_after_apgd_
     assert verdict.later_stage_time(s) == {"chunks": 2, "total_s": 800.0, "later_s": 180.0}
 
 
+def test_validation_and_test_agreement_claims_intervals_only_over_two_seeds_or_more(study):
+    """One seed has no interval over seeds: the agreement column compares signs only and says so."""
+    verdict = importlib.import_module("study_verdict")
+    assert verdict._agreement(0.01, (0.01, 0.01), 0.02, (0.02, 0.02), 1) == "same sign (1 seed: no interval)"
+    assert verdict._agreement(-0.01, (-0.01, -0.01), 0.02, (0.02, 0.02), 1) == "opposite sign (1 seed: no interval)"
+    assert verdict._agreement(0.01, (0.005, 0.02), 0.02, (0.01, 0.03), 4) == "same sign, both intervals exclude 0"
+    assert verdict._agreement(-0.01, (-0.02, -0.005), 0.02, (0.01, 0.03), 4) == "opposite sign (both intervals exclude 0: they disagree)"
+
+
 @pytest.mark.slow
 def test_record_arms_keep_records_and_weights_and_the_verdict_uses_them(study, tmp_path, shared_cifar, monkeypatch):
     """Issue 34: the arms of the primary comparisons keep per-image records and fp16 weights; a first-run result without
