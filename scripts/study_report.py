@@ -266,8 +266,9 @@ def branch_table(res: dict[str, dict[int, dict]], branches: dict[str, dict | Non
     return L
 
 
-def compute_total(res: dict[str, dict[int, dict]], branches: dict[str, dict | None], pre: dict | None) -> list[str]:
-    """One line: the measured hours behind the page, by machine (training and evaluation of every arm, the pretraining)."""
+def compute_total(res: dict[str, dict[int, dict]], branches: dict[str, dict | None], pre: dict | None, pilot: bool = False) -> list[str]:
+    """One line: the measured hours behind the page, by machine (training and evaluation of every arm, the pretraining);
+    what it leaves out names only what the page's study ran (a TRADES pretraining, the pilot run)."""
     train: dict[str, float] = {}
     evals: dict[str, float] = {}
     for v in res.values():
@@ -286,11 +287,13 @@ def compute_total(res: dict[str, dict[int, dict]], branches: dict[str, dict | No
     paused = {f"{ARMS[x['arm']][3]} seed {x['seed']}" + (" (estimated after the fact)" if "paused_estimated" in x else ""):
               x.get("train_paused_s", 0.0) + x["test"].get("eval_paused_s", 0.0) for v in res.values() for x in v.values()}
     paused = {k: v for k, v in paused.items() if v > 0}
+    left_out = [*(["the TRADES pretraining to P"] if any(ARMS[a][0] == "trades" for a in res) else []), "the λ sweep's other runs",
+                *(["the first attempt"] if pilot else [])]
+    left_out = ", ".join(left_out[:-1]) + " and " + left_out[-1] if len(left_out) > 1 else left_out[0]
     paused_txt = (f" Times are wall times less the time a worker was stopped while timings or CI had the cores "
                   f"({sum(paused.values()) / 3600:.1f} h, in {', '.join(paused)})." if paused else "")
     return [f"In total, the runs behind this page took: training the arms {hours(train)}{pre_txt}; evaluating them and the "
-            f"branch checkpoints {hours(evals)}. Not counted: the TRADES pretraining to P, the λ sweep's other runs and "
-            f"the first attempt.{paused_txt}"]
+            f"branch checkpoints {hours(evals)}. Not counted: {left_out}.{paused_txt}"]
 
 
 def discovery_section(s: StudySettings, res: dict[str, dict[int, dict]]) -> list[str]:
@@ -698,7 +701,7 @@ def render(s: StudySettings) -> None:
     L = [*head(s, f), *design_section(s, f), *overfitting_section(s, f), *lambda_section(f), *results_section(s, f),
          *verdict_section(s, f), *comparisons_section(f), *curves_and_layers_section(s, f), *discovery_section(s, f.res),
          *conclusions_section(s, f),
-         *reproduce_section(s, f), *compute_total(f.res, f.branches, f.pre)]
+         *reproduce_section(s, f), *compute_total(f.res, f.branches, f.pre, s.pilot is not None)]
     s.doc.write_text("\n".join(L) + "\n")
 
 

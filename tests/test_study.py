@@ -294,6 +294,9 @@ def test_time_a_worker_was_stopped_is_measured_and_left_out_of_the_reported_time
     line = report.compute_total({"pgd_at_cont": {2: x}}, {}, None)[0]
     assert "training the arms 10 min on CPU" in line and "evaluating them and the branch checkpoints 10 min on CPU" in line
     assert "less the time a worker was stopped" in line and "seed 2" in line
+    assert "Not counted: the λ sweep's other runs." in line  # no TRADES arm, no pilot run on this page
+    line = report.compute_total({"pgd_at_cont": {2: x}, "trades_clat": {2: x}}, {}, None, pilot=True)[0]
+    assert "Not counted: the TRADES pretraining to P, the λ sweep's other runs and the first attempt." in line
 
 
 def test_the_screening_saving_is_the_time_standard_autoattack_spends_after_apgd_t(study, tmp_path):
