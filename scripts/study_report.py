@@ -14,7 +14,7 @@ from pathlib import Path
 import json
 
 from clat.analysis.plots import figure, save_figure
-from study_settings import ARMS, LEGACY_DEVICE, PAPER_SCALE, REPO, StudySettings, best_row, plan, read_json
+from study_settings import ARMS, LEGACY_DEVICE, PAPER_SCALE, REPO, StudySettings, best_row, plan, read_json, uses_trades
 from study_verdict import aa_time_per_chunk, later_stage_time, primary_p, stage_gains, verdict
 
 
@@ -266,7 +266,7 @@ def branch_table(res: dict[str, dict[int, dict]], branches: dict[str, dict | Non
     return L
 
 
-def compute_total(res: dict[str, dict[int, dict]], branches: dict[str, dict | None], pre: dict | None, pilot: bool = False) -> list[str]:
+def compute_total(s: StudySettings, res: dict[str, dict[int, dict]], branches: dict[str, dict | None], pre: dict | None) -> list[str]:
     """One line: the measured hours behind the page, by machine (training and evaluation of every arm, the pretraining);
     what it leaves out names only what the page's study ran (a TRADES pretraining, the pilot run)."""
     train: dict[str, float] = {}
@@ -287,8 +287,8 @@ def compute_total(res: dict[str, dict[int, dict]], branches: dict[str, dict | No
     paused = {f"{ARMS[x['arm']][3]} seed {x['seed']}" + (" (estimated after the fact)" if "paused_estimated" in x else ""):
               x.get("train_paused_s", 0.0) + x["test"].get("eval_paused_s", 0.0) for v in res.values() for x in v.values()}
     paused = {k: v for k, v in paused.items() if v > 0}
-    left_out = [*(["the TRADES pretraining to P"] if any(ARMS[a][0] == "trades" for a in res) else []), "the λ sweep's other runs",
-                *(["the first attempt"] if pilot else [])]
+    left_out = [*(["the TRADES pretraining to P"] if uses_trades(s) else []), "the λ sweep's other runs",
+                *(["the first attempt"] if s.pilot is not None else [])]
     left_out = ", ".join(left_out[:-1]) + " and " + left_out[-1] if len(left_out) > 1 else left_out[0]
     paused_txt = (f" Times are wall times less the time a worker was stopped while timings or CI had the cores "
                   f"({sum(paused.values()) / 3600:.1f} h, in {', '.join(paused)})." if paused else "")
@@ -371,9 +371,9 @@ def _ci_txt(iv: dict | None) -> str:
     """An interval as the verdict table shows it: ``+2.2 [+1.6, +2.7]`` in points (— where it was not computed)."""
     if iv is None:
         return "—"
-    lo, hi = iv["ci"]
-    if iv["n_seeds"] < 2 and iv["over"] == "seeds":
+    if iv["ci"] is None:  # one seed: no interval over seeds
         return f"{_pts(iv['estimate'])} (1 seed)"
+    lo, hi = iv["ci"]
     if round(100 * (hi - lo), 1) == 0:
         return f"{_pts(iv['estimate'])} (equal in all {iv['n_seeds']} seeds)"
     return f"{_pts(iv['estimate'])} [{_pts(lo)}, {_pts(hi)}]"
@@ -701,7 +701,7 @@ def render(s: StudySettings) -> None:
     L = [*head(s, f), *design_section(s, f), *overfitting_section(s, f), *lambda_section(f), *results_section(s, f),
          *verdict_section(s, f), *comparisons_section(f), *curves_and_layers_section(s, f), *discovery_section(s, f.res),
          *conclusions_section(s, f),
-         *reproduce_section(s, f), *compute_total(f.res, f.branches, f.pre, s.pilot is not None)]
+         *reproduce_section(s, f), *compute_total(s, f.res, f.branches, f.pre)]
     s.doc.write_text("\n".join(L) + "\n")
 
 

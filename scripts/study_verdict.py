@@ -129,16 +129,17 @@ def compare(s: StudySettings, res: dict[str, dict[int, dict]], branch_eval: dict
     vals_b = ([_val(branch_point["val"])] * len(seeds) if b == BRANCH else [_val(res[b][sd]["rows"][-1]["val"]) for sd in seeds])
     v = t_interval([x - y for x, y in zip(vals_a, vals_b)])
     aa = out["metrics"].get("aa")
-    out["validation_pgd10"] = {**v.to_dict(), "agrees_with_test": None if aa is None else
-                               _agreement(v.estimate, v.ci, aa["over_seeds"]["estimate"], aa["over_seeds"]["ci"], len(seeds))}
+    vd = v.to_dict()
+    out["validation_pgd10"] = {**vd, "agrees_with_test": None if aa is None else
+                               _agreement(v.estimate, vd["ci"], aa["over_seeds"]["estimate"], aa["over_seeds"]["ci"])}
     return out
 
 
-def _agreement(ve: float, vci, te: float, tci, n_seeds: int) -> str:
-    """How the validation difference and the test (AutoAttack) difference relate, in words the report uses (one seed has
-    no interval over seeds, so only the signs are compared)."""
+def _agreement(ve: float, vci, te: float, tci) -> str:
+    """How the validation difference and the test (AutoAttack) difference relate, in words the report uses (an interval
+    of None: one seed, no interval over seeds, so only the signs are compared)."""
     excl = lambda ci: ci[0] > 0 or ci[1] < 0
-    if n_seeds < 2:
+    if vci is None or tci is None:
         return ("same sign" if np.sign(ve) == np.sign(te) else "opposite sign") + " (1 seed: no interval)"
     if np.sign(ve) == np.sign(te):
         return "same sign" + (", both intervals exclude 0" if excl(vci) and excl(tci) else "")

@@ -103,6 +103,9 @@ def test_t_interval_and_p_values():
     assert math.isclose(iv.estimate, 0.01875) and iv.ci[0] < iv.estimate < iv.ci[1] and iv.over == "seeds" and 0 < iv.p < 0.05
     same = t_interval([0.011, 0.011, 0.011])
     assert same.ci == pytest.approx((0.011, 0.011), abs=1e-15) and same.p == 0.0
+    one = t_interval([0.02])  # one value: an estimate, no interval, no p
+    assert one.estimate == 0.02 and not one.has_interval and not one.excludes_zero and math.isnan(one.p)
+    assert one.to_dict()["ci"] is None and one.to_dict()["p"] is None and iv.has_interval and iv.to_dict()["ci"] == list(iv.ci)
 
 
 def test_holm_adjusts_step_down():

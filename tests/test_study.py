@@ -291,11 +291,14 @@ def test_time_a_worker_was_stopped_is_measured_and_left_out_of_the_reported_time
          "test": {"eval_time_s": 900.0, "eval_paused_s": 300.0, "eval_devices": ["CPU (1 thread)"]}}
     assert report.train_time(x) == 600.0 and report.eval_time(x["test"]) == 600.0
     assert report.train_time({"train_time_s": 5.0}) == 5.0 and report.eval_time({"eval_time_s": 7.0}) == 7.0
-    line = report.compute_total({"pgd_at_cont": {2: x}}, {}, None)[0]
+    no_trades = dataclasses.replace(study.StudySettings.cpu(), arms=("pgd_at_cont", "clat_paper_auto"), pilot=None)
+    line = report.compute_total(no_trades, {"pgd_at_cont": {2: x}}, {}, None)[0]
     assert "training the arms 10 min on CPU" in line and "evaluating them and the branch checkpoints 10 min on CPU" in line
     assert "less the time a worker was stopped" in line and "seed 2" in line
     assert "Not counted: the λ sweep's other runs." in line  # no TRADES arm, no pilot run on this page
-    line = report.compute_total({"pgd_at_cont": {2: x}, "trades_clat": {2: x}}, {}, None, pilot=True)[0]
+    with_both = dataclasses.replace(no_trades, arms=("pgd_at_cont", "trades_clat"), pilot=study.StudySettings.cpu().pilot)
+    assert with_both.pilot is not None
+    line = report.compute_total(with_both, {"pgd_at_cont": {2: x}}, {}, None)[0]
     assert "Not counted: the TRADES pretraining to P, the λ sweep's other runs and the first attempt." in line
 
 
@@ -315,12 +318,19 @@ def test_the_screening_saving_is_the_time_standard_autoattack_spends_after_apgd_
 
 
 def test_validation_and_test_agreement_claims_intervals_only_over_two_seeds_or_more(study):
-    """One seed has no interval over seeds: the agreement column compares signs only and says so."""
+    """One seed has no interval over seeds (t_interval gives none, the verdict's JSON holds null): the agreement column
+    compares signs only and says so, and the table shows the estimate with its seed count."""
+    from clat.base.stats import t_interval
+
     verdict = importlib.import_module("study_verdict")
-    assert verdict._agreement(0.01, (0.01, 0.01), 0.02, (0.02, 0.02), 1) == "same sign (1 seed: no interval)"
-    assert verdict._agreement(-0.01, (-0.01, -0.01), 0.02, (0.02, 0.02), 1) == "opposite sign (1 seed: no interval)"
-    assert verdict._agreement(0.01, (0.005, 0.02), 0.02, (0.01, 0.03), 4) == "same sign, both intervals exclude 0"
-    assert verdict._agreement(-0.01, (-0.02, -0.005), 0.02, (0.01, 0.03), 4) == "opposite sign (both intervals exclude 0: they disagree)"
+    report = importlib.import_module("study_report")
+    one_v, one_t = t_interval([0.01]).to_dict(), t_interval([0.02]).to_dict()
+    assert one_v["ci"] is None and one_v["p"] is None and json.loads(json.dumps(one_v)) == one_v
+    assert verdict._agreement(0.01, one_v["ci"], 0.02, one_t["ci"]) == "same sign (1 seed: no interval)"
+    assert verdict._agreement(-0.01, one_v["ci"], 0.02, one_t["ci"]) == "opposite sign (1 seed: no interval)"
+    assert report._ci_txt(one_v) == "+1.0 (1 seed)"
+    assert verdict._agreement(0.01, (0.005, 0.02), 0.02, (0.01, 0.03)) == "same sign, both intervals exclude 0"
+    assert verdict._agreement(-0.01, (-0.02, -0.005), 0.02, (0.01, 0.03)) == "opposite sign (both intervals exclude 0: they disagree)"
 
 
 @pytest.mark.slow

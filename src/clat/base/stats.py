@@ -84,24 +84,32 @@ class Interval:
     n_images: int | None = None
 
     @property
+    def has_interval(self) -> bool:
+        """False for an estimate from a single value (:func:`t_interval` of one seed): no interval, no p."""
+        return not any(math.isnan(v) for v in self.ci)
+
+    @property
     def excludes_zero(self) -> bool:
-        return self.ci[0] > 0 or self.ci[1] < 0
+        return self.has_interval and (self.ci[0] > 0 or self.ci[1] < 0)
 
     def to_dict(self) -> dict:
-        return {"estimate": self.estimate, "ci": list(self.ci), "p": self.p, "over": self.over, "n_seeds": self.n_seeds,
-                "n_images": self.n_images}
+        """JSON-ready: no interval (one value) is ``"ci": null`` and ``"p": null``."""
+        return {"estimate": self.estimate, "ci": list(self.ci) if self.has_interval else None,
+                "p": None if math.isnan(self.p) else self.p, "over": self.over, "n_seeds": self.n_seeds, "n_images": self.n_images}
 
 
 def t_interval(diffs: Sequence[float]) -> Interval:
-    """Mean of per-seed differences with its Student-t 95% interval and the paired t-test's two-sided p. With
-    identical differences (zero spread) the interval is the point, which reads as no evidence of spread from so few
-    seeds, not as infinite precision: callers should show the seed count."""
+    """Mean of per-seed differences with its Student-t 95% interval and the paired t-test's two-sided p. One
+    difference has no interval and no p (``ci`` is ``(nan, nan)``, ``has_interval`` is False, ``to_dict`` writes
+    ``"ci": null``): callers say so rather than print a point as an interval. With identical differences (zero
+    spread) the interval is the point, which reads as no evidence of spread from so few seeds, not as infinite
+    precision: callers should show the seed count."""
     d = [float(v) for v in diffs]
     if not d:
         raise ConfigError("no differences to summarize")
     m = statistics.fmean(d)
     if len(d) < 2:
-        return Interval(m, (m, m), float("nan"), "seeds", len(d))
+        return Interval(m, (math.nan, math.nan), math.nan, "seeds", len(d))
     sd = statistics.stdev(d)
     if sd <= 1e-12 * max(abs(m), 1e-12):  # equal differences up to rounding
         sd = 0.0
