@@ -35,12 +35,13 @@ demo: install
 
 # The whole suite, slow tests included, but not the documentation's minutes-long blocks (CI runs this); among them, tests/test_package.py builds the sdist and the
 # wheel with `python -m build`, runs `twine check --strict` on them, and installs the wheel into a fresh environment.
-# One pytest worker per CPU core (pytest-xdist; TEST_JOBS=1 runs them in one process), each test file in one worker, each
-# torch at one thread: the tests' tensors are tiny, so two single-thread workers finish the suite on 2 cores in ~11 min
-# where one process at two threads took ~18 (measured 2026-12-08). Worker processes at two threads each would oversubscribe the cores.
+# One pytest worker per CPU core, at most 8 (pytest-xdist; TEST_JOBS=0 runs them in pytest's own process), each test
+# file in one worker, each torch at one thread: the tests' tensors are tiny, so two single-thread workers finish the
+# suite on 2 cores in 11-12.5 min where one process at two threads took ~18 (measured 2026-12-08). Workers at two
+# threads each would oversubscribe the cores.
 TEST_JOBS ?= auto
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not docs" -n $(TEST_JOBS) --dist loadfile --durations=15 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not docs" -n $(TEST_JOBS) --maxprocesses 8 --dist loadfile --durations=15 tests
 
 # The documentation's minutes-long code blocks (the README's demo, docs/evaluation.md's AutoAttack runs), as written:
 # 22 min on 2 quiet CPU cores (measured 2026-12-07), so CI leaves them out; the default and CI runs execute every other block.

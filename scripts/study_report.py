@@ -442,7 +442,7 @@ def verdict_section(s: StudySettings, f: Finished) -> list[str]:
     v = verdict(s, f.res, PAIRS + CLAT_PAIRS)
     across = variants_rows(s, v)
     s.study.mkdir(parents=True, exist_ok=True)
-    (s.study / "verdict.json").write_text(json.dumps(v, indent=1) + "\n")
+    (s.study / "verdict.json").write_text(json.dumps(v, indent=1, allow_nan=False) + "\n")  # strict JSON: jq and browsers read it
     g = stage_gains(s)
     times = aa_time_per_chunk(s)
     L = ["## Verdict: every comparison with its noise", "",
