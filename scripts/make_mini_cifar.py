@@ -128,10 +128,10 @@ stratified; a uniform split would give {args.n_train // 10} / {args.n_test // 10
 
 **How it was built.** From the repository root:
 
-    PYTHONPATH=src python scripts/make_mini_cifar.py
+    PYTHONPATH=src python scripts/make_mini_cifar.py --source DIR
 
-which reads `{args.source.name}` (default: `../shared/data/cifar-10-batches-py`,
-the project's JPEG-recovered subset in the official python-version layout)
+which reads `DIR`, a `{args.source.name}` folder (the project's JPEG-recovered
+CIFAR-10 subset, in the official python-version layout)
 with `clat.data.loader.load_cifar(..., verify={args.verify})`, keeps the first
 {args.n_train:,} train / {args.n_test:,} test images and rewrites this file.
 """

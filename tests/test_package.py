@@ -266,13 +266,15 @@ def test_sdist_and_wheel_build_and_pass_twine_check(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         meta = z.read(f"clat_at-{clat.__version__}.dist-info/METADATA").decode()
         configs = [n for n in z.namelist() if n.startswith("clat/configs/") and n.endswith(".yaml")]
-        texts = [z.read(n).decode() for n in configs]
+        shipped = [n for n in z.namelist() if n.startswith("clat/") and n.endswith((".yaml", ".md", ".py"))]
+        texts = [z.read(n).decode() for n in shipped]
     urls = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]
     for name, url in urls.items():
         assert f"Project-URL: {name}, {url}" in meta
     assert configs and not [n for n in configs if n.startswith("clat/configs/study/")]
     assert any(n.endswith("cpu/bundled_quick.yaml") for n in configs)
-    assert not [n for n, t in zip(configs, texts) if "shared/data" in t or "../shared" in t]
+    assert any(n == "clat/assets/README.md" for n in shipped)  # every text file the wheel installs names no path of ours
+    assert not [n for n, t in zip(shipped, texts) if "shared/data" in t or "../shared" in t]
 
 
 # -- what a user reads on the command line (issue 36) ----------------------------------------------------------
